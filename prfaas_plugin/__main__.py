@@ -1,0 +1,3 @@
+from prfaas_plugin.cli import main
+
+main()

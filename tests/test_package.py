@@ -1,0 +1,43 @@
+"""The package foundation: console script, lazy subcommands, kernels mapping."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+import prfaas_plugin
+from prfaas_plugin.cli import _COMMANDS, main
+
+
+def test_version_matches_package() -> None:
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0
+    assert prfaas_plugin.__version__ in result.output
+
+
+def test_help_lists_every_command_without_importing_them() -> None:
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for name in _COMMANDS:
+        assert name in result.output
+
+
+def test_unknown_command_is_an_error() -> None:
+    result = CliRunner().invoke(main, ["no-such-command"])
+    assert result.exit_code != 0
+    assert "No such command" in result.output
+
+
+def test_kernels_subpackage_resolves_to_top_level_folder() -> None:
+    import prfaas_plugin.kernels as kernels
+
+    assert kernels.__file__ is not None
+    assert kernels.__file__.replace("\\", "/").endswith("kernels/__init__.py")
+
+
+def test_module_entry_point_runs() -> None:
+    out = subprocess.run([sys.executable, "-m", "prfaas_plugin", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "plan" in out.stdout
