@@ -1,0 +1,93 @@
+"""The emulated wide-area link: real namespaces, real TCP, measured delay and rate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from prfaas_plugin.netemu import EmulatedLink, LinkSpec, cleanup_stale_namespaces, netns_unavailable_reason
+from prfaas_plugin.netemu.link import list_namespaces
+
+pytestmark = pytest.mark.netns
+_REASON = netns_unavailable_reason()
+needs_netns = pytest.mark.skipif(_REASON is not None, reason=f"no network namespaces: {_REASON}")
+
+_SERVER = textwrap.dedent(
+    """
+    import socket, sys
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(64)
+    print("ready", flush=True)
+    while True:
+        c, _ = s.accept()
+        buf = bytearray(1 << 20)
+        while c.recv_into(buf):
+            pass
+        c.close()
+    """
+)
+
+_CLIENT = textwrap.dedent(
+    """
+    import json, socket, sys, time
+    host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    rtts = []
+    for _ in range(5):
+        t = time.perf_counter(); c = socket.create_connection((host, port)); rtts.append(time.perf_counter() - t); c.close()
+    c = socket.create_connection((host, port)); data = bytes(1 << 20); sent = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        c.sendall(data); sent += len(data)
+    c.shutdown(socket.SHUT_WR); c.recv(1); el = time.perf_counter() - t0
+    print(json.dumps({"rtt_s": sorted(rtts)[2], "gbit": sent * 8 / el / 1e9}))
+    """
+)
+
+
+def test_spec_rejects_out_of_range_values() -> None:
+    with pytest.raises(ValueError, match="rate_gbit"):
+        LinkSpec(rate_gbit=50)
+    with pytest.raises(ValueError, match="rtt_ms"):
+        LinkSpec(rtt_ms=-1)
+    with pytest.raises(ValueError, match="mtu"):
+        LinkSpec(mtu=100)
+
+
+@needs_netns
+def test_link_has_the_asked_delay_and_rate_and_leaves_nothing() -> None:
+    spec = LinkSpec(rate_gbit=0.2, rtt_ms=20.0, tcp_buffer_max_bytes=16 << 20)
+    with EmulatedLink(spec) as link:
+        assert link.running
+        server = subprocess.Popen(link.argv("b", [sys.executable, "-c", _SERVER, link.addr_b, "5201"]),
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+            out = subprocess.run(link.argv("a", [sys.executable, "-c", _CLIENT, link.addr_b, "5201", "2.0"]),
+                                 capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stderr
+            m = json.loads(out.stdout)
+        finally:
+            server.kill()
+            server.wait()
+        names = (link.ns_a, link.ns_b)
+    # TCP connect = one round trip through the delay line.
+    assert 0.018 <= m["rtt_s"] <= 0.060, m
+    # Goodput sits just under the tbf rate (headers, slow start), never above it.
+    assert 0.6 * spec.rate_gbit <= m["gbit"] <= 1.05 * spec.rate_gbit, m
+    assert not set(names) & set(list_namespaces())
+
+
+@needs_netns
+def test_stale_namespaces_of_dead_processes_are_removed() -> None:
+    dead_pid = 2**22 - 7  # above pid_max defaults: no such process
+    name = f"prfaas-{dead_pid}-0-a"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        assert name in cleanup_stale_namespaces()
+        assert name not in list_namespaces()
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
