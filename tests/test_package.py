@@ -41,3 +41,14 @@ def test_module_entry_point_runs() -> None:
     out = subprocess.run([sys.executable, "-m", "prfaas_plugin", "--help"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "plan" in out.stdout
+
+
+def test_bench_command_lists_and_refuses_unknown(tmp_path) -> None:
+    from prfaas_plugin.cli import bench
+
+    result = CliRunner().invoke(main, ["bench", "definitely-not-a-bench"])
+    assert result.exit_code != 0
+    assert "unknown benchmark" in result.output
+    listed = CliRunner().invoke(main, ["bench"])
+    assert listed.exit_code == 0
+    assert listed.output.strip().splitlines() == (bench.available() or ["no benchmarks found"])
