@@ -1,0 +1,134 @@
+"""The fault proxy itself: each fault does what it says to a real TCP stream."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import threading
+import time
+
+import pytest
+
+from prfaas_plugin.faults import FaultKind, FaultPlan, FaultProxy
+
+
+class _Sink:
+    """Upstream server: reads everything, answers with the sha256 of what it got."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.address = self.sock.getsockname()
+        self.received: list[bytes] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        chunks = []
+        try:
+            while True:
+                b = conn.recv(1 << 20)
+                if not b:
+                    break
+                chunks.append(b)
+            data = b"".join(chunks)
+            self.received.append(data)
+            conn.sendall(hashlib.sha256(data).digest())
+        except OSError:
+            self.received.append(b"".join(chunks))
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def sink():
+    s = _Sink()
+    yield s
+    s.close()
+
+
+def _send(endpoint: tuple[str, int], payload: bytes, timeout: float = 10.0) -> bytes:
+    with socket.create_connection(endpoint, timeout=timeout) as c:
+        c.sendall(payload)
+        c.shutdown(socket.SHUT_WR)
+        out = b""
+        while len(out) < 32:
+            b = c.recv(64)
+            if not b:
+                break
+            out += b
+        return out
+
+
+def test_passthrough_is_byte_exact(sink) -> None:
+    payload = bytes(range(256)) * 40_000
+    with FaultProxy(sink.address) as proxy:
+        assert _send(proxy.address, payload) == hashlib.sha256(payload).digest()
+        assert proxy.stats.bytes_up == len(payload)
+
+
+def test_reset_after_bytes_cuts_the_stream(sink) -> None:
+    payload = b"x" * (4 << 20)
+    with FaultProxy(sink.address) as proxy:
+        proxy.set_fault(FaultPlan(FaultKind.RESET, after_bytes=1 << 20))
+        with pytest.raises(OSError):
+            with socket.create_connection(proxy.address, timeout=10) as c:
+                c.sendall(payload)
+                c.shutdown(socket.SHUT_WR)
+                if not c.recv(64):
+                    raise ConnectionResetError("closed without an answer")
+        assert proxy.stats.resets == 1
+    deadline = time.monotonic() + 5
+    while not sink.received and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sink.received and len(sink.received[0]) == 1 << 20
+
+
+def test_corrupt_flips_bits_at_the_asked_spacing(sink) -> None:
+    payload = bytes(1 << 20)
+    with FaultProxy(sink.address) as proxy:
+        proxy.set_fault(FaultPlan(FaultKind.CORRUPT, corrupt_every=4096))
+        digest = _send(proxy.address, payload)
+    assert digest != hashlib.sha256(payload).digest()
+    got = sink.received[0]
+    flipped = [i for i, b in enumerate(got) if b]
+    assert flipped == list(range(4095, len(payload), 4096))
+
+
+def test_blackhole_stalls_without_closing(sink) -> None:
+    with FaultProxy(sink.address) as proxy:
+        proxy.set_fault(FaultPlan(FaultKind.BLACKHOLE, after_bytes=1000))
+        with socket.create_connection(proxy.address, timeout=0.5) as c:
+            c.sendall(b"y" * 5000)
+            c.shutdown(socket.SHUT_WR)
+            with pytest.raises(socket.timeout):
+                c.recv(64)
+        assert proxy.stats.bytes_up == 1000
+
+
+def test_throttle_limits_the_rate(sink) -> None:
+    payload = b"z" * (512 * 1024)
+    with FaultProxy(sink.address) as proxy:
+        proxy.set_fault(FaultPlan(FaultKind.THROTTLE, rate_bytes_per_s=1 << 20))
+        t0 = time.monotonic()
+        assert _send(proxy.address, payload) == hashlib.sha256(payload).digest()
+        elapsed = time.monotonic() - t0
+    assert elapsed >= 0.4  # 512 KiB at 1 MiB/s
+
+
+def test_bad_plans_are_refused() -> None:
+    with pytest.raises(ValueError, match="rate_bytes_per_s"):
+        FaultPlan(FaultKind.THROTTLE)
+    with pytest.raises(ValueError, match="after_bytes"):
+        FaultPlan(FaultKind.RESET, after_bytes=-1)
