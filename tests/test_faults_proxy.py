@@ -89,10 +89,12 @@ def test_reset_after_bytes_cuts_the_stream(sink) -> None:
                 if not c.recv(64):
                     raise ConnectionResetError("closed without an answer")
         assert proxy.stats.resets == 1
+        assert proxy.stats.bytes_up == 1 << 20
     deadline = time.monotonic() + 5
     while not sink.received and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert sink.received and len(sink.received[0]) == 1 << 20
+    # The proxy passed exactly after_bytes on; an RST may drop part of that in flight, never more.
+    assert sink.received and len(sink.received[0]) <= 1 << 20
 
 
 def test_corrupt_flips_bits_at_the_asked_spacing(sink) -> None:
