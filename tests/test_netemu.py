@@ -91,3 +91,25 @@ def test_stale_namespaces_of_dead_processes_are_removed() -> None:
         assert name not in list_namespaces()
     finally:
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@needs_netns
+def test_side_b_can_be_the_callers_namespace() -> None:
+    import socket
+    import time
+
+    with EmulatedLink(LinkSpec(rate_gbit=0.5, rtt_ms=30.0), b_in_root=True) as link:
+        assert link.ns_b is None and link.argv("b", ["true"]) == ["true"]
+        server = subprocess.Popen(link.argv("a", [sys.executable, "-c", _SERVER, link.addr_a, "5202"]),
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+            t0 = time.perf_counter()
+            socket.create_connection((link.addr_a, 5202), timeout=5).close()
+            rtt = time.perf_counter() - t0
+        finally:
+            server.kill()
+            server.wait()
+        dev = link._dev_b
+    assert 0.028 <= rtt <= 0.080
+    assert subprocess.run(["ip", "link", "show", dev], capture_output=True).returncode != 0

@@ -93,15 +93,19 @@ class EmulatedLink:
 
     Side A (``link.ns_a`` at ``link.addr_a``) and side B (``link.ns_b`` at ``link.addr_b``) reach
     each other only through the delay line; run programs on a side with ``link.argv(side, argv)``.
+    With ``b_in_root=True`` side B is the caller's own namespace (``ns_b`` is None): programs there
+    reach side A through the link and still reach loopback services directly — what the demo
+    needs (router and local cluster here, the remote PrfaaS cluster behind the link).
     Everything made is removed on exit, on exceptions and on Ctrl-C.
     """
 
-    def __init__(self, spec: LinkSpec) -> None:
+    def __init__(self, spec: LinkSpec, b_in_root: bool = False) -> None:
         self.spec = spec
+        self.b_in_root = b_in_root
         n = next(_counter)
         pid = os.getpid()
         self.ns_a = f"prfaas-{pid}-{n}-a"
-        self.ns_b = f"prfaas-{pid}-{n}-b"
+        self.ns_b: str | None = None if b_in_root else f"prfaas-{pid}-{n}-b"
         tag = f"{pid % 100000}{n % 10}"
         self._dev_a = f"pfa{tag}"
         self._dev_b = f"pfb{tag}"
@@ -134,22 +138,26 @@ class EmulatedLink:
 
     def _build(self) -> None:
         s = self.spec
-        for ns in (self.ns_a, self.ns_b):
+        for ns in self._namespaces():
             _run(["ip", "netns", "add", ns])
             _run(["ip", "-n", ns, "link", "set", "lo", "up"])
         for dev, ns, addr in ((self._dev_a, self.ns_a, self.addr_a), (self._dev_b, self.ns_b, self.addr_b)):
             self._fds.append(open_tun(dev))
-            _run(["ip", "link", "set", dev, "netns", ns])
-            _run(["ip", "-n", ns, "addr", "add", f"{addr}/30", "dev", dev])
-            _run(["ip", "-n", ns, "link", "set", dev, "mtu", str(s.mtu), "up"])
+            ip = ["ip"] if ns is None else ["ip", "-n", ns]
+            if ns is not None:
+                _run(["ip", "link", "set", dev, "netns", ns])
+            _run([*ip, "addr", "add", f"{addr}/30", "dev", dev])
+            _run([*ip, "link", "set", dev, "mtu", str(s.mtu), "up"])
             # Rate limit each direction at its sender. The burst must hold at least one packet;
             # the queue holds about 2 RTTs of traffic so TCP sees a bottleneck buffer, not loss.
             rate_bps = s.rate_gbit * 1e9
             burst = max(2 * s.mtu, int(rate_bps / 8 * 0.002))
             limit = max(4 * s.mtu, int(rate_bps / 8 * max(2 * s.rtt_ms, 10.0) / 1000.0))
-            _run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf",
+            tc = ["tc"] if ns is None else ["tc", "-n", ns]
+            _run([*tc, "qdisc", "add", "dev", dev, "root", "tbf",
                   "rate", f"{int(rate_bps)}bit", "burst", str(burst), "limit", str(limit)])
-            if s.tcp_buffer_max_bytes is not None:
+            # Never retune the caller's own namespace: only namespaces this link made.
+            if s.tcp_buffer_max_bytes is not None and ns is not None:
                 mx = str(int(s.tcp_buffer_max_bytes))
                 for key in ("net.ipv4.tcp_rmem", "net.ipv4.tcp_wmem"):
                     _run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", f"{key}=4096 131072 {mx}"])
@@ -178,20 +186,25 @@ class EmulatedLink:
                 os.close(fd)
             except OSError:
                 pass
-        self._fds.clear()
-        for ns in (self.ns_a, self.ns_b):
+        self._fds.clear()  # closing a non-persistent tun's last fd removes the device
+        for ns in self._namespaces():
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self._up = False
 
+    def _namespaces(self) -> list[str]:
+        return [ns for ns in (self.ns_a, self.ns_b) if ns is not None]
+
     # -- use --------------------------------------------------------------------------------------
-    def namespace(self, side: str) -> str:
+    def namespace(self, side: str) -> str | None:
+        """The namespace of side ``a`` or ``b`` (None: the caller's own)."""
         if side not in ("a", "b"):
             raise ValueError(f"side must be 'a' or 'b', got {side!r}")
         return self.ns_a if side == "a" else self.ns_b
 
     def argv(self, side: str, argv: Sequence[str]) -> list[str]:
         """``argv`` prefixed so it runs inside side ``a`` or ``b``."""
-        return ["ip", "netns", "exec", self.namespace(side), *argv]
+        ns = self.namespace(side)
+        return list(argv) if ns is None else ["ip", "netns", "exec", ns, *argv]
 
     @property
     def running(self) -> bool:
