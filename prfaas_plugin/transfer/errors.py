@@ -45,7 +45,8 @@ def from_rpc_error(err: grpc.RpcError, what: str) -> TransferError:
     if code == grpc.StatusCode.UNAVAILABLE and _looks_like_tls_refusal(details):
         return AuthError(f"{what}: TLS handshake refused: {details}")
     cls = _FROM_CODE.get(code, PeerGone if code == grpc.StatusCode.UNAVAILABLE else ProtocolError)
-    return cls(f"{what}: {details}")
+    # Receiver-side errors already name the request; do not say it twice.
+    return cls(details if details.startswith(f"{what}:") else f"{what}: {details}")
 
 
 def _looks_like_tls_refusal(details: str) -> bool:

@@ -343,6 +343,13 @@ class GrpcTcpReceiver(TransferReceiver):
             return None
         return f"{self._host}:{self._data_sock.getsockname()[1]}"
 
+    @property
+    def bound_data_endpoint(self) -> Optional[str]:
+        """Where the data listener really is (``data_endpoint`` may be an advertised proxy)."""
+        if self._data_sock is None:
+            return None
+        return f"{self._host}:{self._data_sock.getsockname()[1]}"
+
     def expect(self, request_id: str, token: str, fingerprint: LayoutFingerprint, sink: ReceiveSink,
                deadline_s: float = 60.0) -> ReceiveHandle:
         if not request_id:
@@ -371,6 +378,10 @@ class GrpcTcpReceiver(TransferReceiver):
             s.fail(Aborted(f"{s.request_id}: receiver closed"))
         self._server.stop(grace=0.5).wait(2.0)
         if self._data_sock is not None:
+            try:
+                self._data_sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+            except OSError:
+                pass
             try:
                 self._data_sock.close()
             except OSError:
@@ -538,6 +549,7 @@ class GrpcTcpReceiver(TransferReceiver):
                 continue
             view[:] = data
             s.end_chunk(ch.item, ch.offset, len(data), wire.crc32(view) == ch.crc32, None)
+            view = s = None
             n += 1
             b += len(data)
         return pb.PushSummary(chunks=n, bytes=b)
@@ -597,6 +609,7 @@ class GrpcTcpReceiver(TransferReceiver):
                     s.end_chunk(item, offset, length, None, conn)  # type: ignore[union-attr]
                     raise
                 s.end_chunk(item, offset, length, wire.crc32(view) == crc, conn)  # type: ignore[union-attr]
+                view = s = None  # hold no reference to the adapter's memory between frames
         except (OSError, ConnectionError, ValueError, ProtocolError):
             pass
         finally:

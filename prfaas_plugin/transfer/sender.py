@@ -14,7 +14,9 @@ import collections
 import contextlib
 import itertools
 import json
+import select
 import socket
+import ssl
 import threading
 import time
 from concurrent.futures import Future
@@ -81,7 +83,11 @@ class _SendHandle(SendHandle):
         if idx is None:
             raise ProtocolError(f"{self.request_id}: item {name!r} is not in the manifest")
         item = self.manifest.items[idx]
-        stager = self.sender.stager
+        # Only a device tensor (or a custom stager's type) can need staging; looking up the
+        # default stager imports torch, so it is not done for plain host buffers.
+        stager = self.sender._stager
+        if stager is None and is_device_tensor(data):
+            stager = self.sender.stager
         if stager is not None and stager.wants(data):
             src: Any = data
             nbytes = stager.nbytes(data)
@@ -216,6 +222,8 @@ class _Link:
                     continue
             job = p.next_chunk(self.id, 0.25)
             if job is None:
+                if self._peer_closed():
+                    self._failed(ConnectionError("receiver closed the data connection"))
                 continue
             h, idx, off, ln, resend = job
             try:
@@ -228,6 +236,27 @@ class _Link:
                 continue  # the request was released meanwhile; nothing to send
             except (OSError, ValueError) as e:
                 self._failed(e)
+
+    def _peer_closed(self) -> bool:
+        """The receiver never writes on a data connection, so a readable socket means EOF or
+        a reset: without this check, chunks written just before a silent close would be lost
+        without the link ever failing a write (and never resent)."""
+        s = self.sock
+        if s is None:
+            return False
+        try:
+            readable, _, _ = select.select([s], [], [], 0)
+            if not readable:
+                return False
+            s.setblocking(False)
+            try:
+                return s.recv(1) == b""
+            finally:
+                s.setblocking(True)
+        except (ssl.SSLWantReadError, BlockingIOError):
+            return False  # TLS housekeeping (session tickets), not data
+        except (OSError, ValueError):
+            return True
 
     def _failed(self, err: Exception) -> None:
         if self.sock is not None:
@@ -272,6 +301,8 @@ class _GrpcLink(_Link):
         while not p.closed.is_set():
             job = p.next_chunk(self.id, 0.25)
             if job is None:
+                if self._peer_closed():
+                    self._failed(ConnectionError("receiver closed the data connection"))
                 continue
             h, idx, off, ln, resend = job
             try:
