@@ -29,6 +29,7 @@ from prfaas_plugin.transfer import wire
 from prfaas_plugin.transfer._gen import transfer_pb2 as pb
 from prfaas_plugin.transfer.api import (
     Aborted,
+    AuthError,
     ChecksumError,
     PeerGone,
     ProtocolError,
@@ -590,7 +591,12 @@ class GrpcTcpSender(TransferSender):
                     return
             h.fail(ProtocolError(f"{m.request_id}: session stream ended without completion"))
         except grpc.RpcError as e:
-            h.fail(from_rpc_error(e, m.request_id))
+            err = from_rpc_error(e, m.request_id)
+            if isinstance(err, PeerGone) and self.config.tls is not None:
+                why = tlsmod.probe_refusal(h.endpoint, self.config.tls)
+                if why:
+                    err = AuthError(f"{m.request_id}: TLS handshake with {h.endpoint} refused: {why}")
+            h.fail(err)
         except TransferError as e:
             h.fail(e)
         except Exception as e:  # never leave done unresolved

@@ -57,3 +57,33 @@ def client_context(tls: TlsConfig) -> ssl.SSLContext:
     if tls.cert_file and tls.key_file:
         ctx.load_cert_chain(tls.cert_file, tls.key_file)
     return ctx
+
+
+def probe_refusal(endpoint: str, tls: TlsConfig, timeout: float = 2.0) -> Optional[str]:
+    """Why a TLS peer refuses us, or None if the handshake works.
+
+    gRPC only reports "Socket closed" when the server rejects our certificate, which reads like
+    a dead peer. This dials once more with Python's ssl to get the real alert (with TLS 1.3 it
+    arrives on the first read after the handshake), so a wrong certificate surfaces as an
+    AuthError rather than a retryable PeerGone."""
+    import socket
+
+    from prfaas_plugin.transfer.config import split_hostport
+
+    host, port = split_hostport(endpoint)
+    ctx = client_context(tls)
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            with ctx.wrap_socket(raw, server_hostname=tls.server_name or host) as s:
+                s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+                s.settimeout(timeout)
+                if s.recv(1) == b"":
+                    # A healthy gRPC server answers the preface with SETTINGS; closing right
+                    # after a TLS 1.3 handshake is how it rejects a client certificate.
+                    return "server closed the connection after the handshake (client certificate not accepted)"
+    except ssl.SSLError as e:
+        return f"{e.reason or e}"
+    except (OSError, ValueError):
+        return None
+    return None
