@@ -237,6 +237,8 @@ class _Link:
                 continue  # the request was released meanwhile; nothing to send
             except (OSError, ValueError) as e:
                 self._failed(e)
+            except Exception as e:  # a broken staging copy must fail the request, not the link
+                h.fail(ProtocolError(f"{h.request_id}: cannot read item {idx}: {e!r}"))
 
     def _peer_closed(self) -> bool:
         """The receiver never writes on a data connection, so a readable socket means EOF or
@@ -310,6 +312,9 @@ class _GrpcLink(_Link):
                 with h.payload(idx, off, ln) as view:
                     data = bytes(view)  # grpcio only sends bytes: the one copy of this path
             except TransferError:
+                continue
+            except Exception as e:
+                h.fail(ProtocolError(f"{h.request_id}: cannot read item {idx}: {e!r}"))
                 continue
             p.sender.pacer.consume(ln, p.closed)
             yield pb.DataChunk(session_key=h.key, item=idx, offset=off, crc32=wire.crc32(data), data=data)

@@ -101,8 +101,10 @@ class PooledStager:
             yield view[:length]
 
 
-def torch_pinned_stager(capacity_bytes: int, slot_bytes: int) -> PooledStager:
-    """The GPU path: pinned uint8 host slots, device-to-host copies on a side stream."""
+def torch_pinned_stager(capacity_bytes: int, slot_bytes: int,
+                        wants: Callable[[Any], bool] = is_device_tensor) -> PooledStager:
+    """The GPU path: pinned uint8 host slots filled by device-to-host copies. ``wants`` may be
+    widened (tests route CPU tensors through the very same copy code)."""
     import torch
 
     def alloc(n: int) -> Any:
@@ -112,9 +114,11 @@ def torch_pinned_stager(capacity_bytes: int, slot_bytes: int) -> PooledStager:
         flat = src.reshape(-1).view(torch.uint8)
         dst[:length].copy_(flat[offset : offset + length], non_blocking=True)
         if flat.is_cuda:
+            # Each data connection stages on its own thread; waiting on the current stream
+            # keeps the copy ordered after the kernels that produced the layer.
             torch.cuda.current_stream(flat.device).synchronize()
 
     def nbytes(t: Any) -> int:
         return t.numel() * t.element_size()
 
-    return PooledStager(StagingPool(capacity_bytes, slot_bytes, alloc), copy, is_device_tensor, nbytes)
+    return PooledStager(StagingPool(capacity_bytes, slot_bytes, alloc), copy, wants, nbytes)
