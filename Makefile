@@ -28,8 +28,9 @@ venv: $(STAMP)
 test: venv
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
+# Until the serving demo lands, the main job is the planner's reproduction of the paper's case study.
 demo: venv
-	$(BIN)/prfaas demo
+	$(BIN)/prfaas plan --config examples/planner/case_study.yaml --plot out/demo
 
 # Regenerate the checked-in protobuf module (tests/test_transfer_proto.py fails when stale).
 protos: venv

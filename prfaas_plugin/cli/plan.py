@@ -1,0 +1,89 @@
+"""`prfaas plan`: threshold, P/D split, throughput and egress from the PrfaaS model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import yaml
+
+from prfaas_plugin.planner.config import PlannerConfigError, load_config
+from prfaas_plugin.planner.search import PlanResult, plan
+
+
+def _run(config: Path, overrides: dict | None = None, with_curves: bool = False) -> PlanResult:
+    cfg, base = load_config(config, overrides)
+    return plan(cfg.system(), cfg.length_distribution(base), cfg.search.threshold_step, with_curves=with_curves)
+
+
+def summary_table(r: PlanResult) -> str:
+    d = r.to_dict()
+    h, n = d["baselines"]["homogeneous"], d["baselines"]["naive_heterogeneous"]
+    lines = [
+        f"optimal threshold t        {d['threshold_tokens'] / 1000:8.2f} K tokens",
+        f"offloaded fraction p       {d['offload_fraction'] * 100:8.1f} %   (l_long {d['l_long'] / 1000:.1f}K, "
+        f"l_short {d['l_short'] / 1000:.1f}K, mean {d['mean_length'] / 1000:.1f}K)",
+        f"instances PrfaaS/P/D       {d['n_prfaas']:>4} / {d['n_pd_prefill']} / {d['n_pd_decode']}",
+        f"Theta prfaas / pd-p / pd-d {d['theta_prfaas']:8.2f} / {d['theta_pd_prefill']:.2f} / {d['theta_pd_decode']:.2f} req/s"
+        f"   (PrfaaS is {d['prfaas_bound']}-bound)",
+        f"Lambda_max                 {d['lambda_max']:8.2f} req/s",
+        f"egress                     {d['egress_gbps']:8.2f} Gbit/s of {d['link_gbps']:g} ({d['link_utilisation'] * 100:.1f} %)",
+        "",
+        f"{'deployment':<24}{'Lambda_max':>11}{'split P/D':>11}{'ratio':>8}",
+        f"{'PrfaaS-PD':<24}{d['lambda_max']:>11.2f}{str(d['n_pd_prefill']) + '/' + str(d['n_pd_decode']):>11}"
+        f"{d['ratios']['vs_homogeneous']:>7.2f}x",
+        f"{'homogeneous PD':<24}{h['lambda_max']:>11.2f}{str(h['n_prefill']) + '/' + str(h['n_decode']):>11}{1.0:>7.2f}x",
+        f"{'naive heterogeneous':<24}{n['lambda_max']:>11.2f}{str(n['n_prefill']) + '/' + str(n['n_decode']):>11}"
+        f"{d['ratios']['naive_vs_homogeneous']:>7.2f}x",
+    ]
+    if "cost_normalised_vs_homogeneous" in d["ratios"]:
+        lines.append(f"cost-normalised vs homogeneous: {d['ratios']['cost_normalised_vs_homogeneous']:.2f}x")
+    return "\n".join(lines)
+
+
+def _parse_sweep(spec: str) -> tuple[str, list]:
+    key, sep, values = spec.partition("=")
+    if not sep or not key or not values:
+        raise click.BadParameter(f"expected KEY=V1,V2,..., got {spec!r}", param_hint="--sweep")
+    return key, [yaml.safe_load(v) for v in values.split(",")]
+
+
+@click.command(name="plan")
+@click.option("--config", "config", type=click.Path(path_type=Path), required=True, help="planner YAML")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the table")
+@click.option("--plot", "plot_dir", type=click.Path(path_type=Path), default=None,
+              help="write Fig. 5-style PNGs into this folder")
+@click.option("--sweep", default=None, metavar="KEY=V1,V2,...",
+              help="re-plan for each value of one config key (e.g. profiles.h20.compute_ratio=2.5,3.1)")
+def command(config: Path, as_json: bool, plot_dir: Path | None, sweep: str | None) -> None:
+    """Optimal threshold t, P/D split, per-stage throughput, Lambda_max and egress (paper Eqs. 1-8),
+    with the homogeneous and naive heterogeneous baselines."""
+    try:
+        if sweep:
+            key, values = _parse_sweep(sweep)
+            rows = [{"value": v, **_run(config, {key: v}).to_dict()} for v in values]
+            if as_json:
+                click.echo(json.dumps({"sweep": key, "results": rows}, indent=2))
+                return
+            click.echo(f"{key:>28} {'t (K)':>7} {'p %':>6} {'P/D':>5} {'Lambda':>7} {'homog.':>7} {'naive':>7} "
+                       f"{'ratio':>6} {'egress':>7}")
+            for r in rows:
+                click.echo(f"{r['value']!s:>28} {r['threshold_tokens'] / 1000:>7.1f} {r['offload_fraction'] * 100:>6.1f} "
+                           f"{str(r['n_pd_prefill']) + '/' + str(r['n_pd_decode']):>5} {r['lambda_max']:>7.2f} "
+                           f"{r['baselines']['homogeneous']['lambda_max']:>7.2f} "
+                           f"{r['baselines']['naive_heterogeneous']['lambda_max']:>7.2f} "
+                           f"{r['ratios']['vs_homogeneous']:>5.2f}x {r['egress_gbps']:>7.2f}")
+            return
+        result = _run(config, with_curves=plot_dir is not None)
+    except PlannerConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        click.echo(summary_table(result))
+    if plot_dir is not None:
+        from prfaas_plugin.planner.plot import write_plots
+
+        for p in write_plots(result, plot_dir):
+            click.echo(f"wrote {p}", err=as_json)
