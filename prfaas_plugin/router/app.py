@@ -1,0 +1,584 @@
+"""The router service: an OpenAI-compatible front that places each request's prefill (remote
+PrfaaS or local) and drives the connector's request protocol (docs/protocol.md).
+
+Per request: tokenize (chat template applied), find cached prefixes, decide (policy.py), then
+- local on an instance that prefills and decodes: proxy the request unchanged;
+- otherwise: send the producer request (``max_tokens: 1``, ``kv_transfer_params`` naming the
+  decoder's transfer endpoint) and the consumer request *at the same time*, stream the consumer's
+  answer back. If the producer fails before the consumer answers, the consumer request is
+  cancelled and re-sent without ``kv_transfer_params`` (local prefill): the client sees no error.
+A client that disconnects cancels both upstream requests (vLLM aborts a request whose HTTP
+connection closes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from prfaas_plugin.router.config import RouterConfig
+from prfaas_plugin.router.instances import Fleet, Instance
+from prfaas_plugin.router.metrics import RouterMetrics
+from prfaas_plugin.router.policy import Decision, NoInstance, decide
+from prfaas_plugin.router.prefix_index import PrefixIndex
+from prfaas_plugin.router.threshold import ThresholdController
+from prfaas_plugin.router.tokenize import PromptError, PromptTokenizer
+
+log = logging.getLogger("prfaas.router")
+
+MAX_BODY_BYTES = 64 << 20
+PROTOCOL_VERSION = 1
+
+
+class ClientError(Exception):
+    def __init__(self, status: int, message: str, code: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+def _error(status: int, message: str, code: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": code, "code": status}}, status_code=status)
+
+
+@dataclass
+class Record:
+    """What the router knows of one request (``/admin/requests``; the demo's report)."""
+
+    request_id: str
+    endpoint: str
+    route: str
+    reason: str
+    l_total: int
+    l_prefix: int
+    l_uncached: int
+    threshold: float
+    prefill_instance: str | None
+    decode_instance: str
+    started_at: float
+    stream: bool
+    kv_bytes: int = 0
+    transfer_status: str | None = None
+    fallback: str | None = None
+    queue_s: float = 0.0
+    prefill_s: float | None = None
+    ttft_s: float | None = None
+    total_s: float | None = None
+    status: int | None = None
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Producer:
+    ok: bool
+    kv_bytes: int = 0
+    error: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class Router:
+    cfg: RouterConfig
+    tokenizer: PromptTokenizer
+    fleet: Fleet = field(init=False)
+    index: PrefixIndex = field(init=False)
+    controller: ThresholdController = field(init=False)
+    metrics: RouterMetrics = field(init=False)
+    client: httpx.AsyncClient | None = None
+
+    def __post_init__(self) -> None:
+        self.fleet = Fleet.from_config(self.cfg)
+        self.index = PrefixIndex(self.cfg.block_size)
+        self.controller = ThresholdController(self.cfg.threshold, self.cfg.link_gbps)
+        self.metrics = RouterMetrics()
+        self.records: collections.OrderedDict[str, Record] = collections.OrderedDict()
+        self.recent_routes: collections.deque[str] = collections.deque(maxlen=256)
+        self._subscribers: list[Any] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        t = self.cfg.timeouts
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(t.request_s, connect=t.connect_s),
+                                        limits=httpx.Limits(max_connections=4096, max_keepalive_connections=1024))
+        await self.fleet.check_health(self.client, t.connect_s)
+        for inst in self.fleet.instances:
+            if not inst.healthy:
+                log.warning("at start, instance %s (%s) is unreachable: %s", inst.url, inst.cluster, inst.last_error)
+        self._start_event_feeds()
+        self._tasks.append(asyncio.create_task(self._health_loop()))
+        self._tasks.append(asyncio.create_task(self._threshold_loop()))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for sub in self._subscribers:
+            sub.stop()
+        if self.client is not None:
+            await self.client.aclose()
+
+    def _start_event_feeds(self) -> None:
+        feeds = [i for i in self.fleet.instances if i.kv_events]
+        if not feeds:
+            return
+        try:
+            import msgspec  # noqa: F401
+            import zmq  # noqa: F401
+        except ImportError:
+            log.warning("kv_events configured but pyzmq/msgspec are not installed; using the routing record only")
+            return
+        from prfaas_plugin.router.events import EventSubscriber
+
+        for inst in feeds:
+            sub = EventSubscriber(self.index, inst.url, inst.kv_events or "")
+            sub.start()
+            self._subscribers.append(sub)
+
+    async def _health_loop(self) -> None:
+        assert self.client is not None
+        while True:
+            await asyncio.sleep(self.cfg.timeouts.health_every_s)
+            await self.fleet.check_health(self.client, self.cfg.timeouts.connect_s)
+            for inst in self.fleet.instances:
+                self.metrics.healthy.labels(inst.cluster, inst.url).set(1 if inst.healthy else 0)
+
+    async def _threshold_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            self._tick()
+
+    def _tick(self) -> None:
+        t = self.controller.tick(self.fleet.queue_depth("prfaas"))
+        m = self.metrics
+        m.threshold.set(t)
+        m.planner_threshold.set(self.controller.t_star)
+        m.egress.set(self.controller.egress_gbps())
+        m.link_util.set(self.controller.utilisation())
+        if self.controller.advice is not None:
+            m.split.labels("prefill").set(self.controller.advice.n_prefill)
+            m.split.labels("decode").set(self.controller.advice.n_decode)
+
+    def bandwidth_mode(self) -> str:
+        mode = self.cfg.bandwidth_mode
+        if mode != "auto":
+            return mode
+        return "abundant" if self.controller.utilisation() < self.cfg.threshold.egress_low / 2 else "scarce"
+
+    # -- request handling -------------------------------------------------------------------------
+    def _validate(self, body: Any, chat: bool) -> None:
+        if not isinstance(body, dict):
+            raise ClientError(400, "the request body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise ClientError(400, "'model' is required and must be a string")
+        if model != self.cfg.model:
+            raise ClientError(404, f"the model {model!r} does not exist; this router serves {self.cfg.model!r}",
+                              "model_not_found")
+        if "stream" in body and not isinstance(body["stream"], bool):
+            raise ClientError(400, "'stream' must be a boolean")
+        for key in ("max_tokens", "max_completion_tokens", "n"):
+            v = body.get(key)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ClientError(400, f"'{key}' must be a positive integer")
+        if body.get("n", 1) != 1:
+            raise ClientError(400, "'n' > 1 is not supported by the PrfaaS router")
+        if "kv_transfer_params" in body:
+            raise ClientError(400, "'kv_transfer_params' is set by the router; clients must not send it")
+        if chat and "messages" not in body:
+            raise ClientError(400, "'messages' is required")
+        if not chat and "prompt" not in body:
+            raise ClientError(400, "'prompt' is required")
+
+    async def handle(self, request: Request, path: str, chat: bool) -> Response:
+        arrived = time.monotonic()
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            return _error(413, f"request body over {MAX_BODY_BYTES >> 20} MiB")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return _error(400, f"the request body is not valid JSON: {exc}")
+        try:
+            self._validate(body, chat)
+            loop = asyncio.get_running_loop()
+            if chat:
+                tokens = await loop.run_in_executor(None, self.tokenizer.chat_tokens, body["messages"], body)
+            else:
+                tokens = await loop.run_in_executor(None, self.tokenizer.completion_tokens, body["prompt"])
+            if not tokens:
+                raise ClientError(400, "the prompt is empty")
+            if len(tokens) > self.cfg.max_prompt_tokens:
+                raise ClientError(400, f"the prompt has {len(tokens)} tokens, over the limit of {self.cfg.max_prompt_tokens}")
+        except ClientError as exc:
+            return _error(exc.status, exc.message, exc.code)
+        except PromptError as exc:
+            return _error(400, str(exc))
+        stream = bool(body.get("stream", False))
+        work = asyncio.create_task(self._route(request, path, body, tokens, stream, rid, arrived))
+        if stream:
+            return await work  # Starlette notices a disconnect while streaming and cancels the body
+        watch = asyncio.create_task(self._disconnected(request))
+        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if work in done:
+            watch.cancel()
+            return work.result()
+        work.cancel()  # the client left: cancelling closes both upstream requests
+        with contextlib.suppress(BaseException):
+            await work
+        rec = self.records.get(rid)
+        if rec is not None:
+            rec.error = "client disconnected"
+            self.metrics.requests.labels(rec.route, "client_disconnected").inc()
+        return Response(status_code=499)
+
+    @staticmethod
+    async def _disconnected(request: Request) -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.1)
+
+    async def _route(self, request: Request, path: str, body: dict, tokens: list[int], stream: bool, rid: str,
+                     arrived: float) -> Response:
+        # An instance found unreachable at dispatch is marked unhealthy and the request is placed
+        # again (at most once per instance): a dead PrfaaS cluster sends work local.
+        for _attempt in range(len(self.fleet.instances) + 1):
+            t = self.controller.t
+            overloaded = self._prfaas_overloaded()
+            try:
+                d = decide(tokens, self.fleet, self.index, t, self.bandwidth_mode(), exclude_prfaas=overloaded)
+            except NoInstance as exc:
+                return _error(503, str(exc), "service_unavailable")
+            try:
+                return await self._dispatch(request, path, body, tokens, stream, rid, arrived, d, overloaded)
+            except httpx.ConnectError as exc:
+                bad = d.decode
+                bad.healthy, bad.last_error = False, f"ConnectError: {exc}"
+                log.warning("request_id=%s: %s unreachable, re-routing: %s", rid, bad.url, exc)
+                self.metrics.fallbacks.labels("instance unreachable").inc()
+        return _error(503, "no reachable instance", "service_unavailable")
+
+    async def _dispatch(self, request: Request, path: str, body: dict, tokens: list[int], stream: bool, rid: str,
+                        arrived: float, d: Decision, overloaded: bool) -> Response:
+        t = d.threshold
+        reason = "prfaas overloaded" if overloaded and d.route == "local" and d.l_uncached > t else d.reason
+        rec = Record(rid, path, d.route, reason, d.l_total, d.l_prefix, d.l_uncached, t,
+                     d.prefill.url if d.prefill else None, d.decode.url, time.time(), stream)
+        rec.queue_s = time.monotonic() - arrived
+        self._remember(rec)
+        self.controller.observe_length(d.l_uncached)
+        self.recent_routes.append(d.route)
+        self.metrics.decisions.labels(d.route, reason).inc()
+        self.metrics.uncached.labels(d.route).observe(d.l_uncached)
+        self.metrics.offload.set(sum(r == "prfaas" for r in self.recent_routes) / len(self.recent_routes))
+        self.metrics.ttft.labels(d.route, "queue").observe(rec.queue_s)
+        log.info("request_id=%s route=%s reason=%r l_total=%d l_prefix=%d l=%d t=%.0f prefill=%s decode=%s",
+                 rid, d.route, reason, d.l_total, d.l_prefix, d.l_uncached, t, rec.prefill_instance, d.decode.url)
+        headers = {"x-request-id": rid, "x-prfaas-route": d.route, "x-prfaas-uncached-tokens": str(d.l_uncached),
+                   "x-prfaas-threshold": f"{t:.0f}"}
+        if d.prefill is None:
+            resp = await self._open(d.decode, path, body)
+            if resp.status_code == 200:
+                self.index.record(d.decode.url, tokens)
+            return await self._relay(resp, d.decode, rec, headers, arrived, stream)
+        return await self._two_phase(path, body, d, rec, tokens, stream, headers, arrived)
+
+    def _prfaas_overloaded(self) -> bool:
+        remote = [i for i in self.fleet.of_kind("prfaas") if i.healthy]
+        if not remote:
+            return False
+        return all(i.inflight >= self.cfg.threshold.queue_high for i in remote)
+
+    def _remember(self, rec: Record) -> None:
+        self.records[rec.request_id] = rec
+        while len(self.records) > 10_000:
+            self.records.popitem(last=False)
+
+    # -- producer + consumer -------------------------------------------------------------------------
+    async def _two_phase(self, path: str, body: dict, d: Decision, rec: Record, tokens: list[int], stream: bool,
+                         headers: dict, arrived: float) -> Response:
+        assert d.prefill is not None and d.decode.kv_endpoint is not None
+        transfer_id, token = uuid.uuid4().hex, secrets.token_urlsafe(24)
+        common = {"prfaas_version": PROTOCOL_VERSION, "transfer_id": transfer_id, "token": token,
+                  "deadline_s": self.cfg.transfer_deadline_s}
+        prod_body = {k: v for k, v in body.items() if k != "stream_options"}
+        prod_body.update(max_tokens=1, stream=False,
+                         kv_transfer_params={**common, "role": "producer", "decode_endpoint": d.decode.kv_endpoint})
+        if "max_completion_tokens" in prod_body:
+            prod_body["max_completion_tokens"] = 1
+        cons_body = {**body, "kv_transfer_params": {**common, "role": "consumer"}}
+        prod_task = asyncio.create_task(self._produce(d.prefill, path, prod_body))
+        pending: list[asyncio.Task[Any]] = []
+        resp: httpx.Response | None = None
+        try:
+            cons_task = asyncio.create_task(self._open(d.decode, path, cons_body))
+            pending.append(cons_task)
+            got = await _unless_producer_fails(cons_task, prod_task)
+            if got is _PRODUCER_FAILED:
+                return await self._fallback(path, body, d, rec, prod_task.result(), stream, headers, arrived)
+            resp = got
+            first: bytes | None = None
+            chunks: AsyncIterator[bytes] | None = None
+            if stream and resp.status_code == 200:
+                # A streaming answer has its status line at once; its first chunk only comes
+                # after the KV landed. A producer failure before that still falls back cleanly.
+                chunks = resp.aiter_raw()
+                first_task = asyncio.create_task(_next_chunk(chunks))
+                pending.append(first_task)
+                got = await _unless_producer_fails(first_task, prod_task)
+                if got is _PRODUCER_FAILED:
+                    await self._discard(resp, d.decode)
+                    resp = None
+                    return await self._fallback(path, body, d, rec, prod_task.result(), stream, headers, arrived)
+                first = got
+            elif resp.status_code != 200 and prod_task.done() and not prod_task.result().ok:
+                await resp.aread()
+                await self._discard(resp, d.decode)
+                resp = None
+                return await self._fallback(path, body, d, rec, prod_task.result(), stream, headers, arrived)
+        except BaseException:
+            prod_task.cancel()
+            for task in pending:
+                task.cancel()
+            if resp is not None:
+                await self._discard(resp, d.decode)
+            raise
+        self._finish_producer_later(prod_task, d, rec, tokens)
+        return await self._relay(resp, d.decode, rec, headers, arrived, stream, first=first, chunks=chunks)
+
+    def _finish_producer_later(self, prod_task: asyncio.Task[_Producer], d: Decision, rec: Record,
+                               tokens: list[int]) -> None:
+        def _done(task: asyncio.Task[_Producer]) -> None:
+            if task.cancelled():
+                return
+            res = task.result()
+            rec.prefill_s = res.seconds
+            rec.kv_bytes = res.kv_bytes
+            rec.transfer_status = "sent" if res.ok else f"failed: {res.error}"
+            self.metrics.ttft.labels(d.route, "prefill").observe(res.seconds)
+            if res.ok and d.prefill is not None:
+                self.index.record(d.prefill.url, tokens)
+                self.index.record(d.decode.url, tokens)
+                self.metrics.kv_bytes.labels(d.route).inc(res.kv_bytes)
+                if d.route == "prfaas":
+                    self.controller.record_egress(res.kv_bytes)
+
+        if prod_task.done():
+            _done(prod_task)
+        else:
+            prod_task.add_done_callback(_done)
+
+    async def _produce(self, inst: Instance, path: str, body: dict) -> _Producer:
+        assert self.client is not None
+        t0 = time.monotonic()
+        self._load(inst, +1)
+        try:
+            r = await self.client.post(f"{inst.url}{path}", json=body, timeout=self.cfg.timeouts.prefill_s)
+            if r.status_code != 200:
+                return _Producer(False, error=f"producer HTTP {r.status_code}: {r.text[:200]}",
+                                 seconds=time.monotonic() - t0)
+            params = (r.json() or {}).get("kv_transfer_params") or {}
+            if params.get("status") == "failed":
+                return _Producer(False, error=str(params.get("error", "transfer failed")), seconds=time.monotonic() - t0)
+            return _Producer(True, kv_bytes=int(params.get("bytes") or 0), seconds=time.monotonic() - t0)
+        except httpx.HTTPError as exc:
+            if isinstance(exc, httpx.ConnectError):
+                inst.healthy, inst.last_error = False, f"ConnectError: {exc}"
+            return _Producer(False, error=f"{type(exc).__name__}: {exc}", seconds=time.monotonic() - t0)
+        except ValueError as exc:
+            return _Producer(False, error=f"producer answered non-JSON: {exc}", seconds=time.monotonic() - t0)
+        finally:
+            self._load(inst, -1)
+
+    async def _fallback(self, path: str, body: dict, d: Decision, rec: Record, prod: _Producer, stream: bool,
+                        headers: dict, arrived: float) -> Response:
+        reason = "prfaas failed" if d.route == "prfaas" else "local producer failed"
+        rec.fallback = f"{reason}: {prod.error}"
+        rec.transfer_status = f"failed: {prod.error}"
+        self.metrics.fallbacks.labels(reason).inc()
+        log.warning("request_id=%s falling back to local prefill on %s: %s", rec.request_id, d.decode.url, prod.error)
+        resp = await self._open(d.decode, path, body)
+        return await self._relay(resp, d.decode, rec, {**headers, "x-prfaas-fallback": reason}, arrived, stream)
+
+    # -- HTTP plumbing -----------------------------------------------------------------------------
+    def _load(self, inst: Instance, delta: int) -> None:
+        inst.inflight += delta
+        self.metrics.queue.labels(inst.cluster, inst.url).set(inst.inflight)
+
+    async def _open(self, inst: Instance, path: str, body: dict) -> httpx.Response:
+        """Send a request and return once the status line arrived (the body streams later)."""
+        assert self.client is not None
+        req = self.client.build_request("POST", f"{inst.url}{path}", json=body)
+        self._load(inst, +1)
+        try:
+            return await self.client.send(req, stream=True)
+        except BaseException:
+            self._load(inst, -1)
+            raise
+
+    async def _discard(self, resp: httpx.Response, inst: Instance) -> None:
+        await resp.aclose()
+        self._load(inst, -1)
+
+    async def _relay(self, resp: httpx.Response, inst: Instance, rec: Record, headers: dict, arrived: float,
+                     stream: bool, first: bytes | None = None, chunks: AsyncIterator[bytes] | None = None) -> Response:
+        """Pass the upstream answer through; account TTFT, load and the outcome."""
+        rec.status = resp.status_code
+        out_headers = {**headers, "content-type": resp.headers.get("content-type", "application/json")}
+
+        def _close_accounting(outcome: str) -> None:
+            self._load(inst, -1)
+            inst.served += 1
+            rec.total_s = time.monotonic() - arrived
+            self.metrics.requests.labels(rec.route, outcome).inc()
+
+        if not stream or resp.status_code != 200:
+            try:
+                content = await resp.aread()
+            finally:
+                await resp.aclose()
+            rec.ttft_s = time.monotonic() - arrived
+            _close_accounting("ok" if resp.status_code == 200 else f"http_{resp.status_code}")
+            self.metrics.ttft.labels(rec.route, "total").observe(rec.ttft_s)
+            return Response(content, status_code=resp.status_code, headers=out_headers)
+
+        it = chunks if chunks is not None else resp.aiter_raw()
+
+        async def body_iter() -> AsyncIterator[bytes]:
+            outcome = "ok"
+            try:
+                if first is not None:
+                    rec.ttft_s = time.monotonic() - arrived
+                    self.metrics.ttft.labels(rec.route, "total").observe(rec.ttft_s)
+                    yield first
+                async for chunk in it:
+                    if rec.ttft_s is None:
+                        rec.ttft_s = time.monotonic() - arrived
+                        self.metrics.ttft.labels(rec.route, "total").observe(rec.ttft_s)
+                    yield chunk
+            except asyncio.CancelledError:
+                outcome = "client_disconnected"
+                rec.error = "client disconnected"
+                raise
+            except httpx.HTTPError as exc:
+                outcome = "upstream_error"
+                rec.error = f"{type(exc).__name__}: {exc}"
+            finally:
+                await resp.aclose()  # closing the upstream stream makes vLLM abort the request
+                _close_accounting(outcome)
+
+        return StreamingResponse(body_iter(), status_code=200, headers=out_headers)
+
+
+_PRODUCER_FAILED = object()
+
+
+async def _next_chunk(chunks: AsyncIterator[bytes]) -> bytes | None:
+    try:
+        return await chunks.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def _unless_producer_fails(task: "asyncio.Task[Any]", prod_task: "asyncio.Task[_Producer]") -> Any:
+    """``task``'s result, or ``_PRODUCER_FAILED`` (``task`` cancelled) if the producer failed first."""
+    done, _ = await asyncio.wait({task, prod_task}, return_when=asyncio.FIRST_COMPLETED)
+    if task not in done and not prod_task.result().ok:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            res = await task
+            if isinstance(res, httpx.Response):
+                await res.aclose()
+        return _PRODUCER_FAILED
+    return await task
+
+
+def create_app(cfg: RouterConfig, tokenizer: PromptTokenizer | None = None) -> FastAPI:
+    router = Router(cfg, tokenizer or PromptTokenizer(cfg.tokenizer))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await router.start()
+        try:
+            yield
+        finally:
+            await router.stop()
+
+    app = FastAPI(title="prfaas router", lifespan=lifespan)
+    app.state.router = router
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await router.handle(request, "/v1/completions", chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await router.handle(request, "/v1/chat/completions", chat=True)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": cfg.model, "object": "model", "owned_by": "prfaas-router"}]}
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        report = router.fleet.health_report()
+        local_ok = any(i.healthy and i.can_decode for i in router.fleet.of_kind("local"))
+        status = 200 if local_ok else 503
+        return JSONResponse({"status": "ok" if local_ok else "unavailable", "instances": report,
+                             "threshold_tokens": router.controller.t}, status_code=status)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        router._tick()
+        return Response(generate_latest(router.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/admin/threshold")
+    async def get_threshold() -> dict:
+        return router.controller.snapshot()
+
+    @app.put("/admin/threshold")
+    async def put_threshold(request: Request) -> Response:
+        try:
+            body = await request.json()
+            tokens = float(body["threshold_tokens"])
+            if tokens < 0:
+                raise ValueError
+        except (ValueError, KeyError, TypeError, json.JSONDecodeError):
+            return _error(400, "send {\"threshold_tokens\": <number >= 0>}")
+        router.controller.set_fixed(tokens)
+        return JSONResponse(router.controller.snapshot())
+
+    @app.get("/admin/split")
+    async def split() -> dict:
+        adv = router.controller.advice
+        return {"advice": None if adv is None else adv.__dict__,
+                "note": "long-term loop: recommended local prefill/decode instance counts for the observed lengths"}
+
+    @app.get("/admin/requests")
+    async def requests_(limit: int = 100) -> dict:
+        recs = list(router.records.values())[-max(1, min(limit, 10_000)):]
+        return {"requests": [r.as_dict() for r in recs]}
+
+    @app.exception_handler(Exception)
+    async def _unhandled(_request: Request, exc: Exception) -> JSONResponse:  # pragma: no cover - last resort
+        log.exception("unhandled router error: %s", exc)
+        return _error(502, f"upstream or router failure: {type(exc).__name__}", "upstream_error")
+
+    return app

@@ -1,0 +1,169 @@
+"""The router's YAML config, validated at start: unknown keys, bad values and inconsistent
+clusters are errors that name the field (see examples/router/clusters.yaml)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class RouterConfigError(ValueError):
+    pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_url(v: str) -> str:
+    if not (v.startswith("http://") or v.startswith("https://")):
+        raise ValueError(f"instance url must start with http:// or https://, got {v!r}")
+    return v.rstrip("/")
+
+
+def _check_hostport(v: str) -> str:
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"must be 'host:port', got {v!r}")
+    return v
+
+
+class InstanceSpec(_Strict):
+    url: str
+    #: The consumer's transfer receiver (``kv_connector_extra_config.listen`` of that instance),
+    #: as the *producers* reach it. Required for instances that decode pushed KV.
+    kv_endpoint: Optional[str] = None
+    #: vLLM KV-events publisher of this instance (``--kv-events-config`` endpoint), e.g.
+    #: tcp://127.0.0.1:5557, feeding the prefix index.
+    kv_events: Optional[str] = None
+    name: Optional[str] = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return _check_url(v)
+
+    @field_validator("kv_endpoint")
+    @classmethod
+    def _kv(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else _check_hostport(v)
+
+
+class ClusterSpec(_Strict):
+    name: str
+    #: prfaas: remote prefill-only cluster; local: a PD cluster that can finish any request.
+    kind: Literal["prfaas", "local"]
+    prefill: list[InstanceSpec] = Field(default_factory=list)
+    decode: list[InstanceSpec] = Field(default_factory=list)
+    #: Instances that prefill and decode (a local cluster of one node, e.g. the CPU demo).
+    both: list[InstanceSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _shape(self) -> "ClusterSpec":
+        if self.kind == "prfaas":
+            if not self.prefill:
+                raise ValueError(f"cluster {self.name!r}: a prfaas cluster needs prefill instances")
+            if self.decode or self.both:
+                raise ValueError(f"cluster {self.name!r}: a prfaas cluster has only prefill instances")
+        else:
+            if not (self.both or (self.prefill and self.decode)):
+                raise ValueError(f"cluster {self.name!r}: a local cluster needs `both` instances, or prefill "
+                                 f"and decode instances")
+            for inst in self.decode + self.both:
+                if inst.kv_endpoint is None:
+                    raise ValueError(f"cluster {self.name!r}: decoding instance {inst.url} needs kv_endpoint "
+                                     f"(its prfaas transfer receiver)")
+        return self
+
+
+class ThresholdSpec(_Strict):
+    mode: Literal["fixed", "auto"] = "fixed"
+    #: Fixed threshold, or the starting point of ``auto``.
+    tokens: float = Field(default=8192, ge=0)
+    #: ``auto``: the planner YAML whose profiles, instance counts and link describe the clusters.
+    planner: Optional[str] = None
+    #: Observed uncached lengths kept for re-optimisation, and how many are needed first.
+    window: int = Field(default=512, ge=8)
+    min_samples: int = Field(default=32, ge=1)
+    reoptimize_every_s: float = Field(default=10.0, gt=0)
+    #: Short-term loop: raise t when egress utilisation or the PrfaaS queue is above the high
+    #: mark, relax back toward the planner's t when both are below the low marks (hysteresis).
+    egress_high: float = Field(default=0.85, gt=0, le=1.5)
+    egress_low: float = Field(default=0.6, gt=0, le=1.5)
+    queue_high: int = Field(default=16, ge=1)
+    queue_low: int = Field(default=4, ge=0)
+    step: float = Field(default=0.15, gt=0, lt=1)
+    max_tokens: float = Field(default=1 << 20, gt=0)
+
+    @model_validator(mode="after")
+    def _auto(self) -> "ThresholdSpec":
+        if self.mode == "auto" and not self.planner:
+            raise ValueError("threshold.mode auto needs threshold.planner (a planner YAML)")
+        if self.egress_low >= self.egress_high:
+            raise ValueError("threshold.egress_low must be below egress_high")
+        if self.queue_low >= self.queue_high:
+            raise ValueError("threshold.queue_low must be below queue_high")
+        return self
+
+
+class TimeoutSpec(_Strict):
+    connect_s: float = Field(default=3.0, gt=0)
+    prefill_s: float = Field(default=120.0, gt=0)
+    request_s: float = Field(default=600.0, gt=0)
+    health_every_s: float = Field(default=5.0, gt=0)
+
+
+class RouterConfig(_Strict):
+    #: Model name served on /v1/models (requests naming another model get a 404).
+    model: str
+    #: Folder with the model's tokenizer (tokenizer.json/tokenizer_config.json); offline.
+    tokenizer: str
+    #: Prefix-index granularity in tokens (the engines' KV block size).
+    block_size: int = Field(default=16, ge=1)
+    link_gbps: float = Field(default=100.0, gt=0)
+    bandwidth_mode: Literal["auto", "scarce", "abundant"] = "auto"
+    #: transfer deadline the router asks for (kv_transfer_params.deadline_s)
+    transfer_deadline_s: float = Field(default=60.0, gt=0)
+    max_prompt_tokens: int = Field(default=1 << 20, gt=0)
+    threshold: ThresholdSpec = ThresholdSpec()
+    timeouts: TimeoutSpec = TimeoutSpec()
+    clusters: list[ClusterSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _clusters(self) -> "RouterConfig":
+        names = [c.name for c in self.clusters]
+        if len(set(names)) != len(names):
+            raise ValueError(f"cluster names must be unique, got {names}")
+        if not any(c.kind == "local" for c in self.clusters):
+            raise ValueError("at least one local cluster is needed (it decodes every request)")
+        urls = [i.url for c in self.clusters for i in c.prefill + c.decode + c.both]
+        if len(set(urls)) != len(urls):
+            raise ValueError("an instance url appears twice")
+        return self
+
+
+def load_router_config(path: str | Path) -> RouterConfig:
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise RouterConfigError(f"{p}: no such file") from None
+    except yaml.YAMLError as exc:
+        raise RouterConfigError(f"{p}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise RouterConfigError(f"{p}: the top level must be a mapping")
+    base = p.parent
+    try:
+        cfg = RouterConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{'.'.join(str(x) for x in e['loc']) or '<top>'}: {e['msg']}" for e in exc.errors()]
+        raise RouterConfigError(f"{p}: invalid router config:\n  " + "\n  ".join(lines)) from None
+    # Relative paths are relative to the config file.
+    if not Path(cfg.tokenizer).is_absolute():
+        cfg.tokenizer = str((base / cfg.tokenizer).resolve())
+    if cfg.threshold.planner and not Path(cfg.threshold.planner).is_absolute():
+        cfg.threshold.planner = str((base / cfg.threshold.planner).resolve())
+    return cfg

@@ -1,0 +1,80 @@
+"""The backend instances the router knows: role, health, load, and the shared HTTP client."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import httpx
+
+from prfaas_plugin.router.config import RouterConfig
+
+log = logging.getLogger("prfaas.router")
+
+Role = Literal["prefill", "decode", "both"]
+
+
+@dataclass
+class Instance:
+    url: str
+    cluster: str
+    cluster_kind: Literal["prfaas", "local"]
+    role: Role
+    kv_endpoint: str | None = None
+    kv_events: str | None = None
+    name: str = ""
+    healthy: bool = True
+    last_error: str = ""
+    inflight: int = 0  # requests the router has open on it (its queue depth, as the router sees it)
+    served: int = 0
+
+    @property
+    def can_prefill(self) -> bool:
+        return self.role in ("prefill", "both")
+
+    @property
+    def can_decode(self) -> bool:
+        return self.role in ("decode", "both")
+
+
+@dataclass
+class Fleet:
+    instances: list[Instance] = field(default_factory=list)
+
+    @classmethod
+    def from_config(cls, cfg: RouterConfig) -> "Fleet":
+        out = []
+        for c in cfg.clusters:
+            for role, specs in (("prefill", c.prefill), ("decode", c.decode), ("both", c.both)):
+                for s in specs:
+                    out.append(Instance(s.url, c.name, c.kind, role, s.kv_endpoint, s.kv_events, s.name or s.url))  # type: ignore[arg-type]
+        return cls(out)
+
+    def in_cluster(self, cluster: str) -> list[Instance]:
+        return [i for i in self.instances if i.cluster == cluster]
+
+    def of_kind(self, kind: str) -> list[Instance]:
+        return [i for i in self.instances if i.cluster_kind == kind]
+
+    def queue_depth(self, kind: str) -> int:
+        return sum(i.inflight for i in self.of_kind(kind))
+
+    async def check_health(self, client: httpx.AsyncClient, timeout_s: float) -> None:
+        async def one(inst: Instance) -> None:
+            try:
+                r = await client.get(f"{inst.url}/health", timeout=timeout_s)
+                ok, err = r.status_code == 200, f"HTTP {r.status_code}"
+            except httpx.HTTPError as exc:
+                ok, err = False, f"{type(exc).__name__}: {exc}"
+            if ok != inst.healthy:
+                log.warning("instance %s (%s/%s) is now %s%s", inst.url, inst.cluster, inst.role,
+                            "healthy" if ok else "UNHEALTHY", "" if ok else f": {err}")
+            inst.healthy, inst.last_error = ok, "" if ok else err
+
+        await asyncio.gather(*(one(i) for i in self.instances))
+
+    def health_report(self) -> list[dict]:
+        return [{"url": i.url, "cluster": i.cluster, "role": i.role, "healthy": i.healthy, "error": i.last_error,
+                 "inflight": i.inflight} for i in self.instances]

@@ -1,0 +1,151 @@
+"""Keeping t right as traffic and bandwidth change (paper section 3.4.3, dual timescale).
+
+- Re-optimisation: every ``reoptimize_every_s`` the planner searches t and the P/D split for the
+  *observed* distribution of uncached lengths (an empirical sample of the last ``window``
+  requests) using the planner config's profiles, counts and link. That is the long-term loop's
+  advice (the split) and the short-term loop's anchor (t*).
+- Short term: PrfaaS egress utilisation (KV bytes the producers report, over a sliding window,
+  against the link) and the PrfaaS queue depth push t up by ``step`` when either crosses its high
+  mark -- fewer, longer requests cross the link -- and let it relax back toward t* only when both
+  are under their low marks. The gap between the marks is the hysteresis that stops flapping.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from prfaas_plugin.router.config import ThresholdSpec
+
+log = logging.getLogger("prfaas.router")
+
+
+@dataclass
+class SplitAdvice:
+    current_threshold: float
+    optimal_threshold: float
+    n_prefill: int
+    n_decode: int
+    lambda_max: float
+    samples: int
+    bottleneck: str  # "prefill" | "decode" | "balanced"
+
+
+@dataclass
+class ThresholdController:
+    spec: ThresholdSpec
+    link_gbps: float
+    egress_window_s: float = 10.0
+    t: float = field(init=False)
+    t_star: float = field(init=False)
+    timeline: list[tuple[float, float, str]] = field(default_factory=list)
+    advice: SplitAdvice | None = None
+
+    def __post_init__(self) -> None:
+        self.t = self.t_star = float(self.spec.tokens)
+        self._lengths: collections.deque[int] = collections.deque(maxlen=self.spec.window)
+        self._egress: collections.deque[tuple[float, int]] = collections.deque()
+        self._lock = threading.Lock()
+        self._last_opt = 0.0
+        self._planner = None
+        self._t0 = time.monotonic()
+        if self.spec.mode == "auto":
+            from prfaas_plugin.planner import load_config
+
+            cfg, base = load_config(self.spec.planner or "")
+            self._planner = cfg
+        self._mark("start")
+
+    # -- inputs -------------------------------------------------------------------------------
+    def observe_length(self, uncached_tokens: int) -> None:
+        with self._lock:
+            self._lengths.append(int(uncached_tokens))
+
+    def record_egress(self, nbytes: int, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._egress.append((now, int(nbytes)))
+
+    def egress_gbps(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            while self._egress and self._egress[0][0] < now - self.egress_window_s:
+                self._egress.popleft()
+            total = sum(b for _, b in self._egress)
+        return total * 8 / self.egress_window_s / 1e9
+
+    def utilisation(self, now: float | None = None) -> float:
+        return self.egress_gbps(now) / self.link_gbps
+
+    # -- the loops ------------------------------------------------------------------------------
+    def tick(self, prfaas_queue: int, now: float | None = None) -> float:
+        """One step of both loops; returns the threshold to use."""
+        now = time.monotonic() if now is None else now
+        if self.spec.mode == "fixed":
+            return self.t
+        if now - self._last_opt >= self.spec.reoptimize_every_s:
+            self._last_opt = now
+            self._reoptimise()
+        util = self.utilisation(now)
+        s = self.spec
+        if util > s.egress_high or prfaas_queue > s.queue_high:
+            new = min(s.max_tokens, max(self.t * (1 + s.step), self.t + 1))
+            if new != self.t:
+                self.t = new
+                self._mark(f"raise: egress {util:.0%} of link, PrfaaS queue {prfaas_queue}")
+        elif util < s.egress_low and prfaas_queue <= s.queue_low and self.t != self.t_star:
+            if self.t > self.t_star:
+                self.t = max(self.t_star, self.t * (1 - s.step))
+            else:
+                self.t = min(self.t_star, self.t * (1 + s.step))
+            self._mark(f"relax toward planner t* = {self.t_star:.0f}")
+        return self.t
+
+    def _reoptimise(self) -> None:
+        from prfaas_plugin.planner import Empirical, plan
+
+        with self._lock:
+            samples = list(self._lengths)
+        if self._planner is None or len(samples) < self.spec.min_samples:
+            return
+        try:
+            result = plan(self._planner.system(), Empirical.from_samples(samples), self._planner.search.threshold_step)
+        except ValueError as exc:
+            log.warning("threshold re-optimisation failed: %s", exc)
+            return
+        b = result.best
+        old = self.t_star
+        self.t_star = b.threshold
+        if self.t == old:  # not currently pushed up by congestion: follow the optimum at once
+            self.t = self.t_star
+        produce = b.theta_prfaas + b.theta_pd_p
+        bottleneck = "balanced"
+        if produce < 0.9 * b.theta_pd_d:
+            bottleneck = "prefill"
+        elif produce > 1.1 * b.theta_pd_d:
+            bottleneck = "decode"
+        self.advice = SplitAdvice(self.t, b.threshold, b.n_p, b.n_d, b.lambda_max, len(samples), bottleneck)
+        if abs(old - self.t_star) > 1e-9:
+            self._mark(f"re-optimised on {len(samples)} observed lengths")
+
+    def _mark(self, reason: str) -> None:
+        self.timeline.append((round(time.monotonic() - self._t0, 3), self.t, reason))
+        if len(self.timeline) > 10_000:
+            del self.timeline[: len(self.timeline) - 10_000]
+        log.info("threshold t=%.0f (%s)", self.t, reason)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"mode": self.spec.mode, "threshold_tokens": self.t, "planner_threshold_tokens": self.t_star,
+                "egress_gbps": self.egress_gbps(), "link_gbps": self.link_gbps, "samples": len(self._lengths),
+                "timeline": self.timeline[-200:],
+                "split_advice": None if self.advice is None else self.advice.__dict__}
+
+    def set_fixed(self, tokens: float) -> None:
+        """Admin override: pin t (mode becomes fixed until restart)."""
+        self.spec = self.spec.model_copy(update={"mode": "fixed", "tokens": tokens})
+        self.t = self.t_star = float(tokens)
+        self._mark("set by admin")

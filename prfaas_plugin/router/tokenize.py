@@ -1,0 +1,58 @@
+"""Counting prompt tokens the way the engines will: the model's own fast tokenizer, with the
+chat template applied to chat requests. Loaded once, offline, from a local folder."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+class PromptError(ValueError):
+    """A prompt the router cannot tokenize (wrong type, empty, over the size limit)."""
+
+
+class PromptTokenizer:
+    def __init__(self, path: str) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        from transformers import AutoTokenizer
+
+        try:
+            self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - transformers raises many types here
+            raise ValueError(f"cannot load the tokenizer from {path!r}: {exc}") from None
+
+    def completion_tokens(self, prompt: Any) -> list[int]:
+        """``prompt`` as /v1/completions accepts it: a string, or a list of token ids. Batched
+        prompts (a list of strings) are refused: route them one by one."""
+        if isinstance(prompt, str):
+            return list(self.tok.encode(prompt, add_special_tokens=True))
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            if any(t < 0 for t in prompt):
+                raise PromptError("token ids must be >= 0")
+            return list(prompt)
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            return self.completion_tokens(prompt[0])
+        raise PromptError("prompt must be a string or a list of token ids (batched prompts are not supported)")
+
+    def chat_tokens(self, messages: Any, body: dict[str, Any]) -> list[int]:
+        if not isinstance(messages, list) or not messages:
+            raise PromptError("messages must be a non-empty list")
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise PromptError("each message needs a string 'role'")
+            if not isinstance(m.get("content"), (str, list)) and m.get("content") is not None:
+                raise PromptError("message content must be a string or a list of parts")
+        kwargs = body.get("chat_template_kwargs") or {}
+        if not isinstance(kwargs, dict):
+            raise PromptError("chat_template_kwargs must be an object")
+        try:
+            ids = self.tok.apply_chat_template(messages, add_generation_prompt=body.get("add_generation_prompt", True),
+                                               tokenize=True, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - template errors are the client's
+            raise PromptError(f"cannot apply the chat template: {exc}") from None
+        if isinstance(ids, dict):  # newer transformers return a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+
+
