@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from prfaas_plugin.engines.vllm_cli.patchfile import PatchFile, load_patch, sha256_text
+from prfaas_plugin.engines.vllm_cli.patchfile import PatchFile, Tested, load_patch, sha256_text
 
 # Every line a prfaas patch adds mentions this, so a file we once changed is recognisable even
 # after its hashes stopped matching.
@@ -103,11 +103,8 @@ def _version_from_source(package_dir: Path) -> str:
     raise VllmCliError(f"cannot tell the version of the vLLM at {package_dir}")
 
 
-def classify(patch: PatchFile, version: str, file_sha256: str, text: str = "") -> State:
-    """Whether the target file is the tested original or the tested patched file; refuse otherwise.
-
-    `text` only improves the message when the hashes match nothing we know.
-    """
+def require_tested(patch: PatchFile, version: str) -> Tested:
+    """The tested entry for this vLLM version; the refusal every command gives for other versions."""
     tested = patch.tested_for(version)
     if tested is None:
         raise VllmCliError(
@@ -115,6 +112,15 @@ def classify(patch: PatchFile, version: str, file_sha256: str, text: str = "") -
             f"(tested: {', '.join(patch.tested_versions)}). Refusing to modify {patch.target}. "
             + LONG_FORM_HINT
         )
+    return tested
+
+
+def classify(patch: PatchFile, version: str, file_sha256: str, text: str = "") -> State:
+    """Whether the target file is the tested original or the tested patched file; refuse otherwise.
+
+    `text` only improves the message when the hashes match nothing we know.
+    """
+    tested = require_tested(patch, version)
     if file_sha256 == tested.original_sha256:
         return State.ORIGINAL
     if file_sha256 == tested.patched_sha256:
@@ -143,6 +149,7 @@ def status(install: VllmInstall, patches: list[PatchFile]) -> list[PatchStatus]:
     result = []
     for patch in patches:
         try:
+            require_tested(patch, install.version)
             text = _read(install, patch)
             result.append(PatchStatus(patch, classify(patch, install.version, sha256_text(text), text)))
         except VllmCliError as exc:
@@ -155,12 +162,13 @@ def apply(install: VllmInstall, patches: list[PatchFile]) -> list[str]:
     plans: list[tuple[PatchFile, str]] = []
     lines = []
     for patch in patches:
+        require_tested(patch, install.version)
         text = _read(install, patch)
         if classify(patch, install.version, sha256_text(text), text) is State.APPLIED:
             lines.append(f"{patch.patch_id}: already applied to {patch.target}")
             continue
         patched = patch.apply(text)
-        _expect_hash(patch, patched, patch.tested_for(install.version).patched_sha256)  # type: ignore[union-attr]
+        _expect_hash(patch, patched, require_tested(patch, install.version).patched_sha256)
         plans.append((patch, patched))
     _write_all(install, [(patch.target, text) for patch, text in plans])
     lines += [f"{patch.patch_id}: applied to {install.site_dir / patch.target}" for patch, _ in plans]
@@ -185,7 +193,7 @@ def reverse(install: VllmInstall, patches: list[PatchFile]) -> list[str]:
             lines.append(f"{patch.patch_id}: not applied")
             continue
         original = patch.reverse(text)
-        _expect_hash(patch, original, patch.tested_for(install.version).original_sha256)  # type: ignore[union-attr]
+        _expect_hash(patch, original, require_tested(patch, install.version).original_sha256)
         plans.append((patch, original))
     _write_all(install, [(patch.target, text) for patch, text in plans])
     lines += [f"{patch.patch_id}: removed from {install.site_dir / patch.target}" for patch, _ in plans]
