@@ -127,6 +127,13 @@ def test_malformed_patch_files_are_reported(tmp_path: Path, text: str, needle: s
         load_patch(path)
 
 
+def test_patch_files_ship_with_the_package() -> None:
+    """The module's patches/ (package data in a wheel) is the repository's top-level patches/."""
+    repo_patches = Path(__file__).resolve().parents[1] / "patches"
+    assert patches_dir().resolve() == repo_patches.resolve()
+    assert {p.name for p in patches_dir().glob("*.patch")} == {p.name for p in repo_patches.glob("*.patch")}
+
+
 def test_shipped_patches_are_well_formed() -> None:
     patches = {p.patch_id: p for p in load_patches(patches_dir())}
     assert set(patches) == {"kv-connector-sugar", "serve-version"}

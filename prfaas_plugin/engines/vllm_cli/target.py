@@ -54,13 +54,14 @@ class VllmInstall:
 
 
 def patches_dir() -> Path:
-    """The patches/ folder: at the repository root in a checkout or editable install, or
-    installed next to the package (``prfaas_plugin/patches``) from a wheel."""
-    package_root = Path(__file__).resolve().parents[2]
-    for candidate in (package_root.parent / "patches", package_root / "patches"):
+    """The patch files. ``patches`` next to this module is a symlink to the repository's
+    top-level patches/ in a checkout, and a real folder (package data) in an installed wheel;
+    the repository folder itself is the fallback where symlinks are not checked out."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "patches", here.parents[2] / "patches"):
         if candidate.is_dir() and any(candidate.glob("*.patch")):
             return candidate
-    raise VllmCliError(f"no patches/ folder found next to {package_root}; the installation is incomplete")
+    raise VllmCliError(f"no patch files found in {here / 'patches'}; the installation is incomplete")
 
 
 def load_patches(folder: Path | None = None) -> list[PatchFile]:
