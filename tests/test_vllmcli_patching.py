@@ -282,10 +282,14 @@ def test_cli_reports_a_vllm_that_is_not_there(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "is not a vllm package folder" in result.output
 
 
-def test_missing_vllm_is_explained() -> None:
+def test_missing_vllm_is_explained(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 
-    if importlib.util.find_spec("vllm") is not None:
-        pytest.skip("vLLM is importable here; the message for a missing vLLM cannot be shown")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name, *a)
+    )
     with pytest.raises(VllmCliError, match="vLLM is not importable by .*pass --vllm-dir"):
         find_vllm()
+    result = CliRunner().invoke(command, ["status"])
+    assert result.exit_code == 1 and "vLLM is not importable" in result.output

@@ -95,9 +95,20 @@ def _env(site: Path | None) -> dict[str, str]:
     return env
 
 
+def _yaml_cases(tmp: Path) -> dict[str, list[str]]:
+    """vLLM's `--config FILE.yaml` turns keys into flags: the shorthand works there too."""
+    short, long = tmp / "short.yaml", tmp / "long.yaml"
+    short.write_text('kv-connector: prfaas\nkv-role: consumer\nkv-listen: "127.0.0.1:15600"\n')
+    long.write_text(f"kv-transfer-config: '{LONG_EXAMPLE}'\nport: 8123\n")
+    return {
+        "yaml_short": ["--config", str(short)],
+        "yaml_conflict": ["--config", str(long), "--kv-connector", "prfaas", "--kv-role", "producer"],
+    }
+
+
 def _probe(tmp: Path, name: str, site: Path | None) -> dict[str, Any]:
     cases, out = tmp / f"{name}-cases.json", tmp / f"{name}-out.json"
-    cases.write_text(json.dumps(_cases([ORDINARY, SHORT, HELP])))
+    cases.write_text(json.dumps(_cases([ORDINARY, SHORT, HELP, _yaml_cases(tmp)])))
     proc = subprocess.run([sys.executable, str(HELPERS), str(cases), str(out)], env=_env(site),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -205,6 +216,16 @@ def test_conflict_with_the_long_form_names_both_flags(states: dict[str, Any], fl
         assert run["exit"] == 2
         assert "--kv-connector --kv-role cannot be combined with --kv-transfer-config" in run["stderr"]
     assert "--kv-connector needs --kv-role" in states["patched"][f"{flavor}/missing_role"]["stderr"]
+    yaml_conflict = states["patched"][f"{flavor}/yaml_conflict"]
+    assert yaml_conflict["exit"] == 2
+    assert "cannot be combined with --kv-transfer-config" in yaml_conflict["stderr"]
+
+
+@pytest.mark.parametrize("flavor", ["api_server", "serve"])
+def test_shorthand_works_in_a_config_file(states: dict[str, Any], flavor: str) -> None:
+    config = _namespace(states["patched"], f"{flavor}/yaml_short")["kv_transfer_config"]
+    assert (config["kv_connector"], config["kv_role"]) == ("prfaas", "kv_consumer")
+    assert config["kv_connector_extra_config"] == {"listen": "127.0.0.1:15600"}
 
 
 def test_help_lists_the_shorthand_only_when_patched(states: dict[str, Any]) -> None:
