@@ -293,3 +293,12 @@ def test_missing_vllm_is_explained(monkeypatch: pytest.MonkeyPatch) -> None:
         find_vllm()
     result = CliRunner().invoke(command, ["status"])
     assert result.exit_code == 1 and "vLLM is not importable" in result.output
+
+
+def test_prfaas_cli_exposes_the_subcommands() -> None:
+    from prfaas_plugin.cli import main
+
+    result = CliRunner().invoke(main, ["vllm-cli", "--help"])
+    assert result.exit_code == 0, result.output
+    for sub in ("install", "uninstall", "status"):
+        assert sub in result.output

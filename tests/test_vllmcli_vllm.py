@@ -307,3 +307,22 @@ def test_server_started_with_the_short_flags_reaches_health(tmp_path: Path) -> N
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
                 server.wait(timeout=30)
+
+
+def test_patch_files_work_by_hand_with_gnu_patch(tmp_path: Path) -> None:
+    """The header's manual route gives the same bytes as `prfaas vllm-cli install`."""
+    import shutil
+
+    if shutil.which("patch") is None:
+        pytest.skip("GNU patch is not installed")
+    for patch in _PATCHES:
+        tested = patch.tested_for(_INSTALL.version)
+        copy = tmp_path / patch.target
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_INSTALL.site_dir / patch.target, copy)
+        if sha256_text(copy.read_text()) != tested.original_sha256:
+            pytest.skip(f"the installed vLLM is patched already ({patch.target})")
+        for args, expected in ((["-p1"], tested.patched_sha256), (["-R", "-p1"], tested.original_sha256)):
+            with open(patch.path) as stdin:
+                subprocess.run(["patch", "-s", "-d", str(tmp_path), *args], stdin=stdin, check=True, timeout=30)
+            assert sha256_text(copy.read_text()) == expected

@@ -40,8 +40,8 @@ def _load(vllm_dir: Path | None) -> tuple[VllmInstall, list[PatchFile]]:
 def command() -> None:
     """Add `--kv-connector NAME --kv-role producer|consumer|both` to `vllm serve`.
 
-    vLLM parses its command line before plugins load, so these flags need a small patch to
-    vLLM's parser builder. `install` applies it (only to a vLLM version it was tested on),
+    vLLM gives plugins no hook to add flags, so these need a small patch to vLLM's parser
+    builder. `install` applies it (only to a vLLM version it was tested on),
     `uninstall` removes it, `status` shows where things stand.
     """
 

@@ -1,7 +1,8 @@
 """`vllm serve --kv-connector NAME --kv-role ROLE` shorthand for vLLM's ``--kv-transfer-config``.
 
-vLLM builds and parses its serve command line before any ``vllm.general_plugins`` entry point
-runs, so a plugin cannot add flags to it. The shorthand therefore ships as a small, hash-checked
+vLLM gives plugins no way to add command-line flags: ``vllm.general_plugins`` entry points are
+called (with no arguments) while the serve parser is being built, never see the parser, and there
+is no hook between building and parsing. The shorthand therefore ships as a small, hash-checked
 patch to vLLM's parser builder (``patches/`` at the repository root), applied and removed by
 ``prfaas vllm-cli install|uninstall``:
 
