@@ -52,3 +52,35 @@ def test_bench_command_lists_and_refuses_unknown(tmp_path) -> None:
     listed = CliRunner().invoke(main, ["bench"])
     assert listed.exit_code == 0
     assert listed.output.strip().splitlines() == (bench.available() or ["no benchmarks found"])
+
+
+def test_pyproject_lists_every_package() -> None:
+    """Packages are listed by hand (kernels/ maps into the package); a new subpackage must be
+    added there or the wheel silently lacks it."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "prfaas_plugin").rglob("__init__.py")}
+    if (root / "kernels" / "__init__.py").exists():
+        found.add("prfaas_plugin.kernels")
+    assert listed == found
+
+
+def test_wheel_contains_kernels_and_patches(tmp_path) -> None:
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                          str(tmp_path), str(root)], capture_output=True, text=True)
+    if out.returncode != 0 and "No module named" in out.stderr and "setuptools" in out.stderr:
+        import pytest
+
+        pytest.skip("setuptools not available for an offline wheel build")
+    assert out.returncode == 0, out.stderr[-2000:]
+    names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
+    assert "prfaas_plugin/kernels/__init__.py" in names
+    assert any(n.endswith(".patch") for n in names)
+    assert "prfaas_plugin/planner/search.py" in names

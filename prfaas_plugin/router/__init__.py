@@ -1,0 +1,1 @@
+"""The PrfaaS global router: OpenAI-compatible front, threshold/bandwidth/cache-aware placement."""
