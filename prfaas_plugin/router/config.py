@@ -96,6 +96,8 @@ class ThresholdSpec(_Strict):
     queue_high: int = Field(default=16, ge=1)
     queue_low: int = Field(default=4, ge=0)
     step: float = Field(default=0.15, gt=0, lt=1)
+    #: Sliding window over which producer-reported KV bytes make the egress estimate.
+    egress_window_s: float = Field(default=10.0, gt=0)
     max_tokens: float = Field(default=1 << 20, gt=0)
 
     @model_validator(mode="after")

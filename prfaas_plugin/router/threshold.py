@@ -39,13 +39,13 @@ class SplitAdvice:
 class ThresholdController:
     spec: ThresholdSpec
     link_gbps: float
-    egress_window_s: float = 10.0
     t: float = field(init=False)
     t_star: float = field(init=False)
     timeline: list[tuple[float, float, str]] = field(default_factory=list)
     advice: SplitAdvice | None = None
 
     def __post_init__(self) -> None:
+        self.egress_window_s = self.spec.egress_window_s
         self.t = self.t_star = float(self.spec.tokens)
         self._lengths: collections.deque[int] = collections.deque(maxlen=self.spec.window)
         self._egress: collections.deque[tuple[float, int]] = collections.deque()

@@ -4,6 +4,7 @@ chat template applied to chat requests. Loaded once, offline, from a local folde
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -51,7 +52,7 @@ class PromptTokenizer:
                                                tokenize=True, **kwargs)
         except Exception as exc:  # noqa: BLE001 - template errors are the client's
             raise PromptError(f"cannot apply the chat template: {exc}") from None
-        if isinstance(ids, dict):  # newer transformers return a BatchEncoding
+        if isinstance(ids, Mapping):  # transformers 5 returns a BatchEncoding (a Mapping), not a list
             ids = ids["input_ids"]
         return list(ids)
 

@@ -1,0 +1,152 @@
+"""Neighbours of the router under test: fake OpenAI backends (real HTTP servers on loopback,
+behaving like vLLM instances with the prfaas connector) and a tiny offline tokenizer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+WORDS = [f"w{i}" for i in range(200)]
+
+
+def build_tokenizer(path: Path) -> Path:
+    """A word-level tokenizer (one token per whitespace-separated word, no special tokens) with a
+    chat template: prompt lengths in tests are exact word counts."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "user:", "assistant:", "system:", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    fast.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
+                          "{% if add_generation_prompt %}assistant:{% endif %}")
+    fast.save_pretrained(str(path))
+    return path
+
+
+def words(n: int, start: int = 0) -> str:
+    return " ".join(WORDS[(start + i) % len(WORDS)] for i in range(n))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Seen:
+    path: str
+    body: dict
+    at: float
+    aborted: bool = False
+    finished_at: float | None = None
+
+
+@dataclass
+class FakeBackend:
+    """role: "prefill" answers like a prfaas producer; "decode"/"both" like a consumer."""
+
+    role: str
+    prefill_delay_s: float = 0.0
+    decode_delay_s: float = 0.0
+    kv_bytes_per_token: int = 1000
+    status: int = 200
+    transfer_status: str = "sent"
+    seen: list[Seen] = field(default_factory=list)
+    port: int = field(default_factory=free_port)
+
+    def __post_init__(self) -> None:
+        self.app = FastAPI()
+        self.app.post("/v1/completions")(self._completions)
+        self.app.post("/v1/chat/completions")(self._chat)
+        self.app.get("/health")(lambda: {"ok": True})
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error",
+                                                    lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "FakeBackend":
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=5)
+
+    def text_for(self, body: dict) -> str:
+        src = body.get("prompt") if "prompt" in body else json.dumps(body.get("messages"))
+        return f"echo[{len(str(src))}]"
+
+    async def _completions(self, request: Request) -> Any:
+        return await self._serve(request, chat=False)
+
+    async def _chat(self, request: Request) -> Any:
+        return await self._serve(request, chat=True)
+
+    async def _serve(self, request: Request, chat: bool) -> Any:
+        body = await request.json()
+        rec = Seen(request.url.path, body, time.monotonic())
+        self.seen.append(rec)
+        if self.status != 200:
+            return JSONResponse({"error": {"message": "injected failure"}}, status_code=self.status)
+        params = body.get("kv_transfer_params")
+        text = self.text_for(body)
+        if self.role == "prefill":
+            # Wait like a prefill, noticing a client that goes away (vLLM aborts then).
+            t_end = time.monotonic() + self.prefill_delay_s
+            while time.monotonic() < t_end:
+                if await request.is_disconnected():
+                    rec.aborted = True
+                    return JSONResponse({}, status_code=499)
+                await asyncio.sleep(0.01)
+            rec.finished_at = time.monotonic()
+            n = len(str(body.get("prompt") or body.get("messages")).split())
+            kvp = {"prfaas_version": 1, "transfer_id": (params or {}).get("transfer_id"), "status": self.transfer_status,
+                   "bytes": n * self.kv_bytes_per_token}
+            if self.transfer_status == "failed":
+                kvp["error"] = "injected transfer failure"
+            return {"id": "p", "object": "text_completion", "choices": [{"index": 0, "text": "x", "finish_reason": "length"}],
+                    "kv_transfer_params": kvp}
+        obj = "chat.completion" if chat else "text_completion"
+        if not body.get("stream"):
+            await asyncio.sleep(self.decode_delay_s)
+            rec.finished_at = time.monotonic()
+            choice = {"index": 0, "finish_reason": "stop"}
+            choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+            return {"id": "d", "object": obj, "created": 0, "model": body["model"], "choices": [choice],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+        async def gen():
+            try:
+                await asyncio.sleep(self.decode_delay_s)
+                for piece in [text[: len(text) // 2], text[len(text) // 2:]]:
+                    delta = {"delta": {"content": piece}} if chat else {"text": piece}
+                    chunk = {"id": "d", "object": obj + (".chunk" if chat else ""), "created": 0, "model": body["model"],
+                             "choices": [{"index": 0, **delta, "finish_reason": None}]}
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                    await asyncio.sleep(0.05)
+                yield "data: [DONE]\n\n"
+                rec.finished_at = time.monotonic()
+            except (asyncio.CancelledError, GeneratorExit):
+                rec.aborted = True
+                raise
+
+        return StreamingResponse(gen(), media_type="text/event-stream")

@@ -1,0 +1,385 @@
+"""The router against fake OpenAI backends (its neighbours): every routing rule, the request
+protocol, streaming through the official openai client, the threshold loops and fallbacks."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+import yaml
+
+from prfaas_plugin.router.app import create_app
+from prfaas_plugin.router.config import RouterConfig, RouterConfigError, load_router_config
+from prfaas_plugin.router.tokenize import PromptTokenizer
+from router_helpers import FakeBackend, build_tokenizer, free_port, words
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> PromptTokenizer:
+    return PromptTokenizer(str(build_tokenizer(tmp_path_factory.mktemp("tok"))))
+
+
+class RunningRouter:
+    def __init__(self, cfg: RouterConfig, tokenizer: PromptTokenizer) -> None:
+        self.app = create_app(cfg, tokenizer)
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 15
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert self.server.started
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def router(self):
+        return self.app.state.router
+
+    def post(self, path: str, body: dict, **kw) -> httpx.Response:
+        return httpx.post(self.url + path, json=body, timeout=30, **kw)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def _cfg(p: FakeBackend | None, d: FakeBackend, tokenizer_dir: str = "/unused", **kw) -> RouterConfig:
+    clusters = [{"name": "local", "kind": "local", "both": [{"url": d.url, "kv_endpoint": "127.0.0.1:15600"}]}]
+    if p is not None:
+        clusters.insert(0, {"name": "remote", "kind": "prfaas", "prefill": [{"url": p.url}]})
+    raw = {"model": MODEL, "tokenizer": tokenizer_dir, "block_size": 4, "clusters": clusters,
+           "threshold": {"mode": "fixed", "tokens": 40}, "bandwidth_mode": "scarce",
+           "timeouts": {"health_every_s": 0.3, "prefill_s": 10}}
+    for k, v in kw.items():
+        raw[k] = v
+    return RouterConfig.model_validate(raw)
+
+
+@pytest.fixture
+def fleet(tokenizer):
+    p = FakeBackend("prefill", prefill_delay_s=0.3).start()
+    d = FakeBackend("both").start()
+    r = RunningRouter(_cfg(p, d), tokenizer)
+    yield r, p, d
+    r.stop()
+    p.stop()
+    d.stop()
+
+
+def _completion(n_words: int, start: int = 0, **kw) -> dict:
+    return {"model": MODEL, "prompt": words(n_words, start), "max_tokens": 8, **kw}
+
+
+# -- routing rules and the request protocol --------------------------------------------------------
+def test_short_request_stays_local_unchanged(fleet) -> None:
+    r, p, d = fleet
+    resp = r.post("/v1/completions", _completion(10))
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-prfaas-route"] == "local"
+    assert resp.headers["x-prfaas-uncached-tokens"] == "10"
+    assert not p.seen
+    assert "kv_transfer_params" not in d.seen[-1].body
+    assert resp.json()["choices"][0]["text"].startswith("echo[")
+
+
+def test_long_request_goes_remote_with_concurrent_producer_and_consumer(fleet) -> None:
+    r, p, d = fleet
+    resp = r.post("/v1/completions", _completion(100))
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-prfaas-route"] == "prfaas"
+    prod, cons = p.seen[-1], d.seen[-1]
+    pk, ck = prod.body["kv_transfer_params"], cons.body["kv_transfer_params"]
+    assert prod.body["max_tokens"] == 1 and prod.body["stream"] is False
+    assert pk["role"] == "producer" and ck["role"] == "consumer"
+    assert pk["transfer_id"] == ck["transfer_id"] and pk["token"] == ck["token"] and len(pk["token"]) >= 22
+    assert pk["decode_endpoint"] == "127.0.0.1:15600"
+    assert cons.body["max_tokens"] == 8
+    rec = r.router.records[resp.headers["x-request-id"]]
+    deadline = time.monotonic() + 5
+    while (rec.transfer_status is None or prod.finished_at is None) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # Sent at the same time: the consumer had the request long before the producer finished.
+    assert cons.at < prod.finished_at - 0.2
+    assert rec.kv_bytes == 100 * 1000 and rec.transfer_status == "sent"
+
+
+def test_prefix_cache_hit_flips_a_long_request_to_local(fleet) -> None:
+    r, p, d = fleet
+    base = _completion(100, start=7)
+    assert r.post("/v1/completions", base).headers["x-prfaas-route"] == "prfaas"
+    time.sleep(0.5)  # the producer's answer records the prefix on both instances
+    extended = dict(base, prompt=base["prompt"] + " " + words(12, start=50))
+    resp = r.post("/v1/completions", extended)
+    assert resp.headers["x-prfaas-route"] == "local"
+    assert int(resp.headers["x-prfaas-uncached-tokens"]) <= 16  # 100 cached (block-aligned) + 12 new
+    assert r.router.records[resp.headers["x-request-id"]].reason == "local prefix hit"
+
+
+def test_bandwidth_modes_judge_prefixes_differently(tokenizer) -> None:
+    p = FakeBackend("prefill").start()
+    d = FakeBackend("both").start()
+    try:
+        for mode, expect in (("scarce", "prfaas"), ("abundant", "local")):
+            r = RunningRouter(_cfg(p, d, bandwidth_mode=mode), tokenizer)
+            try:
+                prompt = words(96, start=3)
+                ids = r.router.tokenizer.completion_tokens(prompt)
+                r.router.index.record(p.url, ids)  # only the PrfaaS side holds this prefix
+                resp = r.post("/v1/completions", {"model": MODEL, "prompt": prompt + " " + words(8, 120), "max_tokens": 2})
+                assert resp.headers["x-prfaas-route"] == expect, mode
+            finally:
+                r.stop()
+    finally:
+        p.stop()
+        d.stop()
+
+
+def test_openai_client_unchanged_streaming_and_not(fleet) -> None:
+    import openai
+
+    r, p, d = fleet
+    client = openai.OpenAI(base_url=r.url + "/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    for n in (10, 100):  # local and remote
+        out = client.completions.create(model=MODEL, prompt=words(n, 30), max_tokens=4)
+        assert out.choices[0].text.startswith("echo[")
+        chunks = list(client.completions.create(model=MODEL, prompt=words(n, 31), max_tokens=4, stream=True))
+        assert "".join(c.choices[0].text for c in chunks).startswith("echo[")
+        chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": words(n, 32)}])
+        assert chat.choices[0].message.content.startswith("echo[")
+        stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": words(n, 33)}],
+                                                stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream).startswith("echo[")
+    routes = [rec.route for rec in r.router.records.values()]
+    assert routes.count("prfaas") == 4 and routes.count("local") == 4
+
+
+# -- fallbacks -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("stream", [False, True])
+def test_producer_http_failure_falls_back_to_local_without_client_error(tokenizer, stream) -> None:
+    p = FakeBackend("prefill", status=500).start()
+    d = FakeBackend("both", decode_delay_s=0.5).start()
+    r = RunningRouter(_cfg(p, d), tokenizer)
+    try:
+        resp = r.post("/v1/completions", _completion(100, stream=stream))
+        assert resp.status_code == 200
+        assert resp.headers.get("x-prfaas-fallback") == "prfaas failed"
+        assert "echo" in resp.text and ("[DONE]" in resp.text) == stream
+        assert "kv_transfer_params" not in d.seen[-1].body  # re-sent as a plain local request
+        assert r.router.records[resp.headers["x-request-id"]].fallback.startswith("prfaas failed")
+        assert 'prfaas_router_fallbacks_total{reason="prfaas failed"} 1.0' in httpx.get(r.url + "/metrics").text
+    finally:
+        r.stop(); p.stop(); d.stop()
+
+
+def test_transfer_reported_failed_falls_back(tokenizer) -> None:
+    p = FakeBackend("prefill", transfer_status="failed").start()
+    d = FakeBackend("both", decode_delay_s=0.5).start()
+    r = RunningRouter(_cfg(p, d), tokenizer)
+    try:
+        resp = r.post("/v1/completions", _completion(100))
+        assert resp.status_code == 200 and resp.headers.get("x-prfaas-fallback") == "prfaas failed"
+    finally:
+        r.stop(); p.stop(); d.stop()
+
+
+def test_prfaas_cluster_down_routes_local(tokenizer) -> None:
+    d = FakeBackend("both").start()
+    dead = FakeBackend("prefill")  # never started: connection refused
+    r = RunningRouter(_cfg(dead, d), tokenizer)
+    try:
+        resp = r.post("/v1/completions", _completion(100))
+        assert resp.status_code == 200
+        assert resp.headers["x-prfaas-route"] == "local"
+        assert r.router.records[resp.headers["x-request-id"]].reason == "prfaas unavailable"
+        health = httpx.get(r.url + "/health").json()
+        assert any(not i["healthy"] and i["url"] == dead.url for i in health["instances"])
+    finally:
+        r.stop(); d.stop()
+
+
+def test_client_disconnect_aborts_both_sides(tokenizer) -> None:
+    p = FakeBackend("prefill", prefill_delay_s=3.0).start()
+    d = FakeBackend("both", decode_delay_s=3.0).start()
+    r = RunningRouter(_cfg(p, d), tokenizer)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(r.url + "/v1/completions", json=_completion(100), timeout=0.7)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not (p.seen and p.seen[-1].aborted):
+            time.sleep(0.05)
+        assert p.seen[-1].aborted, "the producer request must be cancelled when the client leaves"
+        assert d.seen[-1].finished_at is None
+        time.sleep(0.3)
+        assert all(i.inflight == 0 for i in r.router.fleet.instances)
+    finally:
+        r.stop(); p.stop(); d.stop()
+
+
+# -- threshold loops ------------------------------------------------------------------------------
+def _planner_yaml(tmp_path: Path) -> Path:
+    cfg = {
+        "workload": {"lognormal": {"mu": 4.0, "sigma": 0.8, "min": 4, "max": 400}, "output_tokens": 8},
+        "profiles": {"cpu": {"lengths": [8, 64, 256, 512], "t_prefill_s": [0.01, 0.05, 0.3, 0.9],
+                             "s_kv_mib": [0.1, 0.5, 2.0, 4.0]}},
+        "deployment": {"prfaas_profile": "cpu", "pd_profile": "cpu", "prfaas_instances": 1, "pd_instances": 2},
+        "decode": {"bs_max": 8, "t_decode_s": 0.01},
+        "link": {"gbps": 1.0},
+        "search": {"threshold_step": 4},
+    }
+    path = tmp_path / "planner.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_auto_threshold_follows_planner_rises_under_egress_and_settles(tokenizer, tmp_path) -> None:
+    from prfaas_plugin.planner import Empirical, load_config, plan
+
+    p = FakeBackend("prefill", kv_bytes_per_token=2000).start()
+    d = FakeBackend("both").start()
+    th = {"mode": "auto", "tokens": 40, "planner": str(_planner_yaml(tmp_path)), "min_samples": 8,
+          "reoptimize_every_s": 0.2, "egress_high": 0.8, "egress_low": 0.3, "egress_window_s": 1.0, "step": 0.2}
+    r = RunningRouter(_cfg(p, d, threshold=th, link_gbps=0.002), tokenizer)
+    try:
+        lengths = []
+        for i in range(10):
+            n = 30 + 7 * i
+            lengths.append(n)
+            r.post("/v1/completions", _completion(n, start=13 * i))
+        time.sleep(0.8)
+        ctl = r.router.controller
+        cfg, _ = load_config(th["planner"])
+        expect = plan(cfg.system(), Empirical.from_samples(lengths), 4).best.threshold
+        assert ctl.t_star == pytest.approx(expect)
+        # Saturate the (tiny) link: KV reported by producers > 80% of 2 Mbit/s over 1 s.
+        t_before = ctl.t
+        ctl.record_egress(10_000_000)
+        time.sleep(1.2)
+        assert ctl.t > t_before, "t must rise while egress is over the high mark"
+        assert any(reason.startswith("raise") for _, _, reason in ctl.timeline)
+        raised = ctl.t
+        time.sleep(3.0)  # the egress window empties: t relaxes back to the planner's optimum
+        assert ctl.t < raised
+        assert ctl.t == pytest.approx(ctl.t_star)
+        snap = httpx.get(r.url + "/admin/threshold").json()
+        assert snap["mode"] == "auto" and snap["timeline"]
+        split = httpx.get(r.url + "/admin/split").json()["advice"]
+        assert split["n_prefill"] + split["n_decode"] == 2
+        assert "prfaas_router_split_recommendation" in httpx.get(r.url + "/metrics").text
+    finally:
+        r.stop(); p.stop(); d.stop()
+
+
+def test_hysteresis_does_not_flap() -> None:
+    from prfaas_plugin.router.config import ThresholdSpec
+    from prfaas_plugin.router.threshold import ThresholdController
+
+    ctl = ThresholdController(ThresholdSpec(mode="fixed", tokens=1000), link_gbps=1.0)
+    ctl.spec = ctl.spec.model_copy(update={"mode": "auto", "planner": "x"})  # loops on, no planner
+    ctl._reoptimise = lambda: None  # type: ignore[method-assign]
+    now = 1000.0
+    ctl.record_egress(int(0.9e9 / 8 * 10), now)  # 90% of the link over the 10 s window
+    assert ctl.tick(0, now) > 1000
+    high = ctl.t
+    ctl._egress.clear()
+    ctl.record_egress(int(0.7e9 / 8 * 10), now + 1)  # 70%: between the marks -> hold
+    for k in range(5):
+        assert ctl.tick(0, now + 1 + k * 0.1) == high
+    ctl._egress.clear()  # 0%: below the low mark -> relax to t*
+    for k in range(50):
+        ctl.tick(0, now + 2 + k)
+    assert ctl.t == 1000
+
+
+# -- input validation and admin ---------------------------------------------------------------------
+@pytest.mark.parametrize("body, status, text", [
+    ("{nope", 400, "not valid JSON"),
+    ([1, 2], 400, "JSON object"),
+    ({"prompt": "w1"}, 400, "'model'"),
+    ({"model": "other", "prompt": "w1"}, 404, "does not exist"),
+    ({"model": MODEL}, 400, "'prompt' is required"),
+    ({"model": MODEL, "prompt": "w1", "stream": "yes"}, 400, "'stream'"),
+    ({"model": MODEL, "prompt": "w1", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "w1", "kv_transfer_params": {}}, 400, "set by the router"),
+    ({"model": MODEL, "prompt": [[1, 2]]}, 400, "prompt must be"),
+    ({"model": MODEL, "prompt": ""}, 400, "empty"),
+])
+def test_bad_requests_get_4xx_with_a_message(fleet, body, status, text) -> None:
+    r, p, d = fleet
+    content = body if isinstance(body, str) else None
+    resp = httpx.post(r.url + "/v1/completions", content=content, json=None if content else body, timeout=10)
+    assert resp.status_code == status
+    assert text in resp.json()["error"]["message"]
+
+
+def test_metrics_health_and_records(fleet) -> None:
+    r, p, d = fleet
+    r.post("/v1/completions", _completion(10))
+    r.post("/v1/completions", _completion(100, start=40))
+    m = httpx.get(r.url + "/metrics").text
+    assert 'prfaas_router_decisions_total{reason="uncached length within threshold",route="local"}' in m
+    assert 'prfaas_router_decisions_total{reason="uncached length above threshold",route="prfaas"}' in m
+    assert "prfaas_router_threshold_tokens 40.0" in m
+    assert "prfaas_router_ttft_seconds_bucket" in m
+    assert httpx.get(r.url + "/health").status_code == 200
+    recs = httpx.get(r.url + "/admin/requests").json()["requests"]
+    assert {x["route"] for x in recs} == {"local", "prfaas"}
+
+
+def test_config_errors_are_clear(tmp_path) -> None:
+    good = {"model": "m", "tokenizer": ".", "clusters": [
+        {"name": "l", "kind": "local", "both": [{"url": "http://127.0.0.1:1", "kv_endpoint": "127.0.0.1:2"}]}]}
+    cases = [
+        (dict(good, surprise=1), "surprise"),
+        (dict(good, clusters=[{"name": "l", "kind": "local", "both": [{"url": "http://127.0.0.1:1"}]}]), "kv_endpoint"),
+        (dict(good, clusters=[{"name": "p", "kind": "prfaas", "prefill": [{"url": "http://127.0.0.1:1"}]}]), "local cluster"),
+        (dict(good, threshold={"mode": "auto"}), "threshold.planner"),
+        (dict(good, clusters=[{"name": "l", "kind": "local", "both": [{"url": "ftp://x", "kv_endpoint": "a:1"}]}]), "http://"),
+    ]
+    for raw, msg in cases:
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        with pytest.raises(RouterConfigError, match=msg):
+            load_router_config(path)
+
+
+def test_kv_events_feed_the_prefix_index() -> None:
+    pytest.importorskip("vllm")
+    import msgspec
+    from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVEventBatch
+
+    from prfaas_plugin.router.events import apply_payload
+    from prfaas_plugin.router.prefix_index import PrefixIndex
+
+    idx = PrefixIndex(block_size=4)
+    tokens = list(range(12))
+    stored = BlockStored(block_hashes=[b"h1", b"h2", b"h3"], parent_block_hash=None, token_ids=tokens, block_size=4,
+                         lora_id=None, medium="GPU", lora_name=None)
+    payload = msgspec.msgpack.encode(KVEventBatch(ts=0.0, events=[stored]))
+    assert apply_payload(idx, "http://a", payload) == 1
+    assert idx.longest_prefix(tokens + [99], ["http://a"]) == (12, "http://a")
+    removed = msgspec.msgpack.encode(KVEventBatch(ts=1.0, events=[BlockRemoved(block_hashes=[b"h2"], medium="GPU")]))
+    apply_payload(idx, "http://a", removed)
+    assert idx.longest_prefix(tokens, ["http://a"]) == (4, "http://a")
+
+
+def test_chat_prompts_count_template_tokens(tokenizer) -> None:
+    ids = tokenizer.chat_tokens([{"role": "user", "content": words(7)}], {})
+    assert len(ids) == 7 + 2  # "user:" + 7 words + "assistant:" (the generation prompt)
+    assert tokenizer.completion_tokens(words(5)) == tokenizer.completion_tokens([*tokenizer.completion_tokens(words(5))])
+
+
+def test_example_config_validates() -> None:
+    cfg = load_router_config(Path(__file__).resolve().parents[1] / "examples" / "router" / "clusters.yaml")
+    assert cfg.threshold.mode == "auto" and Path(cfg.threshold.planner).is_file()
+    assert [c.kind for c in cfg.clusters] == ["prfaas", "local"]
