@@ -69,6 +69,8 @@ class _Session:
         self.items: list[ItemSpec] = []
         self.buffers: list[memoryview] = []
         self.chunk = 0
+        self.checksum_name = "crc32"
+        self.checksum: Any = wire.crc32
         self.chunk_state: list[bytearray] = []
         self.chunks_left: list[int] = []
         self.callbacks_left = 0
@@ -181,6 +183,11 @@ class _Session:
                     diff = "unreadable sender fingerprint"
                 return FingerprintMismatch(f"{req.request_id}: layout fingerprint mismatch (sender != receiver): {diff}")
             cfg = self.owner.config
+            cfg = self.owner.config
+            algo = wire.choose_checksum(list(req.checksums), wire.available(cfg.checksums))
+            if algo is None:
+                return ProtocolError(f"{req.request_id}: no common checksum (offered {list(req.checksums)}, "
+                                     f"accepted here {wire.available(cfg.checksums)})")
             if not 4096 <= req.chunk_bytes <= cfg.max_chunk_bytes:
                 return ProtocolError(f"{req.request_id}: chunk_bytes {req.chunk_bytes} outside 4 KiB..{cfg.max_chunk_bytes}")
             try:
@@ -206,6 +213,8 @@ class _Session:
                 buffers.append(mv)
             self.items, self.buffers, self.manifest = items, buffers, manifest
             self.chunk = req.chunk_bytes
+            self.checksum_name = algo
+            self.checksum = wire.CHECKSUMS[algo]
             nchunks = [(it.nbytes + self.chunk - 1) // self.chunk for it in items]
             self.chunk_state = [bytearray(n) for n in nchunks]
             self.chunks_left = list(nchunks)
@@ -270,6 +279,7 @@ class _Session:
                 "items_total": len(self.items),
                 "elapsed_s": time.monotonic() - self.t0,
                 "checksum_failures": self.checksum_failures,
+                "checksum": self.checksum_name,
                 "error": str(self.error) if self.error else None,
             }
 
@@ -484,7 +494,7 @@ class GrpcTcpReceiver(TransferReceiver):
             plane = "grpc"
         yield pb.ReceiverEvent(accepted=pb.Accepted(
             session_key=s.key, data_plane=plane, data_host=host, data_port=port,
-            receiver_id=self.config.receiver_id))
+            receiver_id=self.config.receiver_id, checksum=s.checksum_name))
         s.start()
         yield from self._events(s, context)
 
@@ -492,7 +502,10 @@ class GrpcTcpReceiver(TransferReceiver):
         last_progress = 0.0
         while True:
             with s.cond:
-                s.cond.wait_for(lambda: s.events or s.progress_dirty or s.state in ("completed", "failed"), timeout=0.5)
+                s.cond.wait_for(
+                    lambda: s.events or s.state in ("completed", "failed")
+                    or (s.progress_dirty and time.monotonic() - last_progress >= 0.01),
+                    timeout=0.01 if s.progress_dirty else 0.5)
                 evs, s.events = s.events, []
                 send_progress = s.progress_dirty and time.monotonic() - last_progress >= 0.01
                 if send_progress:
@@ -507,8 +520,6 @@ class GrpcTcpReceiver(TransferReceiver):
             if send_progress:
                 last_progress = time.monotonic()
                 yield prog
-            elif s.progress_dirty:
-                time.sleep(0.002)
             if not context.is_active():
                 return
 
@@ -548,7 +559,7 @@ class GrpcTcpReceiver(TransferReceiver):
             if view is None:
                 continue
             view[:] = data
-            s.end_chunk(ch.item, ch.offset, len(data), wire.crc32(view) == ch.crc32, None)
+            s.end_chunk(ch.item, ch.offset, len(data), s.checksum(view) == ch.crc32, None)
             view = s = None
             n += 1
             b += len(data)
@@ -608,7 +619,7 @@ class GrpcTcpReceiver(TransferReceiver):
                 except BaseException:
                     s.end_chunk(item, offset, length, None, conn)  # type: ignore[union-attr]
                     raise
-                s.end_chunk(item, offset, length, wire.crc32(view) == crc, conn)  # type: ignore[union-attr]
+                s.end_chunk(item, offset, length, s.checksum(view) == crc, conn)  # type: ignore[union-attr]
                 view = s = None  # hold no reference to the adapter's memory between frames
         except (OSError, ConnectionError, ValueError, ProtocolError):
             pass
