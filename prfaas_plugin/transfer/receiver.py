@@ -79,6 +79,7 @@ class _Session:
         self.checksum_failures = 0
         self.events: list[Any] = []
         self.progress_dirty = False
+        self.last_progress = 0.0
         self.active = 0
         self.active_socks: collections.Counter[Any] = collections.Counter()
         self.handle = _ReceiveHandle(self)
@@ -114,8 +115,8 @@ class _Session:
             self.active_socks[sock] -= 1
             if self.active_socks[sock] <= 0:
                 del self.active_socks[sock]
-            self.cond.notify_all()
             if self.state != "open":
+                self.cond.notify_all()  # fail() may be waiting for the last writer
                 return
             idx = offset // self.chunk
             if ok:
@@ -124,6 +125,10 @@ class _Session:
                 self.chunks_left[item] -= 1
                 item_complete = self.chunks_left[item] == 0
                 self.progress_dirty = True
+                # Wake the event stream only when a progress report is due: a wake-up per chunk
+                # costs a context switch and a GIL hand-off on the data path.
+                if time.monotonic() - self.last_progress >= 0.01:
+                    self.cond.notify_all()
             else:
                 self.chunk_state[item][idx] = _EMPTY
                 if ok is False:
@@ -133,6 +138,7 @@ class _Session:
                     else:
                         self.events.append(pb.ReceiverEvent(resend=pb.Resend(
                             item=item, offset=offset, reason="checksum mismatch")))
+                        self.cond.notify_all()
         if ok:
             self.owner.telemetry.landed(length)
         elif ok is False:
@@ -499,17 +505,17 @@ class GrpcTcpReceiver(TransferReceiver):
         yield from self._events(s, context)
 
     def _events(self, s: _Session, context: grpc.ServicerContext) -> Iterator["pb.ReceiverEvent"]:
-        last_progress = 0.0
         while True:
             with s.cond:
                 s.cond.wait_for(
                     lambda: s.events or s.state in ("completed", "failed")
-                    or (s.progress_dirty and time.monotonic() - last_progress >= 0.01),
+                    or (s.progress_dirty and time.monotonic() - s.last_progress >= 0.01),
                     timeout=0.01 if s.progress_dirty else 0.5)
                 evs, s.events = s.events, []
-                send_progress = s.progress_dirty and time.monotonic() - last_progress >= 0.01
+                send_progress = s.progress_dirty and time.monotonic() - s.last_progress >= 0.01
                 if send_progress:
                     s.progress_dirty = False
+                    s.last_progress = time.monotonic()
                     prog = pb.ReceiverEvent(progress=pb.ItemProgress(bytes_landed=s.bytes_landed, items_done=s.items_done))
             for ev in evs:
                 if isinstance(ev, TransferError):
@@ -518,7 +524,6 @@ class GrpcTcpReceiver(TransferReceiver):
                 if ev.WhichOneof("event") == "completed":
                     return
             if send_progress:
-                last_progress = time.monotonic()
                 yield prog
             if not context.is_active():
                 return
