@@ -72,9 +72,14 @@ def test_wheel_contains_kernels_and_patches(tmp_path) -> None:
     import zipfile
     from pathlib import Path
 
+    import shutil
+
     root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"  # build from a copy: an in-tree build/ would keep stale modules for later wheels
+    shutil.copytree(root, src, ignore=shutil.ignore_patterns(".venv*", ".git", "build", "out", "*.egg-info",
+                                                             "__pycache__", ".pytest_cache", ".hypothesis"))
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                          str(tmp_path), str(root)], capture_output=True, text=True)
+                          str(tmp_path), str(src)], capture_output=True, text=True)
     if out.returncode != 0 and "No module named" in out.stderr and "setuptools" in out.stderr:
         import pytest
 

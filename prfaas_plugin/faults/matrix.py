@@ -90,13 +90,13 @@ def run_case(case: FaultCase, requests: int = 4, request_bytes: int = 2 << 20, i
     items = tuple(ItemSpec(f"L{i}", item_bytes, order=i) for i in range(items_per_request))
     payloads = [{it.name: rng.integers(0, 256, item_bytes, dtype=np.uint8) for it in items} for _ in range(requests + 1)]
 
+    gc.collect()
+    fds0, threads0 = _fds(), threading.active_count()  # before any engine exists: close() must undo it all
     proxy = FaultProxy(("127.0.0.1", 1))  # upstream set once the receiver is bound
     proxy.start()
     rx = GrpcTcpReceiver(ReceiverConfig(advertise_data=proxy.endpoint))
     proxy.upstream = split_hostport(rx.bound_data_endpoint or "")
     tx = GrpcTcpSender(SenderConfig(chunk_bytes=256 << 10, connections=connections))
-    gc.collect()
-    fds0, threads0 = _fds(), threading.active_count()
     t0 = time.monotonic()
     try:
         proxy.set_fault(case.plan)

@@ -319,8 +319,11 @@ class GrpcTcpReceiver(TransferReceiver):
         self._threads: list[threading.Thread] = []
         host, port = split_hostport(self.config.listen)
         self._host = host
+        # Kept so close() can shut it down: grpc's server.stop() leaves the pool's threads alive.
+        self._executor = futures.ThreadPoolExecutor(max_workers=self.config.max_workers,
+                                                    thread_name_prefix="prfaas-rx-grpc")
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=self.config.max_workers, thread_name_prefix="prfaas-rx-grpc"),
+            self._executor,
             options=[("grpc.max_receive_message_length", 128 << 20), ("grpc.max_send_message_length", 128 << 20),
                      ("grpc.so_reuseport", 0)],
         )
@@ -393,6 +396,7 @@ class GrpcTcpReceiver(TransferReceiver):
         for s in sessions:
             s.fail(Aborted(f"{s.request_id}: receiver closed"))
         self._server.stop(grace=0.5).wait(2.0)
+        self._executor.shutdown(wait=False, cancel_futures=True)
         if self._data_sock is not None:
             try:
                 self._data_sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
