@@ -1,0 +1,1 @@
+"""Engine adapters: the vLLM KV connector and the SGLang transfer backend."""
