@@ -25,5 +25,10 @@ test: venv
 demo: venv
 	$(BIN)/prfaas demo
 
+# Regenerate the checked-in protobuf module (tests/test_transfer_proto.py fails when stale).
+protos: venv
+	$(BIN)/python -m grpc_tools.protoc -Iprfaas_plugin/transfer/_gen=protos/prfaas/v1 \
+		--python_out=. --pyi_out=. prfaas_plugin/transfer/_gen/transfer.proto
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -1,0 +1,118 @@
+"""Typed configuration of the transfer engine, validated once at construction (the edge)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+#: Striping unit. 1 MiB keeps a chunk inside L2 on both sides, so the checksum pass right after
+#: ``recv_into``/before ``send`` reads hot cache lines; larger chunks gave no loopback gain.
+DEFAULT_CHUNK_BYTES = 1 << 20
+#: Connections per peer; chosen by bench/transfer.py (case 2: 4 connections fill a 2 Gbit/s,
+#: 20 ms link that one stock-buffered flow caps near 1.2 Gbit/s; loopback is flat from 1 to 4).
+DEFAULT_CONNECTIONS = 4
+#: Socket buffer sizes we *ask* for (the kernel clamps them to net.core.[rw]mem_max).
+DEFAULT_SOCKET_BUFFER = 8 << 20
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS for both the gRPC control session and the TCP data plane.
+
+    On the receiver, ``cert_file``/``key_file`` are its identity and ``ca_file`` (with
+    ``require_client_cert``) turns on mutual TLS. On the sender, ``ca_file`` verifies the
+    receiver and ``cert_file``/``key_file`` are the client identity for mTLS."""
+
+    cert_file: Optional[str] = None
+    key_file: Optional[str] = None
+    ca_file: Optional[str] = None
+    require_client_cert: bool = False
+    #: Sender only: the name to verify in the receiver's certificate (default: the dialled host).
+    server_name: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("TlsConfig: cert_file and key_file go together")
+        if self.require_client_cert and not self.ca_file:
+            raise ValueError("TlsConfig: require_client_cert needs ca_file to verify clients")
+
+
+@dataclass(frozen=True)
+class ReceiverConfig:
+    """Decode-side listener settings."""
+
+    listen: str = "127.0.0.1:0"
+    #: Data-plane TCP port (0 = ephemeral); bound on the same host as ``listen``.
+    data_port: int = 0
+    #: Advertise this ``host:port`` for the data plane instead of the bound one (NAT, proxies).
+    advertise_data: Optional[str] = None
+    #: Offer the raw TCP data plane; without it senders use the gRPC fallback.
+    enable_tcp_data: bool = True
+    receiver_id: str = ""
+    tls: Optional[TlsConfig] = None
+    socket_buffer_bytes: int = DEFAULT_SOCKET_BUFFER
+    #: gRPC worker threads: one is held per open session and per fallback data stream.
+    max_workers: int = 128
+    #: How long an Open may wait for the matching ``expect`` (router sends both at once).
+    announce_grace_s: float = 5.0
+    #: Largest chunk a sender may ask for (bounds a frame on the wire).
+    max_chunk_bytes: int = 64 << 20
+    #: Checksum failures tolerated per session before it fails with ChecksumError.
+    max_checksum_failures: int = 8
+
+    def __post_init__(self) -> None:
+        _check_hostport(self.listen, "ReceiverConfig.listen")
+        if self.advertise_data is not None:
+            _check_hostport(self.advertise_data, "ReceiverConfig.advertise_data")
+        if not 0 <= self.data_port < 65536:
+            raise ValueError(f"ReceiverConfig.data_port out of range: {self.data_port}")
+        if self.max_workers < 4:
+            raise ValueError("ReceiverConfig.max_workers must be >= 4")
+        if self.announce_grace_s < 0:
+            raise ValueError("ReceiverConfig.announce_grace_s must be >= 0")
+
+
+@dataclass(frozen=True)
+class SenderConfig:
+    """Prefill-side settings."""
+
+    sender_id: str = ""
+    #: Data connections per peer (striping width); reused across requests.
+    connections: int = DEFAULT_CONNECTIONS
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    #: "tcp" (falls back to gRPC if the receiver offers no TCP plane) or "grpc".
+    data_plane: str = "tcp"
+    #: Egress budget for all peers together; None = unpaced.
+    pacing_gbps: Optional[float] = None
+    tls: Optional[TlsConfig] = None
+    socket_buffer_bytes: int = DEFAULT_SOCKET_BUFFER
+    connect_timeout_s: float = 5.0
+    #: Resends of one chunk after receiver-side checksum failures before giving up.
+    max_chunk_retries: int = 3
+    #: Pinned staging pool for device tensors (bytes) and its slot size.
+    staging_bytes: int = 64 << 20
+    labels: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.connections <= 64:
+            raise ValueError(f"SenderConfig.connections must be in 1..64, got {self.connections}")
+        if not 4096 <= self.chunk_bytes <= (64 << 20):
+            raise ValueError(f"SenderConfig.chunk_bytes must be in 4 KiB..64 MiB, got {self.chunk_bytes}")
+        if self.data_plane not in ("tcp", "grpc"):
+            raise ValueError(f"SenderConfig.data_plane must be 'tcp' or 'grpc', got {self.data_plane!r}")
+        if self.pacing_gbps is not None and self.pacing_gbps <= 0:
+            raise ValueError("SenderConfig.pacing_gbps must be > 0 (or None)")
+        if self.staging_bytes < self.chunk_bytes:
+            raise ValueError("SenderConfig.staging_bytes must hold at least one chunk")
+
+
+def _check_hostport(value: str, what: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"{what} must be 'host:port', got {value!r}")
+
+
+def split_hostport(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    host = host.strip("[]")
+    return host, int(port)

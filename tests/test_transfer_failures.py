@@ -1,0 +1,313 @@
+"""Every failure resolves both sides with the typed error, releases buffers, never hangs."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prfaas_plugin.transfer import (
+    Aborted,
+    AuthError,
+    ChecksumError,
+    FingerprintMismatch,
+    ItemSpec,
+    LayoutFingerprint,
+    PeerGone,
+    ProtocolError,
+    ReceiverConfig,
+    SenderConfig,
+    TransferError,
+    TransferTimeout,
+)
+from transfer_helpers import ArraySink, FP, manifest, pair, proxied_pair, random_items, token
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture()
+def engines():
+    rx, tx = pair(ReceiverConfig(announce_grace_s=0.3))
+    yield rx, tx
+    tx.close()
+    rx.close()
+
+
+def _err(fut, timeout=15.0):
+    exc = fut.exception(timeout=timeout)
+    assert exc is not None, "expected a failure"
+    return exc
+
+
+def test_fingerprint_mismatch_names_the_field(engines):
+    rx, tx = engines
+    items, data = random_items(np.random.default_rng(0), {"L0": 1000})
+    tok = token()
+    rh = rx.expect("fp", tok, FP, ArraySink())
+    other = LayoutFingerprint({**FP.fields, "block_size": 128})
+    sh = tx.open(rx.endpoint, manifest("fp", items, fp=other), tok)
+    e1, e2 = _err(sh.done), _err(rh.done)
+    assert isinstance(e1, FingerprintMismatch) and isinstance(e2, FingerprintMismatch)
+    assert "block_size: 128 != 16" in str(e1)
+    with pytest.raises(TransferError):
+        sh.send("L0", data["L0"])
+
+
+def test_bad_token_refused_both_sides(engines):
+    rx, tx = engines
+    items, _ = random_items(np.random.default_rng(0), {"L0": 1000})
+    rh = rx.expect("tok", token(), FP, ArraySink())
+    sh = tx.open(rx.endpoint, manifest("tok", items), token())
+    assert isinstance(_err(sh.done), AuthError)
+    assert isinstance(_err(rh.done), AuthError)
+    assert rx.stats()["auth_refusals"] == 1
+
+
+def test_unannounced_session_and_replay_refused(engines):
+    rx, tx = engines
+    items, data = random_items(np.random.default_rng(0), {"L0": 5000})
+    tok = token()
+    # never announced: refused once the grace period ends
+    assert isinstance(_err(tx.open(rx.endpoint, manifest("ghost", items), tok).done), AuthError)
+    # a good session, then the same id and token again: single use, so the replay fails
+    sink = ArraySink()
+    rh = rx.expect("once", tok, FP, sink)
+    sh = tx.open(rx.endpoint, manifest("once", items), tok)
+    sh.send("L0", data["L0"])
+    sh.done.result(timeout=15)
+    rh.done.result(timeout=15)
+    replay = tx.open(rx.endpoint, manifest("once", items), tok)
+    assert isinstance(_err(replay.done), AuthError)
+
+
+def test_abort_from_sender(engines):
+    rx, tx = engines
+    items, data = random_items(np.random.default_rng(0), {"L0": 10_000, "L1": 10_000})
+    tok = token()
+    rh = rx.expect("ab-s", tok, FP, ArraySink())
+    sh = tx.open(rx.endpoint, manifest("ab-s", items), tok)
+    sh.send("L0", data["L0"])
+    _wait(lambda: rh.progress()["items_done"] == 1)
+    sh.abort("prefill preempted")
+    e_tx, e_rx = _err(sh.done), _err(rh.done)
+    assert isinstance(e_tx, Aborted) and isinstance(e_rx, Aborted)
+    assert "prefill preempted" in str(e_rx)
+    with pytest.raises(Aborted):
+        sh.send("L1", data["L1"])
+
+
+def test_abort_from_receiver(engines):
+    rx, tx = engines
+    items, data = random_items(np.random.default_rng(0), {"L0": 10_000, "L1": 10_000})
+    tok = token()
+    rh = rx.expect("ab-r", tok, FP, ArraySink())
+    sh = tx.open(rx.endpoint, manifest("ab-r", items), tok)
+    sh.send("L0", data["L0"])
+    _wait(lambda: rh.progress()["items_done"] == 1)
+    rh.abort("decode request cancelled")
+    e_tx, e_rx = _err(sh.done), _err(rh.done)
+    assert isinstance(e_tx, Aborted) and isinstance(e_rx, Aborted)
+    assert "decode request cancelled" in str(e_tx)
+
+
+def test_stalled_sender_hits_deadline_and_buffers_are_released(engines):
+    rx, tx = engines
+    items, data = random_items(np.random.default_rng(0), {"L0": 10_000, "L1": 10_000})
+    tok = token()
+    sink = ArraySink()
+    rh = rx.expect("stall", tok, FP, sink, deadline_s=1.0)
+    sh = tx.open(rx.endpoint, manifest("stall", items), tok, deadline_s=30)
+    sh.send("L0", data["L0"])  # L1 never comes
+    t0 = time.monotonic()
+    assert isinstance(_err(rh.done), TransferTimeout)
+    assert isinstance(_err(sh.done), TransferTimeout)
+    assert time.monotonic() - t0 < 5
+    refs = [weakref.ref(a) for a in sink.arrays.values()]
+    sink.arrays.clear()
+    gc.collect()
+    assert all(r() is None for r in refs), "receiver kept a sink buffer after failing"
+
+
+def test_stalled_receiver_hits_sender_deadline(engines):
+    rx, tx = engines
+    gate = threading.Event()
+
+    class SlowSink(ArraySink):
+        def item_done(self, item):
+            gate.wait(10)
+
+    items, data = random_items(np.random.default_rng(0), {"L0": 10_000})
+    tok = token()
+    rh = rx.expect("slow", tok, FP, SlowSink(), deadline_s=30)
+    sh = tx.open(rx.endpoint, manifest("slow", items), tok, deadline_s=1.0)
+    sh.send("L0", data["L0"])
+    assert isinstance(_err(sh.done), TransferTimeout)
+    gate.set()
+    assert isinstance(_err(rh.done), (PeerGone, TransferTimeout, Aborted))
+
+
+def test_sink_refusal_is_a_protocol_error(engines):
+    rx, tx = engines
+
+    class PickySink(ArraySink):
+        def buffer_for(self, item):
+            raise ValueError(f"no slot for {item.name}")
+
+    items, _ = random_items(np.random.default_rng(0), {"L0": 100})
+    tok = token()
+    rh = rx.expect("picky", tok, FP, PickySink())
+    sh = tx.open(rx.endpoint, manifest("picky", items), tok)
+    e = _err(sh.done)
+    assert isinstance(e, ProtocolError) and "no slot for L0" in str(e)
+    assert isinstance(_err(rh.done), ProtocolError)
+
+
+def test_bad_send_arguments(engines):
+    rx, tx = engines
+    items, data = random_items(np.random.default_rng(0), {"L0": 100})
+    tok = token()
+    rh = rx.expect("args", tok, FP, ArraySink())
+    sh = tx.open(rx.endpoint, manifest("args", items), tok)
+    with pytest.raises(ProtocolError):
+        sh.send("nope", data["L0"])
+    with pytest.raises(ValueError):
+        sh.send("L0", np.zeros(99, np.uint8))
+    with pytest.raises(ValueError):
+        sh.send("L0", np.zeros((20, 10), np.uint8)[:, :5])  # 100 bytes but not contiguous
+    sh.send("L0", data["L0"])
+    with pytest.raises(ValueError):
+        sh.send("L0", data["L0"])
+    sh.done.result(timeout=15)
+    rh.done.result(timeout=15)
+    with pytest.raises(ValueError):
+        rx.expect("x", "short", FP, ArraySink())
+
+
+def test_corrupted_chunk_is_resent_and_lands_exact():
+    hit = {"done": False}
+
+    def corrupt_once(conn, frame, payload):
+        if not hit["done"] and len(payload) > 10:
+            hit["done"] = True
+            b = bytearray(payload)
+            b[7] ^= 0x40
+            return bytes(b)
+        return payload
+
+    proxy, rx, tx = proxied_pair(corrupt_once)
+    try:
+        items, data = random_items(np.random.default_rng(3), {"L0": 300_000, "L1": 300_000})
+        sink, tok = ArraySink(), token()
+        rh = rx.expect("crc1", tok, FP, sink)
+        sh = tx.open(rx.endpoint, manifest("crc1", items), tok)
+        for it in items:
+            sh.send(it.name, data[it.name])
+        sh.done.result(timeout=15)
+        rh.done.result(timeout=15)
+        for it in items:
+            assert np.array_equal(sink.arrays[it.name], data[it.name])
+        assert rx.stats()["checksum_failures"] == 1
+        assert sum(p["chunks_resent"] for p in tx.stats()["peers"].values()) >= 1
+    finally:
+        tx.close(); rx.close(); proxy.close()
+
+
+def test_persistent_corruption_fails_with_checksum_error():
+    def corrupt_all(conn, frame, payload):
+        return bytes([payload[0] ^ 1]) + payload[1:] if payload else payload
+
+    proxy, rx, tx = proxied_pair(corrupt_all)
+    try:
+        items, data = random_items(np.random.default_rng(4), {"L0": 200_000})
+        tok = token()
+        rh = rx.expect("crc2", tok, FP, ArraySink())
+        sh = tx.open(rx.endpoint, manifest("crc2", items), tok)
+        sh.send("L0", data["L0"])
+        assert isinstance(_err(sh.done), ChecksumError)
+        assert isinstance(_err(rh.done), ChecksumError)
+    finally:
+        tx.close(); rx.close(); proxy.close()
+
+
+def test_connection_cut_mid_request_chunks_resent_on_others():
+    def cut_first_conn(conn, frame, payload):
+        return None if (conn == 0 and frame == 1) else payload
+
+    proxy, rx, tx = proxied_pair(cut_first_conn, tx=SenderConfig(chunk_bytes=64 << 10, connections=3))
+    try:
+        items, data = random_items(np.random.default_rng(5), {f"L{i}": 256_000 for i in range(4)})
+        sink, tok = ArraySink(), token()
+        rh = rx.expect("cut", tok, FP, sink)
+        sh = tx.open(rx.endpoint, manifest("cut", items), tok)
+        for it in items:
+            sh.send(it.name, data[it.name])
+        sh.done.result(timeout=15)
+        rh.done.result(timeout=15)
+        for it in items:
+            assert np.array_equal(sink.arrays[it.name], data[it.name])
+        peer = next(iter(tx.stats()["peers"].values()))
+        assert peer["connection_failures"] >= 1
+        _wait(lambda: proxy.conns > 3, timeout=5)  # the cut link reconnects for later requests
+    finally:
+        tx.close(); rx.close(); proxy.close()
+
+
+def _spawn(*args):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]))
+    return subprocess.Popen([sys.executable, str(HERE / "transfer_peer.py"), *args], env=env,
+                            stdout=subprocess.PIPE, text=True)
+
+
+def test_receiver_process_killed_mid_stream():
+    tok = token()
+    proc = _spawn("receiver", "killrx", tok)
+    try:
+        endpoint = proc.stdout.readline().strip()
+        from prfaas_plugin.transfer import GrpcTcpSender
+
+        tx = GrpcTcpSender(SenderConfig(chunk_bytes=64 << 10, connections=2, pacing_gbps=0.1))
+        n = 8 << 20
+        sh = tx.open(endpoint, manifest("killrx", (ItemSpec("big", n),)), tok, deadline_s=30)
+        sh.send("big", np.ones(n, np.uint8))
+        _wait(lambda: sh.progress()["bytes_sent"] > (1 << 20))
+        proc.send_signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        assert isinstance(_err(sh.done), PeerGone)
+        assert time.monotonic() - t0 < 10
+        tx.close()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_sender_process_killed_mid_stream(engines):
+    rx, _ = engines
+    tok = token()
+    rh = rx.expect("killtx", tok, FP, ArraySink(), deadline_s=30)
+    proc = _spawn("sender", rx.endpoint, "killtx", tok, str(8 << 20))
+    try:
+        _wait(lambda: rh.progress()["bytes_received"] > (1 << 20))
+        proc.send_signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        assert isinstance(_err(rh.done), PeerGone)
+        assert time.monotonic() - t0 < 10
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _wait(pred, timeout=15.0):
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached")
+        time.sleep(0.01)

@@ -1,0 +1,147 @@
+"""Shared helpers for the transfer tests: an in-memory sink, manifests with random data,
+a receiver/sender pair on loopback."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from typing import Any, Optional
+
+import numpy as np
+
+from prfaas_plugin.transfer import (
+    GrpcTcpReceiver,
+    GrpcTcpSender,
+    ItemSpec,
+    LayoutFingerprint,
+    ReceiverConfig,
+    SenderConfig,
+    TransferManifest,
+)
+
+FP = LayoutFingerprint({"model": "test", "dtype": "bfloat16", "block_size": 16, "tp_rank": 0, "tp_size": 1})
+
+
+class ArraySink:
+    """Destination buffers as numpy arrays (weakref-able, so leak tests can see them die)."""
+
+    def __init__(self) -> None:
+        self.arrays: dict[str, np.ndarray] = {}
+        self.done_order: list[str] = []
+        self.lock = threading.Lock()
+
+    def buffer_for(self, item: ItemSpec) -> memoryview:
+        arr = np.zeros(item.nbytes, dtype=np.uint8)
+        self.arrays[item.name] = arr
+        return memoryview(arr)
+
+    def item_done(self, item: ItemSpec) -> None:
+        with self.lock:
+            self.done_order.append(item.name)
+
+
+def random_items(rng: np.random.Generator, sizes: dict[str, int]) -> tuple[tuple[ItemSpec, ...], dict[str, np.ndarray]]:
+    items = tuple(ItemSpec(n, s, order=i) for i, (n, s) in enumerate(sizes.items()))
+    data = {n: rng.integers(0, 256, size=s, dtype=np.uint8) for n, s in sizes.items()}
+    return items, data
+
+
+def manifest(rid: str, items: tuple[ItemSpec, ...], fp: LayoutFingerprint = FP) -> TransferManifest:
+    return TransferManifest(request_id=rid, items=items, fingerprint=fp, sender_id="test-prefill")
+
+
+def token() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def pair(rx: Optional[ReceiverConfig] = None, tx: Optional[SenderConfig] = None,
+         **kw: Any) -> tuple[GrpcTcpReceiver, GrpcTcpSender]:
+    return GrpcTcpReceiver(rx or ReceiverConfig()), GrpcTcpSender(tx or SenderConfig(chunk_bytes=64 << 10), **kw)
+
+
+class FrameProxy:
+    """A man-in-the-middle for data connections that understands the framing, so tests can
+    corrupt payload bytes or cut a connection at a frame boundary. ``mutate(conn_no, frame_no,
+    payload)`` returns the payload to forward, or None to kill that connection."""
+
+    def __init__(self, mutate) -> None:
+        import socket
+
+        self.mutate = mutate
+        self.upstream: Optional[tuple[str, int]] = None
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(64)
+        self.address = f"127.0.0.1:{self.lsock.getsockname()[1]}"
+        self.conns = 0
+        self.frames = 0
+        self._stop = False
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            with self._lock:
+                n = self.conns
+                self.conns += 1
+            threading.Thread(target=self._pipe, args=(c, n), daemon=True).start()
+
+    def _pipe(self, c, conn_no: int) -> None:
+        import socket
+
+        from prfaas_plugin.transfer import wire
+
+        assert self.upstream is not None
+        up = socket.create_connection(self.upstream)
+
+        def read(n: int) -> bytes:
+            buf = bytearray(n)
+            wire.recv_exact(c, memoryview(buf))
+            return bytes(buf)
+
+        try:
+            up.sendall(read(len(wire.HELLO)))
+            frame_no = 0
+            while True:
+                hdr = read(wire.HEADER_SIZE)
+                length = wire.unpack_header(hdr)[3]
+                payload = read(length)
+                with self._lock:
+                    self.frames += 1
+                out = self.mutate(conn_no, frame_no, payload)
+                frame_no += 1
+                if out is None:
+                    raise ConnectionError("cut by test")
+                up.sendall(hdr + out)
+        except (OSError, ConnectionError, ValueError):
+            pass
+        finally:
+            for s in (c, up):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def close(self) -> None:
+        import socket
+
+        self._stop = True
+        try:
+            self.lsock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.lsock.close()
+
+
+def proxied_pair(mutate, tx: Optional[SenderConfig] = None, **rxkw: Any):
+    from prfaas_plugin.transfer.config import split_hostport
+
+    proxy = FrameProxy(mutate)
+    rx = GrpcTcpReceiver(ReceiverConfig(advertise_data=proxy.address, **rxkw))
+    proxy.upstream = split_hostport(rx.bound_data_endpoint)
+    return proxy, rx, GrpcTcpSender(tx or SenderConfig(chunk_bytes=64 << 10, connections=2))
