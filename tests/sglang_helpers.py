@@ -179,7 +179,7 @@ class LoopbackFabric:
     def sender(self) -> TransferSender:
         return _Sender(self)
 
-    def receiver(self, host: str, port: int) -> TransferReceiver:
+    def receiver(self, host: str, port: int, data_port: int = 0) -> TransferReceiver:
         return _Receiver(self, host, port)
 
     def _deliver_loop(self) -> None:

@@ -26,6 +26,7 @@ pytestmark = [
 ]
 
 os.environ.setdefault("SGLANG_HOST_IP", "127.0.0.1")
+os.environ.setdefault("PRFAAS_SGLANG_LISTEN_HOST", "127.0.0.1")
 
 from sglang_helpers import LoopbackFabric  # noqa: E402
 
@@ -133,17 +134,21 @@ def sgl() -> Any:
     server.close()
 
 
-@pytest.fixture()
+@pytest.fixture(params=["engine"])
 def pair(sgl: Any, request: Any) -> Any:
-    """A prefill and a decode manager on the loopback fabric, with their pools."""
+    """A prefill and a decode manager with their pools, over the real transfer engine
+    (``engine``, the default: gRPC control + TCP data on loopback) or the in-process fabric
+    (``loopback``, for faults the engine cannot be told to stage)."""
     from sglang.srt.disaggregation.utils import DisaggregationMode
 
     from prfaas_plugin.engines.sglang import conn
 
+    param = request.param if isinstance(request.param, dict) else {"transport": request.param}
     fabric = LoopbackFabric()
     old = conn.PrfaasKVManager.transport_factory
-    conn.PrfaasKVManager.transport_factory = staticmethod(lambda cfg: fabric)
-    kv_item_decode = getattr(request, "param", {}).get("decode_kv_item", KV_ITEM)
+    if param.get("transport", "engine") == "loopback":
+        conn.PrfaasKVManager.transport_factory = staticmethod(lambda cfg: fabric)
+    kv_item_decode = param.get("decode_kv_item", KV_ITEM)
     p_pool, d_pool = Pool(1), Pool(2, kv_item=kv_item_decode)
     try:
         pm = conn.PrfaasKVManager(p_pool.kv_args(), DisaggregationMode.PREFILL, sgl["args"], False)
@@ -230,6 +235,7 @@ def _chunks(pages: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
     return out
 
 
+@pytest.mark.parametrize("pair", ["engine", "loopback"], indirect=True)
 @pytest.mark.parametrize("layout", ["scattered", "contiguous"])
 def test_round_trip_bit_exact(pair: Any, layout: str) -> None:
     from sglang.srt.disaggregation.base.conn import KVPoll
@@ -277,6 +283,7 @@ def test_round_trip_bit_exact(pair: Any, layout: str) -> None:
     receiver.clear()
 
 
+@pytest.mark.parametrize("pair", ["loopback"], indirect=True)
 def test_pages_stream_per_chunk_before_the_last(pair: Any) -> None:
     """Groups complete after a chunk are on the wire before the request's last chunk."""
     from sglang.srt.disaggregation.base.conn import KVPoll
@@ -303,6 +310,7 @@ def _expect_transfer_error(party: Any, match: str) -> None:
         party.failure_exception()
 
 
+@pytest.mark.parametrize("pair", ["loopback"], indirect=True)
 def test_link_dies_mid_transfer_both_sides_fail(pair: Any) -> None:
     from sglang.srt.disaggregation.base.conn import KVPoll
 
@@ -321,15 +329,12 @@ def test_link_dies_mid_transfer_both_sides_fail(pair: Any) -> None:
 def test_decode_abort_fails_prefill_and_nothing_hangs(pair: Any) -> None:
     from sglang.srt.disaggregation.base.conn import KVPoll
 
-    fabric = pair["fabric"]
     pages = np.arange(0, 8, dtype=np.int32)
     sender, receiver, _ = _start(pair, pages, 1, [np.array([0], np.int32), np.array([1], np.int32)])
     _wait(lambda: sender.poll() == KVPoll.WaitingForInput)
-    fabric.hold.clear()  # bytes stuck on the wire
     sender.init(8, 1)
-    sender.send(pages[:4])
+    sender.send(pages[:4])  # half the request on the wire, then decode gives up
     receiver.abort()
-    fabric.hold.set()
     assert _poll_until_final(sender, receiver) == [KVPoll.Failed, KVPoll.Failed]
     _expect_transfer_error(receiver, "Aborted by AbortReq")
     _expect_transfer_error(sender, "(?i)abort")
@@ -361,7 +366,7 @@ def test_state_count_mismatch_is_a_clear_failure(pair: Any) -> None:
     _expect_transfer_error(sender, "state component 1 \\(swa\\): prefill has 3")
 
 
-@pytest.mark.parametrize("pair", [{"decode_kv_item": KV_ITEM * 2}], indirect=True)
+@pytest.mark.parametrize("pair", [{"transport": "engine", "decode_kv_item": KV_ITEM * 2}], indirect=True)
 def test_layout_mismatch_refused_with_reason(pair: Any) -> None:
     from sglang.srt.disaggregation.base.conn import KVPoll
 
@@ -383,3 +388,54 @@ def test_transfer_deadline_fails_both(pair: Any) -> None:
     sender.send(pages[:2])  # prefill never sends the rest
     assert _poll_until_final(sender, receiver) == [KVPoll.Failed, KVPoll.Failed]
     _expect_transfer_error(receiver, "TransferTimeout")
+
+
+def test_decode_receiver_dies_mid_transfer(pair: Any) -> None:
+    """The real engine: the decode rank's transfer listener goes away after the first chunk."""
+    from sglang.srt.disaggregation.base.conn import KVPoll
+
+    pages = np.arange(0, 8, dtype=np.int32)
+    sender, receiver, _ = _start(pair, pages, 1, [np.array([0], np.int32), np.array([1], np.int32)])
+    _wait(lambda: sender.poll() == KVPoll.WaitingForInput)
+    sender.init(8, 1)
+    sender.send(pages[:4])
+    pair["dm"].transfer_receiver.close()
+    sender.send(pages[4:], state_indices=[np.array([2], np.int32), np.array([3], np.int32)])
+    assert _poll_until_final(sender, receiver, timeout=60) == [KVPoll.Failed, KVPoll.Failed]
+    _expect_transfer_error(sender, "prfaas transfer")
+    _expect_transfer_error(receiver, "prfaas transfer failed")
+
+
+def test_many_requests_interleaved(pair: Any) -> None:
+    """Several rooms in flight at once on one manager pair, chunks interleaved, all bit-exact."""
+    from sglang.srt.disaggregation.base.conn import KVPoll
+
+    p, d = pair["p"], pair["d"]
+    rng = np.random.default_rng(11)
+    perm_src, perm_dst = rng.permutation(N_PAGES), rng.permutation(N_PAGES)
+    reqs = []
+    for k in range(4):
+        src = perm_src[k * 10 : k * 10 + 10].astype(np.int32)
+        dst = perm_dst[k * 10 : k * 10 + 10].astype(np.int32)
+        sm, dm_ = np.array([k], np.int32), np.array([(k + 1) % MAMBA_SLOTS], np.int32)
+        sw, dw = np.array([2 * k, 2 * k + 1], np.int32), np.array([20 - 2 * k, 21 - 2 * k], np.int32)
+        want = ([b[src].copy() for b in p.kv], [b[sm].copy() for b in p.mamba], p.swa[0][sw].copy(), [b[k].copy() for b in p.aux])
+        s_, r_, _ = _start(pair, dst, k, [dm_, dw])
+        reqs.append((s_, r_, src, dst, sm, dm_, sw, dw, want, k))
+    for s_, *_ in reqs:
+        _wait(lambda s_=s_: s_.poll() == KVPoll.WaitingForInput)
+        s_.init(10, _[-1])
+    for half in (slice(0, 6), slice(6, 10)):
+        for s_, r_, src, dst, sm, dm_, sw, dw, want, k in reqs:
+            last = half.stop == 10
+            s_.send(src[half], state_indices=[sm, sw] if last else None)
+    for s_, r_, src, dst, sm, dm_, sw, dw, want, k in reqs:
+        assert _poll_until_final(s_, r_) == [KVPoll.Success, KVPoll.Success]
+        kv, mamba, swa, aux = want
+        for b, w in zip(d.kv, kv):
+            np.testing.assert_array_equal(b[dst], w)
+        for b, w in zip(d.mamba, mamba):
+            np.testing.assert_array_equal(b[dm_], w)
+        np.testing.assert_array_equal(d.swa[0][dw], swa)
+        for b, w in zip(d.aux, aux):
+            np.testing.assert_array_equal(b[k], w)

@@ -8,7 +8,7 @@ validated here once, at manager start, with an error that names the variable.
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from typing import Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -24,6 +24,8 @@ class BackendConfig(BaseModel):
     listen_host: str = "0.0.0.0"
     #: Decode: first port; rank ``r`` binds ``listen_port + r``. 0 picks a free port per rank.
     listen_port: int = Field(0, ge=0, le=65535)
+    #: Decode: first data-plane TCP port; rank ``r`` binds ``data_port + r``. 0: a free port.
+    data_port: int = Field(0, ge=0, le=65535)
     #: Decode: host the prefill dials (a routable address across datacenters/NAT). Empty: the
     #: rank's own IP as SGLang detects it (``SGLANG_HOST_IP`` overrides that detection).
     advertise_host: str = ""
@@ -31,6 +33,16 @@ class BackendConfig(BaseModel):
     item_bytes: int = Field(4 << 20, ge=4096)
     #: Whole-transfer deadline of one request, seconds.
     deadline_s: float = Field(120.0, gt=0)
+    #: Prefill: TCP connections per decode peer (None: the transfer engine's default).
+    connections: Optional[int] = Field(None, ge=1, le=64)
+    #: Prefill: egress budget in Gbit/s for this rank (None: unpaced).
+    pacing_gbps: Optional[float] = Field(None, gt=0)
+    #: TLS for both roles (PEM paths): this rank's identity, and the CA that verifies the peer.
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    tls_ca: Optional[str] = None
+    #: Decode: require prefill client certificates signed by ``tls_ca`` (mutual TLS).
+    tls_require_client_cert: bool = False
     #: Prefill: threads that gather pages and hand them to the transfer engine.
     workers: int = Field(2, ge=1, le=64)
 

@@ -266,8 +266,10 @@ class PrfaasKVManager(CommonKVManager):
                 self._spawn(self._worker, f"prfaas-send-{i}", q)
             self._spawn(self._prefill_control, "prfaas-prefill-control")
         else:
-            port = self.config.listen_port + int(args.engine_rank) if self.config.listen_port else 0
-            self.transfer_receiver = transport.receiver(self.config.listen_host, port)
+            rank = int(args.engine_rank)
+            port = self.config.listen_port + rank if self.config.listen_port else 0
+            data_port = self.config.data_port + rank if self.config.data_port else 0
+            self.transfer_receiver = transport.receiver(self.config.listen_host, port, data_port)
             bound_port = int(self.transfer_receiver.endpoint.rsplit(":", 1)[1])
             host = self.config.advertise_host or self.local_ip
             self.transfer_endpoint = f"{host}:{bound_port}"
