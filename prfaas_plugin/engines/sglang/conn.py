@@ -324,7 +324,13 @@ class PrfaasKVManager(CommonKVManager):
             for h in handles:
                 h.abort("decode manager closed")
             self.transfer_receiver.close()
-        self.server_socket.close(linger=0)
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout=5)
+        # Close every socket of this manager's ZMQ context (control socket, cached PUSH sockets
+        # and their monitors) and terminate it now: left to the garbage collector, a context
+        # with open sockets blocks the collecting thread forever in ``term()``.
+        self._zmq_ctx.destroy(linger=0)
 
     def _control_recv(self) -> Optional[List[bytes]]:
         try:
