@@ -439,3 +439,30 @@ def test_many_requests_interleaved(pair: Any) -> None:
         np.testing.assert_array_equal(d.swa[0][dw], swa)
         for b, w in zip(d.aux, aux):
             np.testing.assert_array_equal(b[k], w)
+
+
+def test_sglang_seams_we_rely_on_are_unchanged(sgl: Any) -> None:
+    """Fails loudly when an SGLang upgrade moves a seam this backend builds on."""
+    import inspect
+
+    from sglang.srt.disaggregation.base.conn import KVPoll
+    from sglang.srt.disaggregation.common import conn as common
+    from sglang.srt.disaggregation.utils import KVClassType
+
+    assert [KVPoll.Failed, KVPoll.Bootstrapping, KVPoll.WaitingForInput, KVPoll.Transferring, KVPoll.Success] == [0, 1, 2, 3, 4]
+    assert {m.name for m in KVClassType} >= {"KVARGS", "MANAGER", "SENDER", "RECEIVER", "BOOTSTRAP_SERVER"}
+    send_params = list(inspect.signature(common.CommonKVSender.send).parameters)
+    assert send_params[:4] == ["self", "kv_indices", "state_indices", "num_kv_tokens"]
+    for cls, names in {
+        common.CommonKVManager: [
+            "record_failure", "update_status", "conclude_transfer", "conclude_failure",
+            "send_kv_status_message", "parse_kv_status_message", "_room_notify_targets",
+            "resolve_kv_replica_factor", "try_ensure_parallel_info", "_handle_node_failure",
+            "_start_heartbeat_checker_thread", "handle_abort_ack_message",
+        ],
+        common.CommonKVReceiver: ["_send_bootstrap_message", "invalidate_cached_bootstrap_infos"],
+    }.items():
+        for name in names:
+            assert callable(getattr(cls, name, None)), f"{cls.__name__}.{name} is gone"
+    meta_params = inspect.signature(common.CommonKVReceiver.send_metadata).parameters
+    assert list(meta_params)[:6] == ["self", "kv_indices", "aux_index", "state_indices", "decode_prefix_len", "destination"]
