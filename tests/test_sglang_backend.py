@@ -372,9 +372,9 @@ def test_layout_mismatch_refused_with_reason(pair: Any) -> None:
 
     pages = np.arange(0, 4, dtype=np.int32)
     sender, receiver, _ = _start(pair, pages, 1, [np.array([0], np.int32), np.array([1], np.int32)])
-    assert _poll_until_final(receiver) == [KVPoll.Failed]
+    assert _poll_until_final(sender, receiver) == [KVPoll.Failed, KVPoll.Failed]
     _expect_transfer_error(receiver, "kv_item_lens")
-    sender.abort()
+    _expect_transfer_error(sender, "lays out its cache differently")
 
 
 def test_transfer_deadline_fails_both(pair: Any) -> None:

@@ -386,6 +386,8 @@ class PrfaasKVManager(CommonKVManager):
             rejection = None if meta.is_dummy else self._peer_problem(meta.decode_key)
         if rejection is not None:
             self.record_failure(room, rejection)
+            if room in self.request_status:  # else the sender's first chunk concludes it
+                self.update_status(room, KVPoll.Failed)
             self.send_kv_status_message(
                 targets=[(dest.endpoint, dest.dst_port)],
                 bootstrap_room=room,
