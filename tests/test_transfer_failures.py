@@ -239,8 +239,16 @@ def test_persistent_corruption_fails_with_checksum_error():
 
 
 def test_connection_cut_mid_request_chunks_resent_on_others():
+    seen = {"n": 0, "cut": False}
+    lock = threading.Lock()
+
     def cut_first_conn(conn, frame, payload):
-        return None if (conn == 0 and frame == 1) else payload
+        with lock:  # cut whichever connection carries the third frame overall
+            seen["n"] += 1
+            if seen["n"] == 3:
+                seen["cut"] = True
+                return None
+        return payload
 
     proxy, rx, tx = proxied_pair(cut_first_conn, tx=SenderConfig(chunk_bytes=64 << 10, connections=3))
     try:
@@ -254,6 +262,7 @@ def test_connection_cut_mid_request_chunks_resent_on_others():
         rh.done.result(timeout=15)
         for it in items:
             assert np.array_equal(sink.arrays[it.name], data[it.name])
+        assert seen["cut"]
         peer = next(iter(tx.stats()["peers"].values()))
         assert peer["connection_failures"] >= 1
         _wait(lambda: proxy.conns > 3, timeout=5)  # the cut link reconnects for later requests

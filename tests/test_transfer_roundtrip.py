@@ -125,3 +125,30 @@ def test_grpc_data_fallback(plane):
         assert all(p.startswith("grpc:") for p in tx.stats()["peers"])
     finally:
         tx.close(); rx.close()
+
+
+@pytest.mark.parametrize("offer,accept,expect", [
+    (("crc32",), ("crc32c", "crc32"), "crc32"),
+    (("crc32c", "crc32"), ("crc32",), "crc32"),
+    (("none",), ("crc32c", "crc32"), None),  # unverified data only if the receiver opts in too
+])
+def test_checksum_negotiation(offer, accept, expect):
+    from prfaas_plugin.transfer import ProtocolError
+
+    rx, tx = pair(ReceiverConfig(checksums=accept), SenderConfig(chunk_bytes=64 << 10, checksums=offer))
+    try:
+        items, data = random_items(np.random.default_rng(4), {"a": 100_000})
+        sink, tok = ArraySink(), token()
+        rh = rx.expect("ck", tok, FP, sink)
+        sh = tx.open(rx.endpoint, manifest("ck", items), tok)
+        sh.send("a", data["a"])
+        if expect is None:
+            assert isinstance(sh.done.exception(timeout=10), ProtocolError)
+            assert isinstance(rh.done.exception(timeout=10), ProtocolError)
+        else:
+            sh.done.result(timeout=10)
+            rh.done.result(timeout=10)
+            assert np.array_equal(sink.arrays["a"], data["a"])
+            assert rh.progress()["checksum"] == expect
+    finally:
+        tx.close(); rx.close()

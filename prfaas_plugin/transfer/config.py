@@ -59,6 +59,8 @@ class ReceiverConfig:
     max_chunk_bytes: int = 64 << 20
     #: Checksum failures tolerated per session before it fails with ChecksumError.
     max_checksum_failures: int = 8
+    #: Per-chunk checksums accepted, preferred first ("none" only for diagnostics).
+    checksums: tuple[str, ...] = ("crc32c", "crc32")
 
     def __post_init__(self) -> None:
         _check_hostport(self.listen, "ReceiverConfig.listen")
@@ -66,6 +68,7 @@ class ReceiverConfig:
             _check_hostport(self.advertise_data, "ReceiverConfig.advertise_data")
         if not 0 <= self.data_port < 65536:
             raise ValueError(f"ReceiverConfig.data_port out of range: {self.data_port}")
+        _check_checksums(self.checksums, "ReceiverConfig")
         if self.max_workers < 4:
             raise ValueError("ReceiverConfig.max_workers must be >= 4")
         if self.announce_grace_s < 0:
@@ -91,6 +94,8 @@ class SenderConfig:
     max_chunk_retries: int = 3
     #: Pinned staging pool for device tensors (bytes) and its slot size.
     staging_bytes: int = 64 << 20
+    #: Per-chunk checksums offered, preferred first; unavailable ones are skipped.
+    checksums: tuple[str, ...] = ("crc32c", "crc32")
     labels: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -102,8 +107,15 @@ class SenderConfig:
             raise ValueError(f"SenderConfig.data_plane must be 'tcp' or 'grpc', got {self.data_plane!r}")
         if self.pacing_gbps is not None and self.pacing_gbps <= 0:
             raise ValueError("SenderConfig.pacing_gbps must be > 0 (or None)")
+        _check_checksums(self.checksums, "SenderConfig")
         if self.staging_bytes < self.chunk_bytes:
             raise ValueError("SenderConfig.staging_bytes must hold at least one chunk")
+
+
+def _check_checksums(names: tuple[str, ...], what: str) -> None:
+    known = {"crc32c", "crc32", "none"}
+    if not names or any(n not in known for n in names):
+        raise ValueError(f"{what}.checksums must be a non-empty subset of {sorted(known)}, got {names!r}")
 
 
 def _check_hostport(value: str, what: str) -> None:

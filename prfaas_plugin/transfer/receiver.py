@@ -69,6 +69,8 @@ class _Session:
         self.items: list[ItemSpec] = []
         self.buffers: list[memoryview] = []
         self.chunk = 0
+        self.checksum_name = "crc32"
+        self.checksum: Any = wire.crc32
         self.chunk_state: list[bytearray] = []
         self.chunks_left: list[int] = []
         self.callbacks_left = 0
@@ -77,6 +79,7 @@ class _Session:
         self.checksum_failures = 0
         self.events: list[Any] = []
         self.progress_dirty = False
+        self.last_progress = 0.0
         self.active = 0
         self.active_socks: collections.Counter[Any] = collections.Counter()
         self.handle = _ReceiveHandle(self)
@@ -112,8 +115,8 @@ class _Session:
             self.active_socks[sock] -= 1
             if self.active_socks[sock] <= 0:
                 del self.active_socks[sock]
-            self.cond.notify_all()
             if self.state != "open":
+                self.cond.notify_all()  # fail() may be waiting for the last writer
                 return
             idx = offset // self.chunk
             if ok:
@@ -122,6 +125,10 @@ class _Session:
                 self.chunks_left[item] -= 1
                 item_complete = self.chunks_left[item] == 0
                 self.progress_dirty = True
+                # Wake the event stream only when a progress report is due: a wake-up per chunk
+                # costs a context switch and a GIL hand-off on the data path.
+                if time.monotonic() - self.last_progress >= 0.01:
+                    self.cond.notify_all()
             else:
                 self.chunk_state[item][idx] = _EMPTY
                 if ok is False:
@@ -131,6 +138,7 @@ class _Session:
                     else:
                         self.events.append(pb.ReceiverEvent(resend=pb.Resend(
                             item=item, offset=offset, reason="checksum mismatch")))
+                        self.cond.notify_all()
         if ok:
             self.owner.telemetry.landed(length)
         elif ok is False:
@@ -181,6 +189,11 @@ class _Session:
                     diff = "unreadable sender fingerprint"
                 return FingerprintMismatch(f"{req.request_id}: layout fingerprint mismatch (sender != receiver): {diff}")
             cfg = self.owner.config
+            cfg = self.owner.config
+            algo = wire.choose_checksum(list(req.checksums), wire.available(cfg.checksums))
+            if algo is None:
+                return ProtocolError(f"{req.request_id}: no common checksum (offered {list(req.checksums)}, "
+                                     f"accepted here {wire.available(cfg.checksums)})")
             if not 4096 <= req.chunk_bytes <= cfg.max_chunk_bytes:
                 return ProtocolError(f"{req.request_id}: chunk_bytes {req.chunk_bytes} outside 4 KiB..{cfg.max_chunk_bytes}")
             try:
@@ -206,6 +219,8 @@ class _Session:
                 buffers.append(mv)
             self.items, self.buffers, self.manifest = items, buffers, manifest
             self.chunk = req.chunk_bytes
+            self.checksum_name = algo
+            self.checksum = wire.CHECKSUMS[algo]
             nchunks = [(it.nbytes + self.chunk - 1) // self.chunk for it in items]
             self.chunk_state = [bytearray(n) for n in nchunks]
             self.chunks_left = list(nchunks)
@@ -270,6 +285,7 @@ class _Session:
                 "items_total": len(self.items),
                 "elapsed_s": time.monotonic() - self.t0,
                 "checksum_failures": self.checksum_failures,
+                "checksum": self.checksum_name,
                 "error": str(self.error) if self.error else None,
             }
 
@@ -484,19 +500,22 @@ class GrpcTcpReceiver(TransferReceiver):
             plane = "grpc"
         yield pb.ReceiverEvent(accepted=pb.Accepted(
             session_key=s.key, data_plane=plane, data_host=host, data_port=port,
-            receiver_id=self.config.receiver_id))
+            receiver_id=self.config.receiver_id, checksum=s.checksum_name))
         s.start()
         yield from self._events(s, context)
 
     def _events(self, s: _Session, context: grpc.ServicerContext) -> Iterator["pb.ReceiverEvent"]:
-        last_progress = 0.0
         while True:
             with s.cond:
-                s.cond.wait_for(lambda: s.events or s.progress_dirty or s.state in ("completed", "failed"), timeout=0.5)
+                s.cond.wait_for(
+                    lambda: s.events or s.state in ("completed", "failed")
+                    or (s.progress_dirty and time.monotonic() - s.last_progress >= 0.01),
+                    timeout=0.01 if s.progress_dirty else 0.5)
                 evs, s.events = s.events, []
-                send_progress = s.progress_dirty and time.monotonic() - last_progress >= 0.01
+                send_progress = s.progress_dirty and time.monotonic() - s.last_progress >= 0.01
                 if send_progress:
                     s.progress_dirty = False
+                    s.last_progress = time.monotonic()
                     prog = pb.ReceiverEvent(progress=pb.ItemProgress(bytes_landed=s.bytes_landed, items_done=s.items_done))
             for ev in evs:
                 if isinstance(ev, TransferError):
@@ -505,10 +524,7 @@ class GrpcTcpReceiver(TransferReceiver):
                 if ev.WhichOneof("event") == "completed":
                     return
             if send_progress:
-                last_progress = time.monotonic()
                 yield prog
-            elif s.progress_dirty:
-                time.sleep(0.002)
             if not context.is_active():
                 return
 
@@ -548,7 +564,7 @@ class GrpcTcpReceiver(TransferReceiver):
             if view is None:
                 continue
             view[:] = data
-            s.end_chunk(ch.item, ch.offset, len(data), wire.crc32(view) == ch.crc32, None)
+            s.end_chunk(ch.item, ch.offset, len(data), s.checksum(view) == ch.crc32, None)
             view = s = None
             n += 1
             b += len(data)
@@ -608,7 +624,7 @@ class GrpcTcpReceiver(TransferReceiver):
                 except BaseException:
                     s.end_chunk(item, offset, length, None, conn)  # type: ignore[union-attr]
                     raise
-                s.end_chunk(item, offset, length, wire.crc32(view) == crc, conn)  # type: ignore[union-attr]
+                s.end_chunk(item, offset, length, s.checksum(view) == crc, conn)  # type: ignore[union-attr]
                 view = s = None  # hold no reference to the adapter's memory between frames
         except (OSError, ConnectionError, ValueError, ProtocolError):
             pass

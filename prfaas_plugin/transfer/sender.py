@@ -67,6 +67,7 @@ class _SendHandle(SendHandle):
         self.state = "opening"
         self.data: list[Any] = [None] * len(manifest.items)
         self.key = b""
+        self.checksum: Any = wire.crc32
         self.peer: Optional[_Peer] = None
         self.call: Any = None
         self.t0 = time.monotonic()
@@ -151,6 +152,10 @@ class _SendHandle(SendHandle):
             if self.state != "opening":
                 return
             self.key = acc.session_key
+            algo = acc.checksum or "crc32"
+            if algo not in wire.available(self.sender.config.checksums):
+                raise ProtocolError(f"{self.request_id}: receiver chose checksum {algo!r}, not offered")
+            self.checksum = wire.CHECKSUMS[algo]
             self.peer = peer
             self.state = "open"
             peer.register(self, [i for i, d in enumerate(self.data) if d is not None])
@@ -229,7 +234,7 @@ class _Link:
             h, idx, off, ln, resend = job
             try:
                 with h.payload(idx, off, ln) as view:
-                    hdr = wire.pack_header(h.key, idx, off, ln, wire.crc32(view))
+                    hdr = wire.pack_header(h.key, idx, off, ln, h.checksum(view))
                     p.sender.pacer.consume(len(hdr) + ln, p.closed)
                     wire.send_frame(self.sock, hdr, view, use_sendmsg)
                 p.sent(h, ln, resend)
@@ -317,7 +322,7 @@ class _GrpcLink(_Link):
                 h.fail(ProtocolError(f"{h.request_id}: cannot read item {idx}: {e!r}"))
                 continue
             p.sender.pacer.consume(ln, p.closed)
-            yield pb.DataChunk(session_key=h.key, item=idx, offset=off, crc32=wire.crc32(data), data=data)
+            yield pb.DataChunk(session_key=h.key, item=idx, offset=off, crc32=h.checksum(data), data=data)
             p.sent(h, ln, resend)
 
 
@@ -572,7 +577,8 @@ class GrpcTcpSender(TransferSender):
             fingerprint_digest=m.fingerprint.digest(),
             items=[pb.ItemSpec(name=i.name, nbytes=i.nbytes, order=i.order) for i in m.items],
             token=h.token, chunk_bytes=self.config.chunk_bytes, data_planes=planes,
-            metadata_json=json.dumps(dict(m.metadata), default=str) if m.metadata else "")
+            metadata_json=json.dumps(dict(m.metadata), default=str) if m.metadata else "",
+            checksums=wire.available(self.config.checksums))
         try:
             stream = self._channel(h.endpoint).unary_stream(
                 f"/{SERVICE}/Open", request_serializer=pb.OpenRequest.SerializeToString,

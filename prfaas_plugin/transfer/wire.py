@@ -5,10 +5,14 @@ sender to receiver: a fixed 44-byte header followed by ``length`` payload bytes.
 resend requests and completion travel on the gRPC session, so the data sockets are one-way
 (no thread on either side has to share a TLS socket between reading and writing).
 
-The checksum is CRC-32 (zlib): it is there to catch corruption (bad NIC offload, memory
-errors, a bug that writes the wrong slice), not attacks, which TLS covers. zlib's CRC-32 is
-hardware-accelerated, releases the GIL for large buffers, and detects every burst error up to
-32 bits, at several GB/s per core, so it never limits the path.
+The per-chunk checksum is a 32-bit CRC, negotiated per session: CRC-32C (Castagnoli, the
+iSCSI/ext4/RDMA choice) through the ``crc32c`` package where both sides have it, else zlib's
+CRC-32. A CRC is the right tool here: it is there to catch corruption (a bad NIC offload,
+memory errors, a bug that writes the wrong slice), not attacks, which TLS covers; it detects
+every burst error up to 32 bits; and both implementations release the GIL on large buffers.
+Speed decides between them: on this 2-vCPU Zen 4 host zlib's CRC-32 runs at about 3 GB/s,
+which cost 35-60 % of loopback goodput in bench/transfer.py, while the SSE4.2 CRC-32C runs at
+about 14 GB/s.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import socket
 import struct
 import zlib
-from typing import Any
+from typing import Any, Callable, Optional, Sequence
 
 HELLO = b"PKVDATA1"
 _HEADER = struct.Struct("<4sB3x16sIQII")
@@ -39,6 +43,33 @@ def unpack_header(buf: Any) -> tuple[bytes, int, int, int, int]:
 
 def crc32(view: Any) -> int:
     return zlib.crc32(view) & 0xFFFFFFFF
+
+
+try:
+    from crc32c import crc32c as _crc32c
+except ImportError:  # optional: zlib's CRC-32 is always there
+    _crc32c = None
+
+CHECKSUMS: dict[str, Callable[[Any], int]] = {"crc32": crc32}
+if _crc32c is not None:
+    CHECKSUMS["crc32c"] = _crc32c
+#: "none" exists for diagnostics only (bench/transfer.py measures what checksumming costs);
+#: both sides must opt in to it explicitly.
+CHECKSUMS["none"] = lambda view: 0
+DEFAULT_CHECKSUMS = ("crc32c", "crc32")
+
+
+def available(names: Sequence[str]) -> list[str]:
+    """``names`` that this process implements, in the given order."""
+    return [n for n in names if n in CHECKSUMS]
+
+
+def choose_checksum(offered: Sequence[str], allowed: Sequence[str]) -> Optional[str]:
+    """The first of the peer's offers that this side allows and implements (None: no match)."""
+    for name in offered or ["crc32"]:
+        if name in allowed and name in CHECKSUMS:
+            return name
+    return None
 
 
 def recv_exact(sock: socket.socket, view: memoryview) -> None:

@@ -1,0 +1,443 @@
+"""Transfer engine benchmarks (issue 3). Prints a table, appends to BENCHMARKS.md.
+
+  python bench/transfer.py                  # cases 1, 3 and 2 (2 needs root + netns)
+  python bench/transfer.py --quick --json   # case 4: case 1 in < 60 s, one JSON object
+  python bench/transfer.py --cases 2        # emulated 2 Gbit/s, 20 ms RTT link only
+
+Case 1: loopback goodput of the engine against a raw multi-socket ceiling (``sendall`` /
+``recv_into`` on N connections, no framing, no checksum) measured in the same run with the same
+process layout (sender in this process, receiver in a child process), plus gRPC-only figures.
+Case 2: netns + tbf + tun delay line; engine with 1 and N connections against ``iperf3 -P N``.
+Case 3: layer-wise pipelining tail against one layer's wire time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from prfaas_plugin.transfer import (  # noqa: E402
+    GrpcTcpReceiver,
+    GrpcTcpSender,
+    ItemSpec,
+    LayoutFingerprint,
+    ReceiverConfig,
+    SenderConfig,
+    TransferManifest,
+)
+
+FP = LayoutFingerprint({"bench": 1})
+GB = 1e9
+
+
+def log(*a: Any) -> None:
+    print(*a, file=sys.stderr, flush=True)
+
+
+def _touched(n: int, fill: int = 0) -> np.ndarray:
+    a = np.empty(n, dtype=np.uint8)
+    a.fill(fill)  # fault every page in before timing
+    return a
+
+
+# ---------------------------------------------------------------------------------------------
+# Child processes: a raw-socket sink and an engine receiver.
+# ---------------------------------------------------------------------------------------------
+def serve_raw(host: str, conns: int, per_conn: int, rounds: int) -> None:
+    ls = socket.socket()
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind((host, 0))
+    ls.listen(conns)
+    print(json.dumps({"port": ls.getsockname()[1]}), flush=True)
+    socks = [ls.accept()[0] for _ in range(conns)]
+    dst = _touched(per_conn * conns)
+
+    def run(i: int, s: socket.socket) -> None:
+        view = memoryview(dst)[i * per_conn:(i + 1) * per_conn]
+        for _ in range(rounds):
+            got = 0
+            while got < per_conn:
+                n = s.recv_into(view[got:], per_conn - got)
+                if n == 0:
+                    return
+                got += n
+            s.sendall(b"k")
+
+    ts = [threading.Thread(target=run, args=(i, s)) for i, s in enumerate(socks)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+
+
+class _ReuseSink:
+    """Hands out the same pre-faulted buffers for every round (what a KV pool does)."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        self.bufs = [_touched(n) for n in sizes]
+
+    def buffer_for(self, item: ItemSpec) -> memoryview:
+        return memoryview(self.bufs[int(item.name[1:])])
+
+    def item_done(self, item: ItemSpec) -> None:
+        pass
+
+
+def serve_engine(host: str, secret: str, rounds: int, sizes: list[int], checksums: str = "") -> None:
+    cfg = ReceiverConfig(listen=f"{host}:0")
+    if checksums:
+        cfg = ReceiverConfig(listen=f"{host}:0", checksums=tuple(checksums.split(",")))
+    rx = GrpcTcpReceiver(cfg)
+    sink = _ReuseSink(sizes)
+    handles = [rx.expect(f"b{r}", f"{secret}-{r}", FP, sink, deadline_s=900) for r in range(rounds)]
+    print(json.dumps({"endpoint": rx.endpoint}), flush=True)
+    done_at: list[Optional[float]] = []
+    for h in handles:
+        try:
+            h.done.result(timeout=900)
+            done_at.append(time.monotonic())
+        except Exception as e:  # report, the parent decides
+            done_at.append(None)
+            log("receiver:", repr(e))
+    print(json.dumps({"done_at": done_at}), flush=True)
+    rx.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent-side drivers.
+# ---------------------------------------------------------------------------------------------
+def _child(args: list[str], netns: Optional[str] = None) -> subprocess.Popen:
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args]
+    if netns:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+
+
+class RawRun:
+    """The ceiling: N plain connections, ``sendall`` of one slice each, ``recv_into`` at the
+    far end, a 1-byte receipt per connection per round. No framing, no checksum."""
+
+    def __init__(self, host: str, total: int, conns: int, rounds: int, netns: Optional[str] = None) -> None:
+        self.per = total // conns
+        self.conns = conns
+        self.child = _child(["--serve-raw", host, str(conns), str(self.per), str(rounds)], netns)
+        port = json.loads(self.child.stdout.readline())["port"]
+        self.src = _touched(self.per * conns, 7)
+        self.socks = [socket.create_connection((host, port)) for _ in range(conns)]
+
+    def round(self) -> float:
+        t0 = time.monotonic()
+
+        def push(i: int) -> None:
+            self.socks[i].sendall(memoryview(self.src)[i * self.per:(i + 1) * self.per])
+            self.socks[i].recv(1)
+
+        ts = [threading.Thread(target=push, args=(i,)) for i in range(self.conns)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        return self.per * self.conns / (time.monotonic() - t0)
+
+    def finish(self) -> None:
+        for s in self.socks:
+            s.close()
+        self.child.wait(30)
+
+
+class EngineRun:
+    """The engine: sender here, receiver in a child with every round's session announced."""
+
+    def __init__(self, host: str, sizes: list[int], rounds: int, cfg: SenderConfig,
+                 netns: Optional[str] = None, receiver_checksums: str = "") -> None:
+        self.secret = secrets.token_hex(16)
+        self.sizes = sizes
+        args = ["--serve-engine", host, self.secret, str(rounds), json.dumps(sizes)]
+        if receiver_checksums:
+            args += ["--receiver-checksums", receiver_checksums]
+        self.child = _child(args, netns)
+        self.endpoint = json.loads(self.child.stdout.readline())["endpoint"]
+        self.srcs = [_touched(n, 7) for n in sizes]
+        self.items = tuple(ItemSpec(f"L{i}", n, i) for i, n in enumerate(sizes))
+        self.tx = GrpcTcpSender(cfg)
+        self.r = 0
+        self.rounds = rounds
+        self.timings: list[dict[str, float]] = []
+
+    def round(self, layer_gap_s: float = 0.0) -> float:
+        m = TransferManifest(f"b{self.r}", self.items, FP)
+        t0 = time.monotonic()
+        h = self.tx.open(self.endpoint, m, f"{self.secret}-{self.r}", deadline_s=600)
+        self.r += 1
+        for i, s in enumerate(self.srcs):
+            if layer_gap_s:
+                time.sleep(layer_gap_s)  # the layer's "compute"
+            h.send(f"L{i}", s)
+        t_last = time.monotonic()
+        h.done.result(timeout=600)
+        t1 = time.monotonic()
+        self.timings.append({"t0": t0, "t_last_produced": t_last, "t_sender_done": t1})
+        return sum(self.sizes) / (t1 - t0)
+
+    def finish(self) -> dict[str, Any]:
+        stats = self.tx.stats()
+        self.tx.close()
+        if self.r < self.rounds:  # sessions announced but never used: do not wait for them
+            self.child.kill()
+            self.child.wait()
+            return stats
+        out = json.loads(self.child.stdout.readline())
+        for t, d in zip(self.timings, out["done_at"]):
+            t["t_receiver_done"] = d if d is not None else float("nan")
+        self.child.wait(30)
+        return stats
+
+
+def _med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def case1(quick: bool, conns_list: list[int]) -> dict[str, Any]:
+    total = 256 << 20
+    rounds = 12  # this host is shared and noisy: many short alternating rounds, then medians
+    warmup = 3  # connections reach their autotuned buffer sizes over the first transfers
+    item = 32 << 20
+    sizes = [item] * (total // item)
+    rows = []
+    for n in conns_list:
+        raw = RawRun("127.0.0.1", total, n, rounds + warmup)
+        eng = EngineRun("127.0.0.1", sizes, rounds + warmup, SenderConfig(connections=n))
+        for _ in range(warmup):  # connections, page faults, thread pools, TCP autotuning
+            raw.round(), eng.round()
+        rr, er = [], []
+        for _ in range(rounds):  # alternate so both see the same background load
+            rr.append(raw.round())
+            er.append(eng.round())
+        raw.finish()
+        eng.finish()
+        rows.append({"connections": n, "ceiling_gbps": _med(rr) * 8 / GB, "goodput_gbps": _med(er) * 8 / GB,
+                     "ratio": _med(er) / _med(rr), "raw_runs": [round(r * 8 / GB, 2) for r in rr],
+                     "engine_runs": [round(r * 8 / GB, 2) for r in er]})
+        log(f"case1 n={n}: ceiling {rows[-1]['ceiling_gbps']:.2f} engine {rows[-1]['goodput_gbps']:.2f} Gbit/s "
+            f"ratio {rows[-1]['ratio']:.2f}")
+    grpc_rows = []
+    if not quick:
+        for n in (1, 2):
+            g = EngineRun("127.0.0.1", [item] * 2, 4, SenderConfig(connections=n, data_plane="grpc"))
+            runs = [g.round() for _ in range(4)][1:]
+            g.finish()
+            grpc_rows.append({"connections": n, "goodput_gbps": _med(runs) * 8 / GB})
+            log(f"case1 grpc data plane n={n}: {grpc_rows[-1]['goodput_gbps']:.2f} Gbit/s")
+    return {"rows": rows, "grpc": grpc_rows, "total_bytes": total, "rounds": rounds}
+
+
+def case3(conns: int) -> dict[str, Any]:
+    layer, layers = 16 << 20, 12
+    # One layer's wire time, in this run: the median of single-layer requests.
+    one = EngineRun("127.0.0.1", [layer], 6, SenderConfig(connections=conns))
+    single = [one.round() for _ in range(6)][1:]
+    one.finish()
+    wire_s = layer / _med(single)
+    gap = 2.0 * wire_s  # compute slower than the wire: the link is not saturated
+    run = EngineRun("127.0.0.1", [layer] * layers, 3, SenderConfig(connections=conns))
+    for _ in range(3):
+        run.round(layer_gap_s=gap)
+    run.finish()
+    tails = [t["t_receiver_done"] - t["t_last_produced"] for t in run.timings]
+    tails_tx = [t["t_sender_done"] - t["t_last_produced"] for t in run.timings]
+    res = {"layer_bytes": layer, "layers": layers, "gap_s": gap, "wire_s": wire_s,
+           "tail_s": _med(tails), "tail_sender_s": _med(tails_tx), "ratio": _med(tails) / wire_s}
+    log(f"case3: wire {wire_s*1e3:.1f} ms, tail {res['tail_s']*1e3:.1f} ms, ratio {res['ratio']:.2f}")
+    return res
+
+
+def wan_client(host: str, ns_b: str, conns: int, total: int, rounds: int) -> None:
+    """Runs inside namespace a: the engine sender, its receiver child in namespace b."""
+    item = 16 << 20
+    run = EngineRun(host, [item] * max(1, total // item), rounds, SenderConfig(connections=conns), netns=ns_b)
+    rates = [run.round() for _ in range(rounds)]
+    stats = run.finish()
+    peer = next(iter(stats["peers"].values()), {})
+    print(json.dumps({"rates": rates, "retransmits": peer.get("total_retrans")}), flush=True)
+
+
+def case2(conns: int, seconds: float) -> dict[str, Any]:
+    from prfaas_plugin.transfer.wan import WanLink, WanUnavailable
+
+    res: dict[str, Any] = {"rate_gbit": 2.0, "rtt_ms": 20.0, "connections": conns}
+    try:
+        with WanLink(rate_gbit=2.0, rtt_ms=20.0) as link:
+            res["tcp_handshake_ms"] = link.tcp_connect_ms()
+            res["tcp_wmem"] = link.sysctl("a", "net.ipv4.tcp_wmem")
+            res["tcp_rmem"] = link.sysctl("b", "net.ipv4.tcp_rmem")
+            total = int(2.0e9 / 8 * seconds)
+            res["bytes_per_transfer"] = total
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+            for n in (1, conns):
+                cmd = link.prefix("a") + [sys.executable, str(Path(__file__).resolve()), "--wan-client",
+                                          link.b_addr, link.ns["b"], str(n), str(total), "3"]
+                out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+                if out.returncode != 0:
+                    raise RuntimeError(f"wan client failed: {out.stderr[-800:]}")
+                d = json.loads(out.stdout.strip().splitlines()[-1])
+                res[f"engine_{n}_runs_gbps"] = [round(r * 8 / GB, 3) for r in d["rates"]]
+                res[f"engine_{n}_gbps"] = _med(d["rates"]) * 8 / GB
+                log(f"case2 engine {n} conn: {res[f'engine_{n}_gbps']:.2f} Gbit/s {res[f'engine_{n}_runs_gbps']}")
+            res["iperf3_P1_gbps"] = link.iperf3(1, seconds)
+            res[f"iperf3_P{conns}_gbps"] = link.iperf3(conns, seconds)
+            log(f"case2 iperf3 -P1 {res['iperf3_P1_gbps']:.2f}, -P{conns} {res[f'iperf3_P{conns}_gbps']:.2f} Gbit/s")
+    except WanUnavailable as e:
+        log(f"case 2 skipped: {e}")
+        res["skipped"] = str(e)
+    return res
+
+
+def machine() -> str:
+    load = os.getloadavg()[0]
+    return (f"{platform.node()}: {os.cpu_count()} vCPU {platform.machine()}, Python {platform.python_version()}, "
+            f"load average {load:.1f} at start (other sessions share the CPUs)")
+
+
+def render(results: dict[str, Any], cmd: str) -> str:
+    from prfaas_plugin.transfer import wire
+
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"\n## Transfer engine (bench/transfer.py), {now}\n",
+             f"Machine: {machine()}. Command: `{cmd}`. Per-chunk checksum: "
+             f"{wire.available(SenderConfig().checksums)[0]}. No GPU in this session: the GPU staging path "
+             "was not measured (its code path runs on CPU in tests/test_transfer_staging.py).\n"]
+    c1 = results.get("case1")
+    if c1:
+        lines += ["\n**Case 1, loopback** (sender in this process, receiver in a child process; rounds alternate "
+                  f"between the raw ceiling and the engine; {c1['total_bytes'] >> 20} MiB per round, median of "
+                  f"{c1['rounds']})\n",
+                  "| connections | raw multi-socket ceiling Gbit/s | engine goodput Gbit/s | ratio | target |",
+                  "|---|---|---|---|---|"]
+        for r in c1["rows"]:
+            lines.append(f"| {r['connections']} | {r['ceiling_gbps']:.2f} | {r['goodput_gbps']:.2f} | "
+                         f"{r['ratio']:.2f} | >= 0.85 |")
+        if c1.get("no_checksum"):
+            r = c1["no_checksum"]
+            lines.append(f"| {r['connections']} (diagnostic: checksum off) | {r['ceiling_gbps']:.2f} | "
+                         f"{r['goodput_gbps']:.2f} | {r['ratio']:.2f} | |")
+        for g in c1.get("grpc", []):
+            lines.append(f"| {g['connections']} (gRPC data plane only) | | {g['goodput_gbps']:.2f} | | |")
+    c3 = results.get("case3")
+    if c3:
+        lines += [f"\n**Case 3, layer-wise pipelining** ({c3['layers']} layers of {c3['layer_bytes'] >> 20} MiB, "
+                  f"{c3['gap_s'] * 1e3:.1f} ms compute per layer = 2x wire time): one layer's wire time "
+                  f"{c3['wire_s'] * 1e3:.1f} ms; tail (last layer produced -> receiver complete) "
+                  f"{c3['tail_s'] * 1e3:.1f} ms (sender sees done after {c3['tail_sender_s'] * 1e3:.1f} ms); "
+                  f"**ratio {c3['ratio']:.2f}** (target <= 1.5).\n"]
+    c2 = results.get("case2")
+    if c2:
+        if "skipped" in c2:
+            lines.append(f"\n**Case 2, emulated link**: skipped: {c2['skipped']}\n")
+        else:
+            n = c2["connections"]
+            e1, en, ip = c2["engine_1_gbps"], c2[f"engine_{n}_gbps"], c2[f"iperf3_P{n}_gbps"]
+            lines += [f"\n**Case 2, emulated link** (netns + tbf 2 Gbit/s + tun delay line, TCP handshake "
+                      f"{c2['tcp_handshake_ms']:.1f} ms, stock buffers: tcp_wmem `{c2['tcp_wmem']}`, tcp_rmem "
+                      f"`{c2['tcp_rmem']}`; engine: median of 3 transfers of {c2['bytes_per_transfer'] / 1e6:.0f} MB "
+                      "on reused connections, iperf3: whole-run average incl. slow start)\n",
+                      "| | Gbit/s |", "|---|---|",
+                      f"| engine, 1 connection | {e1:.2f} {c2['engine_1_runs_gbps']} |",
+                      f"| engine, {n} connections | {en:.2f} {c2[f'engine_{n}_runs_gbps']} |",
+                      f"| iperf3 -P 1 | {c2['iperf3_P1_gbps']:.2f} |",
+                      f"| iperf3 -P {n} | {ip:.2f} |",
+                      f"\nEngine {n} connections / iperf3 -P {n}: **{en / ip:.2f}** (target >= 0.95); "
+                      f"engine {n} connections / 1 connection: **{en / e1:.2f}x** (target >= 1.5x).\n"]
+    return "\n".join(lines) + "\n"
+
+
+def append_benchmarks(text: str) -> None:
+    with open(ROOT / "BENCHMARKS.md", "a") as f:
+        f.write(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="case 1 only, small, < 60 s")
+    ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    ap.add_argument("--cases", default="1,3,2")
+    ap.add_argument("--connections", default="1,2,4", help="case 1 connection counts")
+    ap.add_argument("--wan-connections", type=int, default=4)
+    ap.add_argument("--wan-seconds", type=float, default=4.0)
+    ap.add_argument("--no-append", action="store_true")
+    ap.add_argument("--serve-raw", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--serve-engine", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--wan-client", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--receiver-checksums", default="", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.serve_raw:
+        h, c, p, r = a.serve_raw
+        return serve_raw(h, int(c), int(p), int(r))
+    if a.serve_engine:
+        h, s, r, sz = a.serve_engine
+        return serve_engine(h, s, int(r), json.loads(sz), a.receiver_checksums)
+    if a.wan_client:
+        h, ns_b, n, total, rounds = a.wan_client
+        return wan_client(h, ns_b, int(n), int(total), int(rounds))
+    cmd = "python bench/transfer.py " + " ".join(sys.argv[1:])
+    t0 = time.monotonic()
+    if a.quick:
+        c1 = case1(True, [SenderConfig().connections])
+        row = c1["rows"][0]
+        out = {"goodput_gbps": round(row["goodput_gbps"], 3), "ceiling_gbps": round(row["ceiling_gbps"], 3),
+               "ratio": round(row["ratio"], 3), "connections": row["connections"],
+               "engine_runs_gbps": row["engine_runs"], "raw_runs_gbps": row["raw_runs"],
+               "seconds": round(time.monotonic() - t0, 1)}
+        print(json.dumps(out) if a.json else render({"case1": c1}, cmd))
+        return
+    cases = {c.strip() for c in a.cases.split(",")}
+    results: dict[str, Any] = {}
+    if "1" in cases:
+        conns = [int(c) for c in a.connections.split(",")]
+        results["case1"] = case1(False, conns)
+        # Diagnostic: what the per-chunk checksum costs on this host (both sides opt in to "none").
+        n = conns[-1]
+        diag = EngineRun("127.0.0.1", [32 << 20] * 8, 5, SenderConfig(connections=n, checksums=("none",)),
+                         receiver_checksums="none")
+        raw = RawRun("127.0.0.1", 256 << 20, n, 5)
+        raw.round(), diag.round()
+        rr, er = [], []
+        for _ in range(4):
+            rr.append(raw.round())
+            er.append(diag.round())
+        raw.finish()
+        diag.finish()
+        results["case1"]["no_checksum"] = {"connections": n, "ceiling_gbps": _med(rr) * 8 / GB,
+                                           "goodput_gbps": _med(er) * 8 / GB, "ratio": _med(er) / _med(rr)}
+        log(f"case1 diagnostic without checksum n={n}: ratio {_med(er) / _med(rr):.2f}")
+    if "3" in cases:
+        results["case3"] = case3(SenderConfig().connections)
+    if "2" in cases:
+        results["case2"] = case2(a.wan_connections, a.wan_seconds)
+    text = render(results, cmd)
+    print(text)
+    if a.json:
+        print(json.dumps(results, default=str))
+    if not a.no_append:
+        append_benchmarks(text)
+
+
+if __name__ == "__main__":
+    main()
