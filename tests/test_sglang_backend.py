@@ -127,9 +127,10 @@ def sgl() -> Any:
     rc.get_parallel().override_permanently(
         attn_tp_rank=0, attn_cp_rank=0, attn_dcp_rank=0, attn_dp_rank=0, pp_group=None
     )
-    from sglang.srt.disaggregation.utils import KVClassType, TransferBackend, get_kv_class
+    from sglang.srt.managers.disagg_service import start_disagg_service
 
-    server = get_kv_class(TransferBackend("prfaas"), KVClassType.BOOTSTRAP_SERVER)("127.0.0.1", port)
+    # SGLang's own prefill start-up path picks the bootstrap server through get_kv_class.
+    server = start_disagg_service()
     yield {"args": args, "port": port, "addr": f"127.0.0.1:{port}", "server": server}
     server.close()
 
@@ -198,6 +199,10 @@ def test_plugin_registered_through_entry_point(sgl: Any) -> None:
     assert get_kv_class(backend, KVClassType.RECEIVER) is conn.PrfaasKVReceiver
     assert get_kv_class(backend, KVClassType.BOOTSTRAP_SERVER) is conn.PrfaasKVBootstrapServer
     assert get_kv_class(backend, KVClassType.KVARGS) is KVArgs
+    assert type(sgl["server"]) is conn.PrfaasKVBootstrapServer  # started by start_disagg_service
+    from sglang.srt.managers.disagg_service import rust_server_serves_kv_bootstrap
+
+    assert rust_server_serves_kv_bootstrap("prfaas")  # SGLANG_RUST_SERVER mode keeps working
     # SGLang's own backends still resolve, and the scheduler modules see the hooked function.
     from sglang.srt.disaggregation import decode, prefill
     from sglang.srt.managers import disagg_service
