@@ -471,3 +471,33 @@ def test_sglang_seams_we_rely_on_are_unchanged(sgl: Any) -> None:
             assert callable(getattr(cls, name, None)), f"{cls.__name__}.{name} is gone"
     meta_params = inspect.signature(common.CommonKVReceiver.send_metadata).parameters
     assert list(meta_params)[:6] == ["self", "kv_indices", "aux_index", "state_indices", "decode_prefix_len", "destination"]
+
+
+def test_decode_prefix_cache_hit_sends_only_the_suffix(pair: Any) -> None:
+    """Decode already holds the first 8 tokens (radix cache): prefill learns the prefix length
+    through SGLang's ``pop_decode_prefix_len`` and sends only the remaining pages."""
+    from sglang.srt.disaggregation.base.conn import KVPoll
+
+    p, d = pair["p"], pair["d"]
+    src = np.array([40, 41, 7, 8], np.int32)  # pages of tokens 8.. on prefill
+    dst = np.array([3, 12, 13, 0], np.int32)
+    sender, receiver, _ = _start(pair, dst, 5, [np.array([4], np.int32), np.array([6], np.int32)])
+    _wait(lambda: sender.poll() == KVPoll.WaitingForInput)
+    assert sender.pop_decode_prefix_len() == 0  # the metadata above carried none
+    from prfaas_plugin.engines.sglang.conn import PrfaasKVReceiver, PrfaasKVSender
+
+    room = next(_rooms)
+    sender2 = PrfaasKVSender(pair["pm"], pair["addr"], room)
+    receiver2 = PrfaasKVReceiver(pair["dm"], pair["addr"], room)
+    receiver2.init(0)
+    receiver2.send_metadata(dst, 5, [np.array([4], np.int32), np.array([6], np.int32)], decode_prefix_len=8)
+    _wait(lambda: sender2.poll() == KVPoll.WaitingForInput)
+    assert sender2.pop_decode_prefix_len() == 8
+    want = [b[src].copy() for b in p.kv]
+    sender2.init(4, 3)
+    sender2.send(src, state_indices=[np.array([1], np.int32), np.array([2], np.int32)])
+    assert _poll_until_final(sender2, receiver2) == [KVPoll.Success, KVPoll.Success]
+    for b, w in zip(d.kv, want):
+        np.testing.assert_array_equal(b[dst], w)
+    sender.abort()
+    receiver.abort()
