@@ -90,6 +90,19 @@ def layout_of(args: KVArgs, attn_tp_size: int, is_mla: bool) -> Layout:
     )
 
 
+def _sglang_device(server_args: Any) -> str:
+    """The device SGLang resolved for its KV pools ("cuda", "cpu", ...)."""
+    try:
+        from sglang.srt.runtime_context import get_device
+
+        device = get_device().device
+    except Exception:  # context not published (embedders): fall back to the raw argument
+        device = getattr(server_args, "device", None)
+    if not device:
+        raise PrfaasBackendError("cannot tell which device SGLang keeps its KV cache on")
+    return str(device)
+
+
 def _as_indices(x: Any) -> np.ndarray:
     if hasattr(x, "cpu") and hasattr(x, "numpy"):  # a torch tensor
         x = x.cpu().numpy()
@@ -231,8 +244,7 @@ class PrfaasKVManager(CommonKVManager):
         super().__init__(args, disaggregation_mode, server_args, is_mla_backend)
         self._refuse_unsupported()
         self.layout = layout_of(args, self.attn_tp_size, bool(is_mla_backend))
-        device = str(getattr(server_args, "device", None) or "cuda")
-        self.space: MemorySpace = space_for(device)
+        self.space: MemorySpace = space_for(_sglang_device(server_args))
         self.host = HostSpace()
         self.kv_regions = [
             Region(p, n, i, f"kv[{k}]")
