@@ -84,7 +84,12 @@ def layout_of(args: KVArgs, attn_tp_size: int, is_mla: bool) -> Layout:
         kv_item_lens=tuple(int(x) for x in args.kv_item_lens),
         aux_item_lens=tuple(int(x) for x in args.aux_item_lens),
         state_types=tuple(getattr(t, "value", str(t)) for t in (args.state_types or [])),
-        state_item_lens=tuple(tuple(int(y) for y in x) for x in (args.state_item_lens or [])),
+        # A zero-length tensor (e.g. DSA index-K elided on a layer) carries nothing: item_len 0
+        # keeps it out of the wire plan and the fingerprint on both sides alike.
+        state_item_lens=tuple(
+            tuple(int(i) if int(n) > 0 else 0 for i, n in zip(items, lens))
+            for items, lens in zip(args.state_item_lens or [], args.state_data_lens or [])
+        ),
         attn_tp_size=int(attn_tp_size),
         is_mla=bool(is_mla),
     )
