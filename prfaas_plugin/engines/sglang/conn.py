@@ -47,7 +47,7 @@ from sglang.srt.disaggregation.common.conn import (
 from sglang.srt.disaggregation.utils import DisaggregationMode
 
 from prfaas_plugin.engines.sglang.config import BackendConfig
-from prfaas_plugin.engines.sglang.memory import HostSpace, MemorySpace, Region, space_for
+from prfaas_plugin.engines.sglang.memory import CudaSpace, HostSpace, MemorySpace, Region, space_for
 from prfaas_plugin.engines.sglang.transport import TransportFactory, engine_transport
 from prfaas_plugin.engines.sglang.wire import (
     META_TAG,
@@ -141,6 +141,7 @@ class _Chunk:
     aux_index: Optional[int]
     state_indices: Optional[List[Any]]
     wait_event: Any = None
+    ready_event: Any = None
 
 
 class _Outbound:
@@ -454,6 +455,10 @@ class PrfaasKVManager(CommonKVManager):
         if indices_event is not None:
             indices_event.synchronize()
         chunk = _Chunk(bootstrap_room, kv_indices, index_slice, is_last_chunk, aux_index, state_indices, wait_event)
+        if isinstance(self.space, CudaSpace):
+            # The worker gathers on its own stream: order it after the forward that wrote
+            # these pages, which SGLang enqueued on this (the scheduler's) current stream.
+            chunk.ready_event = self.space.record_event()
         # One queue per room keeps a room's chunks in order.
         self._queues[bootstrap_room % len(self._queues)].put(chunk)
 
@@ -485,6 +490,8 @@ class PrfaasKVManager(CommonKVManager):
             return
         if chunk.wait_event is not None:
             chunk.wait_event.synchronize()
+        if chunk.ready_event is not None:
+            chunk.ready_event.synchronize()
         kv = _as_indices(chunk.kv_indices)
         for dest in real:
             out = self._outbound_for(room, dest)

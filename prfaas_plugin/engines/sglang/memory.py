@@ -148,9 +148,9 @@ class _CudaBytes:
 class CudaSpace:
     """Buffers in CUDA device memory, staged through pinned host memory.
 
-    Gathers run on the current stream, which is the stream SGLang's forward pass used, so the
-    copy is ordered after the kernels that wrote the pages; ``synchronize`` then makes the
-    staged bytes safe for the socket."""
+    The caller orders a gather after the kernels that wrote the pages (the manager records an
+    event on the scheduler's stream with ``record_event`` and waits on it in its worker);
+    ``synchronize`` after each copy makes the staged bytes safe for the socket."""
 
     def __init__(self, device: str = "cuda") -> None:
         import torch  # local: only GPU deployments get here
@@ -159,6 +159,12 @@ class CudaSpace:
             raise AddressError("CUDA buffers registered but torch.cuda is not available")
         self._torch = torch
         self._device = torch.device(device)
+
+    def record_event(self) -> Any:
+        """A CUDA event on the caller's current stream (to order a later gather after it)."""
+        ev = self._torch.cuda.Event()
+        ev.record(self._torch.cuda.current_stream(self._device))
+        return ev
 
     def _matrix(self, region: Region) -> Any:
         t = self._torch.as_tensor(
