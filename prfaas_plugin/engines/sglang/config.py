@@ -1,0 +1,77 @@
+"""Settings of the ``prfaas`` SGLang transfer backend.
+
+SGLang gives a transfer backend no config channel of its own (only ``--disaggregation-*``
+flags meant for Mooncake/NIXL), so the backend reads ``PRFAAS_SGLANG_*`` environment variables,
+validated here once, at manager start, with an error that names the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "PRFAAS_SGLANG_"
+
+
+class BackendConfig(BaseModel):
+    """One SGLang rank's transfer settings."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: Decode: address the transfer receiver binds.
+    listen_host: str = "0.0.0.0"
+    #: Decode: first port; rank ``r`` binds ``listen_port + r``. 0 picks a free port per rank.
+    listen_port: int = Field(0, ge=0, le=65535)
+    #: Decode: first data-plane TCP port; rank ``r`` binds ``data_port + r``. 0: a free port.
+    data_port: int = Field(0, ge=0, le=65535)
+    #: Decode: host the prefill dials (a routable address across datacenters/NAT). Empty: the
+    #: rank's own IP as SGLang detects it (``SGLANG_HOST_IP`` overrides that detection).
+    advertise_host: str = ""
+    #: Bytes per KV item on the wire: pages are grouped up to this size.
+    item_bytes: int = Field(4 << 20, ge=4096)
+    #: Whole-transfer deadline of one request, seconds.
+    deadline_s: float = Field(120.0, gt=0)
+    #: Prefill: TCP connections per decode peer (None: the transfer engine's default).
+    connections: Optional[int] = Field(None, ge=1, le=64)
+    #: Prefill: egress budget in Gbit/s for this rank (None: unpaced).
+    pacing_gbps: Optional[float] = Field(None, gt=0)
+    #: TLS for both roles (PEM paths): this rank's identity, and the CA that verifies the peer.
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    tls_ca: Optional[str] = None
+    #: Decode: require prefill client certificates signed by ``tls_ca`` (mutual TLS).
+    tls_require_client_cert: bool = False
+    #: Prefill: threads that gather pages and hand them to the transfer engine.
+    workers: int = Field(2, ge=1, le=64)
+
+    @field_validator("listen_host")
+    @classmethod
+    def _host_not_empty(cls, v: str) -> str:
+        if not v:
+            raise ValueError("must not be empty")
+        return v
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "BackendConfig":
+        env = os.environ if env is None else env
+        values = {
+            name: env[ENV_PREFIX + name.upper()]
+            for name in cls.model_fields
+            if ENV_PREFIX + name.upper() in env
+        }
+        unknown = sorted(
+            k for k in env if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX):].lower() not in cls.model_fields
+        )
+        if unknown:
+            raise ValueError(
+                f"unknown setting(s) {', '.join(unknown)}; known: "
+                + ", ".join(ENV_PREFIX + n.upper() for n in cls.model_fields)
+            )
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            name = ENV_PREFIX + str(first["loc"][0]).upper()
+            raise ValueError(f"{name}={values.get(str(first['loc'][0]))!r}: {first['msg']}") from None
