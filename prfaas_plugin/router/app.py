@@ -24,7 +24,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -36,6 +35,7 @@ from prfaas_plugin.router.policy import Decision, NoInstance, decide
 from prfaas_plugin.router.prefix_index import PrefixIndex
 from prfaas_plugin.router.threshold import ThresholdController
 from prfaas_plugin.router.tokenize import PromptError, PromptTokenizer
+from prfaas_plugin.router.upstream import Stream, Unreachable, Upstream, UpstreamError
 
 log = logging.getLogger("prfaas.router")
 
@@ -99,7 +99,7 @@ class Router:
     index: PrefixIndex = field(init=False)
     controller: ThresholdController = field(init=False)
     metrics: RouterMetrics = field(init=False)
-    client: httpx.AsyncClient | None = None
+    client: Upstream | None = None
 
     def __post_init__(self) -> None:
         self.fleet = Fleet.from_config(self.cfg)
@@ -114,8 +114,8 @@ class Router:
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         t = self.cfg.timeouts
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(t.request_s, connect=t.connect_s),
-                                        limits=httpx.Limits(max_connections=4096, max_keepalive_connections=1024))
+        self.client = Upstream(t.connect_s, t.request_s)
+        await self.client.start()
         await self.fleet.check_health(self.client, t.connect_s)
         for inst in self.fleet.instances:
             if not inst.healthy:
@@ -133,7 +133,7 @@ class Router:
         for sub in self._subscribers:
             sub.stop()
         if self.client is not None:
-            await self.client.aclose()
+            await self.client.close()
 
     def _start_event_feeds(self) -> None:
         feeds = [i for i in self.fleet.instances if i.kv_events]
@@ -268,9 +268,9 @@ class Router:
                 return _error(503, str(exc), "service_unavailable")
             try:
                 return await self._dispatch(request, path, body, tokens, stream, rid, arrived, d, overloaded)
-            except httpx.ConnectError as exc:
+            except Unreachable as exc:
                 bad = d.decode
-                bad.healthy, bad.last_error = False, f"ConnectError: {exc}"
+                bad.healthy, bad.last_error = False, f"unreachable: {exc}"
                 log.warning("request_id=%s: %s unreachable, re-routing: %s", rid, bad.url, exc)
                 self.metrics.fallbacks.labels("instance unreachable").inc()
         return _error(503, "no reachable instance", "service_unavailable")
@@ -326,7 +326,7 @@ class Router:
         cons_body = {**body, "kv_transfer_params": {**common, "role": "consumer"}}
         prod_task = asyncio.create_task(self._produce(d.prefill, path, prod_body))
         pending: list[asyncio.Task[Any]] = []
-        resp: httpx.Response | None = None
+        resp: Stream | None = None
         try:
             cons_task = asyncio.create_task(self._open(d.decode, path, cons_body))
             pending.append(cons_task)
@@ -390,20 +390,19 @@ class Router:
         t0 = time.monotonic()
         self._load(inst, +1)
         try:
-            r = await self.client.post(f"{inst.url}{path}", json=body, timeout=self.cfg.timeouts.prefill_s)
-            if r.status_code != 200:
-                return _Producer(False, error=f"producer HTTP {r.status_code}: {r.text[:200]}",
-                                 seconds=time.monotonic() - t0)
-            params = (r.json() or {}).get("kv_transfer_params") or {}
+            status, parsed, text = await self.client.post_json(f"{inst.url}{path}", body, self.cfg.timeouts.prefill_s)
+            if status != 200:
+                return _Producer(False, error=f"producer HTTP {status}: {text[:200]}", seconds=time.monotonic() - t0)
+            if not isinstance(parsed, dict):
+                return _Producer(False, error="producer answered non-JSON", seconds=time.monotonic() - t0)
+            params = parsed.get("kv_transfer_params") or {}
             if params.get("status") == "failed":
                 return _Producer(False, error=str(params.get("error", "transfer failed")), seconds=time.monotonic() - t0)
             return _Producer(True, kv_bytes=int(params.get("bytes") or 0), seconds=time.monotonic() - t0)
-        except httpx.HTTPError as exc:
-            if isinstance(exc, httpx.ConnectError):
-                inst.healthy, inst.last_error = False, f"ConnectError: {exc}"
+        except UpstreamError as exc:
+            if isinstance(exc, Unreachable):
+                inst.healthy, inst.last_error = False, f"unreachable: {exc}"
             return _Producer(False, error=f"{type(exc).__name__}: {exc}", seconds=time.monotonic() - t0)
-        except ValueError as exc:
-            return _Producer(False, error=f"producer answered non-JSON: {exc}", seconds=time.monotonic() - t0)
         finally:
             self._load(inst, -1)
 
@@ -422,22 +421,21 @@ class Router:
         inst.inflight += delta
         self.metrics.queue.labels(inst.cluster, inst.url).set(inst.inflight)
 
-    async def _open(self, inst: Instance, path: str, body: dict) -> httpx.Response:
+    async def _open(self, inst: Instance, path: str, body: dict) -> Stream:
         """Send a request and return once the status line arrived (the body streams later)."""
         assert self.client is not None
-        req = self.client.build_request("POST", f"{inst.url}{path}", json=body)
         self._load(inst, +1)
         try:
-            return await self.client.send(req, stream=True)
+            return await self.client.open(f"{inst.url}{path}", body)
         except BaseException:
             self._load(inst, -1)
             raise
 
-    async def _discard(self, resp: httpx.Response, inst: Instance) -> None:
+    async def _discard(self, resp: Stream, inst: Instance) -> None:
         await resp.aclose()
         self._load(inst, -1)
 
-    async def _relay(self, resp: httpx.Response, inst: Instance, rec: Record, headers: dict, arrived: float,
+    async def _relay(self, resp: Stream, inst: Instance, rec: Record, headers: dict, arrived: float,
                      stream: bool, first: bytes | None = None, chunks: AsyncIterator[bytes] | None = None) -> Response:
         """Pass the upstream answer through; account TTFT, load and the outcome."""
         rec.status = resp.status_code
@@ -477,7 +475,7 @@ class Router:
                 outcome = "client_disconnected"
                 rec.error = "client disconnected"
                 raise
-            except httpx.HTTPError as exc:
+            except UpstreamError as exc:
                 outcome = "upstream_error"
                 rec.error = f"{type(exc).__name__}: {exc}"
             finally:
@@ -504,7 +502,7 @@ async def _unless_producer_fails(task: "asyncio.Task[Any]", prod_task: "asyncio.
         task.cancel()
         with contextlib.suppress(BaseException):
             res = await task
-            if isinstance(res, httpx.Response):
+            if isinstance(res, Stream):
                 await res.aclose()
         return _PRODUCER_FAILED
     return await task

@@ -7,9 +7,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
-import httpx
-
 from prfaas_plugin.router.config import RouterConfig
+from prfaas_plugin.router.upstream import Upstream, UpstreamError
 
 log = logging.getLogger("prfaas.router")
 
@@ -61,13 +60,13 @@ class Fleet:
     def queue_depth(self, kind: str) -> int:
         return sum(i.inflight for i in self.of_kind(kind))
 
-    async def check_health(self, client: httpx.AsyncClient, timeout_s: float) -> None:
+    async def check_health(self, client: "Upstream", timeout_s: float) -> None:
         async def one(inst: Instance) -> None:
             try:
-                r = await client.get(f"{inst.url}/health", timeout=timeout_s)
-                ok, err = r.status_code == 200, f"HTTP {r.status_code}"
-            except httpx.HTTPError as exc:
-                ok, err = False, f"{type(exc).__name__}: {exc}"
+                status = await client.get_status(f"{inst.url}/health", timeout_s)
+                ok, err = status == 200, f"HTTP {status}"
+            except UpstreamError as exc:
+                ok, err = False, str(exc)
             if ok != inst.healthy:
                 log.warning("instance %s (%s/%s) is now %s%s", inst.url, inst.cluster, inst.role,
                             "healthy" if ok else "UNHEALTHY", "" if ok else f": {err}")

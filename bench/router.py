@@ -1,0 +1,174 @@
+"""Router overhead (issue 6): latency the router adds at 200 concurrent streams against instant
+fake backends (p50, p99), without and with tokenising 32K-token prompts, and the highest
+request rate it sustains. Backends and router run in their own processes; this process is the
+client. Target: p99 added latency under 5 ms without tokenisation.
+
+    python bench/router.py [--concurrency 200] [--requests 2000] [--no-append]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from _common import ROOT, append_benchmarks
+
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def build_bpe_tokenizer(path: Path) -> Path:
+    """A byte-level BPE tokenizer (vocab 4096) trained on generated text: tokenising costs what a
+    real fast tokenizer costs per token."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(3000)]
+    corpus = [" ".join(rng.choice(words) for _ in range(200)) for _ in range(300)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=4096, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    fast.save_pretrained(str(path))
+    return path, words  # type: ignore[return-value]
+
+
+async def _load(url: str, bodies: list[dict], concurrency: int) -> tuple[list[float], float]:
+    """Closed loop: ``concurrency`` workers stream requests; returns per-request latency to the last
+    byte and the wall time."""
+    lat: list[float] = []
+    queue: asyncio.Queue[dict] = asyncio.Queue()
+    for b in bodies:
+        queue.put_nowait(b)
+    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        async def worker() -> None:
+            while True:
+                try:
+                    body = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                t0 = time.perf_counter()
+                async with client.stream("POST", url, json=body) as r:
+                    async for _ in r.aiter_raw():
+                        pass
+                    if r.status_code != 200:
+                        raise RuntimeError(f"HTTP {r.status_code}")
+                lat.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return lat, time.perf_counter() - t0
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--concurrency", type=int, default=200)
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--long-requests", type=int, default=200)
+    ap.add_argument("--no-append", action="store_true")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="prfaas-router-bench-"))
+    tok_dir, words = build_bpe_tokenizer(tmp / "tok")
+    p_port, d_port, r_port = _free_port(), _free_port(), _free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "bench" / "_fake_openai.py"), str(port)], env=env)
+             for port in (p_port, d_port)]
+    cfg = {"model": "bench", "tokenizer": str(tok_dir), "block_size": 16,
+           "threshold": {"mode": "fixed", "tokens": 4096},
+           "clusters": [{"name": "remote", "kind": "prfaas", "prefill": [{"url": f"http://127.0.0.1:{p_port}"}]},
+                        {"name": "local", "kind": "local",
+                         "both": [{"url": f"http://127.0.0.1:{d_port}", "kv_endpoint": "127.0.0.1:15600"}]}]}
+    (tmp / "router.yaml").write_text(yaml.safe_dump(cfg))
+    procs.append(subprocess.Popen([sys.executable, "-m", "prfaas_plugin", "router", "--config", str(tmp / "router.yaml"),
+                                   "--host", "127.0.0.1", "--port", str(r_port), "--log-level", "warning"], env=env))
+    try:
+        for port in (p_port, d_port, r_port):
+            _wait(f"http://127.0.0.1:{port}/health")
+        short = [{"model": "bench", "prompt": f"hello {i}", "max_tokens": 4, "stream": True} for i in range(args.requests)]
+        import random
+
+        rng = random.Random(1)
+        long_text = [" ".join(rng.choice(words) for _ in range(14000)) for _ in range(8)]
+        from transformers import AutoTokenizer
+
+        n_long = len(AutoTokenizer.from_pretrained(str(tok_dir))(long_text[0])["input_ids"])
+        long_ = [{"model": "bench", "prompt": f"{i} " + long_text[i % 8], "max_tokens": 4, "stream": True}
+                 for i in range(args.long_requests)]
+        asyncio.run(_load(f"http://127.0.0.1:{r_port}/v1/completions", short[:200], 50))  # warm-up
+        # One stream at a time: the router's own cost per request, without CPU queueing.
+        direct1, _ = asyncio.run(_load(f"http://127.0.0.1:{d_port}/v1/completions", short[:300], 1))
+        routed1, wall1 = asyncio.run(_load(f"http://127.0.0.1:{r_port}/v1/completions", short[:300], 1))
+        direct, _ = asyncio.run(_load(f"http://127.0.0.1:{d_port}/v1/completions", short, args.concurrency))
+        routed, wall = asyncio.run(_load(f"http://127.0.0.1:{r_port}/v1/completions", short, args.concurrency))
+        direct_long, _ = asyncio.run(_load(f"http://127.0.0.1:{p_port}/v1/completions", long_, args.concurrency))
+        routed_long, wall_long = asyncio.run(_load(f"http://127.0.0.1:{r_port}/v1/completions", long_, args.concurrency))
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=10)
+
+    def row(name: str, a: list[float], b: list[float], wall_s: float, conc: int | None = None) -> str:
+        p50, p99 = _pct(b, 0.5) - _pct(a, 0.5), _pct(b, 0.99) - _pct(a, 0.99)
+        return (f"| {name} | {conc or args.concurrency} | {len(b)} | {_pct(a, 0.5) * 1e3:.1f} / {_pct(a, 0.99) * 1e3:.1f} | "
+                f"{_pct(b, 0.5) * 1e3:.1f} / {_pct(b, 0.99) * 1e3:.1f} | {p50 * 1e3:.1f} / {p99 * 1e3:.1f} | "
+                f"{len(b) / wall_s:.0f} |")
+
+    table = "\n".join([
+        "| prompts | concurrent streams | requests | direct p50 / p99 ms | via router p50 / p99 ms | added p50 / p99 ms | req/s via router |",
+        "|---|---|---|---|---|---|---|",
+        row("short (no tokenisation cost), local route", direct1, routed1, wall1, 1),
+        row("short (no tokenisation cost), local route", direct, routed, wall),
+        row(f"{n_long // 1000}K-token prompts (BPE tokenisation), local route", direct_long, routed_long, wall_long),
+    ])
+    print(table)
+    if not args.no_append:
+        append_benchmarks("Router overhead (issue 6)", table,
+                          notes="router, backends and client in separate processes on the same 2 cores; "
+                                "'direct' = the same client straight to the fake backend; target p99 added < 5 ms "
+                                "without tokenisation")
+
+
+if __name__ == "__main__":
+    main()
