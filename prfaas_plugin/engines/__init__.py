@@ -1,0 +1,1 @@
+"""Engine adapters: each subpackage plugs the PrfaaS transfer engine into one inference engine."""
