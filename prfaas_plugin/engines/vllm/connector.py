@@ -1,0 +1,103 @@
+"""``PrfaaSConnector``: vLLM V1 KV connector pushing prefill KV to decode over the PrfaaS
+transfer engine. A thin shell: the scheduler half and the worker half live in their own modules
+because vLLM builds this class once per role, in different processes."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorRole,
+    KVConnectorTransferResults,
+    SupportsHMA,
+)
+
+from prfaas_plugin.engines.vllm.options import Options
+
+log = logging.getLogger("vllm.prfaas")  # child of vLLM's logger: same handlers and format
+
+
+class PrfaaSConnector(KVConnectorBase_V1, SupportsHMA):
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        ktc = vllm_config.kv_transfer_config
+        self.opts = Options.from_extra(ktc.kv_connector_extra_config)
+        self._sched = None
+        self._worker = None
+        if role == KVConnectorRole.SCHEDULER:
+            from prfaas_plugin.engines.vllm.scheduler import SchedulerSide
+
+            # vLLM reads the policy right after building the connector: apply ours (recompute)
+            ktc.kv_load_failure_policy = self.opts.kv_load_failure_policy
+            self._sched = SchedulerSide(vllm_config, kv_cache_config)
+        else:
+            from prfaas_plugin.engines.vllm.worker import WorkerSide
+
+            self._worker = WorkerSide(vllm_config, kv_cache_config, self.opts,
+                                      producer=ktc.is_kv_producer, consumer=ktc.is_kv_consumer)
+
+    # ---------------- scheduler side ----------------
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[Optional[int], bool]:
+        return self._sched.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        self._sched.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: Any) -> Any:
+        return self._sched.build_connector_meta(scheduler_output)
+
+    def on_new_request(self, request: Any) -> None:
+        self._sched.on_new_request(request)
+
+    def bind_kv_cache_manager(self, kv_cache_manager: Any) -> None:
+        super().bind_kv_cache_manager(kv_cache_manager)
+        self._sched.bind_kv_cache_manager(kv_cache_manager)
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, Optional[dict]]:
+        return self._sched.request_finished(request, (block_ids,))
+
+    def request_finished_all_groups(self, request: Any, block_ids: tuple[list[int], ...]) -> tuple[bool, Optional[dict]]:
+        return self._sched.request_finished(request, block_ids)
+
+    def get_loaded_kv_cache_group_ids(self, request: Any) -> Any:
+        return list(range(len(self._sched.groups)))
+
+    # ---------------- worker side ----------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._worker.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        self._worker.meta = self._get_connector_metadata()
+        self._worker.start_load_kv()
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None  # loads complete before the request is scheduled (async load)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        self._worker.meta = self._get_connector_metadata()
+        self._worker.save_kv_layer(layer_name)
+
+    def wait_for_save(self) -> None:
+        self._worker.meta = self._get_connector_metadata()
+        self._worker.wait_for_save()
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[Optional[set[str]], Optional[set[str]]]:
+        s, r, _ = self._worker.transfer_results(finished_req_ids)
+        return s or None, r or None
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        s, r, f = self._worker.transfer_results(finished_req_ids)
+        return KVConnectorTransferResults(finished_sending=s, finished_recving=r, failed_recving=f)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.load_errors()
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
+
+#: ``kv_connector_module_path`` looks the class up by the ``kv_connector`` name: accept both.
+prfaas = PrfaaSConnector

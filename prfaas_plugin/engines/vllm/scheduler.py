@@ -1,0 +1,128 @@
+"""Scheduler half of the connector (runs in vLLM's EngineCore process).
+
+N-1 backoff, for every model: the producer prefills prompt[:-1] and ships that KV/state; the
+consumer loads those N-1 tokens and computes the last prompt token itself. For recurrent layers
+this is required (the state after N tokens cannot be rewound to feed token N again); using it for
+attention-only models as well keeps one code path and costs one token of compute on decode.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+from prfaas_plugin.engines.vllm import layout
+from prfaas_plugin.engines.vllm.meta import PrfaaSMetadata, Transfer
+from prfaas_plugin.engines.vllm.params import BadParams, RequestParams, parse
+
+log = logging.getLogger("vllm.prfaas")  # child of vLLM's logger: same handlers and format
+
+
+class SchedulerSide:
+    def __init__(self, vllm_config: Any, kv_cache_config: Any) -> None:
+        self.groups = layout.groups_of(kv_cache_config)
+        self._params: dict[str, RequestParams] = {}
+        self._pending_loads: dict[str, Transfer] = {}
+        self._loaded: set[str] = set()
+        self._sent: dict[str, Transfer] = {}
+        self._meta = PrfaaSMetadata()
+        self._kv_manager: Any = None
+        self._prompt_len: dict[str, int] = {}
+
+    def bind_kv_cache_manager(self, mgr: Any) -> None:
+        self._kv_manager = mgr
+
+    def _params_of(self, request: Any) -> Optional[RequestParams]:
+        rid = request.request_id
+        if rid not in self._params:
+            try:
+                p = parse(request.kv_transfer_params)
+            except BadParams as e:
+                log.error("prfaas: request %s has malformed kv_transfer_params (%s); served locally", rid, e)
+                p = None
+            if p is None:
+                return None
+            self._params[rid] = p
+        return self._params[rid]
+
+    def on_new_request(self, request: Any) -> None:
+        p = self._params_of(request)
+        if p is None or p.role != "producer" or request.num_prompt_tokens < 2:
+            return
+        if request.prompt_token_ids is not None:
+            del request.prompt_token_ids[-1:]
+            del request._all_token_ids[-1:]
+            request.num_prompt_tokens -= 1
+            request.max_tokens = 1
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed: int) -> tuple[int, bool]:
+        p = self._params_of(request)
+        if p is not None and p.role == "producer":
+            self._prompt_len[request.request_id] = request.num_prompt_tokens
+        if p is None or p.role != "consumer" or request.request_id in self._loaded:
+            return 0, False
+        n = request.num_prompt_tokens - 1 - num_computed
+        return (n, True) if n > 0 else (0, False)
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external: int) -> None:
+        p = self._params.get(request.request_id)
+        if p is None or p.role != "consumer" or num_external <= 0:
+            return
+        num_total = request.num_prompt_tokens - 1
+        self._pending_loads[request.request_id] = Transfer(
+            request.request_id, p.transfer_id, p.token, p.deadline_s, num_total,
+            tuple(list(b) for b in blocks.get_block_ids()), num_local_tokens=num_total - num_external)
+        self._loaded.add(request.request_id)
+
+    def build_connector_meta(self, so: Any) -> PrfaaSMetadata:
+        meta, self._meta = self._meta, PrfaaSMetadata()
+        meta.loads.extend(self._pending_loads.values())
+        self._pending_loads.clear()
+        sched = so.num_scheduled_tokens
+        for rid, p in list(self._params.items()):
+            if p.role != "producer" or rid in self._sent or rid not in sched:
+                continue
+            req = self._request(so, rid)
+            if req is None:
+                continue
+            computed, prompt = req
+            if computed + sched[rid] < prompt:
+                continue  # prefill not complete this step: ship once it is (KV final)
+            block_ids = tuple(list(b) for b in self._kv_manager.get_blocks(rid).get_block_ids())
+            t = Transfer(rid, p.transfer_id, p.token, p.deadline_s, prompt, block_ids, endpoint=p.decode_endpoint)
+            self._sent[rid] = t
+            meta.sends.append(t)
+        return meta
+
+    def _request(self, so: Any, rid: str) -> Optional[tuple[int, int]]:
+        for r in so.scheduled_new_reqs:
+            if r.req_id == rid:
+                return r.num_computed_tokens, len(r.prompt_token_ids or ())
+        c = so.scheduled_cached_reqs
+        if rid in c.req_ids:
+            i = c.req_ids.index(rid)
+            return c.num_computed_tokens[i], self._prompt_len.get(rid, 1 << 60)
+        return None
+
+    def predicted_bytes(self, t: Transfer) -> int:
+        """Bytes the layout says this transfer moves (what the test compares with the wire)."""
+        total = 0
+        for g in self.groups:
+            first, end = layout.block_range(g, t.num_tokens, len(t.block_ids[g.index]))
+            total += (end - first) * g.page_bytes * len(g.layer_names)
+        return total
+
+    def request_finished(self, request: Any, block_ids: tuple[list[int], ...]) -> tuple[bool, Optional[dict]]:
+        rid = request.request_id
+        p = self._params.pop(rid, None)
+        self._loaded.discard(rid)
+        self._pending_loads.pop(rid, None)
+        t = self._sent.pop(rid, None)
+        self._prompt_len.pop(rid, None)
+        if p is None or p.role != "producer":
+            return False, None
+        if t is None:
+            return False, {"prfaas_version": 1, "transfer_id": p.transfer_id, "status": "failed",
+                           "error": "request finished before its prefill completed"}
+        return True, {"prfaas_version": 1, "transfer_id": p.transfer_id, "status": "sent",
+                      "num_tokens": t.num_tokens, "bytes": self.predicted_bytes(t)}

@@ -1,0 +1,242 @@
+"""Worker half of the connector (runs where the KV cache tensors live).
+
+Producer: each attention layer is packed and pushed as its ``save_kv_layer`` fires; groups whose
+layers have no hook (Mamba/GDN) are pushed from the registered tensors in ``wait_for_save``, when
+the step's forward is over and their state is final. Source buffers live until the receiver
+confirms (``done``), and the request's blocks stay held by ``delay_free`` until then; the
+transfer deadline is the lease, so a vanished receiver releases them.
+Consumer: announces each load to the receiver with a sink that scatters every landed item into
+the request's blocks; reports completion or failure through ``get_transfer_results``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future
+from typing import Any, Optional
+
+import torch
+
+from prfaas_plugin.engines.vllm import layout, packing
+from prfaas_plugin.engines.vllm.meta import PrfaaSMetadata, Transfer
+from prfaas_plugin.engines.vllm.options import Options
+from prfaas_plugin.engines.vllm.telemetry import LOAD_FAILURES, TRANSFER_BYTES
+from prfaas_plugin.transfer import (
+    GrpcTcpReceiver,
+    GrpcTcpSender,
+    ItemSpec,
+    ReceiverConfig,
+    SenderConfig,
+    TransferError,
+    TransferManifest,
+)
+
+log = logging.getLogger("vllm.prfaas")  # child of vLLM's logger: same handlers and format
+
+
+class _Sink:
+    """Receives one request's items straight into a staging buffer, then its blocks."""
+
+    def __init__(self, w: "WorkerSide", t: Transfer) -> None:
+        self.w, self.t = w, t
+        self.staged: dict[str, torch.Tensor] = {}
+
+    def buffer_for(self, item: ItemSpec) -> memoryview:
+        g, first, count, part, lname = layout.parse_item_name(item.name)
+        cache, bdim = self.w.part(lname, part)
+        if count * packing.block_bytes(cache, bdim) != item.nbytes or g >= len(self.t.block_ids):
+            raise ValueError(f"item {item.name}: {item.nbytes} bytes does not fit the local layout")
+        buf = torch.empty(item.nbytes, dtype=torch.uint8)
+        self.staged[item.name] = buf
+        return memoryview(buf.numpy())
+
+    def item_done(self, item: ItemSpec) -> None:
+        g, first, count, part, lname = layout.parse_item_name(item.name)
+        cache, bdim = self.w.part(lname, part)
+        ids = self.t.block_ids[g][first:first + count]
+        grp = self.w.groups[g]
+        skip = 0
+        if grp.kind != "state":  # blocks already holding the local prefix are left alone
+            skip = max(0, min(count, self.t.num_local_tokens // grp.block_size - first))
+        packing.unpack(cache, bdim, ids, self.staged.pop(item.name), skip_before=skip)
+
+
+class WorkerSide:
+    def __init__(self, vllm_config: Any, kv_cache_config: Any, opts: Options, producer: bool, consumer: bool) -> None:
+        self.cfg, self.opts = vllm_config, opts
+        self.kv_cache_config = kv_cache_config
+        self.groups = layout.groups_of(kv_cache_config)
+        self.group_of = {n: g.index for g in self.groups for n in g.layer_names}
+        self.producer, self.consumer = producer, consumer
+        self.parts: dict[str, list[tuple[torch.Tensor, int]]] = {}
+        self.fp: Any = None
+        self.receiver: Optional[GrpcTcpReceiver] = None
+        self.sender: Optional[GrpcTcpSender] = None
+        self.meta = PrfaaSMetadata()
+        self._sends: dict[str, tuple[Any, Transfer, set[str], list[torch.Tensor]]] = {}
+        self._send_futs: dict[str, Future] = {}
+        self._loads: dict[str, tuple[Any, Transfer]] = {}
+        self._sched_finished: set[str] = set()
+        self._load_errors: set[int] = set()
+        self._lock = threading.Lock()
+
+    # -- setup ---------------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        nb = self.kv_cache_config.num_blocks
+        for name, t in kv_caches.items():
+            tensors = list(t) if isinstance(t, (list, tuple)) else [t]
+            parts = []
+            for x in tensors:
+                bdim = 0 if x.shape[0] == nb else 1
+                if x.shape[bdim] != nb:
+                    raise ValueError(f"prfaas: cannot find the block dim of {name} {tuple(x.shape)} (num_blocks {nb})")
+                parts.append((x, bdim))
+            self.parts[name] = parts
+        pc = self.cfg.parallel_config
+        shapes = {n: [(str(x.dtype), tuple(s for i, s in enumerate(x.shape) if i != b)) for x, b in ps]
+                  for n, ps in self.parts.items()}
+        self.fp = layout.fingerprint(self.groups, shapes, tp_rank=getattr(pc, "rank", 0) % max(1, pc.tensor_parallel_size),
+                                     tp_size=pc.tensor_parallel_size, model=self.opts.model_id or self.cfg.model_config.model.rstrip("/").rsplit("/", 1)[-1],
+                                     dtype=str(self.cfg.cache_config.cache_dtype))
+        if self.consumer:
+            host, _, port = self.opts.listen.rpartition(":")
+            self.receiver = GrpcTcpReceiver(ReceiverConfig(listen=f"{host}:{int(port) + self.fp.fields['tp_rank']}"))
+            log.info("prfaas: receiver listening on %s", self.receiver.endpoint)
+        if self.producer:
+            self.sender = GrpcTcpSender(SenderConfig(sender_id=f"vllm-{self.cfg.kv_transfer_config.engine_id}"))
+
+    def part(self, layer: str, i: int) -> tuple[torch.Tensor, int]:
+        try:
+            return self.parts[layer][i]
+        except (KeyError, IndexError):
+            raise ValueError(f"unknown layer part {layer}[{i}]") from None
+
+    # -- producer ------------------------------------------------------------------------------
+    def _items(self, t: Transfer) -> list[ItemSpec]:
+        items = []
+        order = 0
+        for g in self.groups:
+            first, end = layout.block_range(g, t.num_tokens, len(t.block_ids[g.index]))
+            for lname in g.layer_names:
+                for pi, (x, bdim) in enumerate(self.parts.get(lname, ())):
+                    items.append(ItemSpec(layout.item_name(g.index, first, end - first, lname, pi),
+                                          (end - first) * packing.block_bytes(x, bdim), order))
+                    order += 1
+        return items
+
+    def _open(self, t: Transfer) -> None:
+        if t.req_id in self._sends or t.req_id in self._send_futs:
+            return
+        try:
+            assert self.sender is not None, "a kv_consumer-only instance cannot produce"
+            manifest = TransferManifest(t.transfer_id, tuple(self._items(t)), self.fp, sender_id="vllm")
+            h = self.sender.open(t.endpoint, manifest, t.token, deadline_s=t.deadline_s)
+            self._sends[t.req_id] = (h, t, set(), [])
+        except Exception as e:  # never pin blocks: report the request as done (failed) at once
+            log.error("prfaas: cannot open transfer %s for %s: %s", t.transfer_id, t.req_id, e)
+            f: Future = Future()
+            f.set_exception(e)
+            self._send_futs[t.req_id] = f
+
+    def _send_layer(self, rid: str, lname: str) -> None:
+        h, t, sent, keep = self._sends[rid]
+        if lname in sent or lname not in self.group_of:
+            return
+        sent.add(lname)
+        g = self.groups[self.group_of[lname]]
+        first, end = layout.block_range(g, t.num_tokens, len(t.block_ids[g.index]))
+        ids = t.block_ids[g.index][first:end]
+        for pi, (x, bdim) in enumerate(self.parts[lname]):
+            buf = packing.pack(x, bdim, ids)
+            keep.append(buf)
+            try:
+                h.send(layout.item_name(g.index, first, end - first, lname, pi), buf)
+            except TransferError as e:
+                log.warning("prfaas: transfer %s failed while sending %s: %s", t.transfer_id, lname, e)
+                return
+
+    def save_kv_layer(self, layer_name: str) -> None:
+        for t in self.meta.sends:
+            self._open(t)
+            if t.req_id in self._sends:
+                self._send_layer(t.req_id, layer_name)
+
+    def wait_for_save(self) -> None:
+        for t in self.meta.sends:  # layers without hooks (recurrent state) are final now
+            self._open(t)
+            if t.req_id in self._sends:
+                for lname in self.group_of:
+                    self._send_layer(t.req_id, lname)
+
+    # -- consumer ------------------------------------------------------------------------------
+    def start_load_kv(self) -> None:
+        for t in self.meta.loads:
+            if self.receiver is None:
+                log.error("prfaas: request %s asks for a load but this instance is not a consumer", t.req_id)
+                f: Future = Future()
+                f.set_exception(RuntimeError("not a kv_consumer"))
+                self._loads[t.req_id] = (_Done(f), t)
+                continue
+            h = self.receiver.expect(t.transfer_id, t.token, self.fp, _Sink(self, t), deadline_s=t.deadline_s)
+            self._loads[t.req_id] = (h, t)
+
+    # -- completion ----------------------------------------------------------------------------
+    def transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
+        self._sched_finished |= set(finished_req_ids)
+        sending: set[str] = set()
+        for rid in list(self._sends):
+            h, t, _, _ = self._sends[rid]
+            if h.done.done():
+                self._send_futs[rid] = h.done
+                del self._sends[rid]  # drops the packed buffers: the receiver has them
+        for rid in list(self._send_futs):
+            if rid in self._sched_finished:
+                f = self._send_futs.pop(rid)
+                self._sched_finished.discard(rid)
+                if f.exception() is not None:
+                    log.warning("prfaas: producer transfer for %s ended with %s; blocks freed", rid, f.exception())
+                sending.add(rid)
+        recving, failed = set(), set()
+        for rid in list(self._loads):
+            h, t = self._loads[rid]
+            if not h.done.done():
+                continue
+            del self._loads[rid]
+            recving.add(rid)
+            err = h.done.exception()
+            if err is None:
+                m = h.done.result()
+                TRANSFER_BYTES.inc(m.total_bytes)
+                log.info("prfaas: loaded transfer %s for request %s: %d bytes in %d items",
+                         t.transfer_id, rid, m.total_bytes, len(m.items))
+                continue
+            failed.add(rid)
+            LOAD_FAILURES.labels(type(err).__name__).inc()
+            for g in self.groups:
+                self._load_errors.update(b for b in t.block_ids[g.index] if b)
+            log.warning("prfaas: KV load for request %s failed (%s: %s); decode recomputes the prefill locally",
+                        rid, type(err).__name__, err)
+        # the scheduler only reports finished ids once; keep those not yet matched to a send
+        self._sched_finished &= set(self._sends) | set(self._send_futs) | {t.req_id for t in self.meta.sends}
+        return sending, recving, failed
+
+    def load_errors(self) -> set[int]:
+        out, self._load_errors = self._load_errors, set()
+        return out
+
+    def shutdown(self) -> None:
+        for h, *_ in self._sends.values():
+            h.abort("vLLM shutting down")
+        for h, _ in self._loads.values():
+            if hasattr(h, "abort"):
+                h.abort("vLLM shutting down")
+        if self.sender:
+            self.sender.close()
+        if self.receiver:
+            self.receiver.close()
+
+
+class _Done:
+    def __init__(self, f: Future) -> None:
+        self.done = f
