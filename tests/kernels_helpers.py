@@ -43,6 +43,8 @@ FAMILIES: dict[str, tuple[Callable[[torch.Generator, int], list[torch.Tensor]], 
     "mamba2_ssm": (lambda g, nb: [_rand((nb, 2, 4, 16), torch.float32, g) for _ in range(2)], CacheGroup.state, False),
     "mamba2_conv": (lambda g, nb: [_rand((nb, 3, 40), torch.bfloat16, g) for _ in range(2)], CacheGroup.state, False),
     "lightning": (lambda g, nb: [_rand((nb, 2, 8, 8), torch.float32, g) for _ in range(2)], CacheGroup.state, False),
+    # a row of 4101 fp32 words: more than one kernel tile (2048) and a partial last tile
+    "big_row_state": (lambda g, nb: [_rand((nb, 4101), torch.float32, g) for _ in range(2)], CacheGroup.state, False),
     "raw_pages_padded": (lambda g, nb: padded_pool_layers(3, nb, 52, 12, g), CacheGroup.state, False),
 }
 

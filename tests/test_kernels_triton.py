@@ -74,7 +74,7 @@ def test_scatter_kernel_equals_torch(name: str) -> None:
     assert torch.equal(blocks_view(b.caches[0], b.layout)[:, UNPACK_DST[1]], s0[:, UNPACK_SRC[1]])
 
 
-@pytest.mark.parametrize("name", [n for n, f in FAMILIES.items() if f[2]] + ["mamba2_ssm"])
+@pytest.mark.parametrize("name", [n for n, f in FAMILIES.items() if f[2]] + ["mamba2_ssm", "big_row_state"])
 def test_fp8_kernels_equal_torch(name: str) -> None:
     src = make_group(name, seed=14)
     n = packed_nbytes(src, len(PACK_IDS), fp8=True)
