@@ -103,6 +103,8 @@ def pack(
     _check_buffer(out, group, geo.nbytes, "out")
     if geo.num_rows == 0:
         return out
+    if fp8:
+        out[geo.payload_bytes : geo.scales_offset].zero_()  # alignment gap: never ship stale memory
     if _choose(group, backend) == "triton":
         from . import triton_ops
 

@@ -8,6 +8,7 @@ kernels are tested against, bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator, Sequence
 
 import torch
@@ -40,14 +41,34 @@ def _typed_row_views(caches: Sequence[torch.Tensor], layout: PagedLayout) -> Ite
         yield v.view(layout.dtype).view(layout.num_blocks, pre, heads, post)
 
 
+@contextlib.contextmanager
+def one_intraop_thread() -> Iterator[None]:
+    """Run the per-layer copies on one intra-op thread, then restore the setting.
+
+    Each copy is a few MB; splitting it over OpenMP threads buys nothing (one core saturates
+    memory bandwidth for memcpy-class work) and on a loaded host the fork/join barriers of
+    hundreds of calls cost 5-8x (measured in transfer.md section 6 and bench/kernels.py).
+    With torch's OpenMP backend the setting is per calling thread."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def pack_raw(
     caches: Sequence[torch.Tensor], layout: PagedLayout, idx: torch.Tensor, out: torch.Tensor, wbytes: int
 ) -> None:
     n = idx.numel()
     dst = out[: n * layout.row_bytes * len(caches) * layout.num_outer].view(word_dtype(wbytes))
     dst = dst.view(-1, n, layout.row_bytes // wbytes)
-    for i, src in enumerate(_row_views(caches, layout, wbytes)):
-        torch.index_select(src, 0, idx, out=dst[i])
+    with one_intraop_thread():
+        for i, src in enumerate(_row_views(caches, layout, wbytes)):
+            torch.index_select(src, 0, idx, out=dst[i])
 
 
 def unpack_raw(
@@ -56,6 +77,13 @@ def unpack_raw(
     n = idx.numel()
     src = buf[: n * layout.row_bytes * len(caches) * layout.num_outer].view(word_dtype(wbytes))
     src = src.view(-1, n, layout.row_bytes // wbytes)
+    if idx.device.type == "cpu":
+        # numpy's fancy assignment copies each row with one memcpy and never forks threads:
+        # 1.3-1.6x faster than index_copy_ here (bench/kernels.py).
+        idn = idx.numpy()
+        for i, dst in enumerate(_row_views(caches, layout, wbytes)):
+            dst.numpy()[idn] = src[i].numpy()
+        return
     for i, dst in enumerate(_row_views(caches, layout, wbytes)):
         dst.index_copy_(0, idx, src[i])
 
