@@ -4,7 +4,7 @@ Public API (stable; the vLLM and SGLang connectors build on it)::
 
     from prfaas_plugin.kernels import CacheGroup, PagedLayout, pack, unpack, packed_nbytes, window_block_ids
 
-    group = CacheGroup.vllm_attention_gpu(per_layer_tensors)   # or .vllm_attention_cpu / .mla / .state
+    group = CacheGroup.vllm_attention_cpu(per_layer_tensors)   # or .vllm_attention_gpu / .mla / .state
     # group = CacheGroup(tensors, PagedLayout.of(tensors[0], block_dim=0))   # any other layout
     buf = pack(group, block_ids)                 # uint8, all layers of the group, ONE launch on GPU
     unpack(buf, dst_group, dst_block_ids)        # scatter into the receiver's own block ids

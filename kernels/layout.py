@@ -101,7 +101,8 @@ class PagedLayout:
 
     @classmethod
     def vllm_attention_gpu(cls, tensor: torch.Tensor) -> "PagedLayout":
-        """vLLM flash/flashinfer layout ``[2, num_blocks, block_size, kv_heads, head_size]``."""
+        """The K/V-split flash layout ``[2, num_blocks, block_size, kv_heads, head_size]``
+        (vLLM <= 0.31 flash/flashinfer; still what many GPU kernels allocate)."""
         _expect_rank(tensor, 5, "vllm_attention_gpu", "[2, NB, BS, H, D]")
         if tensor.shape[0] != 2:
             raise ValueError(f"vllm_attention_gpu: dim 0 must be K/V (2), got shape {tuple(tensor.shape)}")
@@ -109,12 +110,12 @@ class PagedLayout:
 
     @classmethod
     def vllm_attention_cpu(cls, tensor: torch.Tensor) -> "PagedLayout":
-        """vLLM CPU backend: block dim first, K/V inside the page, e.g. ``[NB, 2, BS, H*D]`` or
-        ``[NB, 2, H, BS, D]``. One scale per block and K/V half (axis 0 of the row) in fp8."""
-        if tensor.dim() < 3 or tensor.shape[1] != 2:
-            raise ValueError(
-                f"vllm_attention_cpu: expected [NB, 2, ...] with K/V at dim 1, got {tuple(tensor.shape)}"
-            )
+        """vLLM 0.32's block-first layout ``[num_blocks, kv_heads, block_size, 2 * head_size]``
+        (logical ``[B, H, N, C]``, KVCacheLayout.LBHNC; the CPU backend's only layout and the
+        flash default): K and V of a head share one fp8 scale per block."""
+        _expect_rank(tensor, 4, "vllm_attention_cpu", "[NB, H, BS, 2*D]")
+        if tensor.shape[-1] % 2:
+            raise ValueError(f"vllm_attention_cpu: last dim must hold K and V (even), got {tuple(tensor.shape)}")
         return cls.of(tensor, block_dim=0, head_axis=0)
 
     @classmethod

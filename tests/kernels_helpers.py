@@ -33,8 +33,9 @@ def padded_pool_layers(num_layers: int, nb: int, page: int, pad: int, g: torch.G
 # name -> (make caches(generator, num_blocks), group constructor, fp8 allowed)
 FAMILIES: dict[str, tuple[Callable[[torch.Generator, int], list[torch.Tensor]], Callable, bool]] = {
     "attn_gpu": (lambda g, nb: [_rand((2, nb, 4, 2, 8), torch.bfloat16, g) for _ in range(3)], CacheGroup.vllm_attention_gpu, True),
-    "attn_cpu": (lambda g, nb: [_rand((nb, 2, 4, 16), torch.bfloat16, g) for _ in range(2)], CacheGroup.vllm_attention_cpu, True),
-    "attn_cpu_hnd": (lambda g, nb: [_rand((nb, 2, 2, 4, 8), torch.float16, g) for _ in range(2)], CacheGroup.vllm_attention_cpu, True),
+    "attn_cpu": (lambda g, nb: [_rand((nb, 3, 4, 16), torch.bfloat16, g) for _ in range(2)], CacheGroup.vllm_attention_cpu, True),
+    # vLLM 0.32 KVCacheLayout.LBNHC seen physically: [NB, BS, H, 2*D], heads at row axis 1
+    "attn_bnhc": (lambda g, nb: [_rand((nb, 4, 2, 16), torch.float16, g) for _ in range(2)], lambda c: CacheGroup(c, PagedLayout.of(c[0], 0, head_axis=1)), True),
     "mla": (lambda g, nb: [_rand((nb, 4, 36), torch.bfloat16, g) for _ in range(3)], CacheGroup.mla, True),
     # recurrent states, one slot per "block": shapes per family (small head counts)
     "gdn_temporal": (lambda g, nb: [_rand((nb, 2, 8, 8), torch.float32, g) for _ in range(2)], CacheGroup.state, False),

@@ -97,6 +97,8 @@ def test_bad_inputs_are_refused() -> None:
         CacheGroup([t], PagedLayout.of(t, 0))
     with pytest.raises(ValueError, match="K/V"):
         CacheGroup.vllm_attention_gpu([torch.zeros(3, 4, 2, 2, 2)])
+    with pytest.raises(ValueError, match="K and V"):
+        CacheGroup.vllm_attention_cpu([torch.zeros(3, 4, 2, 7)])
     with pytest.raises(ValueError, match="backend"):
         pack(group, [0], backend="cuda")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="holds"):
