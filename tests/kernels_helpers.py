@@ -30,6 +30,11 @@ def padded_pool_layers(num_layers: int, nb: int, page: int, pad: int, g: torch.G
     return [pool[:, i, :page] for i in range(num_layers)]
 
 
+def mixed_stride_layers(nb: int, g: torch.Generator) -> list[torch.Tensor]:
+    """Same shape, different block strides per layer (separately padded allocations)."""
+    return [_rand((nb, 40 + pad), torch.bfloat16, g)[:, :40] for pad in (0, 8, 24)]
+
+
 # name -> (make caches(generator, num_blocks), group constructor, fp8 allowed)
 FAMILIES: dict[str, tuple[Callable[[torch.Generator, int], list[torch.Tensor]], Callable, bool]] = {
     "attn_gpu": (lambda g, nb: [_rand((2, nb, 4, 2, 8), torch.bfloat16, g) for _ in range(3)], CacheGroup.vllm_attention_gpu, True),
@@ -46,6 +51,7 @@ FAMILIES: dict[str, tuple[Callable[[torch.Generator, int], list[torch.Tensor]], 
     "lightning": (lambda g, nb: [_rand((nb, 2, 8, 8), torch.float32, g) for _ in range(2)], CacheGroup.state, False),
     # a row of 4101 fp32 words: more than one kernel tile (2048) and a partial last tile
     "big_row_state": (lambda g, nb: [_rand((nb, 4101), torch.float32, g) for _ in range(2)], CacheGroup.state, False),
+    "mixed_strides": (lambda g, nb: mixed_stride_layers(nb, g), lambda c: CacheGroup(c, PagedLayout.of(c[0], 0)), True),
     "raw_pages_padded": (lambda g, nb: padded_pool_layers(3, nb, 52, 12, g), CacheGroup.state, False),
 }
 
