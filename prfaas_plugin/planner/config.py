@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prfaas_plugin.planner.profile import Profile, table_profile
 from prfaas_plugin.planner.search import System
 from prfaas_plugin.planner.workload import Empirical, LengthDistribution, TruncatedLogNormal
+from prfaas_plugin.yamlconfig import load_yaml_model
 
 
 class PlannerConfigError(ValueError):
@@ -158,22 +158,13 @@ class PlannerConfig(_Strict):
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[PlannerConfig, Path]:
     """Read and validate a planner YAML; ``overrides`` maps dotted keys to values (sweeps)."""
-    p = Path(path)
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except FileNotFoundError:
-        raise PlannerConfigError(f"{p}: no such file") from None
-    except yaml.YAMLError as exc:
-        raise PlannerConfigError(f"{p}: not valid YAML ({exc})") from None
-    if not isinstance(raw, dict):
-        raise PlannerConfigError(f"{p}: the top level must be a mapping")
-    for dotted, value in (overrides or {}).items():
-        _set_dotted(raw, dotted, value)
-    try:
-        return PlannerConfig.model_validate(raw), p.parent
-    except ValidationError as exc:
-        lines = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        raise PlannerConfigError(f"{p}: invalid planner config:\n  " + "\n  ".join(lines)) from None
+
+    def apply(raw: dict[str, Any]) -> None:
+        for dotted, value in (overrides or {}).items():
+            _set_dotted(raw, dotted, value)
+
+    cfg = load_yaml_model(path, PlannerConfig, "planner config", PlannerConfigError, apply)
+    return cfg, Path(path).parent
 
 
 def _set_dotted(raw: dict, dotted: str, value: Any) -> None:

@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from prfaas_plugin.yamlconfig import load_yaml_model
 
 
 class RouterConfigError(ValueError):
@@ -148,21 +149,8 @@ class RouterConfig(_Strict):
 
 
 def load_router_config(path: str | Path) -> RouterConfig:
-    p = Path(path)
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except FileNotFoundError:
-        raise RouterConfigError(f"{p}: no such file") from None
-    except yaml.YAMLError as exc:
-        raise RouterConfigError(f"{p}: not valid YAML ({exc})") from None
-    if not isinstance(raw, dict):
-        raise RouterConfigError(f"{p}: the top level must be a mapping")
-    base = p.parent
-    try:
-        cfg = RouterConfig.model_validate(raw)
-    except ValidationError as exc:
-        lines = [f"{'.'.join(str(x) for x in e['loc']) or '<top>'}: {e['msg']}" for e in exc.errors()]
-        raise RouterConfigError(f"{p}: invalid router config:\n  " + "\n  ".join(lines)) from None
+    cfg = load_yaml_model(path, RouterConfig, "router config", RouterConfigError)
+    base = Path(path).parent
     # Relative paths are relative to the config file.
     if not Path(cfg.tokenizer).is_absolute():
         cfg.tokenizer = str((base / cfg.tokenizer).resolve())

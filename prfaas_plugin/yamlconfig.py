@@ -1,0 +1,42 @@
+"""Reading a YAML config file into a validated pydantic model, with errors that name the file
+and every offending field (shared by the planner and the router)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def read_yaml_mapping(path: Path, error: type[Exception]) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise error(f"{path}: the top level must be a mapping")
+    return raw
+
+
+def validate(model: type[M], raw: dict[str, Any], path: Path, what: str, error: type[Exception]) -> M:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{'.'.join(str(x) for x in e['loc']) or '<top>'}: {e['msg']}" for e in exc.errors()]
+        raise error(f"{path}: invalid {what}:\n  " + "\n  ".join(lines)) from None
+
+
+def load_yaml_model(path: str | Path, model: type[M], what: str, error: type[Exception],
+                    edit: Callable[[dict[str, Any]], None] | None = None) -> M:
+    """``edit`` may change the raw mapping before validation (e.g. apply overrides)."""
+    p = Path(path)
+    raw = read_yaml_mapping(p, error)
+    if edit is not None:
+        edit(raw)
+    return validate(model, raw, p, what, error)
