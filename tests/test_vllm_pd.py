@@ -16,7 +16,8 @@ import pytest
 
 from vllm_helpers import Supervisor, complete, requires_vllm, start_pair
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow, requires_vllm]
+# the first test of each model also pays for starting its pair (60-400 s on a loaded 2-core box)
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, requires_vllm, pytest.mark.timeout(900)]
 
 MODELS = ["tiny-qwen3", "tiny-qwen3next", "tiny-gemma3", "tiny-dsv3-mla"]
 PROMPT = ("PrfaaS moves the KV cache of long prompts from a prefill cluster to decode instances. "
