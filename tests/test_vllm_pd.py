@@ -16,7 +16,8 @@ import pytest
 
 from vllm_helpers import Supervisor, complete, requires_vllm, start_pair
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow, requires_vllm]
+# the first test of each model also pays for starting its pair (60-400 s on a loaded 2-core box)
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, requires_vllm, pytest.mark.timeout(900)]
 
 MODELS = ["tiny-qwen3", "tiny-qwen3next", "tiny-gemma3", "tiny-dsv3-mla"]
 PROMPT = ("PrfaaS moves the KV cache of long prompts from a prefill cluster to decode instances. "
@@ -61,3 +62,59 @@ def test_pd_equals_single_instance_and_bytes_match_layout(pair):
           f"({xfer['num_tokens']} tokens)")
     assert wire == xfer["bytes"]
     assert res.text == ref, f"P/D output differs from single instance:\n{res.text!r}\n{ref!r}"
+
+
+def _usage(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    m = re.search(r"^vllm:kv_cache_usage_perc\{[^}]*\} (\S+)$", text, re.M)
+    assert m, "no vllm:kv_cache_usage_perc in /metrics"
+    return float(m.group(1))
+
+
+def _settled_usage(url: str, want: float, timeout_s: float = 90) -> float:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    u = _usage(url)
+    while u != want and time.monotonic() < deadline:
+        time.sleep(0.5)
+        u = _usage(url)
+    return u
+
+
+def test_shared_prefix_cached_on_consumer(pair):
+    """D already holds the prompt's first blocks: D leaves them alone and the output is still exact."""
+    prefix = PROMPT * 6  # several attention blocks even at the hybrid's 640-token block size... within 2048
+    complete(pair.consumer, prefix, max_tokens=1)  # caches the prefix on D
+    prompt = prefix + " The quick brown fox jumps over the lazy dog."
+    ref = complete(pair.producer, prompt)
+    res = _pd(pair, prompt)
+    assert res.transfer.get("status") == "sent", res.transfer
+    assert res.text == ref
+
+
+def test_failed_transfer_recomputes_and_frees_blocks(pair):
+    """The consumer's session times out while P streams (and P never meets a receiver for a second
+    session): D recomputes locally with the same output, and both instances free every block."""
+    from prfaas_plugin.engines.vllm.pd_client import PDResult, transfer_params
+
+    p0, c0 = _settled_usage(pair.producer, 0.0), _settled_usage(pair.consumer, 0.0)
+    prompt = PROMPT * 2
+    ref = complete(pair.producer, prompt)
+    p_params, c_params = transfer_params(pair.decode_endpoint, deadline_s=5)
+    c_params["deadline_s"] = 0.001  # expires before the producer's KV can land
+
+    async def go():
+        async with httpx.AsyncClient(timeout=180) as c:
+            body = {"prompt": prompt, "max_tokens": 24, "temperature": 0}
+            rp, rc = await asyncio.gather(
+                c.post(f"{pair.producer}/v1/completions",
+                       json={**body, "max_tokens": 1, "kv_transfer_params": p_params}),
+                c.post(f"{pair.consumer}/v1/completions", json={**body, "kv_transfer_params": c_params}))
+            return PDResult(rc.json(), rp.json())
+    res = asyncio.run(go())
+    assert res.text == ref
+    log = pair.sup.children["consumer"].log_path.read_text(errors="replace")
+    assert f"decode recomputes the prefill locally" in log
+    assert _settled_usage(pair.producer, p0) == p0, "producer leaked blocks"
+    assert _settled_usage(pair.consumer, c0) == c0, "consumer leaked blocks"

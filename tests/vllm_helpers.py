@@ -39,7 +39,7 @@ def free_port() -> int:
 def server_argv(model: Path, port: int, ktc: Optional[dict[str, Any]]) -> list[str]:
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
             "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048", "--dtype", "bfloat16",
-            "--seed", "0"]
+            "--seed", "0", "--enforce-eager"]  # skips ~40 s of torch.compile warm-up per server
     if ktc is not None:
         argv += ["--kv-transfer-config", json.dumps(ktc)]
     return argv
@@ -64,7 +64,7 @@ class Pair:
     decode_endpoint: str
 
 
-def start_pair(sup: Supervisor, model: Path, timeout_s: float = 400) -> Pair:
+def start_pair(sup: Supervisor, model: Path, timeout_s: float = 600) -> Pair:
     pp, cp, rx = free_port(), free_port(), free_port()
     sup.start("producer", server_argv(model, pp, prfaas_ktc("kv_producer")), env=server_env(0))
     sup.start("consumer", server_argv(model, cp, prfaas_ktc("kv_consumer", f"127.0.0.1:{rx}")), env=server_env(1))

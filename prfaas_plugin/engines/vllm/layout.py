@@ -9,8 +9,11 @@ every item it is offered. Scheme per group kind:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
+
+import torch
 
 from prfaas_plugin.transfer import LayoutFingerprint
 
@@ -36,13 +39,17 @@ def groups_of(kv_cache_config: Any) -> list[GroupInfo]:
     out = []
     for i, g in enumerate(kv_cache_config.kv_cache_groups):
         spec = g.kv_cache_spec
+        page = int(spec.page_size_bytes)
         if isinstance(spec, MambaSpec):
+            # the state itself, not the page padded to the attention page size: only it is sent
             kind, window = "state", 0
+            page = sum(math.prod(s) * torch.empty(0, dtype=d).element_size()
+                       for s, d in zip(spec.shapes, spec.dtypes))
         elif isinstance(spec, SlidingWindowSpec) or type(spec).__name__ == "SlidingWindowMLASpec":
             kind, window = "swa", int(spec.sliding_window)
         else:
             kind, window = "full", 0
-        out.append(GroupInfo(i, kind, int(spec.block_size), window, tuple(g.layer_names), int(spec.page_size_bytes)))
+        out.append(GroupInfo(i, kind, int(spec.block_size), window, tuple(g.layer_names), page))
     return out
 
 

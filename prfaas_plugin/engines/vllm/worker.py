@@ -152,8 +152,9 @@ class WorkerSide:
             keep.append(buf)
             try:
                 h.send(layout.item_name(g.index, first, end - first, lname, pi), buf)
-            except TransferError as e:
+            except TransferError as e:  # one line per transfer: stop sending its other layers
                 log.warning("prfaas: transfer %s failed while sending %s: %s", t.transfer_id, lname, e)
+                sent.update(self.group_of)
                 return
 
     def save_kv_layer(self, layer_name: str) -> None:
@@ -213,8 +214,9 @@ class WorkerSide:
                 continue
             failed.add(rid)
             LOAD_FAILURES.labels(type(err).__name__).inc()
-            for g in self.groups:
-                self._load_errors.update(b for b in t.block_ids[g.index] if b)
+            if len(self.groups) == 1:  # vLLM takes block-level errors for single-group models only;
+                # with several groups (hybrid/SWA) failed_recving alone makes it recompute the request
+                self._load_errors.update(b for b in t.block_ids[0] if b)
             log.warning("prfaas: KV load for request %s failed (%s: %s); decode recomputes the prefill locally",
                         rid, type(err).__name__, err)
         # the scheduler only reports finished ids once; keep those not yet matched to a send

@@ -1,0 +1,96 @@
+"""Registration and request-parameter checks of the vLLM connector (no server needed, vllm imported)."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+
+import pytest
+
+from vllm_helpers import requires_vllm
+
+pytestmark = [pytest.mark.vllm, requires_vllm]
+
+
+def test_entry_point_declared_and_registers_both_names_idempotently():
+    eps = [e for e in md.entry_points(group="vllm.general_plugins") if e.name == "prfaas"]
+    assert eps, "the installed prfaas-plugin declares no vllm.general_plugins entry point 'prfaas'"
+    register = eps[0].load()
+    register()
+    register()  # vLLM loads plugins more than once per process
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import SupportsHMA
+
+    for name in ("prfaas", "PrfaaSConnector"):
+        cls = KVConnectorFactory.get_connector_class(KVTransferConfig(kv_connector=name, kv_role="kv_producer"))
+        assert cls.__name__ == "PrfaaSConnector" and issubclass(cls, SupportsHMA)
+
+
+def test_module_path_resolves_both_names():
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    for name in ("prfaas", "PrfaaSConnector"):
+        cfg = KVTransferConfig(kv_connector=name, kv_role="kv_consumer",
+                               kv_connector_module_path="prfaas_plugin.engines.vllm.connector")
+        assert KVConnectorFactory.get_connector_class(cfg).__name__ == "PrfaaSConnector"
+
+
+@pytest.mark.parametrize("raw,needle", [
+    ({"prfaas_version": 2, "role": "consumer", "transfer_id": "a", "token": "b"}, "prfaas_version"),
+    ({"prfaas_version": 1, "role": "x", "transfer_id": "a", "token": "b"}, "role"),
+    ({"prfaas_version": 1, "role": "consumer", "token": "b"}, "transfer_id"),
+    ({"prfaas_version": 1, "role": "producer", "transfer_id": "a", "token": "b"}, "decode_endpoint"),
+    ({"prfaas_version": 1, "role": "consumer", "transfer_id": "a", "token": "b", "deadline_s": -1}, "deadline_s"),
+])
+def test_bad_params_name_the_field(raw, needle):
+    from prfaas_plugin.engines.vllm.params import BadParams, parse
+
+    with pytest.raises(BadParams, match=needle):
+        parse(raw)
+
+
+def test_non_prfaas_params_are_plain_requests():
+    from prfaas_plugin.engines.vllm.params import parse
+
+    assert parse(None) is None and parse({"do_remote_prefill": True}) is None
+
+
+def test_options_refuse_unknown_keys_and_bad_listen():
+    from pydantic import ValidationError
+
+    from prfaas_plugin.engines.vllm.options import Options
+
+    assert Options.from_extra(None).kv_load_failure_policy == "recompute"
+    with pytest.raises(ValidationError):
+        Options.from_extra({"lisen": "x:1"})
+    with pytest.raises(ValidationError, match="listen"):
+        Options.from_extra({"listen": "nohost"})
+
+
+def test_pack_unpack_round_trip_both_block_dims():
+    import torch
+
+    from prfaas_plugin.engines.vllm import packing
+
+    for bdim, shape in ((0, (10, 2, 16, 8)), (1, (2, 10, 16, 8))):
+        src = torch.randn(shape).to(torch.bfloat16)
+        dst = torch.zeros_like(src)
+        buf = packing.pack(src, bdim, [7, 2, 5])
+        assert buf.is_contiguous() and buf.numel() * 2 == 3 * packing.block_bytes(src, bdim)
+        packing.unpack(dst, bdim, [1, 3, 4], buf.view(torch.uint8).flatten(), skip_before=1)
+        assert torch.equal(dst.select(bdim, 3), src.select(bdim, 2))
+        assert torch.equal(dst.select(bdim, 4), src.select(bdim, 5))
+        assert not dst.select(bdim, 1).any(), "skipped (locally cached) block was overwritten"
+
+
+def test_layout_fingerprint_mismatch_names_the_difference():
+    from prfaas_plugin.engines.vllm.layout import GroupInfo, block_range, fingerprint
+
+    g = GroupInfo(0, "full", 16, 0, ("l0",), 1024)
+    a = fingerprint([g], {"l0": [("torch.bfloat16", (2, 16, 64))]}, 0, 1, "m", "auto")
+    b = fingerprint([g], {"l0": [("torch.bfloat16", (2, 16, 64))]}, 0, 2, "m", "auto")
+    assert a.diff(b) == ["tp_size: 1 != 2"]
+    swa = GroupInfo(1, "swa", 16, 64, ("l1",), 1024)
+    assert block_range(swa, 200, 13) == (13 - 5, 13)  # window 64 / 16 + 1 blocks: the tail only
+    assert block_range(GroupInfo(2, "state", 16, 0, ("l2",), 9), 200, 1) == (0, 1)
