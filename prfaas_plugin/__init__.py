@@ -17,21 +17,22 @@ from pathlib import Path as _Path
 
 __version__ = "0.1.0"
 
-# In a source checkout (tests, benches, helpers working from a git worktree on PYTHONPATH) the
-# top-level kernels/ folder is not under prfaas_plugin/; an installed wheel maps it there through
-# setuptools' package-dir. Point the subpackage search at it so both cases import the same code.
+# In a source checkout (tests, benches, a git worktree on PYTHONPATH) the top-level kernels/
+# folder is not under prfaas_plugin/; an installed wheel maps it there through setuptools'
+# package-dir. A finder resolves ``prfaas_plugin.kernels`` to the source folder *when it is
+# imported* (importing it eagerly would pull torch into every ``import prfaas_plugin``).
 _source_kernels = _Path(__file__).resolve().parent.parent / "kernels"
 if (_source_kernels / "__init__.py").is_file() and not (_Path(__file__).parent / "kernels").exists():
+    import importlib.abc as _abc
     import importlib.util as _ilu
     import sys as _sys
 
-    if "prfaas_plugin.kernels" not in _sys.modules:
-        _spec = _ilu.spec_from_file_location(
-            "prfaas_plugin.kernels",
-            _source_kernels / "__init__.py",
-            submodule_search_locations=[str(_source_kernels)],
-        )
-        if _spec is not None and _spec.loader is not None:
-            _mod = _ilu.module_from_spec(_spec)
-            _sys.modules["prfaas_plugin.kernels"] = _mod
-            _spec.loader.exec_module(_mod)
+    class _SourceKernelsFinder(_abc.MetaPathFinder):
+        def find_spec(self, fullname, path, target=None):  # type: ignore[no-untyped-def]
+            if fullname != "prfaas_plugin.kernels":
+                return None
+            return _ilu.spec_from_file_location(fullname, _source_kernels / "__init__.py",
+                                                submodule_search_locations=[str(_source_kernels)])
+
+    if not any(type(f).__name__ == "_SourceKernelsFinder" for f in _sys.meta_path):
+        _sys.meta_path.insert(0, _SourceKernelsFinder())

@@ -39,6 +39,7 @@ def forward(fd_a: int, fd_b: int, delay_s: float, max_queued: int = 65536) -> No
     poller = select.poll()
     poller.register(fd_a, select.POLLIN)
     poller.register(fd_b, select.POLLIN)
+    print("ready", flush=True)  # the link owner waits for this: earlier packets would be lost
     while not stopping:
         now = time.monotonic()
         due = [q[0][0] for q in queues.values() if q]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import select
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -167,10 +167,14 @@ class EmulatedLink:
              "--delay-ms", str(self.spec.rtt_ms / 2.0)],
             pass_fds=(fd_a, fd_b),
             env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+            stdout=subprocess.PIPE,
         )
-        time.sleep(0.2)
-        if self._forwarder.poll() is not None:
-            raise RuntimeError(f"delay line exited at start with status {self._forwarder.returncode}")
+        # A SYN sent before the forwarder polls is lost and costs a 1 s retransmit: wait for it.
+        assert self._forwarder.stdout is not None
+        ready, _, _ = select.select([self._forwarder.stdout], [], [], 30.0)
+        line = self._forwarder.stdout.readline() if ready else b""
+        if line.strip() != b"ready":
+            raise RuntimeError(f"delay line did not start (status {self._forwarder.poll()})")
 
     def stop(self) -> None:
         if self._forwarder is not None:
