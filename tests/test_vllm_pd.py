@@ -94,15 +94,15 @@ def test_shared_prefix_cached_on_consumer(pair):
 
 
 def test_failed_transfer_recomputes_and_frees_blocks(pair):
-    """The consumer's session times out while P streams (and P never meets a receiver for a second
-    session): D recomputes locally with the same output, and both instances free every block."""
+    """P pushes with a forged token, so D's receiver refuses the session (deterministic, unlike a
+    deadline race): D recomputes locally with the same output, and both instances free every block."""
     from prfaas_plugin.engines.vllm.pd_client import PDResult, transfer_params
 
     p0, c0 = _settled_usage(pair.producer, 0.0), _settled_usage(pair.consumer, 0.0)
     prompt = PROMPT * 2
     ref = complete(pair.producer, prompt)
-    p_params, c_params = transfer_params(pair.decode_endpoint, deadline_s=5)
-    c_params["deadline_s"] = 0.001  # expires before the producer's KV can land
+    p_params, c_params = transfer_params(pair.decode_endpoint, deadline_s=10)
+    p_params["token"] = "forged-" + p_params["token"]  # the receiver must refuse this push
 
     async def go():
         async with httpx.AsyncClient(timeout=180) as c:
