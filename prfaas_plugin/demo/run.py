@@ -71,13 +71,13 @@ def _prefill_profile(url: str, count_tokens: Callable[[str], int], lengths: list
     (the minimum is the least disturbed by the other instance sharing the machine)."""
     import random
 
-    from prfaas_plugin.demo.workload import _grow_to  # noqa: PLC2701 - same package
+    from prfaas_plugin.demo.workload import grow_to
 
     out = []
     with httpx.Client(timeout=120) as c:
         c.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "warm up", "max_tokens": 1})
         for i, n in enumerate(lengths):
-            prompt = _grow_to("", n, count_tokens, random.Random(1000 + i), tag=9000 + i)
+            prompt = grow_to("", n, count_tokens, random.Random(1000 + i), tag=9000 + i)
             times = []
             for rep in range(3):
                 t0 = time.perf_counter()

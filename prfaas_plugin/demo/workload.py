@@ -78,12 +78,12 @@ def build_prompts(spec: WorkloadSpec, count_tokens: Callable[[str], int]) -> lis
             if shorter:
                 base_idx = rng.choice(shorter)
                 base = prompts[base_idx].text
-        text = _grow_to(base, target, count_tokens, rng, tag=i)
+        text = grow_to(base, target, count_tokens, rng, tag=i)
         prompts.append(DemoPrompt(text=text, target_tokens=target, extends=base_idx))
     return prompts
 
 
-def _grow_to(base: str, target: int, count_tokens: Callable[[str], int], rng: random.Random, tag: int) -> str:
+def grow_to(base: str, target: int, count_tokens: Callable[[str], int], rng: random.Random, tag: int) -> str:
     # A request-unique opening word keeps unrelated prompts from sharing cached blocks by chance.
     words = [base] if base else [f"request{tag}:"]
     text = " ".join(words)
