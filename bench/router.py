@@ -21,16 +21,11 @@ import httpx
 import yaml
 
 from _common import ROOT, append_benchmarks
+from prfaas_plugin.demo.ports import free_port as _free_port
 
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(url: str, timeout: float = 60) -> None:

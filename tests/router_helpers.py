@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from prfaas_plugin.demo.ports import free_port
 
 WORDS = [f"w{i}" for i in range(200)]
 
@@ -39,10 +39,6 @@ def words(n: int, start: int = 0) -> str:
     return " ".join(WORDS[(start + i) % len(WORDS)] for i in range(n))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

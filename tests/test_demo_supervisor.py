@@ -10,6 +10,7 @@ import time
 import pytest
 
 from prfaas_plugin.demo.supervisor import ProcessFailed, Supervisor
+from prfaas_plugin.demo.ports import free_port as _free_port
 
 # A parent that spawns a grandchild and an HTTP server, like vLLM's API server + EngineCore.
 _TREE = textwrap.dedent(
@@ -40,14 +41,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_stop_all_kills_the_whole_process_tree(tmp_path) -> None:
     port = _free_port()
     with Supervisor(tmp_path) as sup:
@@ -71,6 +64,33 @@ def test_a_process_that_dies_fails_fast_with_its_log(tmp_path) -> None:
             sup.wait_healthy("broken", f"http://127.0.0.1:{_free_port()}/", timeout_s=60)
         assert "status 3" in str(info.value)
         assert time.monotonic() - t0 < 20
+
+
+def test_failure_shows_the_first_error_not_only_the_tail(tmp_path) -> None:
+    """vLLM's API server ends its log with 'See root cause above' hundreds of lines after the
+    engine core's real error; the message must carry that first error."""
+    script = ("import sys\n"
+              "print('starting'); print('ERROR worker.py: OSError: [Errno 98] Address already in use')\n"
+              "for i in range(200): print('noise', i)\n"
+              "print('RuntimeError: Engine core initialization failed. See root cause above.')\n"
+              "sys.exit(1)\n")
+    with Supervisor(tmp_path) as sup:
+        sup.start("engine", [sys.executable, "-c", script])
+        with pytest.raises(ProcessFailed) as info:
+            sup.wait_healthy("engine", f"http://127.0.0.1:{_free_port()}/", timeout_s=60)
+    text = str(info.value)
+    assert "Address already in use" in text and "See root cause above" in text
+    assert "noise 100" not in text
+
+
+def test_free_ports_avoid_the_kernels_ephemeral_range() -> None:
+    from prfaas_plugin.demo.ports import ephemeral_range, free_port
+
+    lo, hi = ephemeral_range()
+    ports = [free_port() for _ in range(20)]
+    assert len(set(ports)) == 20
+    if lo > 20100:
+        assert all(p < lo for p in ports)
 
 
 def test_cleanups_run_after_processes_even_on_interrupt(tmp_path) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import time
 from typing import Any, Callable
 
@@ -29,6 +28,7 @@ os.environ.setdefault("SGLANG_HOST_IP", "127.0.0.1")
 os.environ.setdefault("PRFAAS_SGLANG_LISTEN_HOST", "127.0.0.1")
 
 from sglang_helpers import LoopbackFabric  # noqa: E402
+from prfaas_plugin.demo.ports import free_port as _free_port
 
 PAGE = 4  # tokens per page
 N_LAYERS = 3
@@ -42,10 +42,6 @@ SWA_ITEM = 64
 SWA_PAGES = 24
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:

