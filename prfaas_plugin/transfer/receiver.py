@@ -624,11 +624,11 @@ class GrpcTcpReceiver(TransferReceiver):
                     wire.drain(conn, length, scratch)
                     continue
                 try:
-                    wire.recv_exact(conn, view)
+                    got_crc = wire.recv_exact_checksummed(conn, view, s.checksum)  # type: ignore[union-attr]
                 except BaseException:
                     s.end_chunk(item, offset, length, None, conn)  # type: ignore[union-attr]
                     raise
-                s.end_chunk(item, offset, length, s.checksum(view) == crc, conn)  # type: ignore[union-attr]
+                s.end_chunk(item, offset, length, got_crc == crc, conn)  # type: ignore[union-attr]
                 view = s = None  # hold no reference to the adapter's memory between frames
         except (OSError, ConnectionError, ValueError, ProtocolError):
             pass
