@@ -208,6 +208,91 @@ def test_prfaas_cluster_down_routes_local(tokenizer) -> None:
         r.stop(); d.stop()
 
 
+class _OneShotConnections:
+    """An HTTP server that answers the first request of each connection and then drops the
+    connection *after* the next request arrived, without answering: the race of an instance
+    closing an idle keep-alive connection just as the router reuses it, made deterministic."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.dropped = 0
+        self.answered = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _read_request(f) -> bool:
+        length = 0
+        line = f.readline()
+        if not line:
+            return False
+        while (line := f.readline()) not in (b"\r\n", b""):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        f.read(length)
+        return True
+
+    def _serve(self, conn) -> None:
+        f = conn.makefile("rb")
+        with conn:
+            if not self._read_request(f):
+                return
+            body = b'{"choices": [{"index": 0, "text": "ok"}], "kv_transfer_params": {"status": "sent", "bytes": 7}}'
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+                         + str(len(body)).encode() + b"\r\nconnection: keep-alive\r\n\r\n" + body)
+            self.answered += 1
+            if self._read_request(f):
+                self.dropped += 1  # closed with the request unread-to-answer
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_pooled_connection_dropped_before_any_answer_is_retried_once() -> None:
+    import asyncio
+
+    from prfaas_plugin.router.upstream import Upstream
+
+    srv = _OneShotConnections()
+
+    async def go() -> list[int]:
+        up = Upstream(connect_s=2, request_s=10, keepalive_s=60)
+        await up.start()
+        try:
+            statuses = []
+            for _ in range(3):  # streamed path (the consumer / local answer)
+                s = await up.open(f"http://127.0.0.1:{srv.port}/v1/completions", {"prompt": "x"})
+                await s.aread()
+                await s.aclose()
+                statuses.append(s.status_code)
+            for _ in range(3):  # read-whole path (the producer)
+                status, parsed, _ = await up.post_json(f"http://127.0.0.1:{srv.port}/v1/completions", {}, 5)
+                assert parsed["kv_transfer_params"]["bytes"] == 7
+                statuses.append(status)
+            return statuses
+        finally:
+            await up.close()
+
+    try:
+        assert asyncio.run(go()) == [200] * 6
+        assert srv.dropped >= 3  # the race really happened, and no request was lost to it
+        assert srv.answered == 6
+    finally:
+        srv.close()
+
+
 def test_client_disconnect_aborts_both_sides(tokenizer) -> None:
     p = FakeBackend("prefill", prefill_delay_s=3.0).start()
     d = FakeBackend("both", decode_delay_s=3.0).start()

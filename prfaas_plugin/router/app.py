@@ -114,7 +114,7 @@ class Router:
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         t = self.cfg.timeouts
-        self.client = Upstream(t.connect_s, t.request_s)
+        self.client = Upstream(t.connect_s, t.request_s, t.keepalive_s)
         await self.client.start()
         await self.fleet.check_health(self.client, t.connect_s)
         for inst in self.fleet.instances:
@@ -273,6 +273,12 @@ class Router:
                 bad.healthy, bad.last_error = False, f"unreachable: {exc}"
                 log.warning("request_id=%s: %s unreachable, re-routing: %s", rid, bad.url, exc)
                 self.metrics.fallbacks.labels("instance unreachable").inc()
+            except UpstreamError as exc:
+                # The instance took the connection but answered nothing usable (reset, framing):
+                # the request may have started there, so it is not re-sent elsewhere.
+                log.warning("request_id=%s: %s failed: %s", rid, d.decode.url, exc)
+                self.metrics.requests.labels(d.route, "upstream_error").inc()
+                return _error(502, f"instance {d.decode.url} failed: {exc}", "upstream_error")
         return _error(503, "no reachable instance", "service_unavailable")
 
     async def _dispatch(self, request: Request, path: str, body: dict, tokens: list[int], stream: bool, rid: str,

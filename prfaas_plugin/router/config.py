@@ -116,6 +116,10 @@ class TimeoutSpec(_Strict):
     connect_s: float = Field(default=3.0, gt=0)
     prefill_s: float = Field(default=120.0, gt=0)
     request_s: float = Field(default=600.0, gt=0)
+    #: How long an idle pooled connection to an instance is kept. Must stay *below* the
+    #: instances' own keep-alive (uvicorn, hence vLLM and SGLang: 5 s), or the router reuses a
+    #: connection the instance is closing and the request fails with "Server disconnected".
+    keepalive_s: float = Field(default=4.0, gt=0)
     health_every_s: float = Field(default=5.0, gt=0)
 
 

@@ -54,13 +54,14 @@ class Stream:
 
 
 class Upstream:
-    def __init__(self, connect_s: float, request_s: float) -> None:
-        self.connect_s, self.request_s = connect_s, request_s
+    def __init__(self, connect_s: float, request_s: float, keepalive_s: float = 4.0) -> None:
+        self.connect_s, self.request_s, self.keepalive_s = connect_s, request_s, keepalive_s
         self.session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True),
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True,
+                                           keepalive_timeout=self.keepalive_s),
             timeout=aiohttp.ClientTimeout(total=self.request_s, sock_connect=self.connect_s),
             auto_decompress=False, json_serialize=json.dumps)
 
@@ -71,19 +72,35 @@ class Upstream:
     async def open(self, url: str, body: dict[str, Any]) -> Stream:
         assert self.session is not None
         try:
-            resp = await self.session.post(url, json=body)
+            resp = await self._post_once_more_if_stale(url, body)
         except aiohttp.ClientConnectorError as exc:
             raise Unreachable(f"{url}: {exc}") from exc
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise UpstreamError(f"{url}: {type(exc).__name__}: {exc}") from exc
         return Stream(resp)
 
+    async def _post_once_more_if_stale(self, url: str, body: dict[str, Any],
+                                       timeout: aiohttp.ClientTimeout | None = None) -> aiohttp.ClientResponse:
+        """POST; if the connection dropped before any answer, once more on a fresh connection.
+
+        A pooled connection the instance closed as idle at the moment it was reused fails with
+        "Server disconnected" before the request was read, so resending cannot run it twice. An
+        instance that died instead refuses the fresh connection (Unreachable: the router
+        re-places the request) or drops it again (an UpstreamError for the caller)."""
+        assert self.session is not None
+        kw = {} if timeout is None else {"timeout": timeout}
+        try:
+            return await self.session.post(url, json=body, **kw)
+        except aiohttp.ServerDisconnectedError:
+            return await self.session.post(url, json=body, **kw)
+
     async def post_json(self, url: str, body: dict[str, Any], timeout_s: float) -> tuple[int, Any, str]:
         """(status, parsed JSON or None, text) of a request read to the end."""
         assert self.session is not None
         try:
-            async with self.session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout_s,
-                                                                                        sock_connect=self.connect_s)) as r:
+            r = await self._post_once_more_if_stale(
+                url, body, aiohttp.ClientTimeout(total=timeout_s, sock_connect=self.connect_s))
+            async with r:
                 text = await r.text()
         except aiohttp.ClientConnectorError as exc:
             raise Unreachable(f"{url}: {exc}") from exc
