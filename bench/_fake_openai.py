@@ -6,6 +6,7 @@ the producer role when the request carries producer kv_transfer_params).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 
@@ -30,8 +31,14 @@ async def completions(request: Request):  # type: ignore[no-untyped-def]
         return {"id": "p", "choices": [{"index": 0, "text": "x"}],
                 "kv_transfer_params": {"status": "sent", "bytes": 1 << 20}}
     if body.get("stream"):
+        # bench_token_delay_s > 0 plays a decoding engine: one token per delay, max_tokens of them.
+        delay = float(body.get("bench_token_delay_s") or 0.0)
+        n = int(body.get("max_tokens") or 4) if delay else 4
+
         async def gen():  # type: ignore[no-untyped-def]
-            for _ in range(4):
+            for i in range(n):
+                if delay and i:
+                    await asyncio.sleep(delay)
                 yield f"data: {_CHUNK}\n\n"
             yield "data: [DONE]\n\n"
 

@@ -73,7 +73,8 @@ class Upstream:
         assert self.session is not None
         try:
             resp = await self._post_once_more_if_stale(url, body)
-        except aiohttp.ClientConnectorError as exc:
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            # No connection was made, so nothing was sent: placing the request elsewhere is safe.
             raise Unreachable(f"{url}: {exc}") from exc
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise UpstreamError(f"{url}: {type(exc).__name__}: {exc}") from exc
@@ -102,7 +103,7 @@ class Upstream:
                 url, body, aiohttp.ClientTimeout(total=timeout_s, sock_connect=self.connect_s))
             async with r:
                 text = await r.text()
-        except aiohttp.ClientConnectorError as exc:
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise Unreachable(f"{url}: {exc}") from exc
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise UpstreamError(f"{url}: {type(exc).__name__}: {exc}") from exc
