@@ -11,10 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from prfaas_plugin.demo.ports import free_port
+from prfaas_plugin.router.app import create_app
+from prfaas_plugin.router.config import RouterConfig
+from prfaas_plugin.router.tokenize import PromptTokenizer
 
 WORDS = [f"w{i}" for i in range(200)]
 
@@ -146,3 +150,31 @@ class FakeBackend:
                 raise
 
         return StreamingResponse(gen(), media_type="text/event-stream")
+
+
+class RunningRouter:
+    def __init__(self, cfg: RouterConfig, tokenizer: PromptTokenizer) -> None:
+        self.app = create_app(cfg, tokenizer)
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 15
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert self.server.started
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def router(self):
+        return self.app.state.router
+
+    def post(self, path: str, body: dict, **kw) -> httpx.Response:
+        return httpx.post(self.url + path, json=body, timeout=30, **kw)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

@@ -9,13 +9,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 import yaml
 
-from prfaas_plugin.router.app import create_app
 from prfaas_plugin.router.config import RouterConfig, RouterConfigError, load_router_config
 from prfaas_plugin.router.tokenize import PromptTokenizer
-from router_helpers import FakeBackend, build_tokenizer, free_port, words
+from router_helpers import FakeBackend, RunningRouter, build_tokenizer, words
 
 MODEL = "tiny"
 
@@ -23,34 +21,6 @@ MODEL = "tiny"
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory) -> PromptTokenizer:
     return PromptTokenizer(str(build_tokenizer(tmp_path_factory.mktemp("tok"))))
-
-
-class RunningRouter:
-    def __init__(self, cfg: RouterConfig, tokenizer: PromptTokenizer) -> None:
-        self.app = create_app(cfg, tokenizer)
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 15
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert self.server.started
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def router(self):
-        return self.app.state.router
-
-    def post(self, path: str, body: dict, **kw) -> httpx.Response:
-        return httpx.post(self.url + path, json=body, timeout=30, **kw)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 def _cfg(p: FakeBackend | None, d: FakeBackend, tokenizer_dir: str = "/unused", **kw) -> RouterConfig:

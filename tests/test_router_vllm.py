@@ -1,0 +1,122 @@
+"""The router end to end with real vLLM (CPU) and the prfaas connector, driven by the official
+``openai`` client: a mixed workload where long prompts are prefilled on the PrfaaS instance and
+decoded on the local one, short prompts stay local, and every answer equals a single-instance run.
+
+One hybrid model (Qwen3-Next: Gated DeltaNet + full attention), the case PrfaaS exists for. The
+single-instance reference is the producer instance serving the same request without
+kv_transfer_params (greedy decoding is deterministic).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import httpx
+import pytest
+
+from router_helpers import RunningRouter
+from vllm_helpers import Supervisor, requires_vllm, start_pair
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, requires_vllm, pytest.mark.timeout(900)]
+
+THRESHOLD = 48  # tokens: the short prompts below are under it, the long ones far over
+MAX_TOKENS = 16
+SHORT = ["The capital of France is", "Prefill and decode are", "Count to five:"]
+_BODY = ("moves the KV cache of long prompts from a compute-dense prefill cluster to bandwidth-rich decode "
+         "instances over ordinary Ethernet, layer by layer, while the prefill is still running. ")
+LONG = [f"{head} {_BODY * 2}" for head in ("PrfaaS", "The planner", "A router", "Each request")]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    from prfaas_plugin.demo.tiny_models import build
+    from prfaas_plugin.router.config import RouterConfig
+    from prfaas_plugin.router.tokenize import PromptTokenizer
+
+    model = build("tiny-qwen3next", tmp_path_factory.getbasetemp() / "models")
+    with Supervisor(tmp_path_factory.mktemp("logs-router-vllm")) as sup:
+        pair = start_pair(sup, model)
+        cfg = RouterConfig.model_validate({
+            "model": str(model), "tokenizer": str(model), "block_size": 16,
+            "threshold": {"mode": "fixed", "tokens": THRESHOLD}, "transfer_deadline_s": 120,
+            "timeouts": {"prefill_s": 300, "request_s": 600},
+            "clusters": [{"name": "prfaas", "kind": "prfaas", "prefill": [{"url": pair.producer}]},
+                         {"name": "local", "kind": "local",
+                          "both": [{"url": pair.consumer, "kv_endpoint": pair.decode_endpoint}]}]})
+        router = RunningRouter(cfg, PromptTokenizer(str(model)))
+        try:
+            yield pair, router, str(model)
+        finally:
+            router.stop()
+
+
+def _reference(url: str, path: str, body: dict) -> str:
+    r = httpx.post(f"{url}{path}", json={**body, "temperature": 0, "max_tokens": MAX_TOKENS}, timeout=300)
+    r.raise_for_status()
+    choice = r.json()["choices"][0]
+    return choice["text"] if "text" in choice else choice["message"]["content"]
+
+
+def _records_when_settled(url: str, timeout_s: float = 60) -> dict[str, dict]:
+    """The router's records once every remote request's producer answered (the client's answer
+    can arrive before the producer's own response, which carries the transfer outcome)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        recs = {r["request_id"]: r for r in httpx.get(f"{url}/admin/requests?limit=100", timeout=10).json()["requests"]}
+        if all(r["transfer_status"] for r in recs.values() if r["route"] == "prfaas") or time.monotonic() > deadline:
+            return recs
+        time.sleep(0.2)
+
+
+def test_mixed_workload_through_the_openai_client_equals_single_instance(stack):
+    import openai
+
+    pair, router, model = stack
+    client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", timeout=600, max_retries=0)
+
+    def one(prompt: str) -> tuple[str, str, str]:
+        raw = client.completions.with_raw_response.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS,
+                                                          temperature=0)
+        return raw.headers["x-prfaas-route"], raw.headers["x-request-id"], raw.parse().choices[0].text
+
+    prompts = [p for pair_ in zip(LONG, SHORT + [SHORT[0]]) for p in pair_]  # long, short, long, short, ...
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(one, prompts))
+    records = _records_when_settled(router.url)
+    for prompt, (route, rid, text) in zip(prompts, results):
+        expected = "prfaas" if prompt in LONG else "local"
+        assert route == expected, (prompt, route, records.get(rid))
+        rec = records[rid]
+        assert not rec.get("fallback"), rec
+        if route == "prfaas":
+            assert rec["transfer_status"] == "sent" and rec["kv_bytes"] > 0, rec
+        assert text == _reference(pair.producer, "/v1/completions", {"prompt": prompt}), prompt
+
+
+def test_streaming_and_chat_through_the_openai_client(stack):
+    import openai
+
+    pair, router, model = stack
+    client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", timeout=600, max_retries=0)
+    prompt = "A long context: " + _BODY * 2
+
+    stream = client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True)
+    streamed = "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
+    assert streamed == _reference(pair.producer, "/v1/completions", {"prompt": prompt})
+
+    messages = [{"role": "user", "content": "Summarise: " + _BODY * 2}]
+    raw = client.chat.completions.with_raw_response.create(model=model, messages=messages, max_tokens=MAX_TOKENS,
+                                                           temperature=0)
+    assert raw.headers["x-prfaas-route"] == "prfaas"
+    chat = raw.parse().choices[0].message.content
+    assert chat == _reference(pair.producer, "/v1/chat/completions", {"messages": messages})
+
+    chunks = client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0,
+                                            stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat
+
+    metrics = httpx.get(f"{router.url}/metrics", timeout=10).text
+    remote = [line for line in metrics.splitlines()
+              if line.startswith("prfaas_router_decisions_total{") and 'route="prfaas"' in line]
+    assert remote and sum(float(line.rsplit(" ", 1)[1]) for line in remote) >= 3, metrics[:2000]
