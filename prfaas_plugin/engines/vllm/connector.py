@@ -95,6 +95,23 @@ class PrfaaSConnector(KVConnectorBase_V1, SupportsHMA):
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.load_errors()
 
+    # ---------------- telemetry (worker -> scheduler -> API server's /metrics) ----------------
+    def get_kv_connector_stats(self) -> Any:
+        return self._worker.take_stats() if self._worker is not None else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: Optional[dict[str, Any]] = None) -> Any:
+        from prfaas_plugin.engines.vllm.stats import PrfaaSConnectorStats
+
+        return PrfaaSConnectorStats(data=data) if data is not None else PrfaaSConnectorStats()
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: Any, metric_types: dict, labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> Any:
+        from prfaas_plugin.engines.vllm.stats import PrfaaSPromMetrics
+
+        return PrfaaSPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()

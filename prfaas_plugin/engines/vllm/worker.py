@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any, Optional
 
@@ -21,7 +22,7 @@ import torch
 from prfaas_plugin.engines.vllm import layout, packing
 from prfaas_plugin.engines.vllm.meta import PrfaaSMetadata, Transfer
 from prfaas_plugin.engines.vllm.options import Options
-from prfaas_plugin.engines.vllm.telemetry import LOAD_FAILURES, TRANSFER_BYTES
+from prfaas_plugin.engines.vllm.stats import PrfaaSConnectorStats
 from prfaas_plugin.transfer import (
     GrpcTcpReceiver,
     GrpcTcpSender,
@@ -80,6 +81,8 @@ class WorkerSide:
         self._sched_finished: set[str] = set()
         self._load_errors: set[int] = set()
         self._lock = threading.Lock()
+        self.stats = PrfaaSConnectorStats()
+        self._load_started: dict[str, float] = {}
 
     # -- setup ---------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
@@ -135,6 +138,7 @@ class WorkerSide:
             self._sends[t.req_id] = (h, t, set(), [])
         except Exception as e:  # never pin blocks: report the request as done (failed) at once
             log.error("prfaas: cannot open transfer %s for %s: %s", t.transfer_id, t.req_id, e)
+            self.stats.record_send_failure(type(e).__name__)
             f: Future = Future()
             f.set_exception(e)
             self._send_futs[t.req_id] = f
@@ -181,6 +185,7 @@ class WorkerSide:
                 continue
             h = self.receiver.expect(t.transfer_id, t.token, self.fp, _Sink(self, t), deadline_s=t.deadline_s)
             self._loads[t.req_id] = (h, t)
+            self._load_started[t.req_id] = time.monotonic()
 
     # -- completion ----------------------------------------------------------------------------
     def transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
@@ -191,6 +196,10 @@ class WorkerSide:
             if h.done.done():
                 self._send_futs[rid] = h.done
                 del self._sends[rid]  # drops the packed buffers: the receiver has them
+                if h.done.exception() is None:
+                    self.stats.record_sent(h.manifest.total_bytes)
+                else:
+                    self.stats.record_send_failure(type(h.done.exception()).__name__)
         for rid in list(self._send_futs):
             if rid in self._sched_finished:
                 f = self._send_futs.pop(rid)
@@ -205,15 +214,16 @@ class WorkerSide:
                 continue
             del self._loads[rid]
             recving.add(rid)
+            started = self._load_started.pop(rid, None)
             err = h.done.exception()
             if err is None:
                 m = h.done.result()
-                TRANSFER_BYTES.inc(m.total_bytes)
+                self.stats.record_load(m.total_bytes, time.monotonic() - started if started else 0.0)
                 log.info("prfaas: loaded transfer %s for request %s: %d bytes in %d items",
                          t.transfer_id, rid, m.total_bytes, len(m.items))
                 continue
             failed.add(rid)
-            LOAD_FAILURES.labels(type(err).__name__).inc()
+            self.stats.record_load_failure(type(err).__name__)
             if len(self.groups) == 1:  # vLLM takes block-level errors for single-group models only;
                 # with several groups (hybrid/SWA) failed_recving alone makes it recompute the request
                 self._load_errors.update(b for b in t.block_ids[0] if b)
@@ -222,6 +232,10 @@ class WorkerSide:
         # the scheduler only reports finished ids once; keep those not yet matched to a send
         self._sched_finished &= set(self._sends) | set(self._send_futs) | {t.req_id for t in self.meta.sends}
         return sending, recving, failed
+
+    def take_stats(self) -> Optional[PrfaaSConnectorStats]:
+        """This interval's transfers for vLLM's stats channel, or None when nothing happened."""
+        return None if self.stats.is_empty() else self.stats.clone_and_reset()
 
     def load_errors(self) -> set[int]:
         out, self._load_errors = self._load_errors, set()
