@@ -97,6 +97,33 @@ def test_reset_after_bytes_cuts_the_stream(sink) -> None:
     assert sink.received and len(sink.received[0]) <= 1 << 20
 
 
+def test_a_shared_budget_covers_connections_opened_later_and_once_heals(sink) -> None:
+    """per_connection=False: the budget counts all connections from the moment the plan is set,
+    so a reconnecting sender gets no fresh allowance; once=True resets every open connection a
+    single time and then forwards again (a middlebox restart)."""
+    with FaultProxy(sink.address) as proxy:
+        first = socket.create_connection(proxy.address, timeout=10)
+        first.sendall(b"a" * 1000)
+        time.sleep(0.2)
+        proxy.set_fault(FaultPlan(FaultKind.BLACKHOLE, after_bytes=500, per_connection=False))
+        first.sendall(b"b" * 1000)
+        late = socket.create_connection(proxy.address, timeout=10)
+        late.sendall(b"c" * 1000)
+        time.sleep(0.3)
+        assert proxy.stats.bytes_up <= 1000 + 500 + 256 * 1024  # the late connection got no budget of its own
+        before = proxy.stats.bytes_up
+        time.sleep(0.2)
+        assert proxy.stats.bytes_up == before  # stalled
+        proxy.set_fault(FaultPlan(FaultKind.RESET, after_bytes=0, per_connection=False, once=True))
+        deadline = time.monotonic() + 5
+        while proxy.stats.resets < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proxy.stats.resets == 2 and proxy.plan.kind is FaultKind.NONE
+        first.close(); late.close()
+        payload = b"after the restart" * 1000
+        assert _send(proxy.address, payload) == hashlib.sha256(payload).digest()
+
+
 def test_corrupt_flips_bits_at_the_asked_spacing(sink) -> None:
     payload = bytes(1 << 20)
     with FaultProxy(sink.address) as proxy:

@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from vllm_helpers import Supervisor, complete, requires_vllm, start_pair
+from prfaas_plugin.faults.proxy import FaultKind, FaultPlan, FaultProxy
+from vllm_helpers import Supervisor, complete, free_port, requires_vllm, start_pair
 
 # the first test of each model also pays for starting its pair (60-400 s on a loaded 2-core box)
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, requires_vllm, pytest.mark.timeout(900)]
@@ -29,9 +30,14 @@ def pair(request, tmp_path_factory):
     from prfaas_plugin.demo.tiny_models import build
 
     model = build(request.param, tmp_path_factory.getbasetemp() / "models")
-    with Supervisor(tmp_path_factory.mktemp(f"logs-{request.param}")) as sup:
-        p = start_pair(sup, model)
+    # The consumer's data plane is reached through a fault proxy (forwarding untouched unless a
+    # test arms it), exercising the connector's data_port/advertise_data options on the way.
+    data_port = free_port()
+    with FaultProxy(upstream=("127.0.0.1", data_port)) as proxy, \
+            Supervisor(tmp_path_factory.mktemp(f"logs-{request.param}")) as sup:
+        p = start_pair(sup, model, data_port=data_port, advertise_data=proxy.endpoint)
         p.model = request.param  # type: ignore[attr-defined]
+        p.proxy = proxy  # type: ignore[attr-defined]
         yield p
 
 
@@ -142,3 +148,57 @@ def test_failed_transfer_recomputes_and_frees_blocks(pair):
     assert _metric_reaches(pair.consumer, "vllm:prfaas_kv_load_failures_total", failures0 + 1) == failures0 + 1
     assert _settled_usage(pair.producer, p0) == p0, "producer leaked blocks"
     assert _settled_usage(pair.consumer, c0) == c0, "consumer leaked blocks"
+
+
+def _armed(pair, plan: FaultPlan, prompt: str, deadline_s: float):
+    """Run one P/D request with the data path under ``plan``. The producer's answer only says
+    the KV was handed to its transfer engine ("sent"); the outcome is D's to tell."""
+    proxy = pair.proxy
+    resets0, up0 = proxy.stats.resets, proxy.stats.bytes_up
+    proxy.set_fault(plan)
+    try:
+        res = _pd(pair, prompt, deadline_s=deadline_s)
+    finally:
+        proxy.set_fault(FaultPlan())
+    assert proxy.stats.bytes_up > up0, "no byte of the transfer passed before the fault"
+    return res, proxy.stats.resets - resets0
+
+
+def test_connections_reset_mid_transfer_are_resent_on_fresh_ones(pair):
+    """A middlebox restarts mid-transfer, resetting every data connection: the sender reconnects
+    and resends the unconfirmed chunks; the transfer completes and the output is exact."""
+    prompt = "Connections reset in the middle. " + PROMPT * 4
+    ref = complete(pair.producer, prompt)
+    failures0 = _metric(pair.consumer, "vllm:prfaas_kv_load_failures_total")
+    # 4 KiB into this transfer every open data connection is reset (a middlebox restarting)
+    res, resets = _armed(pair, FaultPlan(FaultKind.RESET, after_bytes=4096, per_connection=False, once=True),
+                         prompt, deadline_s=60)
+    assert resets > 0, "the fault never hit a transfer"
+    assert res.transfer.get("status") == "sent", res.transfer
+    assert res.text == ref
+    assert _received_bytes(pair, res.transfer["transfer_id"]) == res.transfer["bytes"]  # D loaded it all
+    assert _metric(pair.consumer, "vllm:prfaas_kv_load_failures_total") == failures0
+
+
+def test_transfer_stalled_mid_way_recomputes_and_frees_blocks(pair):
+    """The data path goes silent mid-transfer (connections open, nothing forwarded): the
+    deadline fails the transfer on both sides, D recomputes with the same output and counts the
+    failure on /metrics, both instances free every block, and once the path heals the next
+    transfer goes through."""
+    p0, c0 = _settled_usage(pair.producer, 0.0), _settled_usage(pair.consumer, 0.0)
+    failures0 = _metric(pair.consumer, "vllm:prfaas_kv_load_failures_total")
+    send_failures0 = _metric(pair.producer, "vllm:prfaas_kv_send_failures_total")
+    prompt = "The path stalls in the middle. " + PROMPT * 4
+    ref = complete(pair.producer, prompt)
+    # 4 KiB of this transfer cross, then nothing on any connection, old or new
+    res, _ = _armed(pair, FaultPlan(FaultKind.BLACKHOLE, after_bytes=4096, per_connection=False), prompt,
+                    deadline_s=5)
+    assert res.text == ref
+    assert _metric_reaches(pair.consumer, "vllm:prfaas_kv_load_failures_total", failures0 + 1) == failures0 + 1
+    assert _metric_reaches(pair.producer, "vllm:prfaas_kv_send_failures_total",
+                           send_failures0 + 1) == send_failures0 + 1
+    assert _settled_usage(pair.producer, p0) == p0, "producer leaked blocks"
+    assert _settled_usage(pair.consumer, c0) == c0, "consumer leaked blocks"
+
+    healed = _pd(pair, "After the stall. " + PROMPT)
+    assert _received_bytes(pair, healed.transfer["transfer_id"]) == healed.transfer["bytes"]

@@ -60,10 +60,11 @@ class Pair:
     decode_endpoint: str
 
 
-def start_pair(sup: Supervisor, model: Path, timeout_s: float = 600) -> Pair:
+def start_pair(sup: Supervisor, model: Path, timeout_s: float = 600, **consumer_extra: Any) -> Pair:
     pp, cp, rx = free_port(), free_port(), free_port()
     sup.start("producer", server_argv(model, pp, prfaas_ktc("kv_producer")), env=server_env(0))
-    sup.start("consumer", server_argv(model, cp, prfaas_ktc("kv_consumer", f"127.0.0.1:{rx}")), env=server_env(1))
+    sup.start("consumer", server_argv(model, cp, prfaas_ktc("kv_consumer", f"127.0.0.1:{rx}", **consumer_extra)),
+              env=server_env(1))
     for name, port in (("producer", pp), ("consumer", cp)):
         sup.wait_healthy(name, f"http://127.0.0.1:{port}/health", timeout_s)
     return Pair(sup, f"http://127.0.0.1:{pp}", f"http://127.0.0.1:{cp}", f"127.0.0.1:{rx}")

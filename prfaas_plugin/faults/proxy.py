@@ -36,6 +36,13 @@ class FaultPlan:
     after_bytes: int = 0
     rate_bytes_per_s: float = 0.0
     corrupt_every: int = 1 << 20
+    #: False: ``after_bytes`` counts every connection's bytes together from the moment the plan
+    #: is set, so connections opened later (a sender reconnecting) are faulty from their first
+    #: byte once the budget is spent -- "the path dies N bytes into this transfer".
+    per_connection: bool = True
+    #: RESET only: when the budget is spent, reset *every* open connection once and heal (a
+    #: middlebox restarting): what a sender must survive by reconnecting and resending.
+    once: bool = False
 
     def __post_init__(self) -> None:
         if self.after_bytes < 0:
@@ -66,6 +73,7 @@ class FaultProxy:
         self._listen = listen
         self.plan = FaultPlan()
         self.stats = ProxyStats()
+        self._plan_base = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
         self._thread: threading.Thread | None = None
@@ -102,6 +110,7 @@ class FaultProxy:
 
     def set_fault(self, plan: FaultPlan) -> None:
         """Applies at once to open connections and to new ones."""
+        self._plan_base = self.stats.bytes_up
         self.plan = plan
 
     @property
@@ -160,23 +169,30 @@ class FaultProxy:
         since_flip = 0
         while True:
             plan = self.plan
-            if plan.kind is FaultKind.RESET and passed >= plan.after_bytes:
+            seen = passed if plan.per_connection else self.stats.bytes_up - self._plan_base
+            if plan.kind is FaultKind.RESET and seen >= plan.after_bytes:
+                if plan.once:
+                    self.plan = FaultPlan()
+                    self.stats.resets += len(self._writers) // 2
+                    for w in list(self._writers):
+                        _abort(w)
+                    return "reset"
                 self.stats.resets += 1
                 _abort(writer)
                 _abort(client)
                 return "reset"
-            if plan.kind is FaultKind.BLACKHOLE and passed >= plan.after_bytes:
+            if plan.kind is FaultKind.BLACKHOLE and seen >= plan.after_bytes:
                 await asyncio.sleep(0.05)  # hold the connection open, forward nothing
                 continue
             limit = _CHUNK
-            if plan.kind is not FaultKind.NONE and passed < plan.after_bytes:
-                limit = min(limit, plan.after_bytes - passed)
+            if plan.kind is not FaultKind.NONE and seen < plan.after_bytes:
+                limit = min(limit, plan.after_bytes - seen)
             data = await reader.read(limit)
             if not data:
                 if writer.can_write_eof():
                     writer.write_eof()  # half-close: the reply may still flow back
                 return "eof"
-            if plan.kind is FaultKind.CORRUPT and passed >= plan.after_bytes:
+            if plan.kind is FaultKind.CORRUPT and seen >= plan.after_bytes:
                 buf = bytearray(data)
                 pos = plan.corrupt_every - since_flip - 1
                 while pos < len(buf):
@@ -185,7 +201,7 @@ class FaultProxy:
                     pos += plan.corrupt_every
                 since_flip = (since_flip + len(buf)) % plan.corrupt_every
                 data = bytes(buf)
-            if plan.kind is FaultKind.THROTTLE and passed >= plan.after_bytes:
+            if plan.kind is FaultKind.THROTTLE and seen >= plan.after_bytes:
                 await asyncio.sleep(len(data) / plan.rate_bytes_per_s)
             writer.write(data)
             await writer.drain()

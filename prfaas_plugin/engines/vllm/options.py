@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Optional
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Options(BaseModel):
@@ -18,13 +18,24 @@ class Options(BaseModel):
     kv_load_failure_policy: Literal["recompute", "fail"] = "recompute"
     #: a model identity both sides must agree on (default: the model path's last component)
     model_id: str = ""
+    #: consumer: fixed data-plane port (+ tp_rank per worker) for firewall rules; 0 = any free port
+    data_port: int = Field(default=0, ge=0, lt=65536)
+    #: consumer: the data-plane ``host:port`` producers should dial when it differs from the bound
+    #: one (NAT, a load balancer or a proxy in between); tp_rank is added to the port
+    advertise_data: Optional[str] = None
+    #: producer: data connections per receiver (striping width; 4 fill a 2 Gbit/s, 20 ms link)
+    connections: int = Field(default=4, ge=1, le=64)
+    #: producer: egress budget in Gbit/s for this instance's transfers (None = unpaced)
+    pacing_gbps: Optional[float] = Field(default=None, gt=0)
 
-    @field_validator("listen")
+    @field_validator("listen", "advertise_data")
     @classmethod
-    def _hostport(cls, v: str) -> str:
+    def _hostport(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return v
         host, _, port = v.rpartition(":")
         if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-            raise ValueError(f"listen must be 'host:port', got {v!r}")
+            raise ValueError(f"must be 'host:port', got {v!r}")
         return v
 
     @classmethod

@@ -103,11 +103,21 @@ class WorkerSide:
                                      tp_size=pc.tensor_parallel_size, model=self.opts.model_id or self.cfg.model_config.model.rstrip("/").rsplit("/", 1)[-1],
                                      dtype=str(self.cfg.cache_config.cache_dtype))
         if self.consumer:
+            rank = self.fp.fields["tp_rank"]
             host, _, port = self.opts.listen.rpartition(":")
-            self.receiver = GrpcTcpReceiver(ReceiverConfig(listen=f"{host}:{int(port) + self.fp.fields['tp_rank']}"))
-            log.info("prfaas: receiver listening on %s", self.receiver.endpoint)
+            advertise = None
+            if self.opts.advertise_data:
+                a_host, _, a_port = self.opts.advertise_data.rpartition(":")
+                advertise = f"{a_host}:{int(a_port) + rank}"
+            self.receiver = GrpcTcpReceiver(ReceiverConfig(
+                listen=f"{host}:{int(port) + rank}", data_port=self.opts.data_port + rank if self.opts.data_port else 0,
+                advertise_data=advertise))
+            log.info("prfaas: receiver listening on %s (data plane %s%s)", self.receiver.endpoint,
+                     self.receiver.bound_data_endpoint, f", advertised as {advertise}" if advertise else "")
         if self.producer:
-            self.sender = GrpcTcpSender(SenderConfig(sender_id=f"vllm-{self.cfg.kv_transfer_config.engine_id}"))
+            self.sender = GrpcTcpSender(SenderConfig(sender_id=f"vllm-{self.cfg.kv_transfer_config.engine_id}",
+                                                     connections=self.opts.connections,
+                                                     pacing_gbps=self.opts.pacing_gbps))
 
     def part(self, layer: str, i: int) -> tuple[torch.Tensor, int]:
         try:
