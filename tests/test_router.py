@@ -438,3 +438,72 @@ def test_example_config_validates() -> None:
     cfg = load_router_config(Path(__file__).resolve().parents[1] / "examples" / "router" / "clusters.yaml")
     assert cfg.threshold.mode == "auto" and Path(cfg.threshold.planner).is_file()
     assert [c.kind for c in cfg.clusters] == ["prfaas", "local"]
+
+
+# -- SGLang pools: its PD protocol instead of kv_transfer_params -----------------------------------
+def _sglang_cfg(p: FakeBackend, lp: FakeBackend, d: FakeBackend) -> RouterConfig:
+    """No kv_endpoint anywhere: SGLang decode instances find the prefill through its bootstrap server."""
+    return RouterConfig.model_validate({
+        "model": MODEL, "tokenizer": "/unused", "block_size": 4, "engine": "sglang",
+        "threshold": {"mode": "fixed", "tokens": 40}, "bandwidth_mode": "scarce",
+        "timeouts": {"health_every_s": 0.3, "prefill_s": 10},
+        "clusters": [{"name": "remote", "kind": "prfaas", "prefill": [{"url": p.url, "bootstrap_port": 9100}]},
+                     {"name": "local", "kind": "local", "prefill": [{"url": lp.url, "bootstrap_port": 9200}],
+                      "decode": [{"url": d.url}]}]})
+
+
+def _pair_bodies(prefill: FakeBackend, decode: FakeBackend) -> tuple[dict, dict]:
+    (pb,), (db,) = [s.body for s in prefill.seen], [s.body for s in decode.seen]
+    return pb, db
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_sglang_pool_gets_bootstrap_fields_on_both_sides(tokenizer, stream) -> None:
+    p, lp, d = FakeBackend("prefill").start(), FakeBackend("prefill").start(), FakeBackend("decode").start()
+    r = RunningRouter(_sglang_cfg(p, lp, d), tokenizer)
+    try:
+        resp = r.post("/v1/completions", _completion(100, stream=stream))  # long: remote prefill
+        assert resp.status_code == 200 and resp.headers["x-prfaas-route"] == "prfaas"
+        pb, db = _pair_bodies(p, d)
+        assert not lp.seen
+        for b in (pb, db):
+            assert "kv_transfer_params" not in b
+            assert (b["bootstrap_host"], b["bootstrap_port"]) == ("127.0.0.1", 9100)
+        assert pb["bootstrap_room"] == db["bootstrap_room"] and 0 <= pb["bootstrap_room"] < 2**63
+        assert pb["stream"] is False and db.get("stream", False) is stream  # the prefill's answer is read whole
+        assert pb["max_tokens"] == db["max_tokens"] == 8  # SGLang's prefill gets the client's body
+        rec = r.router.records[resp.headers["x-request-id"]]
+        assert rec.transfer_id == f"bootstrap_room={db['bootstrap_room']}"
+
+        d.seen.clear()
+        resp = r.post("/v1/completions", _completion(10, start=7, stream=stream))  # short: local P/D pair
+        assert resp.status_code == 200 and resp.headers["x-prfaas-route"] == "local"
+        pb2, db2 = _pair_bodies(lp, d)
+        assert (pb2["bootstrap_host"], pb2["bootstrap_port"], pb2["bootstrap_room"]) == \
+               (db2["bootstrap_host"], 9200, db2["bootstrap_room"])
+        assert db2["bootstrap_room"] != db["bootstrap_room"]
+    finally:
+        r.stop(); p.stop(); lp.stop(); d.stop()
+
+
+def test_sglang_remote_prefill_failure_retries_on_a_local_pair(tokenizer) -> None:
+    p = FakeBackend("prefill", status=500).start()
+    # a decode answers only once its KV arrived: here, later than the prefill's failure
+    lp, d = FakeBackend("prefill").start(), FakeBackend("decode", decode_delay_s=0.5).start()
+    r = RunningRouter(_sglang_cfg(p, lp, d), tokenizer)
+    try:
+        resp = r.post("/v1/completions", _completion(100))
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["x-prfaas-fallback"] == "prfaas failed"
+        (lpb,) = [s.body for s in lp.seen]
+        rooms = [s.body["bootstrap_room"] for s in d.seen]
+        assert lpb["bootstrap_port"] == 9200 and rooms[-1] == lpb["bootstrap_room"]
+        assert len(set(rooms)) == len(rooms)  # a fresh room for the retry
+    finally:
+        r.stop(); p.stop(); lp.stop(); d.stop()
+
+
+def test_vllm_pools_still_need_a_transfer_endpoint_per_decoder() -> None:
+    with pytest.raises(ValueError, match="needs kv_endpoint"):
+        RouterConfig.model_validate({"model": MODEL, "tokenizer": "/unused", "clusters": [
+            {"name": "local", "kind": "local", "prefill": [{"url": "http://a:1"}], "decode": [{"url": "http://b:1"}]}]})

@@ -18,7 +18,6 @@ import collections
 import contextlib
 import json
 import logging
-import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from prfaas_plugin.router.policy import Decision, NoInstance, decide
 from prfaas_plugin.router.prefix_index import PrefixIndex
 from prfaas_plugin.router.threshold import ThresholdController
 from prfaas_plugin.router.tokenize import PromptError, PromptTokenizer
+from prfaas_plugin.router.pd_bodies import sglang_bodies, vllm_bodies
 from prfaas_plugin.router.upstream import Stream, Unreachable, Upstream, UpstreamError
 
 log = logging.getLogger("prfaas.router")
@@ -42,7 +42,6 @@ log = logging.getLogger("prfaas.router")
 MAX_BODY_BYTES = 64 << 20
 #: Request bodies up to this size are tokenised inline on the event loop (see Router._tokenize).
 INLINE_TOKENIZE_BYTES = 8 << 10
-PROTOCOL_VERSION = 1
 
 
 class ClientError(Exception):
@@ -72,6 +71,7 @@ class Record:
     started_at: float
     stream: bool
     kv_bytes: int = 0
+    transfer_id: str | None = None
     transfer_status: str | None = None
     fallback: str | None = None
     queue_s: float = 0.0
@@ -331,16 +331,8 @@ class Router:
     # -- producer + consumer -------------------------------------------------------------------------
     async def _two_phase(self, path: str, body: dict, d: Decision, rec: Record, tokens: list[int], stream: bool,
                          headers: dict, arrived: float) -> Response:
-        assert d.prefill is not None and d.decode.kv_endpoint is not None
-        transfer_id, token = uuid.uuid4().hex, secrets.token_urlsafe(24)
-        common = {"prfaas_version": PROTOCOL_VERSION, "transfer_id": transfer_id, "token": token,
-                  "deadline_s": self.cfg.transfer_deadline_s}
-        prod_body = {k: v for k, v in body.items() if k != "stream_options"}
-        prod_body.update(max_tokens=1, stream=False,
-                         kv_transfer_params={**common, "role": "producer", "decode_endpoint": d.decode.kv_endpoint})
-        if "max_completion_tokens" in prod_body:
-            prod_body["max_completion_tokens"] = 1
-        cons_body = {**body, "kv_transfer_params": {**common, "role": "consumer"}}
+        assert d.prefill is not None
+        prod_body, cons_body = self._pd_bodies(body, d.prefill, d.decode, rec)
         prod_task = asyncio.create_task(self._produce(d.prefill, path, prod_body))
         pending: list[asyncio.Task[Any]] = []
         resp: Stream | None = None
@@ -365,11 +357,22 @@ class Router:
                     resp = None
                     return await self._fallback(path, body, d, rec, prod_task.result(), stream, headers, arrived)
                 first = got
-            elif resp.status_code != 200 and prod_task.done() and not prod_task.result().ok:
+            elif resp.status_code != 200 and (self.cfg.engine == "sglang" or
+                                              (prod_task.done() and not prod_task.result().ok)):
+                # SGLang reports a failed transfer as the decode's error (KVTransferError), and
+                # nothing reached the client yet: the same fallback as a failed producer.
+                if not prod_task.done():
+                    prod_task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await prod_task
+                prod = (prod_task.result() if prod_task.done() and not prod_task.cancelled()
+                        else _Producer(False, error="cancelled"))
+                if prod.ok:
+                    prod = _Producer(False, error=f"decode HTTP {resp.status_code}", seconds=prod.seconds)
                 await resp.aread()
                 await self._discard(resp, d.decode)
                 resp = None
-                return await self._fallback(path, body, d, rec, prod_task.result(), stream, headers, arrived)
+                return await self._fallback(path, body, d, rec, prod, stream, headers, arrived)
         except BaseException:
             prod_task.cancel()
             for task in pending:
@@ -379,6 +382,15 @@ class Router:
             raise
         self._finish_producer_later(prod_task, d, rec, tokens)
         return await self._relay(resp, d.decode, rec, headers, arrived, stream, first=first, chunks=chunks)
+
+    def _pd_bodies(self, body: dict, prefill: Instance, decode: Instance, rec: Record) -> tuple[dict, dict]:
+        if self.cfg.engine == "sglang":
+            prod, cons, room = sglang_bodies(body, prefill.url, prefill.bootstrap_port)
+            rec.transfer_id = f"bootstrap_room={room}"
+        else:
+            assert decode.kv_endpoint is not None
+            prod, cons, rec.transfer_id = vllm_bodies(body, decode.kv_endpoint, self.cfg.transfer_deadline_s)
+        return prod, cons
 
     def _finish_producer_later(self, prod_task: asyncio.Task[_Producer], d: Decision, rec: Record,
                                tokens: list[int]) -> None:
@@ -429,9 +441,31 @@ class Router:
         rec.fallback = f"{reason}: {prod.error}"
         rec.transfer_status = f"failed: {prod.error}"
         self.metrics.fallbacks.labels(reason).inc()
+        headers = {**headers, "x-prfaas-fallback": reason}
+        if self.cfg.engine == "sglang" and not d.decode.can_prefill:
+            # An SGLang decode-mode server cannot prefill on its own: pair it with a local
+            # prefill server of its cluster (another one than the prefill that just failed).
+            local = [i for i in self.fleet.in_cluster(d.decode.cluster)
+                     if i.can_prefill and i.healthy and i is not d.prefill]
+            if not local:
+                return _error(502, f"prefill failed ({prod.error}) and cluster {d.decode.cluster!r} has no other "
+                                   "prefill instance to retry on", "upstream_error")
+            again = Decision("local", min(local, key=lambda i: i.inflight), d.decode, d.l_total, d.l_prefix,
+                             d.l_uncached, d.threshold, d.bandwidth_mode, reason)
+            log.warning("request_id=%s falling back to local prefill %s -> %s: %s", rec.request_id,
+                        again.prefill.url, d.decode.url, prod.error)
+            prod_body, cons_body = self._pd_bodies(body, again.prefill, d.decode, rec)
+            prod_task = asyncio.create_task(self._produce(again.prefill, path, prod_body))
+            try:
+                resp = await self._open(d.decode, path, cons_body)
+            except BaseException:
+                prod_task.cancel()
+                raise
+            self._finish_producer_later(prod_task, again, rec, [])
+            return await self._relay(resp, d.decode, rec, headers, arrived, stream)
         log.warning("request_id=%s falling back to local prefill on %s: %s", rec.request_id, d.decode.url, prod.error)
         resp = await self._open(d.decode, path, body)
-        return await self._relay(resp, d.decode, rec, {**headers, "x-prfaas-fallback": reason}, arrived, stream)
+        return await self._relay(resp, d.decode, rec, headers, arrived, stream)
 
     # -- HTTP plumbing -----------------------------------------------------------------------------
     def _load(self, inst: Instance, delta: int) -> None:

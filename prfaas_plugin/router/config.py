@@ -41,6 +41,9 @@ class InstanceSpec(_Strict):
     #: tcp://127.0.0.1:5557, feeding the prefix index.
     kv_events: Optional[str] = None
     name: Optional[str] = None
+    #: SGLang prefill instances: their ``--disaggregation-bootstrap-port`` (decode instances
+    #: reach the prefill's bootstrap server at the url's host and this port).
+    bootstrap_port: int = Field(default=8998, gt=0, lt=65536)
 
     @field_validator("url")
     @classmethod
@@ -73,10 +76,6 @@ class ClusterSpec(_Strict):
             if not (self.both or (self.prefill and self.decode)):
                 raise ValueError(f"cluster {self.name!r}: a local cluster needs `both` instances, or prefill "
                                  f"and decode instances")
-            for inst in self.decode + self.both:
-                if inst.kv_endpoint is None:
-                    raise ValueError(f"cluster {self.name!r}: decoding instance {inst.url} needs kv_endpoint "
-                                     f"(its prfaas transfer receiver)")
         return self
 
 
@@ -126,6 +125,11 @@ class TimeoutSpec(_Strict):
 class RouterConfig(_Strict):
     #: Model name served on /v1/models (requests naming another model get a 404).
     model: str
+    #: The engine every instance runs. vllm: the prfaas connector's request protocol
+    #: (kv_transfer_params, docs/protocol.md). sglang: SGLang's PD protocol (bootstrap_host /
+    #: bootstrap_port / bootstrap_room injected into both requests, as its own routers do),
+    #: with ``--disaggregation-transfer-backend prfaas`` on the instances.
+    engine: Literal["vllm", "sglang"] = "vllm"
     #: Folder with the model's tokenizer (tokenizer.json/tokenizer_config.json); offline.
     tokenizer: str
     #: Prefix-index granularity in tokens (the engines' KV block size).
@@ -149,6 +153,12 @@ class RouterConfig(_Strict):
         urls = [i.url for c in self.clusters for i in c.prefill + c.decode + c.both]
         if len(set(urls)) != len(urls):
             raise ValueError("an instance url appears twice")
+        if self.engine == "vllm":
+            for c in self.clusters:
+                for inst in c.decode + c.both:
+                    if inst.kv_endpoint is None:
+                        raise ValueError(f"cluster {c.name!r}: decoding instance {inst.url} needs kv_endpoint "
+                                         f"(its prfaas transfer receiver)")
         return self
 
 

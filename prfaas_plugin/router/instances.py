@@ -24,6 +24,7 @@ class Instance:
     kv_endpoint: str | None = None
     kv_events: str | None = None
     name: str = ""
+    bootstrap_port: int = 8998
     healthy: bool = True
     last_error: str = ""
     inflight: int = 0  # requests the router has open on it (its queue depth, as the router sees it)
@@ -48,7 +49,8 @@ class Fleet:
         for c in cfg.clusters:
             for role, specs in (("prefill", c.prefill), ("decode", c.decode), ("both", c.both)):
                 for s in specs:
-                    out.append(Instance(s.url, c.name, c.kind, role, s.kv_endpoint, s.kv_events, s.name or s.url))  # type: ignore[arg-type]
+                    out.append(Instance(s.url, c.name, c.kind, role, s.kv_endpoint, s.kv_events,  # type: ignore[arg-type]
+                                        s.name or s.url, s.bootstrap_port))
         return cls(out)
 
     def in_cluster(self, cluster: str) -> list[Instance]:
