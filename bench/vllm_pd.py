@@ -86,8 +86,11 @@ def wait_metric_change(url: str, name: str, before: float, timeout_s: float = 15
 
 def start(sup: Supervisor, model: Path, ktc_p: dict, ktc_d: dict, env_p: dict, env_d: dict) -> tuple[str, str]:
     pp, dp = free_port(), free_port()
-    sup.start("producer", server_argv(model, pp, ktc_p), env={**server_env(0), **env_p})
-    sup.start("consumer", server_argv(model, dp, ktc_d), env={**server_env(1), **env_d})
+    # No prefix caching: the single-instance reference re-runs each prompt on the producer, and
+    # a cache hit there would compare against a different (cached) computation path.
+    nocache = ["--no-enable-prefix-caching"]
+    sup.start("producer", server_argv(model, pp, ktc_p) + nocache, env={**server_env(0), **env_p})
+    sup.start("consumer", server_argv(model, dp, ktc_d) + nocache, env={**server_env(1), **env_d})
     for name, port in (("producer", pp), ("consumer", dp)):
         sup.wait_healthy(name, f"http://127.0.0.1:{port}/health", 900)
     return f"http://127.0.0.1:{pp}", f"http://127.0.0.1:{dp}"
