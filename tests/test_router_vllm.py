@@ -16,7 +16,8 @@ import httpx
 import pytest
 
 from router_helpers import RunningRouter
-from vllm_helpers import Supervisor, requires_vllm, start_pair
+from prfaas_plugin.faults.proxy import FaultKind, FaultPlan, FaultProxy
+from vllm_helpers import Supervisor, free_port, requires_vllm, start_pair
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, requires_vllm, pytest.mark.timeout(900)]
 
@@ -35,11 +36,14 @@ def stack(tmp_path_factory):
     from prfaas_plugin.router.tokenize import PromptTokenizer
 
     model = build("tiny-qwen3next", tmp_path_factory.getbasetemp() / "models")
-    with Supervisor(tmp_path_factory.mktemp("logs-router-vllm")) as sup:
-        pair = start_pair(sup, model)
+    data_port = free_port()
+    with FaultProxy(upstream=("127.0.0.1", data_port)) as proxy, \
+            Supervisor(tmp_path_factory.mktemp("logs-router-vllm")) as sup:
+        pair = start_pair(sup, model, data_port=data_port, advertise_data=proxy.endpoint)
+        pair.proxy = proxy  # type: ignore[attr-defined]
         cfg = RouterConfig.model_validate({
             "model": str(model), "tokenizer": str(model), "block_size": 16,
-            "threshold": {"mode": "fixed", "tokens": THRESHOLD}, "transfer_deadline_s": 120,
+            "threshold": {"mode": "fixed", "tokens": THRESHOLD}, "transfer_deadline_s": 10,
             "timeouts": {"prefill_s": 300, "request_s": 600},
             "clusters": [{"name": "prfaas", "kind": "prfaas", "prefill": [{"url": pair.producer}]},
                          {"name": "local", "kind": "local",
@@ -120,3 +124,62 @@ def test_streaming_and_chat_through_the_openai_client(stack):
     remote = [line for line in metrics.splitlines()
               if line.startswith("prfaas_router_decisions_total{") and 'route="prfaas"' in line]
     assert remote and sum(float(line.rsplit(" ", 1)[1]) for line in remote) >= 3, metrics[:2000]
+
+
+def _metric(url: str, name: str) -> float:
+    import re
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def _settles(url: str, name: str, want: float, timeout_s: float = 60) -> float:
+    deadline = time.monotonic() + timeout_s
+    v = _metric(url, name)
+    while v != want and time.monotonic() < deadline:
+        time.sleep(0.3)
+        v = _metric(url, name)
+    return v
+
+
+def test_transfer_stalled_mid_way_through_the_router_still_answers_exactly(stack):
+    """The KV path goes silent 4 KiB into a remote request's transfer: the client still gets the
+    single-instance answer (D recomputes at the deadline), and no KV block stays held."""
+    import openai
+
+    pair, router, model = stack
+    usage = "vllm:kv_cache_usage_perc"
+    p0, c0 = _settles(pair.producer, usage, 0.0), _settles(pair.consumer, usage, 0.0)
+    failures0 = _metric(pair.consumer, "vllm:prfaas_kv_load_failures_total")
+    prompt = "Stalled on the way: " + _BODY * 2
+    ref = _reference(pair.producer, "/v1/completions", {"prompt": prompt})
+    client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", timeout=600, max_retries=0)
+    pair.proxy.set_fault(FaultPlan(FaultKind.BLACKHOLE, after_bytes=4096, per_connection=False))
+    try:
+        raw = client.completions.with_raw_response.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS,
+                                                          temperature=0)
+    finally:
+        pair.proxy.set_fault(FaultPlan())
+    assert raw.headers["x-prfaas-route"] == "prfaas"
+    assert raw.parse().choices[0].text == ref
+    assert _settles(pair.consumer, "vllm:prfaas_kv_load_failures_total", failures0 + 1) == failures0 + 1
+    assert _settles(pair.producer, usage, p0) == p0, "producer leaked blocks"
+    assert _settles(pair.consumer, usage, c0) == c0, "consumer leaked blocks"
+
+
+def test_prefill_instance_killed_requests_fall_back_to_local(stack):
+    """Last in the module: it stops the PrfaaS prefill instance. Long requests then run locally,
+    with the same answers, and /health names the dead instance."""
+    import openai
+
+    pair, router, model = stack
+    prompt = "After the prefill cluster died: " + _BODY * 2
+    ref = _reference(pair.consumer, "/v1/completions", {"prompt": prompt})
+    pair.sup.stop("producer", grace_s=2)
+    client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", timeout=600, max_retries=0)
+    raw = client.completions.with_raw_response.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS,
+                                                      temperature=0)
+    assert raw.headers["x-prfaas-route"] == "local"
+    assert raw.parse().choices[0].text == ref
+    health = httpx.get(f"{router.url}/health", timeout=10).json()
+    assert any(i["url"] == pair.producer and not i["healthy"] for i in health["instances"]), health
