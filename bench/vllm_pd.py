@@ -175,7 +175,14 @@ def main() -> None:
     pf, nx = res["prfaas"], res["NixlConnector"]
     ratio = statistics.median(pf["ttft"]) / statistics.median(nx["ttft"])
     brat = statistics.median(pf["bytes"]) / max(1, statistics.median(nx["bytes"]))
-    body = "\n".join(rows) + (f"\n\nprfaas / NIXL: TTFT {ratio:.2f}x (target <= 1), bytes {brat:.2f}x (target <= 1). "
+    notes = []
+    for name, r in res.items():
+        for i, (a, b) in enumerate(zip(r["outputs"], r["reference"])):
+            if a != b:
+                k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                notes.append(f"{name}: prompt {i} differs from the single-instance run after {k} characters "
+                             f"({a[:k + 12]!r} vs {b[:k + 12]!r})")
+    body = "\n".join(rows) + "".join(f"\n\n- {n}" for n in notes) + (f"\n\nprfaas / NIXL: TTFT {ratio:.2f}x (target <= 1), bytes {brat:.2f}x (target <= 1). "
                               "Both on loopback, same host, same prompts, greedy.")
     print(body)
     if not args.no_append:

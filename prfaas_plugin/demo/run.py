@@ -148,10 +148,14 @@ def run_demo(opts: DemoOptions) -> DemoReport:
         else:
             remote_host = local_host = "127.0.0.1"
             wrap = lambda argv: argv  # noqa: E731
-            log(f"link: loopback (no namespaces: {reason or 'asked for loopback'}); no rate or delay emulated")
-            link_desc = {"rate_gbit": opts.link_gbit, "rtt_ms": 0.0, "emulated": "loopback"}
+            log(f"link: loopback (no namespaces: {reason or 'asked for loopback'}); the producer's pacing budget "
+                f"holds its egress to {opts.link_gbit:g} Gbit/s, no delay emulated")
+            link_desc = {"rate_gbit": opts.link_gbit, "rtt_ms": 0.0, "emulated": "loopback + sender pacing"}
         p_port, l_port, rx_port, r_port = 8101, 8102, 15600, 8100
-        sup.start("prfaas-prefill", wrap(_server(model_dir, "0.0.0.0", p_port, _ktc("kv_producer"))), env=_env(0))
+        # On loopback the link's rate comes from the transfer engine's pacing budget instead of tbf.
+        producer_extra = {} if use_netns else {"pacing_gbps": opts.link_gbit}
+        sup.start("prfaas-prefill", wrap(_server(model_dir, "0.0.0.0", p_port, _ktc("kv_producer", **producer_extra))),
+                  env=_env(0))
         sup.start("local", _server(model_dir, "0.0.0.0", l_port, _ktc("kv_consumer", listen=f"0.0.0.0:{rx_port}")),
                   env=_env(1))
         remote_url, local_url = f"http://{remote_host}:{p_port}", f"http://127.0.0.1:{l_port}"
