@@ -33,7 +33,8 @@ import httpx
 from _common import ROOT, append_benchmarks
 
 sys.path.insert(0, str(ROOT / "tests"))
-from vllm_helpers import Supervisor, free_port, prfaas_ktc, server_argv, server_env  # noqa: E402
+from vllm_helpers import (Supervisor, free_port, metric, prfaas_ktc, server_argv, server_env,  # noqa: E402
+                          wait_metric)
 
 WORDS = ("prefill decode cache layer transfer bandwidth cluster remote local threshold router token "
          "window state attention linear hybrid stream queue egress").split()
@@ -70,18 +71,8 @@ def post(url: str, body: dict) -> dict:
     return r.json()
 
 
-def metric_sum(url: str, name: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
-
-
 def wait_metric_change(url: str, name: str, before: float, timeout_s: float = 15.0) -> float:
-    deadline = time.monotonic() + timeout_s
-    v = metric_sum(url, name)
-    while v == before and time.monotonic() < deadline:
-        time.sleep(0.2)
-        v = metric_sum(url, name)
-    return v - before
+    return wait_metric(url, name, lambda v: v != before, timeout_s) - before
 
 
 def start(sup: Supervisor, model: Path, ktc_p: dict, ktc_d: dict, env_p: dict, env_d: dict) -> tuple[str, str]:
@@ -132,7 +123,7 @@ def run_nixl(model: Path, logs: Path, texts: list[str]) -> dict:
                      {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())},
                      {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())})
         for i, prompt in enumerate(["warm-up " + texts[0]] + texts):
-            before = metric_sum(d, "vllm:nixl_bytes_transferred_sum")
+            before = metric(d, "vllm:nixl_bytes_transferred_sum")
             t0 = time.perf_counter()
             presp = post(p, {"prompt": prompt, "max_tokens": 1, "temperature": 0,
                              "kv_transfer_params": {"do_remote_decode": True}})

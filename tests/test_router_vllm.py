@@ -17,7 +17,7 @@ import pytest
 
 from router_helpers import RunningRouter
 from prfaas_plugin.faults.proxy import FaultKind, FaultPlan, FaultProxy
-from vllm_helpers import Supervisor, free_port, requires_vllm, start_pair
+from vllm_helpers import Supervisor, free_port, metric, requires_vllm, start_pair, wait_metric
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, requires_vllm, pytest.mark.timeout(900)]
 
@@ -126,20 +126,8 @@ def test_streaming_and_chat_through_the_openai_client(stack):
     assert remote and sum(float(line.rsplit(" ", 1)[1]) for line in remote) >= 3, metrics[:2000]
 
 
-def _metric(url: str, name: str) -> float:
-    import re
-
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
-
-
 def _settles(url: str, name: str, want: float, timeout_s: float = 60) -> float:
-    deadline = time.monotonic() + timeout_s
-    v = _metric(url, name)
-    while v != want and time.monotonic() < deadline:
-        time.sleep(0.3)
-        v = _metric(url, name)
-    return v
+    return wait_metric(url, name, lambda v: v == want, timeout_s)
 
 
 def test_transfer_stalled_mid_way_through_the_router_still_answers_exactly(stack):
@@ -150,7 +138,7 @@ def test_transfer_stalled_mid_way_through_the_router_still_answers_exactly(stack
     pair, router, model = stack
     usage = "vllm:kv_cache_usage_perc"
     p0, c0 = _settles(pair.producer, usage, 0.0), _settles(pair.consumer, usage, 0.0)
-    failures0 = _metric(pair.consumer, "vllm:prfaas_kv_load_failures_total")
+    failures0 = metric(pair.consumer, "vllm:prfaas_kv_load_failures_total")
     prompt = "Stalled on the way: " + _BODY * 2
     ref = _reference(pair.producer, "/v1/completions", {"prompt": prompt})
     client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", timeout=600, max_retries=0)

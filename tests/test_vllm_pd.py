@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from prfaas_plugin.faults.proxy import FaultKind, FaultPlan, FaultProxy
-from vllm_helpers import Supervisor, complete, free_port, requires_vllm, start_pair
+from vllm_helpers import Supervisor, complete, free_port, metric, requires_vllm, start_pair, wait_metric
 
 # the first test of each model also pays for starting its pair (60-400 s on a loaded 2-core box)
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, requires_vllm, pytest.mark.timeout(900)]
@@ -59,7 +59,7 @@ def _received_bytes(pair, transfer_id: str) -> int:
 
 
 def test_pd_equals_single_instance_and_bytes_match_layout(pair):
-    received0 = _metric(pair.consumer, "vllm:prfaas_kv_received_bytes_total")
+    received0 = metric(pair.consumer, "vllm:prfaas_kv_received_bytes_total")
     ref = complete(pair.producer, PROMPT)
     res = _pd(pair, PROMPT)
     xfer = res.transfer
@@ -74,22 +74,8 @@ def test_pd_equals_single_instance_and_bytes_match_layout(pair):
     assert got == received0 + wire, (got, received0, wire)
 
 
-def _metric(url: str, name: str) -> float:
-    """Sum of every sample of ``name`` on the instance's /metrics (0 when absent)."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
-
-
 def _metric_reaches(url: str, name: str, at_least: float, timeout_s: float = 30) -> float:
-    """vLLM forwards connector stats from the worker with the next scheduler output: poll."""
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    v = _metric(url, name)
-    while v < at_least and time.monotonic() < deadline:
-        time.sleep(0.3)
-        v = _metric(url, name)
-    return v
+    return wait_metric(url, name, lambda v: v >= at_least, timeout_s)
 
 
 def _usage(url: str) -> float:
@@ -127,7 +113,7 @@ def test_failed_transfer_recomputes_and_frees_blocks(pair):
     from prfaas_plugin.engines.vllm.pd_client import PDResult, transfer_params
 
     p0, c0 = _settled_usage(pair.producer, 0.0), _settled_usage(pair.consumer, 0.0)
-    failures0 = _metric(pair.consumer, "vllm:prfaas_kv_load_failures_total")
+    failures0 = metric(pair.consumer, "vllm:prfaas_kv_load_failures_total")
     prompt = PROMPT * 2
     ref = complete(pair.producer, prompt)
     p_params, c_params = transfer_params(pair.decode_endpoint, deadline_s=10)
@@ -169,7 +155,7 @@ def test_connections_reset_mid_transfer_are_resent_on_fresh_ones(pair):
     and resends the unconfirmed chunks; the transfer completes and the output is exact."""
     prompt = "Connections reset in the middle. " + PROMPT * 4
     ref = complete(pair.producer, prompt)
-    failures0 = _metric(pair.consumer, "vllm:prfaas_kv_load_failures_total")
+    failures0 = metric(pair.consumer, "vllm:prfaas_kv_load_failures_total")
     # 4 KiB into this transfer every open data connection is reset (a middlebox restarting)
     res, resets = _armed(pair, FaultPlan(FaultKind.RESET, after_bytes=4096, per_connection=False, once=True),
                          prompt, deadline_s=60)
@@ -177,7 +163,7 @@ def test_connections_reset_mid_transfer_are_resent_on_fresh_ones(pair):
     assert res.transfer.get("status") == "sent", res.transfer
     assert res.text == ref
     assert _received_bytes(pair, res.transfer["transfer_id"]) == res.transfer["bytes"]  # D loaded it all
-    assert _metric(pair.consumer, "vllm:prfaas_kv_load_failures_total") == failures0
+    assert metric(pair.consumer, "vllm:prfaas_kv_load_failures_total") == failures0
 
 
 def test_transfer_stalled_mid_way_recomputes_and_frees_blocks(pair):
@@ -186,8 +172,8 @@ def test_transfer_stalled_mid_way_recomputes_and_frees_blocks(pair):
     failure on /metrics, both instances free every block, and once the path heals the next
     transfer goes through."""
     p0, c0 = _settled_usage(pair.producer, 0.0), _settled_usage(pair.consumer, 0.0)
-    failures0 = _metric(pair.consumer, "vllm:prfaas_kv_load_failures_total")
-    send_failures0 = _metric(pair.producer, "vllm:prfaas_kv_send_failures_total")
+    failures0 = metric(pair.consumer, "vllm:prfaas_kv_load_failures_total")
+    send_failures0 = metric(pair.producer, "vllm:prfaas_kv_send_failures_total")
     prompt = "The path stalls in the middle. " + PROMPT * 4
     ref = complete(pair.producer, prompt)
     # 4 KiB of this transfer cross, then nothing on any connection, old or new

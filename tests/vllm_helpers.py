@@ -7,7 +7,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import httpx
 import pytest
@@ -75,3 +75,24 @@ def complete(url: str, prompt: str, max_tokens: int = 24) -> str:
                    timeout=120)
     r.raise_for_status()
     return r.json()["choices"][0]["text"]
+
+
+def metric(url: str, name: str) -> float:
+    """Sum of every sample of ``name`` on an instance's /metrics (0 when absent)."""
+    import re
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def wait_metric(url: str, name: str, done: Callable[[float], bool], timeout_s: float = 30) -> float:
+    """Poll ``name`` until ``done(value)`` or the timeout; returns the last value. vLLM forwards
+    connector stats from the worker with a later scheduler output, so metrics lag a request."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    v = metric(url, name)
+    while not done(v) and time.monotonic() < deadline:
+        time.sleep(0.3)
+        v = metric(url, name)
+    return v
