@@ -16,8 +16,7 @@ import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
-#: docs/protocol.md; the vLLM connector checks it (prfaas_plugin/engines/vllm/params.py)
-PROTOCOL_VERSION = 1
+from prfaas_plugin.engines.vllm.params import PROTOCOL_VERSION  # the version the connector checks
 
 
 def vllm_bodies(body: dict[str, Any], decode_kv_endpoint: str, deadline_s: float) -> tuple[dict, dict, str]:

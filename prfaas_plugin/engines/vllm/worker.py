@@ -77,12 +77,11 @@ class WorkerSide:
         self.meta = PrfaaSMetadata()
         self._sends: dict[str, tuple[Any, Transfer, set[str], list[torch.Tensor]]] = {}
         self._send_futs: dict[str, Future] = {}
-        self._loads: dict[str, tuple[Any, Transfer]] = {}
+        self._loads: dict[str, tuple[Any, Transfer, float]] = {}  # handle, transfer, announced at
         self._sched_finished: set[str] = set()
         self._load_errors: set[int] = set()
         self._lock = threading.Lock()
         self.stats = PrfaaSConnectorStats()
-        self._load_started: dict[str, float] = {}
 
     # -- setup ---------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
@@ -191,11 +190,10 @@ class WorkerSide:
                 log.error("prfaas: request %s asks for a load but this instance is not a consumer", t.req_id)
                 f: Future = Future()
                 f.set_exception(RuntimeError("not a kv_consumer"))
-                self._loads[t.req_id] = (_Done(f), t)
+                self._loads[t.req_id] = (_Done(f), t, time.monotonic())
                 continue
             h = self.receiver.expect(t.transfer_id, t.token, self.fp, _Sink(self, t), deadline_s=t.deadline_s)
-            self._loads[t.req_id] = (h, t)
-            self._load_started[t.req_id] = time.monotonic()
+            self._loads[t.req_id] = (h, t, time.monotonic())
 
     # -- completion ----------------------------------------------------------------------------
     def transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
@@ -219,16 +217,15 @@ class WorkerSide:
                 sending.add(rid)
         recving, failed = set(), set()
         for rid in list(self._loads):
-            h, t = self._loads[rid]
+            h, t, started = self._loads[rid]
             if not h.done.done():
                 continue
             del self._loads[rid]
             recving.add(rid)
-            started = self._load_started.pop(rid, None)
             err = h.done.exception()
             if err is None:
                 m = h.done.result()
-                self.stats.record_load(m.total_bytes, time.monotonic() - started if started else 0.0)
+                self.stats.record_load(m.total_bytes, time.monotonic() - started)
                 log.info("prfaas: loaded transfer %s for request %s: %d bytes in %d items",
                          t.transfer_id, rid, m.total_bytes, len(m.items))
                 continue
@@ -254,7 +251,7 @@ class WorkerSide:
     def shutdown(self) -> None:
         for h, *_ in self._sends.values():
             h.abort("vLLM shutting down")
-        for h, _ in self._loads.values():
+        for h, *_ in self._loads.values():
             if hasattr(h, "abort"):
                 h.abort("vLLM shutting down")
         if self.sender:
