@@ -63,6 +63,7 @@ class FakeBackend:
     decode_delay_s: float = 0.0
     kv_bytes_per_token: int = 1000
     status: int = 200
+    health_delay_s: float = 0.0  # a /health that answers late, like an engine busy in a long prefill
     transfer_status: str = "sent"
     seen: list[Seen] = field(default_factory=list)
     port: int = field(default_factory=free_port)
@@ -71,7 +72,7 @@ class FakeBackend:
         self.app = FastAPI()
         self.app.post("/v1/completions")(self._completions)
         self.app.post("/v1/chat/completions")(self._chat)
-        self.app.get("/health")(lambda: {"ok": True})
+        self.app.get("/health")(self._health)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error",
                                                     lifespan="off"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -90,6 +91,18 @@ class FakeBackend:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=5)
+
+    async def _health(self) -> dict:
+        await asyncio.sleep(self.health_delay_s)
+        return {"ok": True}
+
+    def wait_seen(self, n: int = 1, timeout_s: float = 5.0) -> list[Seen]:
+        """The router sends a pair's two requests concurrently and answers the client from one of
+        them, so the other may reach this fake a moment after the client has its reply."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.seen) < n and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.seen
 
     def text_for(self, body: dict) -> str:
         src = body.get("prompt") if "prompt" in body else json.dumps(body.get("messages"))

@@ -67,7 +67,7 @@ def test_long_request_goes_remote_with_concurrent_producer_and_consumer(fleet) -
     resp = r.post("/v1/completions", _completion(100))
     assert resp.status_code == 200, resp.text
     assert resp.headers["x-prfaas-route"] == "prfaas"
-    prod, cons = p.seen[-1], d.seen[-1]
+    prod, cons = p.wait_seen()[-1], d.seen[-1]
     pk, ck = prod.body["kv_transfer_params"], cons.body["kv_transfer_params"]
     assert prod.body["max_tokens"] == 1 and prod.body["stream"] is False
     assert pk["role"] == "producer" and ck["role"] == "consumer"
@@ -176,6 +176,43 @@ def test_prfaas_cluster_down_routes_local(tokenizer) -> None:
         assert any(not i["healthy"] and i["url"] == dead.url for i in health["instances"])
     finally:
         r.stop(); d.stop()
+
+
+def test_slow_health_probes_mark_an_instance_down_only_after_several_in_a_row() -> None:
+    """A vLLM instance in a long CPU prefill answers /health late; one late answer must not send
+    its traffic elsewhere, but an instance that keeps not answering is down."""
+    import asyncio
+
+    from prfaas_plugin.router.instances import Fleet, Instance
+    from prfaas_plugin.router.upstream import Upstream
+
+    slow = FakeBackend("prefill", health_delay_s=0.5).start()
+    dead = FakeBackend("prefill")  # never started: refused
+    fleet = Fleet([Instance(slow.url, "remote", "prfaas", "prefill"), Instance(dead.url, "remote", "prfaas", "prefill")])
+    s, gone = fleet.instances
+
+    async def probes() -> list[tuple[bool, bool]]:
+        client = Upstream(1.0, 5.0)
+        await client.start()
+        try:
+            seen = []
+            for delay in (0.5, 0.5, 0.0, 0.5, 0.5, 0.5, 0.0):
+                slow.health_delay_s = delay
+                await fleet.check_health(client, 0.2, slow_limit=3)
+                seen.append((s.healthy, gone.healthy))
+            return seen
+        finally:
+            await client.close()
+
+    try:
+        seen = asyncio.run(probes())
+    finally:
+        slow.stop()
+    # two late probes: still up; an answer resets the count; the third late one in a row: down;
+    # one good answer: up again. A refused connection is down from the first probe.
+    assert [h for h, _ in seen] == [True, True, True, True, True, False, True]
+    assert not any(g for _, g in seen)
+    assert "refused" in gone.last_error.lower() or "connect" in gone.last_error.lower(), gone.last_error
 
 
 class _OneShotConnections:
@@ -461,7 +498,7 @@ def _sglang_cfg(p: FakeBackend, lp: FakeBackend, d: FakeBackend) -> RouterConfig
 
 
 def _pair_bodies(prefill: FakeBackend, decode: FakeBackend) -> tuple[dict, dict]:
-    (pb,), (db,) = [s.body for s in prefill.seen], [s.body for s in decode.seen]
+    (pb,), (db,) = [s.body for s in prefill.wait_seen()], [s.body for s in decode.wait_seen()]
     return pb, db
 
 
@@ -503,7 +540,7 @@ def test_sglang_remote_prefill_failure_retries_on_a_local_pair(tokenizer) -> Non
         resp = r.post("/v1/completions", _completion(100))
         assert resp.status_code == 200, resp.text
         assert resp.headers["x-prfaas-fallback"] == "prfaas failed"
-        (lpb,) = [s.body for s in lp.seen]
+        (lpb,) = [s.body for s in lp.wait_seen()]
         rooms = [s.body["bootstrap_room"] for s in d.seen]
         assert lpb["bootstrap_port"] == 9200 and rooms[-1] == lpb["bootstrap_room"]
         assert len(set(rooms)) == len(rooms)  # a fresh room for the retry

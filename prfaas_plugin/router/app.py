@@ -118,7 +118,7 @@ class Router:
         t = self.cfg.timeouts
         self.client = Upstream(t.connect_s, t.request_s, t.keepalive_s)
         await self.client.start()
-        await self.fleet.check_health(self.client, t.connect_s)
+        await self.fleet.check_health(self.client, t.health_timeout_s)  # at start, one slow probe decides
         for inst in self.fleet.instances:
             if not inst.healthy:
                 log.warning("at start, instance %s (%s) is unreachable: %s", inst.url, inst.cluster, inst.last_error)
@@ -158,7 +158,8 @@ class Router:
         assert self.client is not None
         while True:
             await asyncio.sleep(self.cfg.timeouts.health_every_s)
-            await self.fleet.check_health(self.client, self.cfg.timeouts.connect_s)
+            t = self.cfg.timeouts
+            await self.fleet.check_health(self.client, t.health_timeout_s, t.health_failures)
             for inst in self.fleet.instances:
                 self.metrics.healthy.labels(inst.cluster, inst.url).set(1 if inst.healthy else 0)
 

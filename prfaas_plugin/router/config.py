@@ -120,6 +120,12 @@ class TimeoutSpec(_Strict):
     #: connection the instance is closing and the request fails with "Server disconnected".
     keepalive_s: float = Field(default=4.0, gt=0)
     health_every_s: float = Field(default=5.0, gt=0)
+    #: A /health probe's own limit. An engine busy with a long prefill on few cores can answer
+    #: late; that is not the same as down.
+    health_timeout_s: float = Field(default=5.0, gt=0)
+    #: Consecutive *slow* probes (timeouts, resets) before an instance is marked unhealthy. A
+    #: refused connection or a non-200 answer marks it at once: those are not ambiguous.
+    health_failures: int = Field(default=3, ge=1)
 
 
 class RouterConfig(_Strict):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from prfaas_plugin.router.config import RouterConfig
-from prfaas_plugin.router.upstream import Upstream, UpstreamError
+from prfaas_plugin.router.upstream import Unreachable, Upstream, UpstreamError
 
 log = logging.getLogger("prfaas.router")
 
@@ -27,6 +27,7 @@ class Instance:
     bootstrap_port: int = 8998
     healthy: bool = True
     last_error: str = ""
+    slow_probes: int = 0  # consecutive health probes that timed out or were cut
     inflight: int = 0  # requests the router has open on it (its queue depth, as the router sees it)
     served: int = 0
 
@@ -62,13 +63,22 @@ class Fleet:
     def queue_depth(self, kind: str) -> int:
         return sum(i.inflight for i in self.of_kind(kind))
 
-    async def check_health(self, client: "Upstream", timeout_s: float) -> None:
+    async def check_health(self, client: "Upstream", timeout_s: float, slow_limit: int = 1) -> None:
+        """Probe every instance's /health. A refused connection or a non-200 status marks an
+        instance down at once; a probe that times out or is cut only after ``slow_limit`` in a
+        row, because a CPU-bound engine in a long prefill answers late without being down (a
+        single late probe used to send its traffic elsewhere). One good answer marks it up."""
         async def one(inst: Instance) -> None:
             try:
                 status = await client.get_status(f"{inst.url}/health", timeout_s)
-                ok, err = status == 200, f"HTTP {status}"
+                ok, err, inst.slow_probes = status == 200, f"HTTP {status}", 0
+            except Unreachable as exc:
+                ok, err, inst.slow_probes = False, str(exc), 0
             except UpstreamError as exc:
-                ok, err = False, str(exc)
+                inst.slow_probes += 1
+                ok, err = inst.slow_probes < slow_limit and inst.healthy, str(exc)
+                if ok:
+                    log.info("instance %s: slow health probe %d/%d: %s", inst.url, inst.slow_probes, slow_limit, exc)
             if ok != inst.healthy:
                 log.warning("instance %s (%s/%s) is now %s%s", inst.url, inst.cluster, inst.role,
                             "healthy" if ok else "UNHEALTHY", "" if ok else f": {err}")
