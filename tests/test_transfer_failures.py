@@ -150,9 +150,13 @@ def test_stalled_receiver_hits_sender_deadline(engines):
     rh = rx.expect("slow", tok, FP, SlowSink(), deadline_s=30)
     sh = tx.open(rx.endpoint, manifest("slow", items), tok, deadline_s=1.0)
     sh.send("L0", data["L0"])
-    assert isinstance(_err(sh.done), TransferTimeout)
-    gate.set()
-    assert isinstance(_err(rh.done), (PeerGone, TransferTimeout, Aborted))
+    try:
+        assert isinstance(_err(sh.done), TransferTimeout)
+        # Still stalled: the sender's cancelled session must fail the receiver's side too. (Were
+        # the sink released first, it could finish the item before gRPC delivers the cancel.)
+        assert isinstance(_err(rh.done), (PeerGone, TransferTimeout, Aborted))
+    finally:
+        gate.set()
 
 
 def test_sink_refusal_is_a_protocol_error(engines):

@@ -152,3 +152,65 @@ def test_checksum_negotiation(offer, accept, expect):
             assert rh.progress()["checksum"] == expect
     finally:
         tx.close(); rx.close()
+
+
+class _PrefixHoldingSink(ArraySink):
+    """A decode side whose prefix cache already holds the first bytes of some items."""
+
+    def __init__(self, held: dict[str, int]) -> None:
+        super().__init__()
+        self.held = held
+
+    def skip_bytes(self, item: ItemSpec) -> int:
+        return self.held.get(item.name, 0)
+
+
+@pytest.mark.parametrize("plane", ["tcp", "grpc"])
+def test_only_the_bytes_the_receiver_lacks_cross(plane):
+    """The receiver's sink names a held prefix per item (none, part of a chunk, several chunks and
+    a bit, all of it); only the rest crosses, lands exactly, and every item still completes."""
+    rx, tx = pair(tx=SenderConfig(chunk_bytes=64 << 10, data_plane=plane))
+    try:
+        rng = np.random.default_rng(7)
+        sizes = {"none": 200_000, "part": 200_000, "chunks": 300_000, "all": 50_000, "empty": 0}
+        held = {"part": 1_000, "chunks": 3 * (64 << 10) + 5, "all": 50_000}
+        items, data = random_items(rng, sizes)
+        sink = _PrefixHoldingSink(held)
+        tok = token()
+        rh = rx.expect("partial", tok, FP, sink, deadline_s=20)
+        sh = tx.open(rx.endpoint, manifest("partial", items), tok, deadline_s=20)
+        for it in items:
+            sh.send(it.name, data[it.name])
+        assert sh.done.result(timeout=20) is None
+        rh.done.result(timeout=20)
+        for it in items:
+            h = held.get(it.name, 0)
+            got = sink.arrays[it.name]
+            assert np.array_equal(got[h:], data[it.name][h:]), it.name
+            assert not got[:h].any(), f"{it.name}: a held byte was sent"
+        assert sorted(sink.done_order) == sorted(sizes)
+        want = sum(sizes.values()) - sum(held.values())
+        assert rh.progress()["bytes_received"] == want
+        assert rh.progress()["bytes_skipped"] == sum(held.values())
+        assert sh.progress()["bytes_sent"] == want and sh.progress()["bytes_confirmed"] == want
+        assert sh.progress()["bytes_skipped"] == sum(held.values())
+    finally:
+        tx.close()
+        rx.close()
+
+
+def test_a_sink_that_cannot_say_what_it_holds_refuses_the_session(engines):
+    rx, tx = engines
+
+    class Broken(ArraySink):
+        def skip_bytes(self, item):
+            raise KeyError(item.name)
+
+    items, data = random_items(np.random.default_rng(1), {"a": 1000})
+    tok = token()
+    rh = rx.expect("broken-skip", tok, FP, Broken(), deadline_s=10)
+    sh = tx.open(rx.endpoint, manifest("broken-skip", items), tok, deadline_s=10)
+    sh.send("a", data["a"])
+    with pytest.raises(Exception, match="cannot say what it holds"):
+        sh.done.result(timeout=10)
+    assert rh.done.exception(timeout=10) is not None

@@ -51,11 +51,17 @@ def _pd(pair, prompt: str, max_tokens: int = 24, deadline_s: float = 60.0):
     return asyncio.run(go())
 
 
-def _received_bytes(pair, transfer_id: str) -> int:
+def _load_log(pair, transfer_id: str) -> tuple[int, int, int]:
+    """(bytes received, bytes not sent because D held them, prefix tokens D held), from D's log."""
     log = pair.sup.children["consumer"].log_path.read_text(errors="replace")
-    m = re.search(rf"loaded transfer {transfer_id} for request \S+: (\d+) bytes", log)
+    m = re.search(rf"loaded transfer {transfer_id} for request \S+: (\d+) bytes in \d+ items "
+                  rf"\((\d+) more bytes of (\d+) prefix tokens", log)
     assert m, f"consumer did not log the load of {transfer_id}"
-    return int(m.group(1))
+    return int(m.group(1)), int(m.group(2)), int(m.group(3))
+
+
+def _received_bytes(pair, transfer_id: str) -> int:
+    return _load_log(pair, transfer_id)[0]
 
 
 def test_pd_equals_single_instance_and_bytes_match_layout(pair):
@@ -97,14 +103,24 @@ def _settled_usage(url: str, want: float, timeout_s: float = 90) -> float:
 
 
 def test_shared_prefix_cached_on_consumer(pair):
-    """D already holds the prompt's first blocks: D leaves them alone and the output is still exact."""
+    """D already holds the prompt's first blocks: only the uncached part crosses (D tells P what
+    it holds when the session opens), D leaves its blocks alone, and the output is still exact."""
     prefix = PROMPT * 6  # several attention blocks even at the hybrid's 640-token block size... within 2048
     complete(pair.consumer, prefix, max_tokens=1)  # caches the prefix on D
     prompt = prefix + " The quick brown fox jumps over the lazy dog."
     ref = complete(pair.producer, prompt)
+    up0 = pair.proxy.stats.bytes_up
     res = _pd(pair, prompt)
+    on_wire = pair.proxy.stats.bytes_up - up0  # payload plus frame headers, counted in the path
     assert res.transfer.get("status") == "sent", res.transfer
     assert res.text == ref
+    received, skipped, held_tokens = _load_log(pair, res.transfer["transfer_id"])
+    print(f"\n[{pair.model}] D held {held_tokens} prefix tokens: {received} bytes crossed "
+          f"({on_wire} on the wire with framing), {skipped} not sent, layout total {res.transfer['bytes']}")
+    assert held_tokens > 0, "D's prefix cache did not hold the prefix"
+    assert received + skipped == res.transfer["bytes"]
+    assert skipped > 0 and received < res.transfer["bytes"]
+    assert received <= on_wire < res.transfer["bytes"]
 
 
 def test_failed_transfer_recomputes_and_frees_blocks(pair):

@@ -148,6 +148,11 @@ class ReceiveSink(Protocol):
     def item_done(self, item: ItemSpec) -> None:
         """Every byte of ``item`` has landed and passed its checksum (e.g. unpack this layer)."""
 
+    # Optional: ``def skip_bytes(self, item: ItemSpec) -> int`` -- how many leading bytes of
+    # ``item`` this side already holds (a decode instance whose prefix cache covers the first
+    # blocks). The sender is told at Open and does not send them; the buffer's first
+    # ``skip_bytes`` bytes are then left unwritten. Sinks without it receive every byte.
+
 
 class ReceiveHandle(ABC):
     request_id: str

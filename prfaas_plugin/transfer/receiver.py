@@ -68,6 +68,8 @@ class _Session:
         self.manifest: Optional[TransferManifest] = None
         self.items: list[ItemSpec] = []
         self.buffers: list[memoryview] = []
+        self.base: list[int] = []  # per item: leading bytes the sink already holds (not sent)
+        self.partial = False
         self.chunk = 0
         self.checksum_name = "crc32"
         self.checksum: Any = wire.crc32
@@ -92,12 +94,13 @@ class _Session:
                 return None
             if item >= len(self.items):
                 raise ProtocolError(f"{self.request_id}: item index {item} out of range")
-            nbytes = self.items[item].nbytes
-            if offset % self.chunk or offset >= nbytes or length != min(self.chunk, nbytes - offset):
+            nbytes, base = self.items[item].nbytes, self.base[item]
+            if (offset < base or (offset - base) % self.chunk or offset >= nbytes
+                    or length != min(self.chunk, nbytes - offset)):
                 raise ProtocolError(
                     f"{self.request_id}: bad chunk item={item} offset={offset} length={length} "
-                    f"(item {nbytes} bytes, chunk {self.chunk})")
-            idx = offset // self.chunk
+                    f"(item {nbytes} bytes from {base}, chunk {self.chunk})")
+            idx = (offset - base) // self.chunk
             if self.chunk_state[item][idx] != _EMPTY:
                 self.owner.telemetry.bump("duplicate_chunks")
                 return None
@@ -118,7 +121,7 @@ class _Session:
             if self.state != "open":
                 self.cond.notify_all()  # fail() may be waiting for the last writer
                 return
-            idx = offset // self.chunk
+            idx = (offset - self.base[item]) // self.chunk
             if ok:
                 self.chunk_state[item][idx] = _LANDED
                 self.bytes_landed += length
@@ -217,11 +220,19 @@ class _Session:
                 if len(mv) != it.nbytes:
                     return ProtocolError(f"{req.request_id}: sink buffer for {it.name!r} has {len(mv)} bytes, manifest says {it.nbytes}")
                 buffers.append(mv)
-            self.items, self.buffers, self.manifest = items, buffers, manifest
+            base = [0] * len(items)
+            held = getattr(self.sink, "skip_bytes", None)
+            if req.partial_items and held is not None:
+                try:
+                    base = [min(max(0, int(held(it))), it.nbytes) for it in items]
+                except (ValueError, TypeError, KeyError) as e:
+                    return ProtocolError(f"{req.request_id}: sink cannot say what it holds: {e}")
+            self.items, self.buffers, self.manifest, self.base = items, buffers, manifest, base
+            self.partial = bool(req.partial_items)
             self.chunk = req.chunk_bytes
             self.checksum_name = algo
             self.checksum = wire.CHECKSUMS[algo]
-            nchunks = [(it.nbytes + self.chunk - 1) // self.chunk for it in items]
+            nchunks = [(it.nbytes - b + self.chunk - 1) // self.chunk for it, b in zip(items, base)]
             self.chunk_state = [bytearray(n) for n in nchunks]
             self.chunks_left = list(nchunks)
             self.callbacks_left = len(items)
@@ -230,8 +241,8 @@ class _Session:
         return None
 
     def start(self) -> None:
-        """After Accepted went out: items with no bytes are complete at once."""
-        empty = [i for i, it in enumerate(self.items) if it.nbytes == 0]
+        """After Accepted went out: items with no bytes to send are complete at once."""
+        empty = [i for i, it in enumerate(self.items) if it.nbytes == self.base[i]]  # fixed at open
         for i in empty:
             self._item_complete(i)
         if not self.items:
@@ -281,6 +292,7 @@ class _Session:
             return {
                 "state": self.state,
                 "bytes_received": self.bytes_landed,
+                "bytes_skipped": sum(self.base),
                 "items_done": self.items_done,
                 "items_total": len(self.items),
                 "elapsed_s": time.monotonic() - self.t0,
@@ -504,7 +516,8 @@ class GrpcTcpReceiver(TransferReceiver):
             plane = "grpc"
         yield pb.ReceiverEvent(accepted=pb.Accepted(
             session_key=s.key, data_plane=plane, data_host=host, data_port=port,
-            receiver_id=self.config.receiver_id, checksum=s.checksum_name))
+            receiver_id=self.config.receiver_id, checksum=s.checksum_name,
+            skip_bytes=s.base if s.partial else []))
         s.start()
         yield from self._events(s, context)
 

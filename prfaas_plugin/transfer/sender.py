@@ -66,6 +66,8 @@ class _SendHandle(SendHandle):
         self.lock = threading.Lock()
         self.state = "opening"
         self.data: list[Any] = [None] * len(manifest.items)
+        #: per item, the leading bytes the receiver already holds (Accepted.skip_bytes): not sent
+        self.base: list[int] = [0] * len(manifest.items)
         self.key = b""
         self.checksum: Any = wire.crc32
         self.peer: Optional[_Peer] = None
@@ -130,6 +132,7 @@ class _SendHandle(SendHandle):
             "state": self.state,
             "bytes_sent": self.bytes_sent,
             "bytes_confirmed": self.bytes_confirmed,
+            "bytes_skipped": sum(self.base),
             "items_confirmed": len(self.items_confirmed),
             "items_total": len(self.manifest.items),
             "elapsed_s": time.monotonic() - self.t0,
@@ -156,6 +159,11 @@ class _SendHandle(SendHandle):
             if algo not in wire.available(self.sender.config.checksums):
                 raise ProtocolError(f"{self.request_id}: receiver chose checksum {algo!r}, not offered")
             self.checksum = wire.CHECKSUMS[algo]
+            if acc.skip_bytes:
+                items = self.manifest.items
+                if len(acc.skip_bytes) != len(items) or any(b > it.nbytes for b, it in zip(acc.skip_bytes, items)):
+                    raise ProtocolError(f"{self.request_id}: receiver's skip_bytes do not fit the manifest")
+                self.base = [int(b) for b in acc.skip_bytes]
             self.peer = peer
             self.state = "open"
             peer.register(self, [i for i, d in enumerate(self.data) if d is not None])
@@ -345,7 +353,7 @@ class _Peer:
 
     def _chunks_of(self, h: _SendHandle, idx: int) -> Iterator[tuple[int, int, int, bool]]:
         n, c = h.manifest.items[idx].nbytes, h.sender.config.chunk_bytes
-        for off in range(0, n, c):
+        for off in range(h.base[idx], n, c):
             yield (idx, off, min(c, n - off), False)
 
     def register(self, h: _SendHandle, ready: list[int]) -> None:
@@ -393,7 +401,7 @@ class _Peer:
             h.sent_on.pop(idx, None)
             if idx not in h.items_confirmed:
                 h.items_confirmed.add(idx)
-                n = h.manifest.items[idx].nbytes
+                n = h.manifest.items[idx].nbytes - h.base[idx]
                 h.bytes_confirmed += n
                 self.sender.telemetry.confirmed(self.name, n)
 
@@ -578,7 +586,7 @@ class GrpcTcpSender(TransferSender):
             items=[pb.ItemSpec(name=i.name, nbytes=i.nbytes, order=i.order) for i in m.items],
             token=h.token, chunk_bytes=self.config.chunk_bytes, data_planes=planes,
             metadata_json=json.dumps(dict(m.metadata), default=str) if m.metadata else "",
-            checksums=wire.available(self.config.checksums))
+            checksums=wire.available(self.config.checksums), partial_items=True)
         try:
             stream = self._channel(h.endpoint).unary_stream(
                 f"/{SERVICE}/Open", request_serializer=pb.OpenRequest.SerializeToString,

@@ -52,15 +52,25 @@ class _Sink:
         self.staged[item.name] = buf
         return memoryview(buf.numpy())
 
+    def _held_blocks(self, g: int, first: int, count: int) -> int:
+        """Leading blocks of an item that this instance's prefix cache already filled: they are
+        neither sent (skip_bytes) nor written (item_done). A recurrent state is never held: it
+        is the state after the whole prompt."""
+        grp = self.w.groups[g]
+        if grp.kind == "state":
+            return 0
+        return max(0, min(count, self.t.num_local_tokens // grp.block_size - first))
+
+    def skip_bytes(self, item: ItemSpec) -> int:
+        g, first, count, part, lname = layout.parse_item_name(item.name)
+        cache, bdim = self.w.part(lname, part)
+        return self._held_blocks(g, first, count) * packing.block_bytes(cache, bdim)
+
     def item_done(self, item: ItemSpec) -> None:
         g, first, count, part, lname = layout.parse_item_name(item.name)
         cache, bdim = self.w.part(lname, part)
         ids = self.t.block_ids[g][first:first + count]
-        grp = self.w.groups[g]
-        skip = 0
-        if grp.kind != "state":  # blocks already holding the local prefix are left alone
-            skip = max(0, min(count, self.t.num_local_tokens // grp.block_size - first))
-        packing.unpack(cache, bdim, ids, self.staged.pop(item.name), skip_before=skip)
+        packing.unpack(cache, bdim, ids, self.staged.pop(item.name), skip_before=self._held_blocks(g, first, count))
 
 
 class WorkerSide:
@@ -204,8 +214,9 @@ class WorkerSide:
             if h.done.done():
                 self._send_futs[rid] = h.done
                 del self._sends[rid]  # drops the packed buffers: the receiver has them
-                if h.done.exception() is None:
-                    self.stats.record_sent(h.manifest.total_bytes)
+                if h.done.exception() is None:  # what crossed: less than the manifest when D held a prefix
+                    p = h.progress()
+                    self.stats.record_sent(p["bytes_confirmed"])
                 else:
                     self.stats.record_send_failure(type(h.done.exception()).__name__)
         for rid in list(self._send_futs):
@@ -224,10 +235,12 @@ class WorkerSide:
             recving.add(rid)
             err = h.done.exception()
             if err is None:
-                m = h.done.result()
-                self.stats.record_load(m.total_bytes, time.monotonic() - started)
-                log.info("prfaas: loaded transfer %s for request %s: %d bytes in %d items",
-                         t.transfer_id, rid, m.total_bytes, len(m.items))
+                m, p = h.done.result(), h.progress()
+                self.stats.record_load(p["bytes_received"], time.monotonic() - started)
+                log.info("prfaas: loaded transfer %s for request %s: %d bytes in %d items "
+                         "(%d more bytes of %d prefix tokens already cached here were not sent)",
+                         t.transfer_id, rid, p["bytes_received"], len(m.items), p["bytes_skipped"],
+                         t.num_local_tokens)
                 continue
             failed.add(rid)
             self.stats.record_load_failure(type(err).__name__)

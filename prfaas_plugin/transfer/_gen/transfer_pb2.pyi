@@ -17,7 +17,7 @@ class ItemSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., nbytes: _Optional[int] = ..., order: _Optional[int] = ...) -> None: ...
 
 class OpenRequest(_message.Message):
-    __slots__ = ("protocol_version", "request_id", "sender_id", "receiver_id", "fingerprint_json", "fingerprint_digest", "items", "token", "chunk_bytes", "data_planes", "metadata_json", "checksums")
+    __slots__ = ("protocol_version", "request_id", "sender_id", "receiver_id", "fingerprint_json", "fingerprint_digest", "items", "token", "chunk_bytes", "data_planes", "metadata_json", "checksums", "partial_items")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SENDER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,7 @@ class OpenRequest(_message.Message):
     DATA_PLANES_FIELD_NUMBER: _ClassVar[int]
     METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
     CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_ITEMS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     request_id: str
     sender_id: str
@@ -42,23 +43,26 @@ class OpenRequest(_message.Message):
     data_planes: _containers.RepeatedScalarFieldContainer[str]
     metadata_json: str
     checksums: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, protocol_version: _Optional[int] = ..., request_id: _Optional[str] = ..., sender_id: _Optional[str] = ..., receiver_id: _Optional[str] = ..., fingerprint_json: _Optional[str] = ..., fingerprint_digest: _Optional[str] = ..., items: _Optional[_Iterable[_Union[ItemSpec, _Mapping]]] = ..., token: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., data_planes: _Optional[_Iterable[str]] = ..., metadata_json: _Optional[str] = ..., checksums: _Optional[_Iterable[str]] = ...) -> None: ...
+    partial_items: bool
+    def __init__(self, protocol_version: _Optional[int] = ..., request_id: _Optional[str] = ..., sender_id: _Optional[str] = ..., receiver_id: _Optional[str] = ..., fingerprint_json: _Optional[str] = ..., fingerprint_digest: _Optional[str] = ..., items: _Optional[_Iterable[_Union[ItemSpec, _Mapping]]] = ..., token: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., data_planes: _Optional[_Iterable[str]] = ..., metadata_json: _Optional[str] = ..., checksums: _Optional[_Iterable[str]] = ..., partial_items: _Optional[bool] = ...) -> None: ...
 
 class Accepted(_message.Message):
-    __slots__ = ("session_key", "data_plane", "data_host", "data_port", "receiver_id", "checksum")
+    __slots__ = ("session_key", "data_plane", "data_host", "data_port", "receiver_id", "checksum", "skip_bytes")
     SESSION_KEY_FIELD_NUMBER: _ClassVar[int]
     DATA_PLANE_FIELD_NUMBER: _ClassVar[int]
     DATA_HOST_FIELD_NUMBER: _ClassVar[int]
     DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     RECEIVER_ID_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    SKIP_BYTES_FIELD_NUMBER: _ClassVar[int]
     session_key: bytes
     data_plane: str
     data_host: str
     data_port: int
     receiver_id: str
     checksum: str
-    def __init__(self, session_key: _Optional[bytes] = ..., data_plane: _Optional[str] = ..., data_host: _Optional[str] = ..., data_port: _Optional[int] = ..., receiver_id: _Optional[str] = ..., checksum: _Optional[str] = ...) -> None: ...
+    skip_bytes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_key: _Optional[bytes] = ..., data_plane: _Optional[str] = ..., data_host: _Optional[str] = ..., data_port: _Optional[int] = ..., receiver_id: _Optional[str] = ..., checksum: _Optional[str] = ..., skip_bytes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ItemProgress(_message.Message):
     __slots__ = ("bytes_landed", "items_done")
