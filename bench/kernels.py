@@ -8,8 +8,6 @@ memcpy is re-measured next to every case because a loaded host drifts within sec
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from _common import append_benchmarks
 from prfaas_plugin.kernels import CacheGroup, pack, packed_nbytes, unpack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,16 +112,9 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if not args.no_append:
-        load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
-        when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        cmd = f"PYTHONPATH=. python bench/kernels.py --tokens {args.tokens} --threads {args.threads}"
-        with open(ROOT / "BENCHMARKS.md", "a") as f:
-            f.write(
-                f"\n## kernels: CPU pack/unpack vs memcpy ({when})\n\n"
-                f"Machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} torch threads, "
-                f"torch {torch.__version__}; host shared with other jobs (1-min load average {load}), so absolute "
-                f"GB/s are low and noisy, ratios are side by side.\nCommand: `{cmd}`\n\n{table}\n"
-            )
+        append_benchmarks("kernels: CPU pack/unpack vs memcpy", table,
+                          notes=f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; ratios are "
+                                "side by side in one run, absolute GB/s depend on what else the host runs")
 
 
 if __name__ == "__main__":

@@ -12,13 +12,13 @@ it to BENCHMARKS.md (card name included).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import statistics
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from _common import append_benchmarks
 from prfaas_plugin.kernels import CacheGroup, pack, packed_nbytes, unpack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,14 +109,9 @@ def main() -> None:
     table = "\n".join(lines)
     print(f"card: {card}\n{table}")
     if not args.no_append:
-        when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        with open(ROOT / "BENCHMARKS.md", "a") as f:
-            f.write(
-                f"\n## kernels: GPU pack/unpack vs device-to-device copy ({when})\n\n"
-                f"Card: {card}, torch {torch.__version__}. {args.tokens}-token request, 16-token blocks, "
-                f"pool twice the request, shuffled ids. GB/s count cache bytes moved.\n"
-                f"Command: `PYTHONPATH=. python bench/kernels_gpu.py --tokens {args.tokens}`\n\n{table}\n"
-            )
+        append_benchmarks("kernels: GPU pack/unpack vs device-to-device copy", table,
+                          notes=f"card {card}, torch {torch.__version__}; {args.tokens}-token request, 16-token "
+                                "blocks, pool twice the request, shuffled ids; GB/s count cache bytes moved")
 
 
 if __name__ == "__main__":

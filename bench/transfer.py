@@ -14,10 +14,8 @@ Case 3: layer-wise pipelining tail against one layer's wire time.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import secrets
 import socket
 import statistics
@@ -32,6 +30,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from _common import append_benchmarks  # noqa: E402
 
 from prfaas_plugin.transfer import (  # noqa: E402
     GrpcTcpReceiver,
@@ -316,20 +315,11 @@ def case2(conns: int, seconds: float) -> dict[str, Any]:
     return res
 
 
-def machine() -> str:
-    load = os.getloadavg()[0]
-    return (f"{platform.node()}: {os.cpu_count()} vCPU {platform.machine()}, Python {platform.python_version()}, "
-            f"load average {load:.1f} at start (other sessions share the CPUs)")
-
-
 def render(results: dict[str, Any], cmd: str) -> str:
     from prfaas_plugin.transfer import wire
 
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"\n## Transfer engine (bench/transfer.py), {now}\n",
-             f"Machine: {machine()}. Command: `{cmd}`. Per-chunk checksum: "
-             f"{wire.available(SenderConfig().checksums)[0]}. No GPU in this session: the GPU staging path "
-             "was not measured (its code path runs on CPU in tests/test_transfer_staging.py).\n"]
+    lines = [f"Per-chunk checksum: {wire.available(SenderConfig().checksums)[0]}. No GPU in this session: the GPU "
+             "staging path was not measured (its code path runs on CPU in tests/test_transfer_staging.py).\n"]
     c1 = results.get("case1")
     if c1:
         lines += ["\n**Case 1, loopback** (sender in this process, receiver in a child process; rounds alternate "
@@ -372,11 +362,6 @@ def render(results: dict[str, Any], cmd: str) -> str:
                       f"\nEngine {n} connections / iperf3 -P {n}: **{en / ip:.2f}** (target >= 0.95); "
                       f"engine {n} connections / 1 connection: **{en / e1:.2f}x** (target >= 1.5x).\n"]
     return "\n".join(lines) + "\n"
-
-
-def append_benchmarks(text: str) -> None:
-    with open(ROOT / "BENCHMARKS.md", "a") as f:
-        f.write(text)
 
 
 def main() -> None:
@@ -442,7 +427,8 @@ def main() -> None:
     if a.json:
         print(json.dumps(results, default=str))
     if not a.no_append:
-        append_benchmarks(text)
+        append_benchmarks("Transfer engine (bench/transfer.py)", text,
+                          notes=f"load average {os.getloadavg()[0]:.1f} at start (other jobs may share the CPUs)")
 
 
 if __name__ == "__main__":

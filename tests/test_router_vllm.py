@@ -155,6 +155,69 @@ def test_transfer_stalled_mid_way_through_the_router_still_answers_exactly(stack
     assert _settles(pair.consumer, usage, c0) == c0, "consumer leaked blocks"
 
 
+def test_decode_instance_restarted_during_a_transfer(stack):
+    """The decode instance is killed while a remote request's KV is crossing (the path throttled
+    so the transfer is surely in flight) and started again. The caught request ends within its
+    deadline with a clear error or an exact answer (never a hang); the producer frees the
+    blocks it held for the vanished receiver; once the router sees the instance back, remote
+    requests go through it again with exact answers."""
+    import openai
+
+    from vllm_helpers import server_env
+
+    pair, router, model = stack
+    usage = "vllm:kv_cache_usage_perc"
+    p0 = _settles(pair.producer, usage, 0.0)
+    send_failures0 = metric(pair.producer, "vllm:prfaas_kv_send_failures_total")
+    prompt = "Restarted mid-way: " + _BODY * 2
+    ref = _reference(pair.producer, "/v1/completions", {"prompt": prompt})
+    up0 = pair.proxy.stats.bytes_up
+    pair.proxy.set_fault(FaultPlan(FaultKind.THROTTLE, after_bytes=4096, rate_bytes_per_s=4096,
+                                   per_connection=False))
+    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        caught = pool.submit(httpx.post, f"{router.url}/v1/completions",
+                             json={"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0},
+                             timeout=300)
+        deadline = time.monotonic() + 120
+        while pair.proxy.stats.bytes_up < up0 + 4096 and time.monotonic() < deadline and not caught.done():
+            time.sleep(0.05)
+        assert pair.proxy.stats.bytes_up >= up0 + 4096, "the transfer never started"
+        old = pair.sup.children["consumer"]
+        argv, log_path = old.argv, old.log_path
+        pair.sup.stop("consumer", grace_s=0)  # SIGKILL mid-transfer: no goodbye to anyone
+        pair.proxy.set_fault(FaultPlan())
+        resp = caught.result(timeout=120)
+    elapsed = time.monotonic() - t0
+    log_path.rename(log_path.with_name("consumer-before-restart.log"))
+    if resp.status_code == 200:
+        assert resp.json()["choices"][0]["text"] == ref
+    else:
+        assert 500 <= resp.status_code < 600 and resp.json()["error"]["message"], resp.text
+    assert elapsed < 60, f"the caught request took {elapsed:.0f} s"
+    print(f"\ncaught request: HTTP {resp.status_code} after {elapsed:.1f} s: {resp.text[:200]}")
+
+    # The producer's lease (transfer_deadline_s) frees what it held for the dead receiver.
+    assert _settles(pair.producer, usage, p0) == p0, "producer leaked blocks"
+    assert _settles(pair.producer, "vllm:prfaas_kv_send_failures_total", send_failures0 + 1) == send_failures0 + 1
+
+    pair.sup.start("consumer", argv, env=server_env(1))
+    pair.sup.wait_healthy("consumer", f"{pair.consumer}/health", 600)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        health = httpx.get(f"{router.url}/health", timeout=10).json()
+        if all(i["healthy"] for i in health["instances"]):
+            break
+        time.sleep(0.5)
+    assert all(i["healthy"] for i in health["instances"]), health
+    client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", timeout=600, max_retries=0)
+    raw = client.completions.with_raw_response.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS,
+                                                      temperature=0)
+    assert raw.headers["x-prfaas-route"] == "prfaas" and not raw.headers.get("x-prfaas-fallback"), dict(raw.headers)
+    assert raw.parse().choices[0].text == ref
+    assert _settles(pair.consumer, usage, 0.0) == 0.0, "restarted consumer holds blocks after the request"
+
+
 def test_prefill_instance_killed_requests_fall_back_to_local(stack):
     """Last in the module: it stops the PrfaaS prefill instance. Long requests then run locally,
     with the same answers, and /health names the dead instance."""

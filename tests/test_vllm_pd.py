@@ -117,8 +117,12 @@ def test_shared_prefix_cached_on_consumer(pair):
     received, skipped, held_tokens = _load_log(pair, res.transfer["transfer_id"])
     print(f"\n[{pair.model}] D held {held_tokens} prefix tokens: {received} bytes crossed "
           f"({on_wire} on the wire with framing), {skipped} not sent, layout total {res.transfer['bytes']}")
-    assert held_tokens > 0, "D's prefix cache did not hold the prefix"
     assert received + skipped == res.transfer["bytes"]
+    log = pair.sup.children["consumer"].log_path.read_text(errors="replace")
+    if "prefix caching to be disabled" in log:  # vLLM 0.32 on CPU turns it off for MLA models
+        assert held_tokens == 0 and skipped == 0, "D holds nothing without prefix caching: everything crosses"
+        return
+    assert held_tokens > 0, "D's prefix cache did not hold the prefix"
     assert skipped > 0 and received < res.transfer["bytes"]
     assert received <= on_wire < res.transfer["bytes"]
 
