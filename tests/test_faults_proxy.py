@@ -124,6 +124,28 @@ def test_a_shared_budget_covers_connections_opened_later_and_once_heals(sink) ->
         assert _send(proxy.address, payload) == hashlib.sha256(payload).digest()
 
 
+def test_a_fault_armed_while_a_connection_waits_applies_to_its_next_bytes(sink) -> None:
+    """A connection idle in a read when the plan changes (a sender's pooled data connection
+    between transfers) must not carry its next burst past the new fault unthrottled."""
+    with FaultProxy(sink.address) as proxy:
+        c = socket.create_connection(proxy.address, timeout=10)
+        c.sendall(b"warm")
+        time.sleep(0.2)  # the pump now waits in a read armed with no fault
+        rate = 200_000
+        proxy.set_fault(FaultPlan(FaultKind.THROTTLE, after_bytes=1000, rate_bytes_per_s=rate, per_connection=False))
+        t0 = time.monotonic()
+        c.sendall(b"x" * 101_000)
+        deadline = time.monotonic() + 10
+        while proxy.stats.bytes_up < 4 + 1000 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert proxy.stats.bytes_up >= 4 + 1000, "the bytes before the fault's start must pass"
+        while proxy.stats.bytes_up < 4 + 101_000 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        took = time.monotonic() - t0
+        c.close()
+    assert took >= 0.8 * 100_000 / rate, f"100 kB past the fault's start passed in {took:.2f} s: not throttled"
+
+
 def test_corrupt_flips_bits_at_the_asked_spacing(sink) -> None:
     payload = bytes(1 << 20)
     with FaultProxy(sink.address) as proxy:

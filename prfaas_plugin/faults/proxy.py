@@ -167,7 +167,10 @@ class FaultProxy:
                        client: asyncio.StreamWriter) -> str:
         passed = 0
         since_flip = 0
+        data = b""  # read but not yet forwarded
         while True:
+            # The plan is looked at again once bytes are in hand: a read that began before
+            # set_fault() must not carry its bytes past a fault armed meanwhile.
             plan = self.plan
             seen = passed if plan.per_connection else self.stats.bytes_up - self._plan_base
             if plan.kind is FaultKind.RESET and seen >= plan.after_bytes:
@@ -184,14 +187,20 @@ class FaultProxy:
             if plan.kind is FaultKind.BLACKHOLE and seen >= plan.after_bytes:
                 await asyncio.sleep(0.05)  # hold the connection open, forward nothing
                 continue
-            limit = _CHUNK
-            if plan.kind is not FaultKind.NONE and seen < plan.after_bytes:
-                limit = min(limit, plan.after_bytes - seen)
-            data = await reader.read(limit)
             if not data:
-                if writer.can_write_eof():
-                    writer.write_eof()  # half-close: the reply may still flow back
-                return "eof"
+                limit = _CHUNK
+                if plan.kind is not FaultKind.NONE and seen < plan.after_bytes:
+                    limit = min(limit, plan.after_bytes - seen)
+                data = await reader.read(limit)
+                if not data:
+                    if writer.can_write_eof():
+                        writer.write_eof()  # half-close: the reply may still flow back
+                    return "eof"
+                continue
+            rest = b""
+            if plan.kind is not FaultKind.NONE and seen < plan.after_bytes < seen + len(data):
+                # bytes straddling the fault's start: the part before it goes through untouched
+                data, rest = data[:plan.after_bytes - seen], data[plan.after_bytes - seen:]
             if plan.kind is FaultKind.CORRUPT and seen >= plan.after_bytes:
                 buf = bytearray(data)
                 pos = plan.corrupt_every - since_flip - 1
@@ -208,6 +217,7 @@ class FaultProxy:
             passed += len(data)
             self.stats.bytes_up += len(data)
             self.stats.by_connection[idx] = passed
+            data = rest
 
     async def _pump_down(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
