@@ -82,7 +82,9 @@ class Row:
 
 
 def _body(prompt: str, model: str | None = None) -> dict:
-    body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "logprobs": 5}
+    # token ids, not strings: the tiny tokenizer's byte tokens decode to "" and would collide
+    body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "logprobs": 5,
+            "return_tokens_as_token_ids": True}
     return {**body, "model": model} if model else body
 
 
@@ -181,7 +183,7 @@ def run_case(case: Case, pair, router: RunningRouter, model: str, n: int, log: C
                      and not r.headers.get("x-prfaas-fallback") and exact)
     if not row.recovered:
         log(f"{case.name}: the request after the fault did not go through the PrfaaS path cleanly: {why}, "
-            f"exact {exact}: {r.text[:300]}")
+            f"exact {exact}: ref {check_ref.get('logprobs')} got {r.text[:3000]}")
     log(f"{case.name}: exact {row.exact}, near-tie {row.near_tie}, failed cleanly {row.failed_cleanly}, wrong {row.wrong}, hung {row.hung}, "
         f"leaks {leaks or 0}, recovered {row.recovered}, slowest {row.slowest_s:.1f} s ({row.statuses})")
     return row
