@@ -79,6 +79,7 @@ class Row:
     recovered: bool = False
     slowest_s: float = 0.0
     statuses: str = ""
+    injected: str = ""
 
 
 def _body(prompt: str, model: str | None = None) -> dict:
@@ -103,6 +104,9 @@ def _restart(pair, name: str, argv: list[str]) -> None:
     old = pair.sup.children.get(name)
     if old is not None:
         pair.sup.stop(name, grace_s=0)
+    log_path = pair.sup.log_dir / f"{name}.log"
+    if log_path.exists():  # keep the killed instance's log beside the new one
+        log_path.rename(log_path.with_name(f"{name}-until-{time.strftime('%H%M%S')}.log"))
     pair.sup.start(name, argv, env=server_env(cpu))
     url = pair.producer if name == "producer" else pair.consumer
     pair.sup.wait_healthy(name, f"{url}/health", 600)
@@ -124,6 +128,7 @@ def run_case(case: Case, pair, router: RunningRouter, model: str, n: int, log: C
     refs = [_reference(pair.producer, p) for p in prompts]
     p0, c0 = _settles(pair.producer, USAGE, 0.0), _settles(pair.consumer, USAGE, 0.0)
     up0 = pair.proxy.stats.bytes_up
+    resets0, flips0 = pair.proxy.stats.resets, pair.proxy.stats.corrupted_bytes
     argv = {k: c.argv for k, c in pair.sup.children.items()}
     pair.proxy.set_fault(case.plan)
     t0 = time.monotonic()
@@ -158,6 +163,10 @@ def run_case(case: Case, pair, router: RunningRouter, model: str, n: int, log: C
             else:
                 row.wrong += 1
     pair.proxy.set_fault(FaultPlan())
+    hits = {"connections reset": pair.proxy.stats.resets - resets0,
+            "bytes corrupted": pair.proxy.stats.corrupted_bytes - flips0}
+    row.injected = ", ".join(f"{v} {k}" for k, v in hits.items() if v) + (f"{', ' if any(hits.values()) else ''}"
+                                                                         f"{case.action} SIGKILLed" if killed else "")
     row.statuses = ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items()))
     leaks = []
     # The producer frees what it held once the consumer confirmed or the lease (deadline) passed.
@@ -224,9 +233,9 @@ def main() -> None:
         finally:
             router.stop()
     lines = [
-        "| path | fault | requests | answer equal (exact + near-tie) | failed cleanly (HTTP 5xx, message) | wrong/hung | leaks | recovered | slowest s | statuses |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        *[f"| router + vLLM (tiny-qwen3next) | {r.case} | {r.requests} | {r.exact} + {r.near_tie} | {r.failed_cleanly} | "
+        "| path | fault | hit by the proxy / killed | requests | answer equal (exact + near-tie) | failed cleanly (HTTP 5xx, message) | wrong/hung | leaks | recovered | slowest s | statuses |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *[f"| router + vLLM (tiny-qwen3next) | {r.case} | {r.injected or '-'} | {r.requests} | {r.exact} + {r.near_tie} | {r.failed_cleanly} | "
           f"{r.wrong + r.hung} | {len(r.leaks or [])}{' (' + '; '.join(r.leaks) + ')' if r.leaks else ''} | "
           f"{'yes' if r.recovered else 'NO'} | {r.slowest_s:.1f} | {r.statuses} |" for r in rows],
     ]
