@@ -43,6 +43,15 @@ class CacheGroup:
     def state(cls, caches: Sequence[torch.Tensor]) -> "CacheGroup":
         return cls(caches, PagedLayout.state(caches[0]))
 
+    def row_views(self, wbytes: int) -> tuple[torch.Tensor, ...]:
+        """Every (layer, K/V) slice as a ``[num_blocks, row_words]`` view, built once per word
+        size and kept: building them costs tens of microseconds per layer, a third of the copy
+        itself for a layer of a few small state pages (bench/kernels.py, GDN case)."""
+        cache = self.__dict__.setdefault("_row_views", {})  # frozen dataclass: not a field
+        if wbytes not in cache:
+            cache[wbytes] = tuple(torch_ops.row_views(self.caches, self.layout, wbytes))
+        return cache[wbytes]
+
     @property
     def device(self) -> torch.device:
         return self.caches[0].device
@@ -112,7 +121,8 @@ def pack(
     elif fp8:
         torch_ops.pack_fp8(group.caches, lay, idx, out, geo)
     else:
-        torch_ops.pack_raw(group.caches, lay, idx, out, word_bytes(group.caches, lay, out.data_ptr()))
+        wb = word_bytes(group.caches, lay, out.data_ptr())
+        torch_ops.pack_raw(group.row_views(wb), lay, idx, out, wb)
     return out
 
 
@@ -142,4 +152,5 @@ def unpack(
     elif fp8:
         torch_ops.unpack_fp8(buf, group.caches, lay, idx, geo)
     else:
-        torch_ops.unpack_raw(buf, group.caches, lay, idx, word_bytes(group.caches, lay, buf.data_ptr()))
+        wb = word_bytes(group.caches, lay, buf.data_ptr())
+        torch_ops.unpack_raw(buf, group.row_views(wb), lay, idx, wb)
