@@ -7,10 +7,111 @@ that failed cleanly, and leaks (must be 0). Prints the table and appends it to B
 from __future__ import annotations
 
 import argparse
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 from _common import append_benchmarks
 
-from prfaas_plugin.faults.matrix import default_cases, run_case
+from prfaas_plugin.faults.matrix import FINGERPRINT, default_cases, run_case
+
+PEER = Path(__file__).resolve().parent / "_transfer_peer.py"
+
+
+def _spawn(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, str(PEER), *args], stdout=subprocess.PIPE, text=True)
+
+
+def _until(pred, timeout_s: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout_s
+    while not pred():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def process_killed(role: str, requests: int, nbytes: int, deadline_s: float = 30.0) -> str:
+    """The other side of ``requests`` concurrent sessions runs in its own process and is
+    SIGKILLed once bytes flow. Every session on the surviving side must fail with a typed
+    error well inside its deadline, leave no session/request behind, and a fresh peer process
+    must then get a transfer through the same surviving engine."""
+    import numpy as np
+
+    from prfaas_plugin.transfer import (GrpcTcpReceiver, GrpcTcpSender, ItemSpec, SenderConfig,
+                                        TransferError, TransferManifest)
+
+    tok = secrets.token_urlsafe(24)
+    rids = [f"kill-{role}-{i}-{secrets.token_hex(3)}" for i in range(requests)]
+    errors: dict[str, int] = {}
+    failed = hung = 0
+    slowest = 0.0
+    leaks: list[str] = []
+    item = (ItemSpec("big", nbytes),)
+
+    class Sink:
+        def buffer_for(self, it):  # type: ignore[no-untyped-def]
+            return memoryview(np.empty(it.nbytes, dtype=np.uint8))
+
+        def item_done(self, it):  # type: ignore[no-untyped-def]
+            pass
+
+    if role == "receiver":  # we send; the receiving process dies
+        engine = GrpcTcpSender(SenderConfig(chunk_bytes=64 << 10, connections=2, pacing_gbps=0.1))
+        proc = _spawn("receiver", tok, *rids)
+        endpoint = proc.stdout.readline().strip()  # type: ignore[union-attr]
+        data = np.ones(nbytes, dtype=np.uint8)
+        handles = []
+        for rid in rids:
+            h = engine.open(endpoint, TransferManifest(rid, item, FINGERPRINT), tok, deadline_s=deadline_s)
+            h.send("big", data)
+            handles.append(h)
+        flowing = _until(lambda: sum(h.progress()["bytes_sent"] for h in handles) > (1 << 20))
+        futures = [h.done for h in handles]
+    else:  # we receive; the sending process dies
+        engine = GrpcTcpReceiver()
+        handles = [engine.expect(rid, tok, FINGERPRINT, Sink(), deadline_s=deadline_s) for rid in rids]
+        proc = _spawn("sender", engine.endpoint, tok, str(nbytes), *rids)
+        flowing = _until(lambda: sum(h.progress()["bytes_received"] for h in handles) > (1 << 20))
+        futures = [h.done for h in handles]
+    t0 = time.monotonic()
+    proc.kill()
+    proc.wait()
+    for f in futures:
+        try:
+            f.result(timeout=deadline_s + 5)
+        except TransferError as e:
+            failed += 1
+            errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+        except Exception:  # noqa: BLE001 -- a timeout here is a hang
+            hung += 1
+        slowest = max(slowest, time.monotonic() - t0)
+    active = (lambda: engine.stats()["requests_active"]) if role == "receiver" else (lambda: engine.stats()["sessions_active"])
+    if not _until(lambda: active() == 0, 5.0):
+        leaks.append(f"{active()} left on the surviving side")
+    # Recovery: a fresh peer process, the same surviving engine.
+    rid = f"after-{role}-{secrets.token_hex(3)}"
+    if role == "receiver":
+        proc = _spawn("receiver", tok, rid)
+        endpoint = proc.stdout.readline().strip()  # type: ignore[union-attr]
+        small = np.ones(1 << 20, dtype=np.uint8)
+        h = engine.open(endpoint, TransferManifest(rid, (ItemSpec("big", 1 << 20),), FINGERPRINT), tok, deadline_s=30)
+        h.send("big", small)
+        recovered = h.done.exception(timeout=40) is None
+    else:
+        h = engine.expect(rid, tok, FINGERPRINT, Sink(), deadline_s=60)
+        proc = _spawn("sender", engine.endpoint, tok, str(1 << 20), rid)
+        recovered = h.done.exception(timeout=70) is None
+    proc.kill()
+    proc.wait()
+    engine.close()
+    errs = ", ".join(f"{k} {v}" for k, v in sorted(errors.items())) or "-"
+    name = f"{role} process killed (SIGKILL)"
+    done_before = requests - failed - hung  # finished before the kill (the oldest go first)
+    return (f"| transfer engine | {name} | {requests} | {done_before} | {failed} | {hung} | {len(leaks)} | "
+            f"{'yes' if recovered and flowing else 'NO'} | {slowest:.2f} after the kill / {deadline_s:.0f} | {errs} |")
 
 
 def main() -> None:
@@ -27,6 +128,8 @@ def main() -> None:
         rows.append(f"| transfer engine | {r.case} | {r.injected} | {r.survived} | {r.failed_cleanly} | "
                     f"{r.wrong_data + r.hung + len(r.untyped_errors)} | {len(r.leaks)} | "
                     f"{'yes' if r.recovered else 'NO'} | {r.max_resolve_s:.2f} / {case.deadline_s:.0f} | {errs} |")
+    for role in ("receiver", "sender"):
+        rows.append(process_killed(role, args.requests, nbytes))
     table = "\n".join([
         "| path | fault | requests | survived (exact) | failed cleanly | wrong/hung/untyped | leaks | recovered | slowest resolve s / deadline | typed errors (both sides) |",
         "|---|---|---|---|---|---|---|---|---|---|",

@@ -42,6 +42,7 @@ BODY = ("moves the KV cache of long prompts from a compute-dense prefill cluster
 MAX_TOKENS = 12
 DEADLINE_S = 10.0  # the router's transfer_deadline_s: the producer's lease and D's wait
 USAGE = "vllm:kv_cache_usage_perc"
+CONNECTIONS = 4  # the producer's data connections per receiver (SenderConfig default)
 
 
 @dataclass
@@ -181,6 +182,13 @@ def run_case(case: Case, pair, router: RunningRouter, model: str, n: int, log: C
     inflight = sum(i["inflight"] for i in httpx.get(f"{router.url}/health", timeout=10).json()["instances"])
     if inflight:
         leaks.append(f"{inflight} router slots")
+    # The producer pools its data connections (SenderConfig.connections, 4 by default) per
+    # receiver: more open through the proxy after a fault means connections leak.
+    deadline = time.monotonic() + 30
+    while pair.proxy.stats.open_connections > CONNECTIONS and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if pair.proxy.stats.open_connections > CONNECTIONS:
+        leaks.append(f"{pair.proxy.stats.open_connections} data connections open")
     row.leaks = leaks
     check = f"after {case.name}: " + BODY * 2
     check_ref = _reference(pair.producer, check)
@@ -246,7 +254,8 @@ def main() -> None:
         append_benchmarks(
             "Reliability end to end: faults on the KV path through the router with real vLLM (issue 8)", table,
             notes=f"{args.requests} concurrent remote requests per fault, transfer deadline {DEADLINE_S:.0f} s, fault "
-                  "proxy on the decode instance's data plane; near-tie = greedy outputs equal up to the first token where "
+                  "proxy on the decode instance's data plane (leaks also counts data connections left open beyond the producer's "
+                  "pool of 4); near-tie = greedy outputs equal up to the first token where "
                   "both runs had two candidates within 0.02 nats (random-weight model, bf16; vLLM's check_logprobs_close); leaks = vllm:kv_cache_usage_perc not back to its start "
                   "value on an instance that was not killed, or router in-flight slots left over")
 
