@@ -40,6 +40,7 @@ def process_killed(role: str, requests: int, nbytes: int, deadline_s: float = 30
     must then get a transfer through the same surviving engine."""
     import numpy as np
 
+    from _transfer_peer import Sink
     from prfaas_plugin.transfer import (GrpcTcpReceiver, GrpcTcpSender, ItemSpec, SenderConfig,
                                         TransferError, TransferManifest)
 
@@ -50,13 +51,6 @@ def process_killed(role: str, requests: int, nbytes: int, deadline_s: float = 30
     slowest = 0.0
     leaks: list[str] = []
     item = (ItemSpec("big", nbytes),)
-
-    class Sink:
-        def buffer_for(self, it):  # type: ignore[no-untyped-def]
-            return memoryview(np.empty(it.nbytes, dtype=np.uint8))
-
-        def item_done(self, it):  # type: ignore[no-untyped-def]
-            pass
 
     if role == "receiver":  # we send; the receiving process dies
         engine = GrpcTcpSender(SenderConfig(chunk_bytes=64 << 10, connections=2, pacing_gbps=0.1))

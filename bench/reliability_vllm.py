@@ -32,8 +32,8 @@ from _common import ROOT, append_benchmarks
 
 sys.path.insert(0, str(ROOT / "tests"))
 from router_helpers import RunningRouter  # noqa: E402
-from vllm_helpers import (Supervisor, compare_greedy, free_port, metric, server_env, start_pair,  # noqa: E402
-                          wait_metric)
+from vllm_helpers import (Supervisor, compare_greedy, free_port, metric, server_env, settles,  # noqa: E402
+                          start_pair)
 
 from prfaas_plugin.faults.proxy import FaultKind, FaultPlan, FaultProxy  # noqa: E402
 
@@ -96,9 +96,6 @@ def _reference(url: str, prompt: str) -> dict:
     return r.json()["choices"][0]
 
 
-def _settles(url: str, name: str, want: float, timeout_s: float = 60) -> float:
-    return wait_metric(url, name, lambda v: v == want, timeout_s)
-
 
 def _restart(pair, name: str, argv: list[str]) -> None:
     cpu = 0 if name == "producer" else 1
@@ -127,7 +124,7 @@ def run_case(case: Case, pair, router: RunningRouter, model: str, n: int, log: C
     row = Row(case.name, n)
     prompts = [f"{case.name}, request {i}: " + BODY * 2 for i in range(n)]
     refs = [_reference(pair.producer, p) for p in prompts]
-    p0, c0 = _settles(pair.producer, USAGE, 0.0), _settles(pair.consumer, USAGE, 0.0)
+    p0, c0 = settles(pair.producer, USAGE, 0.0), settles(pair.consumer, USAGE, 0.0)
     up0 = pair.proxy.stats.bytes_up
     resets0, flips0 = pair.proxy.stats.resets, pair.proxy.stats.corrupted_bytes
     argv = {k: c.argv for k, c in pair.sup.children.items()}
@@ -171,9 +168,9 @@ def run_case(case: Case, pair, router: RunningRouter, model: str, n: int, log: C
     row.statuses = ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items()))
     leaks = []
     # The producer frees what it held once the consumer confirmed or the lease (deadline) passed.
-    if killed != "producer" and _settles(pair.producer, USAGE, p0) != p0:
+    if killed != "producer" and settles(pair.producer, USAGE, p0) != p0:
         leaks.append("producer KV blocks")
-    if killed != "consumer" and _settles(pair.consumer, USAGE, c0) != c0:
+    if killed != "consumer" and settles(pair.consumer, USAGE, c0) != c0:
         leaks.append("consumer KV blocks")
     if killed:
         _restart(pair, killed, argv[killed])

@@ -84,6 +84,8 @@ def _for_each_layer(count: int, nbytes: int, copy: Callable[[int], None]) -> Non
     global _pool
     with _pool_lock:
         if _pool is None or _pool._max_workers < workers:  # noqa: SLF001 - grow once, keep
+            if _pool is not None:
+                _pool.shutdown(wait=False)  # its idle threads exit; the new pool replaces it
             _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prfaas-kernels")
         pool = _pool
 

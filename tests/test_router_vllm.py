@@ -17,7 +17,7 @@ import pytest
 
 from router_helpers import RunningRouter
 from prfaas_plugin.faults.proxy import FaultKind, FaultPlan, FaultProxy
-from vllm_helpers import Supervisor, free_port, metric, requires_vllm, start_pair, wait_metric
+from vllm_helpers import Supervisor, free_port, metric, requires_vllm, settles, start_pair
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, requires_vllm, pytest.mark.timeout(900)]
 
@@ -126,9 +126,6 @@ def test_streaming_and_chat_through_the_openai_client(stack):
     assert remote and sum(float(line.rsplit(" ", 1)[1]) for line in remote) >= 3, metrics[:2000]
 
 
-def _settles(url: str, name: str, want: float, timeout_s: float = 60) -> float:
-    return wait_metric(url, name, lambda v: v == want, timeout_s)
-
 
 def test_transfer_stalled_mid_way_through_the_router_still_answers_exactly(stack):
     """The KV path goes silent 4 KiB into a remote request's transfer: the client still gets the
@@ -137,7 +134,7 @@ def test_transfer_stalled_mid_way_through_the_router_still_answers_exactly(stack
 
     pair, router, model = stack
     usage = "vllm:kv_cache_usage_perc"
-    p0, c0 = _settles(pair.producer, usage, 0.0), _settles(pair.consumer, usage, 0.0)
+    p0, c0 = settles(pair.producer, usage, 0.0), settles(pair.consumer, usage, 0.0)
     failures0 = metric(pair.consumer, "vllm:prfaas_kv_load_failures_total")
     prompt = "Stalled on the way: " + _BODY * 2
     ref = _reference(pair.producer, "/v1/completions", {"prompt": prompt})
@@ -150,9 +147,9 @@ def test_transfer_stalled_mid_way_through_the_router_still_answers_exactly(stack
         pair.proxy.set_fault(FaultPlan())
     assert raw.headers["x-prfaas-route"] == "prfaas"
     assert raw.parse().choices[0].text == ref
-    assert _settles(pair.consumer, "vllm:prfaas_kv_load_failures_total", failures0 + 1) == failures0 + 1
-    assert _settles(pair.producer, usage, p0) == p0, "producer leaked blocks"
-    assert _settles(pair.consumer, usage, c0) == c0, "consumer leaked blocks"
+    assert settles(pair.consumer, "vllm:prfaas_kv_load_failures_total", failures0 + 1) == failures0 + 1
+    assert settles(pair.producer, usage, p0) == p0, "producer leaked blocks"
+    assert settles(pair.consumer, usage, c0) == c0, "consumer leaked blocks"
 
 
 def test_decode_instance_restarted_during_a_transfer(stack):
@@ -167,7 +164,7 @@ def test_decode_instance_restarted_during_a_transfer(stack):
 
     pair, router, model = stack
     usage = "vllm:kv_cache_usage_perc"
-    p0 = _settles(pair.producer, usage, 0.0)
+    p0 = settles(pair.producer, usage, 0.0)
     send_failures0 = metric(pair.producer, "vllm:prfaas_kv_send_failures_total")
     prompt = "Restarted mid-way: " + _BODY * 2
     ref = _reference(pair.producer, "/v1/completions", {"prompt": prompt})
@@ -198,8 +195,8 @@ def test_decode_instance_restarted_during_a_transfer(stack):
     print(f"\ncaught request: HTTP {resp.status_code} after {elapsed:.1f} s: {resp.text[:200]}")
 
     # The producer's lease (transfer_deadline_s) frees what it held for the dead receiver.
-    assert _settles(pair.producer, usage, p0) == p0, "producer leaked blocks"
-    assert _settles(pair.producer, "vllm:prfaas_kv_send_failures_total", send_failures0 + 1) == send_failures0 + 1
+    assert settles(pair.producer, usage, p0) == p0, "producer leaked blocks"
+    assert settles(pair.producer, "vllm:prfaas_kv_send_failures_total", send_failures0 + 1) == send_failures0 + 1
 
     pair.sup.start("consumer", argv, env=server_env(1))
     pair.sup.wait_healthy("consumer", f"{pair.consumer}/health", 600)
@@ -215,7 +212,7 @@ def test_decode_instance_restarted_during_a_transfer(stack):
                                                       temperature=0)
     assert raw.headers["x-prfaas-route"] == "prfaas" and not raw.headers.get("x-prfaas-fallback"), dict(raw.headers)
     assert raw.parse().choices[0].text == ref
-    assert _settles(pair.consumer, usage, 0.0) == 0.0, "restarted consumer holds blocks after the request"
+    assert settles(pair.consumer, usage, 0.0) == 0.0, "restarted consumer holds blocks after the request"
 
 
 def test_prefill_instance_killed_requests_fall_back_to_local(stack):

@@ -98,6 +98,11 @@ def wait_metric(url: str, name: str, done: Callable[[float], bool], timeout_s: f
     return v
 
 
+def settles(url: str, name: str, want: float, timeout_s: float = 60) -> float:
+    """``name`` once it equals ``want`` (or its value when ``timeout_s`` ran out)."""
+    return wait_metric(url, name, lambda v: v == want, timeout_s)
+
+
 NEAR_TIE_NATS = 0.02
 
 

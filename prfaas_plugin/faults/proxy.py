@@ -188,10 +188,7 @@ class FaultProxy:
                 await asyncio.sleep(0.05)  # hold the connection open, forward nothing
                 continue
             if not data:
-                limit = _CHUNK
-                if plan.kind is not FaultKind.NONE and seen < plan.after_bytes:
-                    limit = min(limit, plan.after_bytes - seen)
-                data = await reader.read(limit)
+                data = await reader.read(_CHUNK)
                 if not data:
                     if writer.can_write_eof():
                         writer.write_eof()  # half-close: the reply may still flow back

@@ -69,7 +69,6 @@ class _Session:
         self.items: list[ItemSpec] = []
         self.buffers: list[memoryview] = []
         self.base: list[int] = []  # per item: leading bytes the sink already holds (not sent)
-        self.partial = False
         self.chunk = 0
         self.checksum_name = "crc32"
         self.checksum: Any = wire.crc32
@@ -228,7 +227,6 @@ class _Session:
                 except (ValueError, TypeError, KeyError) as e:
                     return ProtocolError(f"{req.request_id}: sink cannot say what it holds: {e}")
             self.items, self.buffers, self.manifest, self.base = items, buffers, manifest, base
-            self.partial = bool(req.partial_items)
             self.chunk = req.chunk_bytes
             self.checksum_name = algo
             self.checksum = wire.CHECKSUMS[algo]
@@ -517,7 +515,7 @@ class GrpcTcpReceiver(TransferReceiver):
         yield pb.ReceiverEvent(accepted=pb.Accepted(
             session_key=s.key, data_plane=plane, data_host=host, data_port=port,
             receiver_id=self.config.receiver_id, checksum=s.checksum_name,
-            skip_bytes=s.base if s.partial else []))
+            skip_bytes=s.base if any(s.base) else []))  # non-zero only for senders offering partial_items
         s.start()
         yield from self._events(s, context)
 

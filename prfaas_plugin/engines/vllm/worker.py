@@ -215,8 +215,7 @@ class WorkerSide:
                 self._send_futs[rid] = h.done
                 del self._sends[rid]  # drops the packed buffers: the receiver has them
                 if h.done.exception() is None:  # what crossed: less than the manifest when D held a prefix
-                    p = h.progress()
-                    self.stats.record_sent(p["bytes_confirmed"])
+                    self.stats.record_sent(h.progress()["bytes_confirmed"])
                 else:
                     self.stats.record_send_failure(type(h.done.exception()).__name__)
         for rid in list(self._send_futs):
