@@ -69,9 +69,14 @@ class Errors(dict):
 
 
 async def _load(url: str, bodies: list[dict], concurrency: int,
-                errors: Errors | None = None, ttfb: list[float] | None = None) -> tuple[list[float], float]:
+                errors: Errors | None = None, ttfb: list[float] | None = None,
+                stagger_s: float = 0.0) -> tuple[list[float], float]:
     """Closed loop: ``concurrency`` workers stream requests; returns per-request latency to the last
-    byte of the requests answered 200 and the wall time. Failures are counted in ``errors``."""
+    byte of the requests answered 200 and the wall time. Failures are counted in ``errors``.
+
+    ``stagger_s``: worker k starts k * stagger_s after the first. Without it all workers start
+    together and, with streams of equal length, stay in step: the server sees ``concurrency``
+    requests in the same millisecond once per stream length (a burst, not a steady load)."""
     errors = Errors() if errors is None else errors
     lat: list[float] = []
     queue: asyncio.Queue[dict] = asyncio.Queue()
@@ -81,7 +86,9 @@ async def _load(url: str, bodies: list[dict], concurrency: int,
     # which would make the *client* the bottleneck of both the direct and the routed runs.
     conn = aiohttp.TCPConnector(limit=concurrency + 8)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as client:
-        async def worker() -> None:
+        async def worker(k: int) -> None:
+            if stagger_s:
+                await asyncio.sleep(k * stagger_s)
             while True:
                 try:
                     body = queue.get_nowait()
@@ -105,7 +112,7 @@ async def _load(url: str, bodies: list[dict], concurrency: int,
                 lat.append(time.perf_counter() - t0)
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
         return lat, time.perf_counter() - t0
 
 
@@ -147,8 +154,18 @@ def main() -> None:
     ap.add_argument("--long-requests", type=int, default=200)
     ap.add_argument("--long-concurrency", type=int, default=50,
                     help="concurrent 32K-token streams (tokenising them is CPU-bound on the router)")
+    ap.add_argument("--router-cpu", type=int, default=None,
+                    help="pin the router to this CPU and the client and fake backends to the others "
+                         "(a router with a core of its own, as in a deployment)")
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
+    router_affinity = None
+    if args.router_cpu is not None:
+        others = os.sched_getaffinity(0) - {args.router_cpu}
+        if args.router_cpu not in os.sched_getaffinity(0) or not others:
+            ap.error(f"--router-cpu {args.router_cpu}: need that CPU and at least one other in {sorted(os.sched_getaffinity(0))}")
+        os.sched_setaffinity(0, others)  # the fake backends inherit it
+        router_affinity = {args.router_cpu}
     tmp = Path(tempfile.mkdtemp(prefix="prfaas-router-bench-"))
     tok_dir, words = build_bpe_tokenizer(tmp / "tok")
     p_port, d_port, r_port = _free_port(), _free_port(), _free_port()
@@ -162,7 +179,8 @@ def main() -> None:
                          "both": [{"url": f"http://127.0.0.1:{d_port}", "kv_endpoint": "127.0.0.1:15600"}]}]}
     (tmp / "router.yaml").write_text(yaml.safe_dump(cfg))
     procs.append(subprocess.Popen([sys.executable, "-m", "prfaas_plugin", "router", "--config", str(tmp / "router.yaml"),
-                                   "--host", "127.0.0.1", "--port", str(r_port), "--log-level", "warning"], env=env))
+                                   "--host", "127.0.0.1", "--port", str(r_port), "--log-level", "warning"], env=env,
+                                  preexec_fn=(lambda: os.sched_setaffinity(0, router_affinity)) if router_affinity else None))
     try:
         for port in (p_port, d_port, r_port):
             _wait(f"http://127.0.0.1:{port}/health")
@@ -189,6 +207,14 @@ def main() -> None:
         asyncio.run(_load(f"http://127.0.0.1:{d_port}/v1/completions", decoding, args.concurrency, ttfb=ttfb_direct))
         _, wall_dec = asyncio.run(_load(f"http://127.0.0.1:{r_port}/v1/completions", decoding, args.concurrency,
                                         errs_dec, ttfb=ttfb_routed))
+        # The same 200 streams in steady state: starts spread over one stream's length (20 x 50 ms),
+        # so new requests arrive at ~200/s instead of 200 in the same millisecond once a second.
+        stagger = 20 * 0.05 / args.concurrency
+        ttfb_direct_st, ttfb_routed_st, errs_st = [], [], Errors()
+        asyncio.run(_load(f"http://127.0.0.1:{d_port}/v1/completions", decoding, args.concurrency,
+                          ttfb=ttfb_direct_st, stagger_s=stagger))
+        _, wall_st = asyncio.run(_load(f"http://127.0.0.1:{r_port}/v1/completions", decoding, args.concurrency,
+                                       errs_st, ttfb=ttfb_routed_st, stagger_s=stagger))
         vb_direct = vllm_bench_serve(f"http://127.0.0.1:{d_port}", tok_dir, tmp / "vb_direct.json", 1000,
                                      args.concurrency)
         vb_routed = vllm_bench_serve(f"http://127.0.0.1:{r_port}", tok_dir, tmp / "vb_routed.json", 1000,
@@ -216,8 +242,11 @@ def main() -> None:
         "added p50 / p99 ms | req/s via router |",
         "|---|---|---|---|---|---|---|---|",
         row("short (no tokenisation cost), local route", direct1, routed1, wall1, 1, errs1),
-        row("time to first byte of decoding streams (20 tokens, 50 ms apart), short prompts, local route",
+        row("time to first byte of decoding streams (20 tokens, 50 ms apart), short prompts, local route; "
+            "all streams start together (a burst of 200 new requests once a second)",
             ttfb_direct, ttfb_routed, wall_dec, args.concurrency, errs_dec),
+        row("the same, steady state: stream starts spread over one stream's length (~200 new requests/s)",
+            ttfb_direct_st, ttfb_routed_st, wall_st, args.concurrency, errs_st),
         row("short, instant backend, closed loop (max sustained req/s; latency here is queueing)", direct, routed,
             wall, args.concurrency, errs),
         row(f"{n_long // 1000}K-token prompts (BPE tokenisation), remote route", direct_long, routed_long, wall_long,
@@ -237,10 +266,12 @@ def main() -> None:
     print(table)
     if not args.no_append:
         append_benchmarks("Router overhead (issue 6)", table,
-                          notes="router, backends and client in separate processes on the same 2 cores; "
-                                "'direct' = the same client (aiohttp) straight to the fake backend; target p99 added "
-                                "< 5 ms without tokenisation; the 32K row's direct figure is one hop to the producer "
-                                "fake, the routed one tokenises and runs producer + consumer")
+                          notes=("router, backends and client in separate processes on the same 2 cores"
+                                 + (f"; router pinned to CPU {args.router_cpu}, client and backends to the other(s)"
+                                    if args.router_cpu is not None else ", unpinned") + "; "
+                                 "'direct' = the same client (aiohttp) straight to the fake backend; target p99 added "
+                                 "< 5 ms without tokenisation; the 32K row's direct figure is one hop to the producer "
+                                 "fake, the routed one tokenises and runs producer + consumer"))
 
 
 if __name__ == "__main__":
