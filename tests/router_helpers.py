@@ -65,7 +65,10 @@ class FakeBackend:
     status: int = 200
     health_delay_s: float = 0.0  # a /health that answers late, like an engine busy in a long prefill
     transfer_status: str = "sent"
+    role_switch_status: int = 200  # SGLang's /pd_role_switch: 400 plays a server without --enable-pd-role-switch
     seen: list[Seen] = field(default_factory=list)
+    switches: list[dict] = field(default_factory=list)  # /pd_role_switch bodies, with the requests open then
+    open_requests: int = 0
     port: int = field(default_factory=free_port)
 
     def __post_init__(self) -> None:
@@ -73,6 +76,7 @@ class FakeBackend:
         self.app.post("/v1/completions")(self._completions)
         self.app.post("/v1/chat/completions")(self._chat)
         self.app.get("/health")(self._health)
+        self.app.post("/pd_role_switch")(self._pd_role_switch)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error",
                                                     lifespan="off"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -108,6 +112,19 @@ class FakeBackend:
         src = body.get("prompt") if "prompt" in body else json.dumps(body.get("messages"))
         return f"echo[{len(str(src))}]"
 
+    async def _pd_role_switch(self, request: Request) -> Any:
+        body = await request.json()
+        self.switches.append({**body, "open_requests": self.open_requests})
+        if self.role_switch_status != 200:
+            return JSONResponse({"success": False, "message": "--enable-pd-role-switch is not set on this server",
+                                 "old_role": self.role, "new_role": body.get("new_role", "")},
+                                status_code=self.role_switch_status)
+        if self.open_requests:
+            return JSONResponse({"success": False, "message": "instance is not idle; drain all requests before "
+                                 "switching"}, status_code=400)
+        old, self.role = self.role, body["new_role"]
+        return {"success": True, "message": "ok", "old_role": old, "new_role": self.role}
+
     async def _completions(self, request: Request) -> Any:
         return await self._serve(request, chat=False)
 
@@ -115,6 +132,17 @@ class FakeBackend:
         return await self._serve(request, chat=True)
 
     async def _serve(self, request: Request, chat: bool) -> Any:
+        self.open_requests += 1
+        streaming = False
+        try:
+            resp = await self._answer(request, chat)
+            streaming = isinstance(resp, StreamingResponse)
+            return resp
+        finally:
+            if not streaming:
+                self.open_requests -= 1
+
+    async def _answer(self, request: Request, chat: bool) -> Any:
         body = await request.json()
         rec = Seen(request.url.path, body, time.monotonic())
         self.seen.append(rec)
@@ -161,6 +189,8 @@ class FakeBackend:
             except (asyncio.CancelledError, GeneratorExit):
                 rec.aborted = True
                 raise
+            finally:
+                self.open_requests -= 1
 
         return StreamingResponse(gen(), media_type="text/event-stream")
 

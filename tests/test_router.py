@@ -552,3 +552,110 @@ def test_vllm_pools_still_need_a_transfer_endpoint_per_decoder() -> None:
     with pytest.raises(ValueError, match="needs kv_endpoint"):
         RouterConfig.model_validate({"model": MODEL, "tokenizer": "/unused", "clusters": [
             {"name": "local", "kind": "local", "prefill": [{"url": "http://a:1"}], "decode": [{"url": "http://b:1"}]}]})
+
+
+# -- long-term loop applied: SGLang run-time role switches (threshold.apply_split) -----------------
+def _split_cfg(tmp_path: Path, p: FakeBackend, lp: FakeBackend, d1: FakeBackend, d2: FakeBackend) -> RouterConfig:
+    return RouterConfig.model_validate({
+        "model": MODEL, "tokenizer": "/unused", "block_size": 4, "engine": "sglang",
+        "threshold": {"mode": "auto", "tokens": 40, "planner": str(_planner_yaml(tmp_path)), "apply_split": True,
+                      "split_cooldown_s": 0.2, "drain_timeout_s": 10},
+        "timeouts": {"health_every_s": 0.3, "prefill_s": 10},
+        "clusters": [{"name": "remote", "kind": "prfaas", "prefill": [{"url": p.url}]},
+                     {"name": "local", "kind": "local", "prefill": [{"url": lp.url, "bootstrap_port": 9200}],
+                      "decode": [{"url": d1.url}, {"url": d2.url}]}]})
+
+
+def _advise(r: RunningRouter, n_prefill: int, n_decode: int) -> None:
+    from prfaas_plugin.router.threshold import SplitAdvice
+
+    r.router.controller.advice = SplitAdvice(40, 40, n_prefill, n_decode, 1.0, 64, "prefill")
+
+
+def test_split_advice_is_applied_by_draining_then_switching_one_instance(tokenizer, tmp_path) -> None:
+    p, lp = FakeBackend("prefill").start(), FakeBackend("prefill").start()
+    d1, d2 = FakeBackend("decode", decode_delay_s=1.5).start(), FakeBackend("decode", decode_delay_s=1.5).start()
+    r = RunningRouter(_split_cfg(tmp_path, p, lp, d1, d2), tokenizer)
+    try:
+        # One request open on each decode instance: the switch must wait for it.
+        results: list[int] = []
+        threads = [threading.Thread(target=lambda k=k: results.append(
+            r.post("/v1/completions", _completion(10, start=k)).status_code)) for k in range(2)]
+        for t in threads:
+            t.start()
+        assert _eventually(lambda: d1.open_requests == 1 and d2.open_requests == 1, 5)
+        _advise(r, 2, 1)  # the planner wants 2 prefill + 1 decode; the pool is 1 + 2
+        insts = {i.url: i for i in r.router.fleet.instances}
+        assert _eventually(lambda: any(i.draining for i in insts.values()), 5), "an instance must be drained first"
+        drained = next(i for i in insts.values() if i.draining)
+        fake = d1 if drained.url == d1.url else d2
+        assert not fake.switches, "no switch while the instance still has a request open"
+        for t in threads:
+            t.join(10)
+        assert results == [200, 200]
+        assert _eventually(lambda: insts[fake.url].role == "prefill" and not insts[fake.url].draining, 5)
+        assert fake.switches == [{"new_role": "prefill", "open_requests": 0}] and fake.role == "prefill"
+        # Now balanced: no further switch, and the switched instance is used as a prefill.
+        time.sleep(0.6)
+        assert len(d1.switches) + len(d2.switches) == 1
+        other = d2 if fake is d1 else d1
+        lp.stop()  # with the original prefill gone, local pairs need the switched instance
+        assert _eventually(lambda: not insts[lp.url].healthy, 5)
+        n_fake, n_other = len(fake.seen), len(other.seen)
+        for k in range(3):
+            assert r.post("/v1/completions", _completion(10, start=20 + k)).status_code == 200
+        assert len(fake.seen) == n_fake + 3 and len(other.seen) == n_other + 3
+        for s in other.seen[n_other:]:  # the decode side is told to fetch from the switched instance
+            assert (s.body["bootstrap_host"], s.body["bootstrap_port"]) == ("127.0.0.1", 8998)
+        split = httpx.get(r.url + "/admin/split").json()
+        assert split["applying"] and split["switches"][-1]["outcome"] == "switched"
+        assert 'prfaas_router_role_switches_total{outcome="switched"} 1.0' in httpx.get(r.url + "/metrics").text
+    finally:
+        r.stop(); p.stop(); lp.stop(); d1.stop(); d2.stop()
+
+
+def test_refused_role_switch_puts_the_instance_back_unchanged(tokenizer, tmp_path) -> None:
+    p, lp = FakeBackend("prefill").start(), FakeBackend("prefill").start()
+    d1 = FakeBackend("decode", role_switch_status=400).start()
+    d2 = FakeBackend("decode", role_switch_status=400).start()
+    r = RunningRouter(_split_cfg(tmp_path, p, lp, d1, d2), tokenizer)
+    try:
+        _advise(r, 2, 1)
+        assert _eventually(lambda: len(d1.switches) + len(d2.switches) >= 1, 5)
+        assert _eventually(lambda: "refused" in httpx.get(r.url + "/metrics").text, 5)
+        assert [i.role for i in r.router.fleet.instances] == ["prefill", "prefill", "decode", "decode"]
+        assert not any(i.draining for i in r.router.fleet.instances)
+        assert r.post("/v1/completions", _completion(10)).status_code == 200
+        assert "--enable-pd-role-switch" in httpx.get(r.url + "/admin/split").json()["switches"][0]["detail"]
+    finally:
+        r.stop(); p.stop(); lp.stop(); d1.stop(); d2.stop()
+
+
+def test_split_planning_never_takes_the_last_instance_of_a_role() -> None:
+    from prfaas_plugin.router.instances import Fleet, Instance
+    from prfaas_plugin.router.rebalance import plan_switch
+    from prfaas_plugin.router.threshold import SplitAdvice
+
+    def fleet(roles: list[str], inflight: list[int]) -> Fleet:
+        return Fleet([Instance(f"http://i{k}", "local", "local", role, inflight=n)  # type: ignore[arg-type]
+                      for k, (role, n) in enumerate(zip(roles, inflight))])
+
+    adv = lambda p, d: SplitAdvice(1, 1, p, d, 1.0, 64, "balanced")  # noqa: E731
+    plan = plan_switch(adv(2, 2), fleet(["prefill", "decode", "decode", "decode"], [0, 3, 1, 2]))
+    assert plan is not None and (plan.instance.url, plan.new_role) == ("http://i2", "prefill")  # least loaded
+    plan = plan_switch(adv(1, 3), fleet(["prefill", "prefill", "decode", "decode"], [5, 4, 0, 0]))
+    assert plan is not None and (plan.instance.url, plan.new_role) == ("http://i1", "decode")
+    assert plan_switch(adv(2, 2), fleet(["prefill", "prefill", "decode", "decode"], [0] * 4)) is None  # balanced
+    assert plan_switch(adv(2, 0), fleet(["prefill", "decode"], [0, 0])) is None  # would leave no decoder
+    assert plan_switch(adv(3, 3), fleet(["prefill", "decode", "decode"], [0] * 3)) is None  # advice for another pool
+    assert plan_switch(adv(2, 1), fleet(["both", "decode", "decode"], [0] * 3)) is None  # "both" is neither role
+
+
+def test_apply_split_is_refused_where_it_cannot_work(tmp_path) -> None:
+    base = {"model": MODEL, "tokenizer": "/unused",
+            "clusters": [{"name": "local", "kind": "local", "both": [{"url": "http://a", "kv_endpoint": "a:1"}]}]}
+    with pytest.raises(ValueError, match="apply_split needs engine: sglang"):
+        RouterConfig.model_validate({**base, "threshold": {"mode": "auto", "planner": str(_planner_yaml(tmp_path)),
+                                                           "apply_split": True}})
+    with pytest.raises(ValueError, match="apply_split needs threshold.mode auto"):
+        RouterConfig.model_validate({**base, "engine": "sglang", "threshold": {"apply_split": True}})

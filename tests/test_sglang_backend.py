@@ -497,3 +497,61 @@ def test_decode_prefix_cache_hit_sends_only_the_suffix(pair: Any) -> None:
         np.testing.assert_array_equal(b[dst], w)
     sender.abort()
     receiver.abort()
+
+
+def _prfaas_threads() -> set[str]:
+    import threading
+
+    return {t.name for t in threading.enumerate() if t.name.startswith("prfaas-")}
+
+
+def test_role_switch_through_sglangs_own_teardown(sgl: Any) -> None:
+    """SGLang's ``/pd_role_switch`` path (``disaggregation/role_switch.py``) on an idle pair:
+    its precondition check accepts the backend, its ``teardown_disaggregation`` releases both
+    managers (no thread of theirs left), and managers of the swapped roles, built in the same
+    process over the same pools, move a request bit-exact the other way."""
+    from types import SimpleNamespace
+
+    from sglang.srt.disaggregation.base.conn import KVPoll
+    from sglang.srt.disaggregation.role_switch import _reject_reason, teardown_disaggregation
+    from sglang.srt.disaggregation.utils import DisaggregationMode
+
+    from prfaas_plugin.engines.sglang import conn
+
+    before = _prfaas_threads()
+    a_pool, b_pool = Pool(11), Pool(12)
+    pm = conn.PrfaasKVManager(a_pool.kv_args(), DisaggregationMode.PREFILL, sgl["args"], False)
+    dm = conn.PrfaasKVManager(b_pool.kv_args(), DisaggregationMode.DECODE, sgl["args"], False)
+    assert _prfaas_threads() - before, "the managers run threads of their own"
+
+    def scheduler(mode: Any, km: Any) -> Any:  # the fields role_switch.py reads, nothing else
+        return SimpleNamespace(
+            server_args=SimpleNamespace(enable_pd_role_switch=True), disaggregation_mode=mode,
+            _pd_role_switch_unhealthy=False, _pd_role_switch_in_progress=False, disable_radix_cache=True,
+            disagg_prefill_bootstrap_queue=SimpleNamespace(kv_manager=km) if mode == DisaggregationMode.PREFILL else None,
+            disagg_decode_prealloc_queue=SimpleNamespace(kv_manager=km) if mode == DisaggregationMode.DECODE else None)
+
+    s_p, s_d = scheduler(DisaggregationMode.PREFILL, pm), scheduler(DisaggregationMode.DECODE, dm)
+    assert _reject_reason(s_p, "decode") is None
+    assert _reject_reason(s_d, "prefill") is None
+    teardown_disaggregation(s_p)
+    teardown_disaggregation(s_d)
+    _wait(lambda: not (_prfaas_threads() - before), 10, "the torn-down managers' threads to exit")
+
+    pm2 = conn.PrfaasKVManager(b_pool.kv_args(), DisaggregationMode.PREFILL, sgl["args"], False)
+    dm2 = conn.PrfaasKVManager(a_pool.kv_args(), DisaggregationMode.DECODE, sgl["args"], False)
+    try:
+        assert dm2.try_ensure_parallel_info(sgl["addr"])
+        pair = {"pm": pm2, "dm": dm2, "addr": sgl["addr"]}
+        src, dst = np.array([9, 2, 30], np.int32), np.array([1, 44, 17], np.int32)
+        want = [b[src].copy() for b in b_pool.kv]
+        sender, receiver, _ = _start(pair, dst, 1, [np.array([2], np.int32), np.array([3], np.int32)])
+        _wait(lambda: sender.poll() == KVPoll.WaitingForInput, what="prefill WaitingForInput")
+        sender.init(3, 0)
+        sender.send(src, state_indices=[np.array([0], np.int32), np.array([1], np.int32)])
+        assert _poll_until_final(sender, receiver) == [KVPoll.Success, KVPoll.Success]
+        for b, w in zip(a_pool.kv, want):
+            np.testing.assert_array_equal(b[dst], w)
+    finally:
+        pm2.close()
+        dm2.close()

@@ -32,6 +32,7 @@ from prfaas_plugin.router.instances import Fleet, Instance
 from prfaas_plugin.router.metrics import RouterMetrics
 from prfaas_plugin.router.policy import Decision, NoInstance, decide
 from prfaas_plugin.router.prefix_index import PrefixIndex
+from prfaas_plugin.router.rebalance import SplitApplier
 from prfaas_plugin.router.threshold import ThresholdController
 from prfaas_plugin.router.tokenize import PromptError, PromptTokenizer
 from prfaas_plugin.router.pd_bodies import sglang_bodies, vllm_bodies
@@ -112,6 +113,7 @@ class Router:
         self.recent_routes: collections.deque[str] = collections.deque(maxlen=256)
         self._subscribers: list[Any] = []
         self._tasks: list[asyncio.Task[Any]] = []
+        self.splitter: SplitApplier | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -125,6 +127,10 @@ class Router:
         self._start_event_feeds()
         self._tasks.append(asyncio.create_task(self._health_loop()))
         self._tasks.append(asyncio.create_task(self._threshold_loop()))
+        if self.cfg.threshold.apply_split:
+            th = self.cfg.threshold
+            self.splitter = SplitApplier(self.client, th.split_cooldown_s, th.drain_timeout_s, t.prefill_s)
+            self._tasks.append(asyncio.create_task(self._split_loop()))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -162,6 +168,21 @@ class Router:
             await self.fleet.check_health(self.client, t.health_timeout_s, t.health_failures)
             for inst in self.fleet.instances:
                 self.metrics.healthy.labels(inst.cluster, inst.url).set(1 if inst.healthy else 0)
+
+    async def _split_loop(self) -> None:
+        assert self.splitter is not None
+        while True:
+            await asyncio.sleep(1.0)
+            advice = self.controller.advice
+            if advice is None:
+                continue
+            try:
+                outcome = await self.splitter.apply(advice, self.fleet)
+            except Exception:  # noqa: BLE001 - the loop must outlive one bad step
+                log.exception("applying the P/D split failed")
+                continue
+            if outcome is not None:
+                self.metrics.role_switches.labels(outcome).inc()
 
     async def _threshold_loop(self) -> None:
         while True:
@@ -319,7 +340,7 @@ class Router:
         return await self._two_phase(path, body, d, rec, tokens, stream, headers, arrived)
 
     def _prfaas_overloaded(self) -> bool:
-        remote = [i for i in self.fleet.of_kind("prfaas") if i.healthy]
+        remote = [i for i in self.fleet.of_kind("prfaas") if i.routable]
         if not remote:
             return False
         return all(i.inflight >= self.cfg.threshold.queue_high for i in remote)
@@ -447,7 +468,7 @@ class Router:
             # An SGLang decode-mode server cannot prefill on its own: pair it with a local
             # prefill server of its cluster (another one than the prefill that just failed).
             local = [i for i in self.fleet.in_cluster(d.decode.cluster)
-                     if i.can_prefill and i.healthy and i is not d.prefill]
+                     if i.can_prefill and i.routable and i is not d.prefill]
             if not local:
                 return _error(502, f"prefill failed ({prod.error}) and cluster {d.decode.cluster!r} has no other "
                                    "prefill instance to retry on", "upstream_error")
@@ -619,6 +640,8 @@ def create_app(cfg: RouterConfig, tokenizer: PromptTokenizer | None = None) -> F
     async def split() -> dict:
         adv = router.controller.advice
         return {"advice": None if adv is None else adv.__dict__,
+                "applying": router.splitter is not None,
+                "switches": [] if router.splitter is None else router.splitter.history[-20:],
                 "note": "long-term loop: recommended local prefill/decode instance counts for the observed lengths"}
 
     @app.get("/admin/requests")

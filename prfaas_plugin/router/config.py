@@ -99,6 +99,13 @@ class ThresholdSpec(_Strict):
     #: Sliding window over which producer-reported KV bytes make the egress estimate.
     egress_window_s: float = Field(default=10.0, gt=0)
     max_tokens: float = Field(default=1 << 20, gt=0)
+    #: Long-term loop, SGLang only: flip local instances between prefill and decode toward the
+    #: planner's split (``POST /pd_role_switch``; servers need ``--enable-pd-role-switch``), one
+    #: at a time, each drained first, at most one per ``split_cooldown_s``.
+    apply_split: bool = False
+    split_cooldown_s: float = Field(default=300.0, gt=0)
+    #: Give up a switch (and route to the instance again) if its open requests do not finish.
+    drain_timeout_s: float = Field(default=120.0, gt=0)
 
     @model_validator(mode="after")
     def _auto(self) -> "ThresholdSpec":
@@ -108,6 +115,8 @@ class ThresholdSpec(_Strict):
             raise ValueError("threshold.egress_low must be below egress_high")
         if self.queue_low >= self.queue_high:
             raise ValueError("threshold.queue_low must be below queue_high")
+        if self.apply_split and self.mode != "auto":
+            raise ValueError("threshold.apply_split needs threshold.mode auto (the split comes from the planner)")
         return self
 
 
@@ -159,6 +168,9 @@ class RouterConfig(_Strict):
         urls = [i.url for c in self.clusters for i in c.prefill + c.decode + c.both]
         if len(set(urls)) != len(urls):
             raise ValueError("an instance url appears twice")
+        if self.threshold.apply_split and self.engine != "sglang":
+            raise ValueError("threshold.apply_split needs engine: sglang (vLLM cannot switch an instance's role "
+                             "at run time)")
         if self.engine == "vllm":
             for c in self.clusters:
                 for inst in c.decode + c.both:

@@ -30,6 +30,11 @@ class Instance:
     slow_probes: int = 0  # consecutive health probes that timed out or were cut
     inflight: int = 0  # requests the router has open on it (its queue depth, as the router sees it)
     served: int = 0
+    draining: bool = False  # taken out of routing while its role is being switched
+
+    @property
+    def routable(self) -> bool:
+        return self.healthy and not self.draining
 
     @property
     def can_prefill(self) -> bool:
@@ -88,4 +93,4 @@ class Fleet:
 
     def health_report(self) -> list[dict]:
         return [{"url": i.url, "cluster": i.cluster, "role": i.role, "healthy": i.healthy, "error": i.last_error,
-                 "inflight": i.inflight} for i in self.instances]
+                 "inflight": i.inflight, "draining": i.draining} for i in self.instances]

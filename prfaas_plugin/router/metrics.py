@@ -27,6 +27,8 @@ class RouterMetrics:
         self.fallbacks = Counter("prfaas_router_fallbacks", "Requests that fell back to local prefill", ["reason"], registry=r)
         self.kv_bytes = Counter("prfaas_router_kv_bytes", "KV bytes producers reported sending", ["route"], registry=r)
         self.split = Gauge("prfaas_router_split_recommendation", "Long-term loop: recommended local P/D instances", ["role"], registry=r)
+        self.role_switches = Counter("prfaas_router_role_switches", "Run-time P/D role switches the router asked for "
+                                     "(threshold.apply_split), by outcome", ["outcome"], registry=r)
         self.healthy = Gauge("prfaas_router_instance_healthy", "1 while the instance counts as healthy (refused or non-200: 0 at once; "
                              "timeouts: after timeouts.health_failures in a row)",
                              ["cluster", "instance"], registry=r)

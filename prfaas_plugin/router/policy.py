@@ -45,12 +45,12 @@ def _pick(cands: Sequence[Instance], holder: str | None) -> Instance:
 def decide(tokens: Sequence[int], fleet: Fleet, index: PrefixIndex, threshold: float, bandwidth_mode: str,
            exclude_prfaas: bool = False) -> Decision:
     l_total = len(tokens)
-    locals_ = [i for i in fleet.of_kind("local") if i.healthy]
+    locals_ = [i for i in fleet.of_kind("local") if i.routable]
     decoders = [i for i in locals_ if i.can_decode]
     if not decoders:
         raise NoInstance("no healthy local instance can decode")
     local_prefillers = [i for i in locals_ if i.can_prefill]
-    remote = [] if exclude_prfaas else [i for i in fleet.of_kind("prfaas") if i.healthy and i.can_prefill]
+    remote = [] if exclude_prfaas else [i for i in fleet.of_kind("prfaas") if i.routable and i.can_prefill]
 
     l_local, local_holder = index.longest_prefix(tokens, [i.url for i in local_prefillers])
     l_remote, remote_holder = index.longest_prefix(tokens, [i.url for i in remote]) if remote else (0, None)

@@ -236,6 +236,10 @@ class PrfaasKVManager(CommonKVManager):
     kv_status_msg_tag: ClassVar[bytes] = STATUS_TAG
     kv_status_msg_carries_reason: ClassVar[bool] = True
     reports_transfer_latency: ClassVar[bool] = True
+    #: SGLang's ``/pd_role_switch`` (``--enable-pd-role-switch``) tears this manager down on an
+    #: idle instance and builds one of the other role in the same process; ``teardown`` releases
+    #: everything this manager owns, so the new one starts clean (same ports included).
+    supports_role_switch: ClassVar[bool] = True
     #: Builds the transfer endpoints; tests may point it at another implementation.
     transport_factory: ClassVar[TransportFactory] = staticmethod(engine_transport)
 
@@ -349,6 +353,13 @@ class PrfaasKVManager(CommonKVManager):
         # and their monitors) and terminate it now: left to the garbage collector, a context
         # with open sockets blocks the collecting thread forever in ``term()``.
         self._zmq_ctx.destroy(linger=0)
+
+    def teardown(self) -> None:
+        """SGLang's role-switch hook (``disaggregation/role_switch.py``): the instance is idle,
+        so nothing is in flight; stop threads, transfer endpoint and ZMQ sockets. The KV pools
+        belong to the scheduler and are left alone."""
+        self.close()
+        logger.info("prfaas KV manager torn down (was %s)", self.disaggregation_mode.value)
 
     def _control_recv(self) -> Optional[List[bytes]]:
         try:
