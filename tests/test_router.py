@@ -659,3 +659,27 @@ def test_apply_split_is_refused_where_it_cannot_work(tmp_path) -> None:
                                                            "apply_split": True}})
     with pytest.raises(ValueError, match="apply_split needs threshold.mode auto"):
         RouterConfig.model_validate({**base, "engine": "sglang", "threshold": {"apply_split": True}})
+
+
+def test_router_command_freezes_its_start_up_heap_before_serving(tmp_path, monkeypatch) -> None:
+    """Full GC passes over the start-up heap (transformers, tokenizer, FastAPI) paused the event
+    loop 100-250 ms at 200 streams (bench/router.py); `prfaas router` freezes that heap first."""
+    import gc
+
+    import uvicorn
+    from click.testing import CliRunner
+
+    from prfaas_plugin.cli.router import command
+
+    cfg = {"model": MODEL, "tokenizer": str(build_tokenizer(tmp_path / "tok")),
+           "clusters": [{"name": "local", "kind": "local", "both": [{"url": "http://127.0.0.1:9", "kv_endpoint": "127.0.0.1:9"}]}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(cfg))
+    frozen: list[int] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: frozen.append(gc.get_freeze_count()))
+    gc.unfreeze()
+    try:
+        result = CliRunner().invoke(command, ["--config", str(tmp_path / "r.yaml")])
+    finally:
+        gc.unfreeze()
+    assert result.exit_code == 0, result.output
+    assert frozen and frozen[0] > 10_000, frozen
