@@ -584,6 +584,9 @@ def test_split_advice_is_applied_by_draining_then_switching_one_instance(tokeniz
         for t in threads:
             t.start()
         assert _eventually(lambda: d1.open_requests == 1 and d2.open_requests == 1, 5)
+        held = list(range(1, 13))
+        for d in (d1, d2):
+            r.router.index.record(d.url, held)  # prefixes their caches hold, as the router believes
         _advise(r, 2, 1)  # the planner wants 2 prefill + 1 decode; the pool is 1 + 2
         insts = {i.url: i for i in r.router.fleet.instances}
         assert _eventually(lambda: any(i.draining for i in insts.values()), 5), "an instance must be drained first"
@@ -595,10 +598,13 @@ def test_split_advice_is_applied_by_draining_then_switching_one_instance(tokeniz
         assert results == [200, 200]
         assert _eventually(lambda: insts[fake.url].role == "prefill" and not insts[fake.url].draining, 5)
         assert fake.switches == [{"new_role": "prefill", "open_requests": 0}] and fake.role == "prefill"
+        other = d2 if fake is d1 else d1
+        # SGLang resets a switched instance's radix cache: the router forgets what it held.
+        assert r.router.index.longest_prefix(held, [fake.url]) == (0, None)
+        assert r.router.index.longest_prefix(held, [other.url]) == (12, other.url)
         # Now balanced: no further switch, and the switched instance is used as a prefill.
         time.sleep(0.6)
         assert len(d1.switches) + len(d2.switches) == 1
-        other = d2 if fake is d1 else d1
         lp.stop()  # with the original prefill gone, local pairs need the switched instance
         assert _eventually(lambda: not insts[lp.url].healthy, 5)
         n_fake, n_other = len(fake.seen), len(other.seen)

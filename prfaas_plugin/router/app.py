@@ -129,7 +129,7 @@ class Router:
         self._tasks.append(asyncio.create_task(self._threshold_loop()))
         if self.cfg.threshold.apply_split:
             th = self.cfg.threshold
-            self.splitter = SplitApplier(self.client, th.split_cooldown_s, th.drain_timeout_s, t.prefill_s)
+            self.splitter = SplitApplier(self.client, self.index, th.split_cooldown_s, th.drain_timeout_s, t.prefill_s)
             self._tasks.append(asyncio.create_task(self._split_loop()))
 
     async def stop(self) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from prfaas_plugin.router.instances import Fleet, Instance
+from prfaas_plugin.router.prefix_index import PrefixIndex
 from prfaas_plugin.router.threshold import SplitAdvice
 from prfaas_plugin.router.upstream import Upstream, UpstreamError
 
@@ -50,8 +51,10 @@ def plan_switch(advice: SplitAdvice, fleet: Fleet) -> SwitchPlan | None:
 
 
 class SplitApplier:
-    def __init__(self, client: Upstream, cooldown_s: float, drain_timeout_s: float, switch_timeout_s: float) -> None:
+    def __init__(self, client: Upstream, index: PrefixIndex, cooldown_s: float, drain_timeout_s: float,
+                 switch_timeout_s: float) -> None:
         self.client = client
+        self.index = index
         self.cooldown_s = cooldown_s
         self.drain_timeout_s = drain_timeout_s
         self.switch_timeout_s = switch_timeout_s
@@ -79,6 +82,8 @@ class SplitApplier:
             inst.draining = False
         if outcome == "switched":
             inst.role = new_role
+            # SGLang resets the instance's radix cache on a switch: its prefixes are gone.
+            self.index.clear_instance(inst.url)
         record = {"url": inst.url, "from": old_role, "to": new_role, "outcome": outcome, "detail": detail,
                   "advice": {"n_prefill": advice.n_prefill, "n_decode": advice.n_decode}}
         self.history.append(record)
