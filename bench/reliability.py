@@ -15,7 +15,7 @@ from pathlib import Path
 
 from _common import append_benchmarks
 
-from prfaas_plugin.faults.matrix import FINGERPRINT, default_cases, run_case
+from prfaas_plugin.faults.matrix import FINGERPRINT, default_cases, run_case, until
 
 PEER = Path(__file__).resolve().parent / "_transfer_peer.py"
 
@@ -25,12 +25,7 @@ def _spawn(*args: str) -> subprocess.Popen[str]:
 
 
 def _until(pred, timeout_s: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout_s
-    while not pred():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.01)
-    return True
+    return until(pred, timeout_s, interval_s=0.01)
 
 
 def process_killed(role: str, requests: int, nbytes: int, deadline_s: float = 30.0) -> str:

@@ -337,12 +337,9 @@ def _planner_yaml(tmp_path: Path) -> Path:
 
 
 def _eventually(cond, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+    from prfaas_plugin.faults.matrix import until
+
+    return until(cond, timeout_s)
 
 
 def test_auto_threshold_follows_planner_rises_under_egress_and_settles(tokenizer, tmp_path) -> None:

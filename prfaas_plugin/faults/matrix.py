@@ -187,7 +187,16 @@ def _outcome(rh, sh, sink, payload, deadline_s, res: CaseResult) -> str:  # type
     return "wrong"
 
 
-def _settle(pred: Callable[[], bool], timeout_s: float = 5.0) -> None:
+def until(pred: Callable[[], bool], timeout_s: float, interval_s: float = 0.05) -> bool:
+    """Poll ``pred`` until it holds (True) or ``timeout_s`` passes (False): the fault checks wait
+    for releases and recoveries that happen on other threads or processes."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and not pred():
-        time.sleep(0.05)
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval_s)
+    return True
+
+
+def _settle(pred: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    until(pred, timeout_s)
