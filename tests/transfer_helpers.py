@@ -61,8 +61,10 @@ def pair(rx: Optional[ReceiverConfig] = None, tx: Optional[SenderConfig] = None,
 
 class FrameProxy:
     """A man-in-the-middle for data connections that understands the framing, so tests can
-    corrupt payload bytes or cut a connection at a frame boundary. ``mutate(conn_no, frame_no,
-    payload)`` returns the payload to forward, or None to kill that connection."""
+    corrupt payload bytes, forge frames or cut a connection at a frame boundary.
+    ``mutate(conn_no, frame_no, payload)`` returns the payload to forward, None to kill that
+    connection, or a list of (header, payload) frames to forward instead (``self.header`` is
+    the frame's own header meanwhile). ``self.lengths`` lists (conn_no, payload length)."""
 
     def __init__(self, mutate) -> None:
         import socket
@@ -75,6 +77,8 @@ class FrameProxy:
         self.address = f"127.0.0.1:{self.lsock.getsockname()[1]}"
         self.conns = 0
         self.frames = 0
+        self.lengths: list[tuple[int, int]] = []
+        self.header = b""
         self._stop = False
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -112,11 +116,17 @@ class FrameProxy:
                 payload = read(length)
                 with self._lock:
                     self.frames += 1
-                out = self.mutate(conn_no, frame_no, payload)
+                    self.lengths.append((conn_no, length))
+                    self.header = hdr
+                    out = self.mutate(conn_no, frame_no, payload)
                 frame_no += 1
                 if out is None:
                     raise ConnectionError("cut by test")
-                up.sendall(hdr + out)
+                if isinstance(out, list):
+                    for h, pl in out:
+                        up.sendall(h + pl)
+                else:
+                    up.sendall(hdr + out)
         except (OSError, ConnectionError, ValueError):
             pass
         finally:

@@ -8,6 +8,12 @@ from typing import Optional
 #: Striping unit. 1 MiB keeps a chunk inside L2 on both sides, so the checksum pass right after
 #: ``recv_into``/before ``send`` reads hot cache lines; larger chunks gave no loopback gain.
 DEFAULT_CHUNK_BYTES = 1 << 20
+#: Most bytes one TCP data frame carries when a request has many chunks queued: consecutive
+#: whole chunks of one item go out as one frame (one header, one checksum, one send). Per-frame
+#: work (a GIL hand-off per syscall, locks, bookkeeping) cost about a fifth of loopback goodput
+#: with 1 MiB frames on a 2-vCPU host; see bench/transfer.py. Striping is kept: a link takes at
+#: most its fair share of the request's queued chunks.
+DEFAULT_FRAME_BYTES = 16 << 20
 #: Connections per peer; chosen by bench/transfer.py (case 2: 4 connections fill a 2 Gbit/s,
 #: 20 ms link that one stock-buffered flow caps near 1.2 Gbit/s; loopback is flat from 1 to 4).
 DEFAULT_CONNECTIONS = 4
@@ -83,6 +89,8 @@ class SenderConfig:
     #: Data connections per peer (striping width); reused across requests.
     connections: int = DEFAULT_CONNECTIONS
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    #: Largest TCP data frame (whole chunks of one item); ``chunk_bytes`` = one chunk per frame.
+    frame_bytes: int = DEFAULT_FRAME_BYTES
     #: "tcp" (falls back to gRPC if the receiver offers no TCP plane) or "grpc".
     data_plane: str = "tcp"
     #: Egress budget for all peers together; None = unpaced.
@@ -103,6 +111,8 @@ class SenderConfig:
             raise ValueError(f"SenderConfig.connections must be in 1..64, got {self.connections}")
         if not 4096 <= self.chunk_bytes <= (64 << 20):
             raise ValueError(f"SenderConfig.chunk_bytes must be in 4 KiB..64 MiB, got {self.chunk_bytes}")
+        if not self.chunk_bytes <= self.frame_bytes <= (64 << 20):
+            raise ValueError(f"SenderConfig.frame_bytes must be in chunk_bytes..64 MiB, got {self.frame_bytes}")
         if self.data_plane not in ("tcp", "grpc"):
             raise ValueError(f"SenderConfig.data_plane must be 'tcp' or 'grpc', got {self.data_plane!r}")
         if self.pacing_gbps is not None and self.pacing_gbps <= 0:

@@ -86,30 +86,54 @@ class _Session:
         self.handle = _ReceiveHandle(self)
 
     # -- data path ------------------------------------------------------------------------
-    def begin_chunk(self, item: int, offset: int, length: int, sock: Any) -> Optional[memoryview]:
-        """The slice to receive into, or None to drain (late, duplicate or failed session)."""
+    def _chunk_range(self, item: int, offset: int, length: int, multi: bool) -> tuple[int, int]:
+        """Chunk indices [first, last) a frame covers; raises ProtocolError for a frame that is
+        not whole chunks of the item (one chunk, or several with ``multi``: the TCP plane)."""
+        if item >= len(self.items):
+            raise ProtocolError(f"{self.request_id}: item index {item} out of range")
+        nbytes, base, c = self.items[item].nbytes, self.base[item], self.chunk
+        end = offset + length
+        ok = base <= offset < nbytes and not (offset - base) % c and length > 0 and end <= nbytes
+        if ok and not (multi and length > c):
+            ok = length == min(c, nbytes - offset)
+        elif ok:
+            ok = end == nbytes or not length % c
+        if not ok:
+            raise ProtocolError(
+                f"{self.request_id}: bad chunk item={item} offset={offset} length={length} "
+                f"(item {nbytes} bytes from {base}, chunk {c})")
+        first = (offset - base) // c
+        return first, first + (length + c - 1) // c
+
+    def begin_chunk(self, item: int, offset: int, length: int, sock: Any,
+                    multi: bool = False) -> Optional[memoryview]:
+        """The slice to receive a frame into, or None to drain it (late, duplicate or failed
+        session). A frame is one chunk or, with ``multi`` (TCP plane), consecutive chunks."""
         with self.cond:
             if self.state != "open":
                 return None
-            if item >= len(self.items):
-                raise ProtocolError(f"{self.request_id}: item index {item} out of range")
-            nbytes, base = self.items[item].nbytes, self.base[item]
-            if (offset < base or (offset - base) % self.chunk or offset >= nbytes
-                    or length != min(self.chunk, nbytes - offset)):
-                raise ProtocolError(
-                    f"{self.request_id}: bad chunk item={item} offset={offset} length={length} "
-                    f"(item {nbytes} bytes from {base}, chunk {self.chunk})")
-            idx = (offset - base) // self.chunk
-            if self.chunk_state[item][idx] != _EMPTY:
+            first, last = self._chunk_range(item, offset, length, multi)
+            states = self.chunk_state[item]
+            fresh = [i for i in range(first, last) if states[i] == _EMPTY]
+            if len(fresh) != last - first:
                 self.owner.telemetry.bump("duplicate_chunks")
+                if fresh:
+                    # Part of the frame is new (a resend overlapping chunks that landed):
+                    # drain it and ask for the missing chunks one by one.
+                    for i in fresh:
+                        self.events.append(pb.ReceiverEvent(resend=pb.Resend(
+                            item=item, offset=self.base[item] + i * self.chunk, reason="overlapping frame")))
+                    self.cond.notify_all()
                 return None
-            self.chunk_state[item][idx] = _RECEIVING
+            for i in range(first, last):
+                states[i] = _RECEIVING
             self.active += 1
             self.active_socks[sock] += 1
             return self.buffers[item][offset:offset + length]
 
     def end_chunk(self, item: int, offset: int, length: int, ok: Optional[bool], sock: Any) -> None:
-        """``ok``: True landed and verified, False checksum mismatch, None connection lost."""
+        """``ok``: True landed and verified, False checksum mismatch, None connection lost.
+        Only for a frame ``begin_chunk`` handed a buffer out for."""
         item_complete = False
         fail: Optional[TransferError] = None
         with self.cond:
@@ -120,11 +144,15 @@ class _Session:
             if self.state != "open":
                 self.cond.notify_all()  # fail() may be waiting for the last writer
                 return
-            idx = (offset - self.base[item]) // self.chunk
+            c = self.chunk
+            first = (offset - self.base[item]) // c
+            last = first + (length + c - 1) // c
+            states = self.chunk_state[item]
             if ok:
-                self.chunk_state[item][idx] = _LANDED
+                for i in range(first, last):
+                    states[i] = _LANDED
                 self.bytes_landed += length
-                self.chunks_left[item] -= 1
+                self.chunks_left[item] -= last - first
                 item_complete = self.chunks_left[item] == 0
                 self.progress_dirty = True
                 # Wake the event stream only when a progress report is due: a wake-up per chunk
@@ -132,14 +160,16 @@ class _Session:
                 if time.monotonic() - self.last_progress >= 0.01:
                     self.cond.notify_all()
             else:
-                self.chunk_state[item][idx] = _EMPTY
+                for i in range(first, last):
+                    states[i] = _EMPTY
                 if ok is False:
                     self.checksum_failures += 1
                     if self.checksum_failures > self.owner.config.max_checksum_failures:
                         fail = ChecksumError(f"{self.request_id}: {self.checksum_failures} chunks failed their checksum")
                     else:
-                        self.events.append(pb.ReceiverEvent(resend=pb.Resend(
-                            item=item, offset=offset, reason="checksum mismatch")))
+                        for i in range(first, last):  # the sender resends chunk by chunk
+                            self.events.append(pb.ReceiverEvent(resend=pb.Resend(
+                                item=item, offset=self.base[item] + i * c, reason="checksum mismatch")))
                         self.cond.notify_all()
         if ok:
             self.owner.telemetry.landed(length)
@@ -190,7 +220,6 @@ class _Session:
                 except ValueError:
                     diff = "unreadable sender fingerprint"
                 return FingerprintMismatch(f"{req.request_id}: layout fingerprint mismatch (sender != receiver): {diff}")
-            cfg = self.owner.config
             cfg = self.owner.config
             algo = wire.choose_checksum(list(req.checksums), wire.available(cfg.checksums))
             if algo is None:
@@ -515,7 +544,8 @@ class GrpcTcpReceiver(TransferReceiver):
         yield pb.ReceiverEvent(accepted=pb.Accepted(
             session_key=s.key, data_plane=plane, data_host=host, data_port=port,
             receiver_id=self.config.receiver_id, checksum=s.checksum_name,
-            skip_bytes=s.base if any(s.base) else []))  # non-zero only for senders offering partial_items
+            skip_bytes=s.base if any(s.base) else [],  # non-zero only for senders offering partial_items
+            max_frame_bytes=self.config.max_chunk_bytes if plane == "tcp" else 0))
         s.start()
         yield from self._events(s, context)
 
@@ -627,7 +657,7 @@ class GrpcTcpReceiver(TransferReceiver):
                 view = None
                 if s is not None:
                     try:
-                        view = s.begin_chunk(item, offset, length, conn)
+                        view = s.begin_chunk(item, offset, length, conn, multi=True)
                     except ProtocolError as e:
                         s.fail(e)
                         raise

@@ -70,6 +70,10 @@ class _SendHandle(SendHandle):
         self.base: list[int] = [0] * len(manifest.items)
         self.key = b""
         self.checksum: Any = wire.crc32
+        #: Largest data frame for this session (whole chunks of one item): the receiver's
+        #: Accepted.max_frame_bytes capped by ours; one chunk for old receivers, the gRPC plane
+        #: and a paced sender (a big frame would be one lump of the pacing budget).
+        self.frame_cap = sender.config.chunk_bytes
         self.peer: Optional[_Peer] = None
         self.call: Any = None
         self.t0 = time.monotonic()
@@ -164,6 +168,10 @@ class _SendHandle(SendHandle):
                 if len(acc.skip_bytes) != len(items) or any(b > it.nbytes for b, it in zip(acc.skip_bytes, items)):
                     raise ProtocolError(f"{self.request_id}: receiver's skip_bytes do not fit the manifest")
                 self.base = [int(b) for b in acc.skip_bytes]
+            cfg = self.sender.config
+            if acc.data_plane == "tcp" and acc.max_frame_bytes and cfg.pacing_gbps is None:
+                cap = min(cfg.frame_bytes, int(acc.max_frame_bytes))
+                self.frame_cap = max(cfg.chunk_bytes, cap - cap % cfg.chunk_bytes)
             self.peer = peer
             self.state = "open"
             peer.register(self, [i for i, d in enumerate(self.data) if d is not None])
@@ -378,13 +386,27 @@ class _Peer:
             h.sent_on.clear()
 
     def next_chunk(self, lid: int, timeout: float) -> Optional[tuple[_SendHandle, int, int, int, bool]]:
+        """The next frame for link ``lid``: (handle, item, offset, length, resend). A frame is
+        one chunk, or consecutive first-time chunks of one item up to the session's frame cap
+        and to this link's fair share of the request's queue (so a request still stripes over
+        every link, and a big frame never leaves the other links idle)."""
         end = time.monotonic() + timeout
         with self.cond:
             while not self.closed.is_set():
                 for h in self.requests.values():  # insertion order = open order = priority
                     if h.pending:
                         idx, off, ln, resend = h.pending.popleft()
-                        h.sent_on.setdefault(idx, {})[off] = lid
+                        sent_on = h.sent_on.setdefault(idx, {})
+                        sent_on[off] = lid
+                        if not resend and h.frame_cap > ln and isinstance(h.data[idx], memoryview):
+                            share = len(h.pending) // max(1, sum(1 for lk in self.links if not lk.dead))
+                            q = h.pending
+                            while (share > 0 and q and q[0][0] == idx and q[0][1] == off + ln
+                                   and not q[0][3] and ln + q[0][2] <= h.frame_cap):
+                                _, o, n, _ = q.popleft()
+                                sent_on[o] = lid
+                                ln += n
+                                share -= 1
                         return h, idx, off, ln, resend
                 left = end - time.monotonic()
                 if left <= 0:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*prfaas_plugin/transfer/_gen/transfer.proto\x12\tprfaas.v1\"7\n\x08ItemSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\x12\r\n\x05order\x18\x03 \x01(\x03\"\xb7\x02\n\x0bOpenRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x11\n\tsender_id\x18\x03 \x01(\t\x12\x13\n\x0breceiver_id\x18\x04 \x01(\t\x12\x18\n\x10\x66ingerprint_json\x18\x05 \x01(\t\x12\x1a\n\x12\x66ingerprint_digest\x18\x06 \x01(\t\x12\"\n\x05items\x18\x07 \x03(\x0b\x32\x13.prfaas.v1.ItemSpec\x12\r\n\x05token\x18\x08 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\t \x01(\r\x12\x13\n\x0b\x64\x61ta_planes\x18\n \x03(\t\x12\x15\n\rmetadata_json\x18\x0b \x01(\t\x12\x11\n\tchecksums\x18\x0c \x03(\t\x12\x15\n\rpartial_items\x18\r \x01(\x08\"\x94\x01\n\x08\x41\x63\x63\x65pted\x12\x13\n\x0bsession_key\x18\x01 \x01(\x0c\x12\x12\n\ndata_plane\x18\x02 \x01(\t\x12\x11\n\tdata_host\x18\x03 \x01(\t\x12\x11\n\tdata_port\x18\x04 \x01(\r\x12\x13\n\x0breceiver_id\x18\x05 \x01(\t\x12\x10\n\x08\x63hecksum\x18\x06 \x01(\t\x12\x12\n\nskip_bytes\x18\x07 \x03(\x04\"8\n\x0cItemProgress\x12\x14\n\x0c\x62ytes_landed\x18\x01 \x01(\x04\x12\x12\n\nitems_done\x18\x02 \x01(\r\".\n\x08ItemDone\x12\x0c\n\x04item\x18\x01 \x01(\r\x12\x14\n\x0c\x62ytes_landed\x18\x02 \x01(\x04\"6\n\x06Resend\x12\x0c\n\x04item\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\"+\n\tCompleted\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"\xe8\x01\n\rReceiverEvent\x12\'\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x13.prfaas.v1.AcceptedH\x00\x12+\n\x08progress\x18\x02 \x01(\x0b\x32\x17.prfaas.v1.ItemProgressH\x00\x12(\n\titem_done\x18\x03 \x01(\x0b\x32\x13.prfaas.v1.ItemDoneH\x00\x12#\n\x06resend\x18\x04 \x01(\x0b\x32\x11.prfaas.v1.ResendH\x00\x12)\n\tcompleted\x18\x05 \x01(\x0b\x32\x14.prfaas.v1.CompletedH\x00\x42\x07\n\x05\x65vent\"G\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bsession_key\x18\x02 \x01(\x0c\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x1e\n\nAbortReply\x12\x10\n\x08was_open\x18\x01 \x01(\x08\"8\n\rStatusRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bsession_key\x18\x02 \x01(\x0c\"}\n\x0bStatusReply\x12\r\n\x05state\x18\x01 \x01(\t\x12\x14\n\x0c\x62ytes_landed\x18\x02 \x01(\x04\x12\x12\n\nitems_done\x18\x03 \x01(\r\x12\x13\n\x0bitems_total\x18\x04 \x01(\r\x12\x11\n\telapsed_s\x18\x05 \x01(\x01\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"[\n\tDataChunk\x12\x13\n\x0bsession_key\x18\x01 \x01(\x0c\x12\x0c\n\x04item\x18\x02 \x01(\r\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\",\n\x0bPushSummary\x12\x0e\n\x06\x63hunks\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x32\xf7\x01\n\x08Transfer\x12:\n\x04Open\x12\x16.prfaas.v1.OpenRequest\x1a\x18.prfaas.v1.ReceiverEvent0\x01\x12\x37\n\x05\x41\x62ort\x12\x17.prfaas.v1.AbortRequest\x1a\x15.prfaas.v1.AbortReply\x12:\n\x06Status\x12\x18.prfaas.v1.StatusRequest\x1a\x16.prfaas.v1.StatusReply\x12:\n\x08PushData\x12\x14.prfaas.v1.DataChunk\x1a\x16.prfaas.v1.PushSummary(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*prfaas_plugin/transfer/_gen/transfer.proto\x12\tprfaas.v1\"7\n\x08ItemSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\x12\r\n\x05order\x18\x03 \x01(\x03\"\xb7\x02\n\x0bOpenRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x11\n\tsender_id\x18\x03 \x01(\t\x12\x13\n\x0breceiver_id\x18\x04 \x01(\t\x12\x18\n\x10\x66ingerprint_json\x18\x05 \x01(\t\x12\x1a\n\x12\x66ingerprint_digest\x18\x06 \x01(\t\x12\"\n\x05items\x18\x07 \x03(\x0b\x32\x13.prfaas.v1.ItemSpec\x12\r\n\x05token\x18\x08 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\t \x01(\r\x12\x13\n\x0b\x64\x61ta_planes\x18\n \x03(\t\x12\x15\n\rmetadata_json\x18\x0b \x01(\t\x12\x11\n\tchecksums\x18\x0c \x03(\t\x12\x15\n\rpartial_items\x18\r \x01(\x08\"\xad\x01\n\x08\x41\x63\x63\x65pted\x12\x13\n\x0bsession_key\x18\x01 \x01(\x0c\x12\x12\n\ndata_plane\x18\x02 \x01(\t\x12\x11\n\tdata_host\x18\x03 \x01(\t\x12\x11\n\tdata_port\x18\x04 \x01(\r\x12\x13\n\x0breceiver_id\x18\x05 \x01(\t\x12\x10\n\x08\x63hecksum\x18\x06 \x01(\t\x12\x12\n\nskip_bytes\x18\x07 \x03(\x04\x12\x17\n\x0fmax_frame_bytes\x18\x08 \x01(\x04\"8\n\x0cItemProgress\x12\x14\n\x0c\x62ytes_landed\x18\x01 \x01(\x04\x12\x12\n\nitems_done\x18\x02 \x01(\r\".\n\x08ItemDone\x12\x0c\n\x04item\x18\x01 \x01(\r\x12\x14\n\x0c\x62ytes_landed\x18\x02 \x01(\x04\"6\n\x06Resend\x12\x0c\n\x04item\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\"+\n\tCompleted\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"\xe8\x01\n\rReceiverEvent\x12\'\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x13.prfaas.v1.AcceptedH\x00\x12+\n\x08progress\x18\x02 \x01(\x0b\x32\x17.prfaas.v1.ItemProgressH\x00\x12(\n\titem_done\x18\x03 \x01(\x0b\x32\x13.prfaas.v1.ItemDoneH\x00\x12#\n\x06resend\x18\x04 \x01(\x0b\x32\x11.prfaas.v1.ResendH\x00\x12)\n\tcompleted\x18\x05 \x01(\x0b\x32\x14.prfaas.v1.CompletedH\x00\x42\x07\n\x05\x65vent\"G\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bsession_key\x18\x02 \x01(\x0c\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x1e\n\nAbortReply\x12\x10\n\x08was_open\x18\x01 \x01(\x08\"8\n\rStatusRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bsession_key\x18\x02 \x01(\x0c\"}\n\x0bStatusReply\x12\r\n\x05state\x18\x01 \x01(\t\x12\x14\n\x0c\x62ytes_landed\x18\x02 \x01(\x04\x12\x12\n\nitems_done\x18\x03 \x01(\r\x12\x13\n\x0bitems_total\x18\x04 \x01(\r\x12\x11\n\telapsed_s\x18\x05 \x01(\x01\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"[\n\tDataChunk\x12\x13\n\x0bsession_key\x18\x01 \x01(\x0c\x12\x0c\n\x04item\x18\x02 \x01(\r\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\",\n\x0bPushSummary\x12\x0e\n\x06\x63hunks\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x32\xf7\x01\n\x08Transfer\x12:\n\x04Open\x12\x16.prfaas.v1.OpenRequest\x1a\x18.prfaas.v1.ReceiverEvent0\x01\x12\x37\n\x05\x41\x62ort\x12\x17.prfaas.v1.AbortRequest\x1a\x15.prfaas.v1.AbortReply\x12:\n\x06Status\x12\x18.prfaas.v1.StatusRequest\x1a\x16.prfaas.v1.StatusReply\x12:\n\x08PushData\x12\x14.prfaas.v1.DataChunk\x1a\x16.prfaas.v1.PushSummary(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,29 +36,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPENREQUEST']._serialized_start=115
   _globals['_OPENREQUEST']._serialized_end=426
   _globals['_ACCEPTED']._serialized_start=429
-  _globals['_ACCEPTED']._serialized_end=577
-  _globals['_ITEMPROGRESS']._serialized_start=579
-  _globals['_ITEMPROGRESS']._serialized_end=635
-  _globals['_ITEMDONE']._serialized_start=637
-  _globals['_ITEMDONE']._serialized_end=683
-  _globals['_RESEND']._serialized_start=685
-  _globals['_RESEND']._serialized_end=739
-  _globals['_COMPLETED']._serialized_start=741
-  _globals['_COMPLETED']._serialized_end=784
-  _globals['_RECEIVEREVENT']._serialized_start=787
-  _globals['_RECEIVEREVENT']._serialized_end=1019
-  _globals['_ABORTREQUEST']._serialized_start=1021
-  _globals['_ABORTREQUEST']._serialized_end=1092
-  _globals['_ABORTREPLY']._serialized_start=1094
-  _globals['_ABORTREPLY']._serialized_end=1124
-  _globals['_STATUSREQUEST']._serialized_start=1126
-  _globals['_STATUSREQUEST']._serialized_end=1182
-  _globals['_STATUSREPLY']._serialized_start=1184
-  _globals['_STATUSREPLY']._serialized_end=1309
-  _globals['_DATACHUNK']._serialized_start=1311
-  _globals['_DATACHUNK']._serialized_end=1402
-  _globals['_PUSHSUMMARY']._serialized_start=1404
-  _globals['_PUSHSUMMARY']._serialized_end=1448
-  _globals['_TRANSFER']._serialized_start=1451
-  _globals['_TRANSFER']._serialized_end=1698
+  _globals['_ACCEPTED']._serialized_end=602
+  _globals['_ITEMPROGRESS']._serialized_start=604
+  _globals['_ITEMPROGRESS']._serialized_end=660
+  _globals['_ITEMDONE']._serialized_start=662
+  _globals['_ITEMDONE']._serialized_end=708
+  _globals['_RESEND']._serialized_start=710
+  _globals['_RESEND']._serialized_end=764
+  _globals['_COMPLETED']._serialized_start=766
+  _globals['_COMPLETED']._serialized_end=809
+  _globals['_RECEIVEREVENT']._serialized_start=812
+  _globals['_RECEIVEREVENT']._serialized_end=1044
+  _globals['_ABORTREQUEST']._serialized_start=1046
+  _globals['_ABORTREQUEST']._serialized_end=1117
+  _globals['_ABORTREPLY']._serialized_start=1119
+  _globals['_ABORTREPLY']._serialized_end=1149
+  _globals['_STATUSREQUEST']._serialized_start=1151
+  _globals['_STATUSREQUEST']._serialized_end=1207
+  _globals['_STATUSREPLY']._serialized_start=1209
+  _globals['_STATUSREPLY']._serialized_end=1334
+  _globals['_DATACHUNK']._serialized_start=1336
+  _globals['_DATACHUNK']._serialized_end=1427
+  _globals['_PUSHSUMMARY']._serialized_start=1429
+  _globals['_PUSHSUMMARY']._serialized_end=1473
+  _globals['_TRANSFER']._serialized_start=1476
+  _globals['_TRANSFER']._serialized_end=1723
 # @@protoc_insertion_point(module_scope)

@@ -47,7 +47,7 @@ class OpenRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., request_id: _Optional[str] = ..., sender_id: _Optional[str] = ..., receiver_id: _Optional[str] = ..., fingerprint_json: _Optional[str] = ..., fingerprint_digest: _Optional[str] = ..., items: _Optional[_Iterable[_Union[ItemSpec, _Mapping]]] = ..., token: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., data_planes: _Optional[_Iterable[str]] = ..., metadata_json: _Optional[str] = ..., checksums: _Optional[_Iterable[str]] = ..., partial_items: _Optional[bool] = ...) -> None: ...
 
 class Accepted(_message.Message):
-    __slots__ = ("session_key", "data_plane", "data_host", "data_port", "receiver_id", "checksum", "skip_bytes")
+    __slots__ = ("session_key", "data_plane", "data_host", "data_port", "receiver_id", "checksum", "skip_bytes", "max_frame_bytes")
     SESSION_KEY_FIELD_NUMBER: _ClassVar[int]
     DATA_PLANE_FIELD_NUMBER: _ClassVar[int]
     DATA_HOST_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class Accepted(_message.Message):
     RECEIVER_ID_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     SKIP_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_FRAME_BYTES_FIELD_NUMBER: _ClassVar[int]
     session_key: bytes
     data_plane: str
     data_host: str
@@ -62,7 +63,8 @@ class Accepted(_message.Message):
     receiver_id: str
     checksum: str
     skip_bytes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_key: _Optional[bytes] = ..., data_plane: _Optional[str] = ..., data_host: _Optional[str] = ..., data_port: _Optional[int] = ..., receiver_id: _Optional[str] = ..., checksum: _Optional[str] = ..., skip_bytes: _Optional[_Iterable[int]] = ...) -> None: ...
+    max_frame_bytes: int
+    def __init__(self, session_key: _Optional[bytes] = ..., data_plane: _Optional[str] = ..., data_host: _Optional[str] = ..., data_port: _Optional[int] = ..., receiver_id: _Optional[str] = ..., checksum: _Optional[str] = ..., skip_bytes: _Optional[_Iterable[int]] = ..., max_frame_bytes: _Optional[int] = ...) -> None: ...
 
 class ItemProgress(_message.Message):
     __slots__ = ("bytes_landed", "items_done")
