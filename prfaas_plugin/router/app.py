@@ -266,9 +266,9 @@ class Router:
         except PromptError as exc:
             return _error(400, str(exc))
         stream = bool(body.get("stream", False))
+        if stream:  # Starlette notices a disconnect while streaming and cancels the body
+            return await self._route(request, path, body, tokens, stream, rid, arrived)
         work = asyncio.create_task(self._route(request, path, body, tokens, stream, rid, arrived))
-        if stream:
-            return await work  # Starlette notices a disconnect while streaming and cancels the body
         watch = asyncio.create_task(self._disconnected(request))
         done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
         if work in done:
