@@ -320,6 +320,32 @@ def test_client_disconnect_aborts_both_sides(tokenizer) -> None:
         r.stop(); p.stop(); d.stop()
 
 
+def test_client_leaving_a_stream_aborts_the_upstream_request(tokenizer) -> None:
+    p = FakeBackend("prefill").start()
+    d = FakeBackend("both", decode_delay_s=3.0).start()
+    r = RunningRouter(_cfg(p, d), tokenizer)
+    try:
+        t0 = time.monotonic()
+        with httpx.stream("POST", r.url + "/v1/completions", json={**_completion(10), "stream": True}, timeout=5) as resp:
+            assert resp.status_code == 200  # headers are out; the first token is 3 s away
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not (d.seen and d.seen[-1].aborted):
+            time.sleep(0.02)
+        assert d.seen[-1].aborted, "the engine's request must be aborted when the client leaves its stream"
+        assert time.monotonic() - t0 < 2.5, "the abort must not wait for the next token"
+        assert _eventually(lambda: all(i.inflight == 0 for i in r.router.fleet.instances), 2)
+        assert r.router.records[next(reversed(r.router.records))].error == "client disconnected"
+    finally:
+        r.stop(); p.stop(); d.stop()
+
+
+def test_completion_endpoints_take_only_post(fleet) -> None:
+    r = fleet[0]
+    got = httpx.get(r.url + "/v1/completions", timeout=5)
+    assert got.status_code == 405 and got.headers["allow"] == "POST"
+    assert "POST" in got.json()["error"]["message"]
+
+
 # -- threshold loops ------------------------------------------------------------------------------
 def _planner_yaml(tmp_path: Path) -> Path:
     cfg = {

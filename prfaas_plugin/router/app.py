@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from prfaas_plugin.router.asgi import ClientGone, Receive, Reply, Scope, Send, client_gone, header, json_reply, read_body, send_reply
 
 from prfaas_plugin.router.config import RouterConfig
 from prfaas_plugin.router.instances import Fleet, Instance
@@ -51,7 +53,12 @@ class ClientError(Exception):
         self.status, self.message, self.code = status, message, code
 
 
-def _error(status: int, message: str, code: str = "invalid_request_error") -> JSONResponse:
+def _error(status: int, message: str, code: str = "invalid_request_error") -> Reply:
+    return json_reply({"error": {"message": message, "type": code, "code": status}}, status)
+
+
+def _error_response(status: int, message: str, code: str = "invalid_request_error") -> JSONResponse:
+    """``_error`` for the FastAPI (admin) endpoints."""
     return JSONResponse({"error": {"message": message, "type": code, "code": status}}, status_code=status)
 
 
@@ -241,10 +248,22 @@ class Router:
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
-    async def handle(self, request: Request, path: str, chat: bool) -> Response:
+    async def serve(self, scope: Scope, receive: Receive, send: Send, path: str, chat: bool) -> None:
+        """One completion request, end to end (plain ASGI: see asgi.py for why)."""
         arrived = time.monotonic()
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        raw = await request.body()
+        rid = header(scope, b"x-request-id") or uuid.uuid4().hex
+        try:
+            raw = await read_body(receive)
+        except ClientGone:
+            return
+        try:
+            reply = await self.handle(raw, receive, path, chat, rid, arrived)
+        except Exception as exc:  # noqa: BLE001 - last resort: the client gets an answer
+            log.exception("request_id=%s: unhandled router error: %s", rid, exc)
+            reply = _error(502, f"upstream or router failure: {type(exc).__name__}", "upstream_error")
+        await send_reply(reply, receive, send)
+
+    async def handle(self, raw: bytes, receive: Receive, path: str, chat: bool, rid: str, arrived: float) -> Reply:
         if len(raw) > MAX_BODY_BYTES:
             return _error(413, f"request body over {MAX_BODY_BYTES >> 20} MiB")
         try:
@@ -266,10 +285,10 @@ class Router:
         except PromptError as exc:
             return _error(400, str(exc))
         stream = bool(body.get("stream", False))
-        if stream:  # Starlette notices a disconnect while streaming and cancels the body
-            return await self._route(request, path, body, tokens, stream, rid, arrived)
-        work = asyncio.create_task(self._route(request, path, body, tokens, stream, rid, arrived))
-        watch = asyncio.create_task(self._disconnected(request))
+        if stream:  # send_reply notices a disconnect while streaming and cancels the body
+            return await self._route(path, body, tokens, stream, rid, arrived)
+        work = asyncio.create_task(self._route(path, body, tokens, stream, rid, arrived))
+        watch = asyncio.create_task(client_gone(receive))
         done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
         if work in done:
             watch.cancel()
@@ -281,15 +300,10 @@ class Router:
         if rec is not None:
             rec.error = "client disconnected"
             self.metrics.requests.labels(rec.route, "client_disconnected").inc()
-        return Response(status_code=499)
+        return Reply(499)
 
-    @staticmethod
-    async def _disconnected(request: Request) -> None:
-        while not await request.is_disconnected():
-            await asyncio.sleep(0.1)
-
-    async def _route(self, request: Request, path: str, body: dict, tokens: list[int], stream: bool, rid: str,
-                     arrived: float) -> Response:
+    async def _route(self, path: str, body: dict, tokens: list[int], stream: bool, rid: str,
+                     arrived: float) -> Reply:
         # An instance found unreachable at dispatch is marked unhealthy and the request is placed
         # again (at most once per instance): a dead PrfaaS cluster sends work local.
         for _attempt in range(len(self.fleet.instances) + 1):
@@ -300,7 +314,7 @@ class Router:
             except NoInstance as exc:
                 return _error(503, str(exc), "service_unavailable")
             try:
-                return await self._dispatch(request, path, body, tokens, stream, rid, arrived, d, overloaded)
+                return await self._dispatch(path, body, tokens, stream, rid, arrived, d, overloaded)
             except Unreachable as exc:
                 bad = d.decode
                 bad.healthy, bad.last_error = False, f"unreachable: {exc}"
@@ -314,8 +328,8 @@ class Router:
                 return _error(502, f"instance {d.decode.url} failed: {exc}", "upstream_error")
         return _error(503, "no reachable instance", "service_unavailable")
 
-    async def _dispatch(self, request: Request, path: str, body: dict, tokens: list[int], stream: bool, rid: str,
-                        arrived: float, d: Decision, overloaded: bool) -> Response:
+    async def _dispatch(self, path: str, body: dict, tokens: list[int], stream: bool, rid: str,
+                        arrived: float, d: Decision, overloaded: bool) -> Reply:
         t = d.threshold
         reason = "prfaas overloaded" if overloaded and d.route == "local" and d.l_uncached > t else d.reason
         rec = Record(rid, path, d.route, reason, d.l_total, d.l_prefix, d.l_uncached, t,
@@ -352,7 +366,7 @@ class Router:
 
     # -- producer + consumer -------------------------------------------------------------------------
     async def _two_phase(self, path: str, body: dict, d: Decision, rec: Record, tokens: list[int], stream: bool,
-                         headers: dict, arrived: float) -> Response:
+                         headers: dict, arrived: float) -> Reply:
         assert d.prefill is not None
         prod_body, cons_body = self._pd_bodies(body, d.prefill, d.decode, rec)
         prod_task = asyncio.create_task(self._produce(d.prefill, path, prod_body))
@@ -458,7 +472,7 @@ class Router:
             self._load(inst, -1)
 
     async def _fallback(self, path: str, body: dict, d: Decision, rec: Record, prod: _Producer, stream: bool,
-                        headers: dict, arrived: float) -> Response:
+                        headers: dict, arrived: float) -> Reply:
         reason = "prfaas failed" if d.route == "prfaas" else "local producer failed"
         rec.fallback = f"{reason}: {prod.error}"
         rec.transfer_status = f"failed: {prod.error}"
@@ -509,7 +523,7 @@ class Router:
         self._load(inst, -1)
 
     async def _relay(self, resp: Stream, inst: Instance, rec: Record, headers: dict, arrived: float,
-                     stream: bool, first: bytes | None = None, chunks: AsyncIterator[bytes] | None = None) -> Response:
+                     stream: bool, first: bytes | None = None, chunks: AsyncIterator[bytes] | None = None) -> Reply:
         """Pass the upstream answer through; account TTFT, load and the outcome."""
         rec.status = resp.status_code
         out_headers = {**headers, "content-type": resp.headers.get("content-type", "application/json")}
@@ -528,7 +542,7 @@ class Router:
             rec.ttft_s = time.monotonic() - arrived
             _close_accounting("ok" if resp.status_code == 200 else f"http_{resp.status_code}")
             self.metrics.ttft.labels(rec.route, "total").observe(rec.ttft_s)
-            return Response(content, status_code=resp.status_code, headers=out_headers)
+            return Reply(resp.status_code, out_headers, content)
 
         it = chunks if chunks is not None else resp.aiter_raw()
 
@@ -555,7 +569,7 @@ class Router:
                 await resp.aclose()  # closing the upstream stream makes vLLM abort the request
                 _close_accounting(outcome)
 
-        return StreamingResponse(body_iter(), status_code=200, headers=out_headers)
+        return Reply(200, out_headers, stream=body_iter())
 
 
 _PRODUCER_FAILED = object()
@@ -581,7 +595,35 @@ async def _unless_producer_fails(task: "asyncio.Task[Any]", prod_task: "asyncio.
     return await task
 
 
-def create_app(cfg: RouterConfig, tokenizer: PromptTokenizer | None = None) -> FastAPI:
+class RouterApp:
+    """The ASGI app ``prfaas router`` serves: the completion endpoints on plain ASGI (asgi.py
+    says why), every other endpoint and the lifespan on FastAPI."""
+
+    COMPLETIONS = {"/v1/completions": False, "/v1/chat/completions": True}  # path -> chat
+
+    def __init__(self, router: Router, admin: FastAPI) -> None:
+        self.router = router
+        self.admin = admin
+
+    @property
+    def state(self) -> Any:
+        return self.admin.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            chat = self.COMPLETIONS.get(scope["path"])
+            if chat is not None:
+                if scope["method"] == "POST":
+                    await self.router.serve(scope, receive, send, scope["path"], chat)
+                else:
+                    reply = _error(405, f"{scope['method']} is not allowed here; send POST")
+                    reply.headers["allow"] = "POST"
+                    await send_reply(reply, receive, send)
+                return
+        await self.admin(scope, receive, send)
+
+
+def create_app(cfg: RouterConfig, tokenizer: PromptTokenizer | None = None) -> RouterApp:
     router = Router(cfg, tokenizer or PromptTokenizer(cfg.tokenizer))
 
     @contextlib.asynccontextmanager
@@ -594,14 +636,6 @@ def create_app(cfg: RouterConfig, tokenizer: PromptTokenizer | None = None) -> F
 
     app = FastAPI(title="prfaas router", lifespan=lifespan)
     app.state.router = router
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await router.handle(request, "/v1/completions", chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await router.handle(request, "/v1/chat/completions", chat=True)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -632,7 +666,7 @@ def create_app(cfg: RouterConfig, tokenizer: PromptTokenizer | None = None) -> F
             if tokens < 0:
                 raise ValueError
         except (ValueError, KeyError, TypeError, json.JSONDecodeError):
-            return _error(400, "send {\"threshold_tokens\": <number >= 0>}")
+            return _error_response(400, "send {\"threshold_tokens\": <number >= 0>}")
         router.controller.set_fixed(tokens)
         return JSONResponse(router.controller.snapshot())
 
@@ -652,6 +686,6 @@ def create_app(cfg: RouterConfig, tokenizer: PromptTokenizer | None = None) -> F
     @app.exception_handler(Exception)
     async def _unhandled(_request: Request, exc: Exception) -> JSONResponse:  # pragma: no cover - last resort
         log.exception("unhandled router error: %s", exc)
-        return _error(502, f"upstream or router failure: {type(exc).__name__}", "upstream_error")
+        return _error_response(502, f"upstream or router failure: {type(exc).__name__}", "upstream_error")
 
-    return app
+    return RouterApp(router, app)
