@@ -53,6 +53,8 @@ FAMILIES: dict[str, tuple[Callable[[torch.Generator, int], list[torch.Tensor]], 
     "big_row_state": (lambda g, nb: [_rand((nb, 4101), torch.float32, g) for _ in range(2)], CacheGroup.state, False),
     "mixed_strides": (lambda g, nb: mixed_stride_layers(nb, g), lambda c: CacheGroup(c, PagedLayout.of(c[0], 0)), True),
     "raw_pages_padded": (lambda g, nb: padded_pool_layers(3, nb, 52, 12, g), CacheGroup.state, False),
+    # state pages as big as real ones (>= 64 KiB rows): the CPU path copies them row by row
+    "raw_pages_64k": (lambda g, nb: padded_pool_layers(2, nb, 65_600, 64, g), CacheGroup.state, False),
 }
 
 NUM_BLOCKS = 10
