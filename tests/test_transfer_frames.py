@@ -12,6 +12,8 @@ from transfer_helpers import FP, ArraySink, manifest, proxied_pair, random_items
 
 CHUNK = 64 << 10
 SIZES = {f"L{i}": 1 << 20 for i in range(4)} | {"tail": 3 * CHUNK + 123}
+FRAMED = SenderConfig(chunk_bytes=CHUNK, frame_bytes=8 * CHUNK, connections=2)
+CRC = wire.CHECKSUMS["crc32c"]
 
 
 def _run(proxy, rx, tx, rid: str, seed: int):
@@ -24,20 +26,24 @@ def _run(proxy, rx, tx, rid: str, seed: int):
     return items, data, sink, sh, rh
 
 
+def _run_exact(proxy, rx, tx, rid: str, seed: int) -> None:
+    """A request that must complete on both sides with every byte landed exact."""
+    items, data, sink, sh, rh = _run(proxy, rx, tx, rid, seed)
+    sh.done.result(timeout=20)
+    rh.done.result(timeout=20)
+    for it in items:
+        assert np.array_equal(sink.arrays[it.name], data[it.name])
+
+
 def _whole_chunks(length: int) -> bool:
     """A frame is whole chunks, except that an item's last chunk may be short."""
     return length % CHUNK == 0 or length % CHUNK == SIZES["tail"] % CHUNK
 
 
 def test_queued_chunks_travel_in_multi_chunk_frames_over_every_connection():
-    proxy, rx, tx = proxied_pair(lambda c, f, p: p,
-                                 tx=SenderConfig(chunk_bytes=CHUNK, frame_bytes=8 * CHUNK, connections=2))
+    proxy, rx, tx = proxied_pair(lambda c, f, p: p, tx=FRAMED)
     try:
-        items, data, sink, sh, rh = _run(proxy, rx, tx, "frames", 11)
-        sh.done.result(timeout=20)
-        rh.done.result(timeout=20)
-        for it in items:
-            assert np.array_equal(sink.arrays[it.name], data[it.name])
+        _run_exact(proxy, rx, tx, "frames", 11)
         lengths = [n for _, n in proxy.lengths]
         assert sum(lengths) == sum(SIZES.values())
         assert max(lengths) > CHUNK, "no frame carried more than one chunk"
@@ -55,39 +61,43 @@ def test_a_receiver_that_takes_one_chunk_per_frame_gets_one_chunk_per_frame():
     proxy, rx, tx = proxied_pair(lambda c, f, p: p, tx=SenderConfig(chunk_bytes=CHUNK, connections=2),
                                  max_chunk_bytes=CHUNK)
     try:
-        items, data, sink, sh, rh = _run(proxy, rx, tx, "single", 12)
-        sh.done.result(timeout=20)
-        rh.done.result(timeout=20)
-        for it in items:
-            assert np.array_equal(sink.arrays[it.name], data[it.name])
+        _run_exact(proxy, rx, tx, "single", 12)
         assert max(n for _, n in proxy.lengths) == CHUNK
     finally:
         tx.close(); rx.close(); proxy.close()
 
 
-def test_a_frame_overlapping_landed_chunks_is_drained_and_the_rest_asked_for_again():
-    crc = wire.CHECKSUMS["crc32c"]
-    forged = {"done": False}
+def _forge_first_multi_chunk_frame(forge):
+    """A FrameProxy mutate that hands the first frame carrying several chunks to
+    ``forge(key, item, offset, payload)`` and forwards the frames it returns instead; every other
+    frame passes unchanged. Returns (mutate, holder): put the proxy in ``holder[0]``."""
+    holder: list = [None]
+    state = {"done": False}
 
-    def land_first_chunk_early(conn, frame, payload):
-        # Before the first multi-chunk frame, deliver its first chunk on its own: the frame
-        # then covers one chunk that already landed and several that did not.
-        if forged["done"] or len(payload) < 2 * CHUNK:
+    def mutate(conn, frame, payload):
+        if state["done"] or len(payload) < 2 * CHUNK:
             return payload
-        forged["done"] = True
-        key, item, offset, length, c = wire.unpack_header(proxy.header)
-        one = payload[:CHUNK]
-        return [(wire.pack_header(key, item, offset, CHUNK, crc(one)), one), (proxy.header, payload)]
+        state["done"] = True
+        key, item, offset, _, _ = wire.unpack_header(holder[0].header)
+        return forge(key, item, offset, payload)
 
-    proxy, rx, tx = proxied_pair(land_first_chunk_early,
-                                 tx=SenderConfig(chunk_bytes=CHUNK, frame_bytes=8 * CHUNK, connections=2))
+    mutate.state = state  # type: ignore[attr-defined]
+    return mutate, holder
+
+
+def test_a_frame_overlapping_landed_chunks_is_drained_and_the_rest_asked_for_again():
+    def land_first_chunk_early(key, item, offset, payload):
+        # Deliver the frame's first chunk on its own first: the frame then covers one chunk
+        # that already landed and several that did not.
+        one = payload[:CHUNK]
+        return [(wire.pack_header(key, item, offset, CHUNK, CRC(one)), one), (holder[0].header, payload)]
+
+    mutate, holder = _forge_first_multi_chunk_frame(land_first_chunk_early)
+    proxy, rx, tx = proxied_pair(mutate, tx=FRAMED)
+    holder[0] = proxy
     try:
-        items, data, sink, sh, rh = _run(proxy, rx, tx, "overlap", 13)
-        sh.done.result(timeout=20)
-        rh.done.result(timeout=20)
-        for it in items:
-            assert np.array_equal(sink.arrays[it.name], data[it.name])
-        assert forged["done"]
+        _run_exact(proxy, rx, tx, "overlap", 13)
+        assert mutate.state["done"]
         assert rx.stats()["duplicate_chunks"] >= 1
         assert sum(p["chunks_resent"] for p in tx.stats()["peers"].values()) >= 1
     finally:
@@ -96,21 +106,16 @@ def test_a_frame_overlapping_landed_chunks_is_drained_and_the_rest_asked_for_aga
 
 @pytest.mark.parametrize("bad", ["not whole chunks", "past the item's end"])
 def test_a_frame_that_is_not_whole_chunks_fails_the_session(bad):
-    crc = wire.CHECKSUMS["crc32c"]
-    forged = {"done": False}
-
-    def misframe(conn, frame, payload):
-        if forged["done"] or len(payload) < 2 * CHUNK:
-            return payload
-        forged["done"] = True
-        key, item, offset, length, c = wire.unpack_header(proxy.header)
+    def misframe(key, item, offset, payload):
         if bad == "not whole chunks":
             part = payload[:CHUNK + 100]
-            return [(wire.pack_header(key, item, offset, len(part), crc(part)), part)]
+            return [(wire.pack_header(key, item, offset, len(part), CRC(part)), part)]
         extra = payload + payload[:CHUNK]  # claims bytes beyond the item
-        return [(wire.pack_header(key, item, SIZES["L0"] - CHUNK, len(extra), crc(extra)), extra)]
+        return [(wire.pack_header(key, item, SIZES["L0"] - CHUNK, len(extra), CRC(extra)), extra)]
 
-    proxy, rx, tx = proxied_pair(misframe, tx=SenderConfig(chunk_bytes=CHUNK, frame_bytes=8 * CHUNK, connections=2))
+    mutate, holder = _forge_first_multi_chunk_frame(misframe)
+    proxy, rx, tx = proxied_pair(mutate, tx=FRAMED)
+    holder[0] = proxy
     try:
         items, data, sink, sh, rh = _run(proxy, rx, tx, "misframe", 14)
         with pytest.raises(ProtocolError, match="bad chunk"):
