@@ -714,3 +714,17 @@ def test_router_command_freezes_its_start_up_heap_before_serving(tmp_path, monke
         gc.unfreeze()
     assert result.exit_code == 0, result.output
     assert frozen and frozen[0] > 10_000, frozen
+
+
+def test_recent_share_matches_a_recount_of_its_window() -> None:
+    import random
+
+    from prfaas_plugin.router.app import RecentShare
+
+    rng = random.Random(7)
+    share, seen = RecentShare(16, "prfaas"), []
+    for _ in range(200):
+        route = rng.choice(["prfaas", "local", "local"])
+        seen.append(route)
+        window = seen[-16:]
+        assert share.add(route) == window.count("prfaas") / len(window)

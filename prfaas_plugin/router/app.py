@@ -93,6 +93,24 @@ class Record:
         return dict(self.__dict__)
 
 
+class RecentShare:
+    """The share of the last ``n`` values equal to ``value``, kept as a running count (the offload
+    fraction gauge; recounting the window cost a 256-step loop per request)."""
+
+    def __init__(self, n: int, value: str) -> None:
+        self.window: collections.deque[str] = collections.deque(maxlen=n)
+        self.value = value
+        self.count = 0
+
+    def add(self, item: str) -> float:
+        w = self.window
+        if len(w) == w.maxlen and w[0] == self.value:
+            self.count -= 1
+        w.append(item)
+        self.count += item == self.value
+        return self.count / len(w)
+
+
 @dataclass
 class _Producer:
     ok: bool
@@ -117,7 +135,7 @@ class Router:
         self.controller = ThresholdController(self.cfg.threshold, self.cfg.link_gbps)
         self.metrics = RouterMetrics()
         self.records: collections.OrderedDict[str, Record] = collections.OrderedDict()
-        self.recent_routes: collections.deque[str] = collections.deque(maxlen=256)
+        self.recent_routes = RecentShare(256, "prfaas")
         self._subscribers: list[Any] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self.splitter: SplitApplier | None = None
@@ -337,10 +355,9 @@ class Router:
         rec.queue_s = time.monotonic() - arrived
         self._remember(rec)
         self.controller.observe_length(d.l_uncached)
-        self.recent_routes.append(d.route)
         self.metrics.decisions.labels(d.route, reason).inc()
         self.metrics.uncached.labels(d.route).observe(d.l_uncached)
-        self.metrics.offload.set(sum(r == "prfaas" for r in self.recent_routes) / len(self.recent_routes))
+        self.metrics.offload.set(self.recent_routes.add(d.route))
         self.metrics.ttft.labels(d.route, "queue").observe(rec.queue_s)
         log.info("request_id=%s route=%s reason=%r l_total=%d l_prefix=%d l=%d t=%.0f prefill=%s decode=%s",
                  rid, d.route, reason, d.l_total, d.l_prefix, d.l_uncached, t, rec.prefill_instance, d.decode.url)
