@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prfaas_plugin.demo.ports import free_port
 from prfaas_plugin.router.app import create_app
 from prfaas_plugin.router.config import RouterConfig
@@ -66,6 +66,8 @@ class FakeBackend:
     health_delay_s: float = 0.0  # a /health that answers late, like an engine busy in a long prefill
     transfer_status: str = "sent"
     role_switch_status: int = 200  # SGLang's /pd_role_switch: 400 plays a server without --enable-pd-role-switch
+    #: A producer's vllm:prfaas_kv_sent_bytes_total on /metrics (None: no /metrics, a 404)
+    sent_bytes_counter: float | None = None
     seen: list[Seen] = field(default_factory=list)
     switches: list[dict] = field(default_factory=list)  # /pd_role_switch bodies, with the requests open then
     open_requests: int = 0
@@ -77,6 +79,7 @@ class FakeBackend:
         self.app.post("/v1/chat/completions")(self._chat)
         self.app.get("/health")(self._health)
         self.app.post("/pd_role_switch")(self._pd_role_switch)
+        self.app.get("/metrics")(self._metrics)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error",
                                                     lifespan="off"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -95,6 +98,15 @@ class FakeBackend:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=5)
+
+    async def _metrics(self) -> Any:
+        if self.sent_bytes_counter is None:
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
+        text = ("# HELP vllm:prfaas_kv_sent_bytes_total KV bytes the receiver confirmed (producer side)\n"
+                "# TYPE vllm:prfaas_kv_sent_bytes_total counter\n"
+                f'vllm:prfaas_kv_sent_bytes_total{{engine="0",model_name="m"}} {self.sent_bytes_counter}\n'
+                'vllm:prfaas_kv_sent_bytes_created{engine="0",model_name="m"} 1.7e9\n')
+        return PlainTextResponse(text)
 
     async def _health(self) -> dict:
         await asyncio.sleep(self.health_delay_s)
@@ -217,6 +229,9 @@ class RunningRouter:
 
     def post(self, path: str, body: dict, **kw) -> httpx.Response:
         return httpx.post(self.url + path, json=body, timeout=30, **kw)
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(self.url + path, timeout=30)
 
     def stop(self) -> None:
         self.server.should_exit = True

@@ -728,3 +728,63 @@ def test_recent_share_matches_a_recount_of_its_window() -> None:
         seen.append(route)
         window = seen[-16:]
         assert share.add(route) == window.count("prfaas") / len(window)
+
+
+# -- egress from the producers' own counters -------------------------------------------------------
+def test_counter_total_sums_every_label_set_and_ignores_look_alikes() -> None:
+    from prfaas_plugin.router.egress import SENT_BYTES, counter_total
+
+    text = ("# HELP vllm:prfaas_kv_sent_bytes_total KV bytes\n# TYPE vllm:prfaas_kv_sent_bytes_total counter\n"
+            'vllm:prfaas_kv_sent_bytes_total{engine="0",model_name="a}b"} 1.5e6\n'
+            'vllm:prfaas_kv_sent_bytes_total{engine="1",model_name="m"} 2500000.0\n'
+            'vllm:prfaas_kv_sent_bytes_created{engine="0"} 1.7e9\n'
+            "vllm:prfaas_kv_sent_bytes_totalish 99\n"
+            "vllm:num_requests_running 3\n")
+    assert counter_total(text, SENT_BYTES) == 4.0e6
+    assert counter_total("vllm:prfaas_kv_sent_bytes_total 7 1700000000000\n", SENT_BYTES) == 7.0
+    assert counter_total("vllm:num_requests_running 3\n", SENT_BYTES) is None
+
+
+def test_egress_meter_turns_counters_into_increments_across_a_restart() -> None:
+    from prfaas_plugin.router.egress import EgressMeter
+
+    m = EgressMeter()
+    assert m.update("p", 1000.0) == 0 and m.measured("p")  # the first reading is a baseline
+    assert m.update("p", 1500.0) == 500
+    assert m.update("p", 200.0) == 200  # restarted: counting from zero again
+    m.forget("p")
+    assert not m.measured("p")
+
+
+def test_egress_comes_from_the_producers_counter_not_its_answers(tokenizer) -> None:
+    p = FakeBackend("prefill", sent_bytes_counter=0.0, kv_bytes_per_token=1_000_000).start()
+    d = FakeBackend("both").start()
+    r = RunningRouter(_cfg(p, d, threshold={"mode": "fixed", "tokens": 40, "egress_scrape_s": 0.1,
+                                            "egress_window_s": 30}), tokenizer)
+    try:
+        assert _eventually(lambda: r.router.egress.measured(p.url), 5), "the router never read the counter"
+        got = r.post("/v1/completions", _completion(100))
+        assert got.status_code == 200 and got.headers["x-prfaas-route"] == "prfaas"
+        time.sleep(0.5)
+        window_bytes = lambda: r.router.controller.egress_gbps() * 1e9 / 8 * 30  # noqa: E731
+        assert window_bytes() == 0, "the producer's predicted 100 MB must not count: its counter says 0"
+        p.sent_bytes_counter = 40e6  # what its receivers confirmed
+        assert _eventually(lambda: abs(window_bytes() - 40e6) < 1, 5), window_bytes()
+        assert r.get("/admin/threshold").json()["egress_counters"][p.url] == 40e6
+    finally:
+        r.stop(); p.stop(); d.stop()
+
+
+def test_a_producer_without_the_counter_is_measured_by_its_answers(tokenizer) -> None:
+    p = FakeBackend("prefill", kv_bytes_per_token=1000).start()  # /metrics is a 404
+    d = FakeBackend("both").start()
+    r = RunningRouter(_cfg(p, d, threshold={"mode": "fixed", "tokens": 40, "egress_scrape_s": 0.1,
+                                            "egress_window_s": 30}), tokenizer)
+    try:
+        time.sleep(0.3)
+        assert r.post("/v1/completions", _completion(100)).headers["x-prfaas-route"] == "prfaas"
+        window_bytes = lambda: r.router.controller.egress_gbps() * 1e9 / 8 * 30  # noqa: E731
+        assert _eventually(lambda: abs(window_bytes() - 100 * 1000) < 1, 5), window_bytes()
+        assert not r.router.egress.measured(p.url)
+    finally:
+        r.stop(); p.stop(); d.stop()

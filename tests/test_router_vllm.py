@@ -17,7 +17,7 @@ import pytest
 
 from router_helpers import RunningRouter
 from prfaas_plugin.faults.proxy import FaultKind, FaultPlan, FaultProxy
-from vllm_helpers import Supervisor, free_port, metric, requires_vllm, settles, start_pair
+from vllm_helpers import Supervisor, free_port, metric, requires_vllm, settles, start_pair, wait_metric
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, requires_vllm, pytest.mark.timeout(900)]
 
@@ -96,6 +96,13 @@ def test_mixed_workload_through_the_openai_client_equals_single_instance(stack):
         if route == "prfaas":
             assert rec["transfer_status"] == "sent" and rec["kv_bytes"] > 0, rec
         assert text == _reference(pair.producer, "/v1/completions", {"prompt": prompt}), prompt
+    # The short-term loop's egress comes from the producer's own counter of confirmed bytes.
+    sent = wait_metric(pair.producer, "vllm:prfaas_kv_sent_bytes_total", lambda v: v > 0)
+    assert sent > 0
+    from prfaas_plugin.faults.matrix import until
+
+    assert until(lambda: router.router.egress.last.get(pair.producer) == metric(
+        pair.producer, "vllm:prfaas_kv_sent_bytes_total"), 15), (router.router.egress.last, sent)
 
 
 def test_streaming_and_chat_through_the_openai_client(stack):

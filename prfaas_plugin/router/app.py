@@ -30,6 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prfaas_plugin.router.asgi import ClientGone, Receive, Reply, Scope, Send, client_gone, header, json_reply, read_body, send_reply
 
 from prfaas_plugin.router.config import RouterConfig
+from prfaas_plugin.router.egress import SENT_BYTES, EgressMeter, counter_total
 from prfaas_plugin.router.instances import Fleet, Instance
 from prfaas_plugin.router.metrics import RouterMetrics
 from prfaas_plugin.router.policy import Decision, NoInstance, decide
@@ -139,6 +140,7 @@ class Router:
         self._subscribers: list[Any] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self.splitter: SplitApplier | None = None
+        self.egress = EgressMeter()
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -152,6 +154,8 @@ class Router:
         self._start_event_feeds()
         self._tasks.append(asyncio.create_task(self._health_loop()))
         self._tasks.append(asyncio.create_task(self._threshold_loop()))
+        if self.cfg.threshold.egress_scrape_s > 0:
+            self._tasks.append(asyncio.create_task(self._egress_loop()))
         if self.cfg.threshold.apply_split:
             th = self.cfg.threshold
             self.splitter = SplitApplier(self.client, self.index, th.split_cooldown_s, th.drain_timeout_s, t.prefill_s)
@@ -208,6 +212,30 @@ class Router:
                 continue
             if outcome is not None:
                 self.metrics.role_switches.labels(outcome).inc()
+
+    async def _egress_loop(self) -> None:
+        """Read the producers' sent-bytes counters (router/egress.py says why)."""
+        assert self.client is not None
+        every = self.cfg.threshold.egress_scrape_s
+        while True:
+            await asyncio.gather(*(self._read_egress(i, every) for i in self.fleet.of_kind("prfaas")))
+            await asyncio.sleep(every)
+
+    async def _read_egress(self, inst: Instance, timeout_s: float) -> None:
+        assert self.client is not None
+        try:
+            status, text = await self.client.get_text(f"{inst.url}/metrics", max(timeout_s, 1.0))
+        except UpstreamError:
+            return  # down or slow: its counter is read again next time (increments are not lost)
+        value = counter_total(text, SENT_BYTES) if status == 200 else None
+        if value is None:
+            if self.egress.measured(inst.url):
+                log.warning("instance %s no longer exposes %s; using the bytes its answers report", inst.url, SENT_BYTES)
+            self.egress.forget(inst.url)
+            return
+        delta = self.egress.update(inst.url, value)
+        if delta > 0:
+            self.controller.record_egress(delta)
 
     async def _threshold_loop(self) -> None:
         while True:
@@ -459,8 +487,8 @@ class Router:
                 self.index.record(d.prefill.url, tokens)
                 self.index.record(d.decode.url, tokens)
                 self.metrics.kv_bytes.labels(d.route).inc(res.kv_bytes)
-                if d.route == "prfaas":
-                    self.controller.record_egress(res.kv_bytes)
+                if d.route == "prfaas" and not self.egress.measured(d.prefill.url):
+                    self.controller.record_egress(res.kv_bytes)  # no counter to read on that producer
 
         if prod_task.done():
             _done(prod_task)
@@ -673,7 +701,7 @@ def create_app(cfg: RouterConfig, tokenizer: PromptTokenizer | None = None) -> R
 
     @app.get("/admin/threshold")
     async def get_threshold() -> dict:
-        return router.controller.snapshot()
+        return {**router.controller.snapshot(), "egress_counters": dict(router.egress.last)}
 
     @app.put("/admin/threshold")
     async def put_threshold(request: Request) -> Response:

@@ -96,8 +96,12 @@ class ThresholdSpec(_Strict):
     queue_high: int = Field(default=16, ge=1)
     queue_low: int = Field(default=4, ge=0)
     step: float = Field(default=0.15, gt=0, lt=1)
-    #: Sliding window over which producer-reported KV bytes make the egress estimate.
+    #: Sliding window over which KV bytes make the egress estimate.
     egress_window_s: float = Field(default=10.0, gt=0)
+    #: How often the router reads each PrfaaS producer's ``vllm:prfaas_kv_sent_bytes_total``
+    #: (bytes its receivers confirmed) from /metrics for that estimate; 0 = use only the bytes the
+    #: producers report in their answers (a prediction for the whole prompt; router/egress.py).
+    egress_scrape_s: float = Field(default=2.0, ge=0)
     max_tokens: float = Field(default=1 << 20, gt=0)
     #: Long-term loop, SGLang only: flip local instances between prefill and decode toward the
     #: planner's split (``POST /pd_role_switch``; servers need ``--enable-pd-role-switch``), one

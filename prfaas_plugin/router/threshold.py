@@ -4,8 +4,9 @@
   *observed* distribution of uncached lengths (an empirical sample of the last ``window``
   requests) using the planner config's profiles, counts and link. That is the long-term loop's
   advice (the split) and the short-term loop's anchor (t*).
-- Short term: PrfaaS egress utilisation (KV bytes the producers report, over a sliding window,
-  against the link) and the PrfaaS queue depth push t up by ``step`` when either crosses its high
+- Short term: PrfaaS egress utilisation (KV bytes the producers' transfer engines confirmed, read
+  from their /metrics, else the bytes their answers report: router/egress.py; over a sliding
+  window, against the link) and the PrfaaS queue depth push t up by ``step`` when either crosses its high
   mark -- fewer, longer requests cross the link -- and let it relax back toward t* only when both
   are under their low marks. The gap between the marks is the hysteresis that stops flapping.
 """

@@ -1,0 +1,56 @@
+"""PrfaaS egress from the transfer engines' own counters.
+
+The short-term threshold loop needs the bytes that really crossed the link. A producer's answer
+only carries the layout's prediction for the whole prompt (``kv_transfer_params.bytes``), which
+over-counts whenever the decode side already held a prefix (only the uncached part crosses) and
+comes before the transfer finished. The prfaas vLLM connector counts what its receivers
+confirmed in ``vllm:prfaas_kv_sent_bytes_total`` on each producer's ``/metrics``; the router
+reads that counter every ``threshold.egress_scrape_s`` and feeds the increments to the
+controller. Producers without the counter (other connectors, SGLang) keep the reported bytes.
+"""
+
+from __future__ import annotations
+
+SENT_BYTES = "vllm:prfaas_kv_sent_bytes_total"
+
+
+def counter_total(text: str, name: str) -> float | None:
+    """The sum of a counter's samples over all its label sets in a Prometheus text exposition,
+    or None if it has none. A line scan, not a full parser: an engine's /metrics runs to tens
+    of KB of histograms, and this runs on the router's event loop."""
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        rest = line[len(name):]
+        if rest.startswith("{"):
+            rest = rest[rest.rfind("}") + 1:]
+        elif not rest[:1].isspace():
+            continue  # another metric whose name starts the same way
+        try:
+            total += float(rest.split()[0])
+            found = True
+        except (ValueError, IndexError):
+            continue
+    return total if found else None
+
+
+class EgressMeter:
+    """The last counter value per producer, turned into increments (a restarted producer's
+    counter starts again from zero: its new value is the increment)."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, float] = {}
+
+    def measured(self, url: str) -> bool:
+        return url in self.last
+
+    def update(self, url: str, value: float) -> int:
+        prev = self.last.get(url)
+        self.last[url] = value
+        if prev is None:
+            return 0  # the first reading is a baseline: what crossed before is not this window's
+        return int(value - prev) if value >= prev else int(value)
+
+    def forget(self, url: str) -> None:
+        self.last.pop(url, None)
