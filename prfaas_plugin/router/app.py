@@ -27,8 +27,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from prfaas_plugin.router.asgi import ClientGone, Receive, Reply, Scope, Send, client_gone, header, json_reply, read_body, send_reply
-
+from prfaas_plugin.router.asgi import (ClientGone, Receive, Reply, Scope, Send, client_gone, header, json_reply,
+                                      read_body, send_reply)
 from prfaas_plugin.router.config import RouterConfig
 from prfaas_plugin.router.egress import SENT_BYTES, EgressMeter, counter_total
 from prfaas_plugin.router.instances import Fleet, Instance
