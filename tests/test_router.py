@@ -320,6 +320,21 @@ def test_client_disconnect_aborts_both_sides(tokenizer) -> None:
         r.stop(); p.stop(); d.stop()
 
 
+def test_streaming_client_leaving_during_a_remote_prefill_aborts_both_sides(tokenizer) -> None:
+    p = FakeBackend("prefill", prefill_delay_s=3.0).start()
+    d = FakeBackend("both", decode_delay_s=3.0).start()
+    r = RunningRouter(_cfg(p, d), tokenizer)
+    try:
+        with pytest.raises(httpx.ReadTimeout):  # no header yet: the prefill runs remotely
+            with httpx.stream("POST", r.url + "/v1/completions", json={**_completion(100), "stream": True},
+                              timeout=0.7) as resp:
+                resp.read()
+        assert _eventually(lambda: bool(p.seen) and p.seen[-1].aborted, 2), "the producer must be cancelled at once"
+        assert _eventually(lambda: all(i.inflight == 0 for i in r.router.fleet.instances), 2)
+    finally:
+        r.stop(); p.stop(); d.stop()
+
+
 def test_client_leaving_a_stream_aborts_the_upstream_request(tokenizer) -> None:
     p = FakeBackend("prefill").start()
     d = FakeBackend("both", decode_delay_s=3.0).start()

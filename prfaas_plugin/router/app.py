@@ -331,8 +331,8 @@ class Router:
         except PromptError as exc:
             return _error(400, str(exc))
         stream = bool(body.get("stream", False))
-        if stream:  # send_reply notices a disconnect while streaming and cancels the body
-            return await self._route(path, body, tokens, stream, rid, arrived)
+        # Until the answer starts, a client that leaves cancels the work here (a remote prefill
+        # can take seconds); once a stream flows, send_reply watches for it.
         work = asyncio.create_task(self._route(path, body, tokens, stream, rid, arrived))
         watch = asyncio.create_task(client_gone(receive))
         done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)

@@ -91,6 +91,8 @@ async def send_reply(reply: Reply, receive: Receive, send: Send) -> None:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
+    # The pump is scheduled first, so it has entered the stream (whose ``finally`` releases the
+    # upstream request) before a watcher that finds the client already gone can cancel it.
     pumping = asyncio.ensure_future(pump())
     watching = asyncio.ensure_future(client_gone(receive))
     try:
