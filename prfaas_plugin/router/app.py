@@ -58,9 +58,10 @@ def _error(status: int, message: str, code: str = "invalid_request_error") -> Re
     return json_reply({"error": {"message": message, "type": code, "code": status}}, status)
 
 
-def _error_response(status: int, message: str, code: str = "invalid_request_error") -> JSONResponse:
+def _error_response(status: int, message: str, code: str = "invalid_request_error") -> Response:
     """``_error`` for the FastAPI (admin) endpoints."""
-    return JSONResponse({"error": {"message": message, "type": code, "code": status}}, status_code=status)
+    reply = _error(status, message, code)
+    return Response(reply.body, status_code=status, media_type=reply.headers["content-type"])
 
 
 @dataclass
@@ -729,7 +730,7 @@ def create_app(cfg: RouterConfig, tokenizer: PromptTokenizer | None = None) -> R
         return {"requests": [r.as_dict() for r in recs]}
 
     @app.exception_handler(Exception)
-    async def _unhandled(_request: Request, exc: Exception) -> JSONResponse:  # pragma: no cover - last resort
+    async def _unhandled(_request: Request, exc: Exception) -> Response:  # pragma: no cover - last resort
         log.exception("unhandled router error: %s", exc)
         return _error_response(502, f"upstream or router failure: {type(exc).__name__}", "upstream_error")
 

@@ -16,11 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
-
-log = logging.getLogger("prfaas.router")
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -40,8 +37,8 @@ class Reply:
     stream: AsyncIterator[bytes] | None = None
 
 
-def json_reply(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Reply:
-    return Reply(status, {**(headers or {}), "content-type": "application/json"},
+def json_reply(obj: Any, status: int = 200) -> Reply:
+    return Reply(status, {"content-type": "application/json"},
                  json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode())
 
 

@@ -114,23 +114,15 @@ class Upstream:
         return r.status, parsed, text
 
     async def get_text(self, url: str, timeout_s: float) -> tuple[int, str]:
-        """(status, body) of a GET read to the end."""
+        """(status, body) of a GET read to the end; undecodable bytes become U+FFFD."""
         assert self.session is not None
         try:
             async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
-                return r.status, await r.text()
-        except aiohttp.ClientConnectorError as exc:
-            raise Unreachable(f"{url}: {exc}") from exc
-        except (aiohttp.ClientError, asyncio.TimeoutError, UnicodeDecodeError) as exc:
-            raise UpstreamError(f"{url}: {type(exc).__name__}: {exc}") from exc
-
-    async def get_status(self, url: str, timeout_s: float) -> int:
-        assert self.session is not None
-        try:
-            async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
-                await r.read()
-                return r.status
+                return r.status, (await r.read()).decode("utf-8", "replace")
         except aiohttp.ClientConnectorError as exc:
             raise Unreachable(f"{url}: {exc}") from exc
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise UpstreamError(f"{url}: {type(exc).__name__}: {exc}") from exc
+
+    async def get_status(self, url: str, timeout_s: float) -> int:
+        return (await self.get_text(url, timeout_s))[0]

@@ -86,6 +86,11 @@ class _Session:
         self.handle = _ReceiveHandle(self)
 
     # -- data path ------------------------------------------------------------------------
+    def _span(self, item: int, offset: int, length: int) -> tuple[int, int]:
+        """Chunk indices [first, last) of a frame already checked by ``_chunk_range``."""
+        first = (offset - self.base[item]) // self.chunk
+        return first, first + (length + self.chunk - 1) // self.chunk
+
     def _chunk_range(self, item: int, offset: int, length: int, multi: bool) -> tuple[int, int]:
         """Chunk indices [first, last) a frame covers; raises ProtocolError for a frame that is
         not whole chunks of the item (one chunk, or several with ``multi``: the TCP plane)."""
@@ -102,8 +107,7 @@ class _Session:
             raise ProtocolError(
                 f"{self.request_id}: bad chunk item={item} offset={offset} length={length} "
                 f"(item {nbytes} bytes from {base}, chunk {c})")
-        first = (offset - base) // c
-        return first, first + (length + c - 1) // c
+        return self._span(item, offset, length)
 
     def begin_chunk(self, item: int, offset: int, length: int, sock: Any,
                     multi: bool = False) -> Optional[memoryview]:
@@ -144,9 +148,7 @@ class _Session:
             if self.state != "open":
                 self.cond.notify_all()  # fail() may be waiting for the last writer
                 return
-            c = self.chunk
-            first = (offset - self.base[item]) // c
-            last = first + (length + c - 1) // c
+            first, last = self._span(item, offset, length)
             states = self.chunk_state[item]
             if ok:
                 for i in range(first, last):
@@ -169,7 +171,7 @@ class _Session:
                     else:
                         for i in range(first, last):  # the sender resends chunk by chunk
                             self.events.append(pb.ReceiverEvent(resend=pb.Resend(
-                                item=item, offset=self.base[item] + i * c, reason="checksum mismatch")))
+                                item=item, offset=self.base[item] + i * self.chunk, reason="checksum mismatch")))
                         self.cond.notify_all()
         if ok:
             self.owner.telemetry.landed(length)
