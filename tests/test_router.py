@@ -3,6 +3,7 @@ protocol, streaming through the official openai client, the threshold loops and 
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -471,6 +472,9 @@ def test_metrics_health_and_records(fleet) -> None:
     assert 'prfaas_router_decisions_total{reason="uncached length above threshold",route="prfaas"}' in m
     assert "prfaas_router_threshold_tokens 40.0" in m
     assert "prfaas_router_ttft_seconds_bucket" in m
+    # Garbage collection on the router's clock is on by default (router/gcpace.py).
+    young = re.search(r'prfaas_router_gc_collections\{generation="0"\} (\S+)', m)
+    assert young is not None and float(young.group(1)) > 0
     assert httpx.get(r.url + "/health").status_code == 200
     recs = httpx.get(r.url + "/admin/requests").json()["requests"]
     assert {x["route"] for x in recs} == {"local", "prfaas"}

@@ -74,7 +74,9 @@ def _raw_headers(reply: Reply, length: int | None) -> list[tuple[bytes, bytes]]:
     return out
 
 
-async def send_reply(reply: Reply, receive: Receive, send: Send) -> None:
+async def send_reply(reply: Reply, receive: Receive, send: Send, gone: asyncio.Future[None] | None = None) -> None:
+    """Write ``reply``. ``gone``: a running :func:`client_gone` watcher the caller already has
+    (it stays the caller's to cancel); without one, a streamed reply starts its own."""
     if reply.stream is None:
         await send({"type": "http.response.start", "status": reply.status,
                     "headers": _raw_headers(reply, len(reply.body))})
@@ -91,14 +93,16 @@ async def send_reply(reply: Reply, receive: Receive, send: Send) -> None:
     # The pump is scheduled first, so it has entered the stream (whose ``finally`` releases the
     # upstream request) before a watcher that finds the client already gone can cancel it.
     pumping = asyncio.ensure_future(pump())
-    watching = asyncio.ensure_future(client_gone(receive))
+    watching = gone if gone is not None else asyncio.ensure_future(client_gone(receive))
     try:
         await asyncio.wait((pumping, watching), return_when=asyncio.FIRST_COMPLETED)
     finally:
-        watching.cancel()
+        if gone is None:
+            watching.cancel()
         if not pumping.done():
             pumping.cancel()  # the client left (or we were cancelled): stop relaying
         with contextlib.suppress(asyncio.CancelledError):
             await pumping  # let the stream's finally (accounting, upstream close) run
-        with contextlib.suppress(asyncio.CancelledError):
-            await watching
+        if gone is None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await watching

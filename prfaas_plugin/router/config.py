@@ -141,6 +141,16 @@ class TimeoutSpec(_Strict):
     health_failures: int = Field(default=3, ge=1)
 
 
+class GcSpec(_Strict):
+    """Cyclic garbage collection on a clock (router/gcpace.py says why)."""
+    #: Young-generation collection period; 0 leaves CPython's allocation-count trigger alone.
+    young_every_ms: float = Field(default=10.0, ge=0)
+    #: A middle-generation collection every this many young ones.
+    middle_every: int = Field(default=3, ge=1)
+    #: Whole-heap collection period.
+    full_every_s: float = Field(default=60.0, gt=0)
+
+
 class RouterConfig(_Strict):
     #: Model name served on /v1/models (requests naming another model get a 404).
     model: str
@@ -160,6 +170,7 @@ class RouterConfig(_Strict):
     max_prompt_tokens: int = Field(default=1 << 20, gt=0)
     threshold: ThresholdSpec = ThresholdSpec()
     timeouts: TimeoutSpec = TimeoutSpec()
+    gc: GcSpec = GcSpec()
     clusters: list[ClusterSpec] = Field(min_length=1)
 
     @model_validator(mode="after")

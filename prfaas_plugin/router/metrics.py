@@ -32,3 +32,6 @@ class RouterMetrics:
         self.healthy = Gauge("prfaas_router_instance_healthy", "1 while the instance counts as healthy (refused or non-200: 0 at once; "
                              "timeouts: after timeouts.health_failures in a row)",
                              ["cluster", "instance"], registry=r)
+        self.gc_collections = Gauge("prfaas_router_gc_collections", "Paced garbage collections made (router.gc), by "
+                                    "generation", ["generation"], registry=r)
+        self.gc_longest = Gauge("prfaas_router_gc_longest_seconds", "Longest paced garbage collection so far", registry=r)
