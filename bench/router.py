@@ -22,6 +22,13 @@ import aiohttp
 import httpx
 import yaml
 
+try:  # the client shares a core with the fake backends: the cheaper loop keeps its own queueing low
+    import uvloop
+
+    _run = uvloop.run
+except ImportError:  # pragma: no cover - uvicorn[standard] brings uvloop
+    _run = asyncio.run
+
 from _common import ROOT, append_benchmarks
 from prfaas_plugin.demo.ports import free_port as _free_port
 
@@ -116,6 +123,42 @@ async def _load(url: str, bodies: list[dict], concurrency: int,
         return lat, time.perf_counter() - t0
 
 
+async def _open_loop(url: str, bodies: list[dict], rate: float, errors: Errors,
+                     ttfb: list[float], skip: int = 0) -> float:
+    """Open loop: request k starts at k / ``rate`` seconds whatever the others are doing, the way
+    independent users arrive. With streams of length S this holds ~rate * S streams open. A
+    closed loop (a worker starts its next stream when the last ends) lets streams that were slow
+    once travel together from then on: in this bench, clumps of ~20 requests arriving within
+    10 ms, recurring every stream length, which measures that clump rather than steady load.
+    The first ``skip`` requests (the ramp-up, while connection pools fill) are not timed.
+    Returns the wall time of the timed part."""
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as client:
+        async def one(k: int, body: dict) -> None:
+            t0 = time.perf_counter()
+            try:
+                async with client.post(url, json=body) as r:
+                    first = True
+                    async for _ in r.content.iter_any():
+                        if first and k >= skip:
+                            ttfb.append(time.perf_counter() - t0)
+                        first = False
+                    if r.status != 200:
+                        errors[r.status] = errors.get(r.status, 0) + 1
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+
+        start = time.perf_counter()
+        tasks = []
+        for k, body in enumerate(bodies):
+            delay = start + k / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(k, body)))
+        await asyncio.gather(*tasks)
+        return time.perf_counter() - (start + skip / rate)  # the timed part's wall time
+
+
 _VLLM_BENCH = ("import argparse, sys\n"
                "from vllm.benchmarks.serve import add_cli_args, main\n"
                "p = argparse.ArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))")
@@ -194,35 +237,45 @@ def main() -> None:
         n_long = len(AutoTokenizer.from_pretrained(str(tok_dir))(long_text[0])["input_ids"])
         long_ = [{"model": "bench", "prompt": f"{i} " + long_text[i % 8], "max_tokens": 4, "stream": True}
                  for i in range(args.long_requests)]
-        asyncio.run(_load(f"http://127.0.0.1:{r_port}/v1/completions", short[:200], 50))  # warm-up
+        _run(_load(f"http://127.0.0.1:{r_port}/v1/completions", short[:200], 50))  # warm-up
         # One stream at a time: the router's own cost per request, without CPU queueing.
-        direct1, _ = asyncio.run(_load(f"http://127.0.0.1:{d_port}/v1/completions", short[:300], 1))
+        direct1, _ = _run(_load(f"http://127.0.0.1:{d_port}/v1/completions", short[:300], 1))
         errs1, errs, errs_long = Errors(), Errors(), Errors()
-        routed1, wall1 = asyncio.run(_load(f"http://127.0.0.1:{r_port}/v1/completions", short[:300], 1, errs1))
+        routed1, wall1 = _run(_load(f"http://127.0.0.1:{r_port}/v1/completions", short[:300], 1, errs1))
         # 200 open streams of a decoding engine (20 tokens, 50 ms apart): the router is busy but
         # not saturated, so the added time to first byte is its cost, not CPU queueing.
         decoding = [{"model": "bench", "prompt": f"hello {i}", "max_tokens": 20, "stream": True,
                      "bench_token_delay_s": 0.05} for i in range(args.concurrency * 5)]
         ttfb_direct, ttfb_routed, errs_dec = [], [], Errors()
-        asyncio.run(_load(f"http://127.0.0.1:{d_port}/v1/completions", decoding, args.concurrency, ttfb=ttfb_direct))
-        _, wall_dec = asyncio.run(_load(f"http://127.0.0.1:{r_port}/v1/completions", decoding, args.concurrency,
+        _run(_load(f"http://127.0.0.1:{d_port}/v1/completions", decoding, args.concurrency, ttfb=ttfb_direct))
+        _, wall_dec = _run(_load(f"http://127.0.0.1:{r_port}/v1/completions", decoding, args.concurrency,
                                         errs_dec, ttfb=ttfb_routed))
         # The same 200 streams in steady state: starts spread over one stream's length (20 x 50 ms),
         # so new requests arrive at ~200/s instead of 200 in the same millisecond once a second.
         stagger = 20 * 0.05 / args.concurrency
         ttfb_direct_st, ttfb_routed_st, errs_st = [], [], Errors()
-        asyncio.run(_load(f"http://127.0.0.1:{d_port}/v1/completions", decoding, args.concurrency,
+        _run(_load(f"http://127.0.0.1:{d_port}/v1/completions", decoding, args.concurrency,
                           ttfb=ttfb_direct_st, stagger_s=stagger))
-        _, wall_st = asyncio.run(_load(f"http://127.0.0.1:{r_port}/v1/completions", decoding, args.concurrency,
+        _, wall_st = _run(_load(f"http://127.0.0.1:{r_port}/v1/completions", decoding, args.concurrency,
                                        errs_st, ttfb=ttfb_routed_st, stagger_s=stagger))
+        # The same load as independent users make it: 200 new streams a second, open loop (see
+        # _open_loop), ~200 open at a time; the first stream length is ramp-up and not timed.
+        rate = args.concurrency / (20 * 0.05)
+        opened = decoding + [dict(b, prompt=f"again {i}") for i, b in enumerate(decoding)]
+        opened = opened[:int(rate * 6)]
+        ttfb_direct_ol, ttfb_routed_ol, errs_ol, errs_ol_direct = [], [], Errors(), Errors()
+        _run(_open_loop(f"http://127.0.0.1:{d_port}/v1/completions", opened, rate, errs_ol_direct, ttfb_direct_ol,
+                        skip=int(rate)))
+        wall_ol = _run(_open_loop(f"http://127.0.0.1:{r_port}/v1/completions", opened, rate, errs_ol, ttfb_routed_ol,
+                                  skip=int(rate)))
         vb_direct = vllm_bench_serve(f"http://127.0.0.1:{d_port}", tok_dir, tmp / "vb_direct.json", 1000,
                                      args.concurrency)
         vb_routed = vllm_bench_serve(f"http://127.0.0.1:{r_port}", tok_dir, tmp / "vb_routed.json", 1000,
                                      args.concurrency)
-        direct, _ = asyncio.run(_load(f"http://127.0.0.1:{d_port}/v1/completions", short, args.concurrency))
-        routed, wall = asyncio.run(_load(f"http://127.0.0.1:{r_port}/v1/completions", short, args.concurrency, errs))
-        direct_long, _ = asyncio.run(_load(f"http://127.0.0.1:{p_port}/v1/completions", long_, args.long_concurrency))
-        routed_long, wall_long = asyncio.run(_load(f"http://127.0.0.1:{r_port}/v1/completions", long_,
+        direct, _ = _run(_load(f"http://127.0.0.1:{d_port}/v1/completions", short, args.concurrency))
+        routed, wall = _run(_load(f"http://127.0.0.1:{r_port}/v1/completions", short, args.concurrency, errs))
+        direct_long, _ = _run(_load(f"http://127.0.0.1:{p_port}/v1/completions", long_, args.long_concurrency))
+        routed_long, wall_long = _run(_load(f"http://127.0.0.1:{r_port}/v1/completions", long_,
                                                    args.long_concurrency, errs_long))
     finally:
         for p in procs:
@@ -247,6 +300,8 @@ def main() -> None:
             ttfb_direct, ttfb_routed, wall_dec, args.concurrency, errs_dec),
         row("the same, steady state: stream starts spread over one stream's length (~200 new requests/s)",
             ttfb_direct_st, ttfb_routed_st, wall_st, args.concurrency, errs_st),
+        row(f"the same, open loop: {rate:.0f} new streams/s arriving on a fixed schedule (~{args.concurrency} open), "
+            "timed after the first stream length", ttfb_direct_ol, ttfb_routed_ol, wall_ol, args.concurrency, errs_ol),
         row("short, instant backend, closed loop (max sustained req/s; latency here is queueing)", direct, routed,
             wall, args.concurrency, errs),
         row(f"{n_long // 1000}K-token prompts (BPE tokenisation), remote route", direct_long, routed_long, wall_long,
@@ -271,7 +326,9 @@ def main() -> None:
                                     if args.router_cpu is not None else ", unpinned") + "; "
                                  "'direct' = the same client (aiohttp) straight to the fake backend; target p99 added "
                                  "< 5 ms without tokenisation; the 32K row's direct figure is one hop to the producer "
-                                 "fake, the routed one tokenises and runs producer + consumer"))
+                                 "fake, the routed one tokenises and runs producer + consumer; fake backends on plain ASGI "
+                                 "and the client on uvloop (before 2026-11-27 13:30 UTC: FastAPI fakes, asyncio client, "
+                                 "which took more of the shared core; no open-loop row)"))
 
 
 if __name__ == "__main__":
