@@ -9,7 +9,7 @@ import torch
 
 from . import torch_ops
 from .layout import PagedLayout
-from .plan import block_index, geometry, word_bytes
+from .plan import block_index, caches_alignment, geometry, word_bytes
 
 Backend = Literal["torch", "triton"]
 
@@ -51,6 +51,13 @@ class CacheGroup:
         if wbytes not in cache:
             cache[wbytes] = tuple(torch_ops.row_views(self.caches, self.layout, wbytes))
         return cache[wbytes]
+
+    def word_bytes(self, buf: torch.Tensor) -> int:
+        """Widest word size the caches and ``buf`` allow (the caches' part computed once)."""
+        align = self.__dict__.get("_alignment")
+        if align is None:
+            align = self.__dict__["_alignment"] = caches_alignment(self.caches, self.layout)
+        return word_bytes(self.caches, self.layout, buf.data_ptr(), alignment=align)
 
     @property
     def device(self) -> torch.device:
@@ -121,7 +128,7 @@ def pack(
     elif fp8:
         torch_ops.pack_fp8(group.caches, lay, idx, out, geo)
     else:
-        wb = word_bytes(group.caches, lay, out.data_ptr())
+        wb = group.word_bytes(out)
         torch_ops.pack_raw(group.row_views(wb), lay, idx, out, wb)
     return out
 
@@ -152,5 +159,5 @@ def unpack(
     elif fp8:
         torch_ops.unpack_fp8(buf, group.caches, lay, idx, geo)
     else:
-        wb = word_bytes(group.caches, lay, buf.data_ptr())
+        wb = group.word_bytes(buf)
         torch_ops.unpack_raw(buf, group.row_views(wb), lay, idx, wb)

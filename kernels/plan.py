@@ -79,14 +79,24 @@ def block_index(block_ids: Sequence[int] | torch.Tensor, layout: PagedLayout, de
     return idx.to(device)
 
 
-def word_bytes(caches: Sequence[torch.Tensor], layout: PagedLayout, *extra_bytes: int) -> int:
-    """Widest word (8/4/2/1 bytes) that divides row size, strides, pointers and ``extra_bytes``."""
+def caches_alignment(caches: Sequence[torch.Tensor], layout: PagedLayout) -> int:
+    """The gcd of row size, strides (bytes) and pointers of ``caches``: fixed for a group, so
+    callers keep it (walking 48 layers' strides costs ~0.2 ms, 3 % of packing a request's
+    state pages)."""
     isz = layout.itemsize
     g = layout.row_bytes
     for t in caches:
         g = math.gcd(g, t.data_ptr())
         for d in range(layout.block_dim + 1):
             g = math.gcd(g, t.stride(d) * isz)
+    return g
+
+
+def word_bytes(caches: Sequence[torch.Tensor], layout: PagedLayout, *extra_bytes: int,
+               alignment: int | None = None) -> int:
+    """Widest word (8/4/2/1 bytes) that divides row size, strides, pointers and ``extra_bytes``
+    (``alignment``: ``caches_alignment`` of the caches, if already known)."""
+    g = caches_alignment(caches, layout) if alignment is None else alignment
     for e in extra_bytes:
         g = math.gcd(g, e)
     for w in (8, 4, 2, 1):

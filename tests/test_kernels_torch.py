@@ -137,3 +137,26 @@ def test_window_blocks_pack_across_layers() -> None:
     w = window_block_ids(table, num_tokens=70, window=20, block_size=16)  # tokens 50..69 -> blocks 3, 4
     assert w.block_ids == [1, 8]
     assert torch.equal(pack(group, w.block_ids), reference_pack(group, [1, 8]))
+
+
+@pytest.mark.parametrize("shift", [0, 1, 2, 4])
+def test_word_size_follows_each_buffer_with_the_caches_alignment_kept(shift: int) -> None:
+    """The caches' alignment is computed once per group and kept; the buffer's pointer still
+    decides each call, so a buffer at an odd offset after an aligned one packs bit-exactly."""
+    g = torch.Generator().manual_seed(3)
+    make, ctor, _ = FAMILIES["attn_gpu"]
+    group = ctor(make(g, 10))
+    ids = PACK_IDS
+    n = packed_nbytes(group, len(ids))
+    aligned = pack(group, ids)
+    assert group.word_bytes(aligned) == 8
+    backing = torch.full((n + 8,), 0xA5, dtype=torch.uint8)
+    out = backing[shift: shift + n]
+    assert group.word_bytes(out) == {0: 8, 1: 1, 2: 2, 4: 4}[shift]
+    pack(group, ids, out=out)
+    assert torch.equal(out, aligned)
+    dst = ctor([torch.zeros_like(t) for t in group.caches])
+    unpack(out, dst, list(range(len(ids))))
+    ref = ctor([torch.zeros_like(t) for t in group.caches])
+    unpack(aligned, ref, list(range(len(ids))))
+    assert all(torch.equal(a, b) for a, b in zip(dst.caches, ref.caches))
