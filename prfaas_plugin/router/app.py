@@ -324,7 +324,11 @@ class Router:
                 reply = _error(502, f"upstream or router failure: {type(exc).__name__}", "upstream_error")
             await send_reply(reply, receive, send, gone)
         finally:
-            gone.cancel()
+            if gone.done():
+                if not gone.cancelled():
+                    gone.exception()  # retrieved: a server that failed receive() is not our error to log
+            else:
+                gone.cancel()
 
     async def handle(self, raw: bytes, gone: asyncio.Future[None], path: str, chat: bool, rid: str,
                      arrived: float) -> Reply:
