@@ -124,7 +124,7 @@ def pack(
     if _choose(group, backend) == "triton":
         from . import triton_ops
 
-        triton_ops.pack(group.caches, lay, idx, out, geo)
+        triton_ops.pack(group.caches, lay, idx, out, geo, group.word_bytes(out))
     elif fp8:
         torch_ops.pack_fp8(group.caches, lay, idx, out, geo)
     else:
@@ -155,7 +155,7 @@ def unpack(
     if _choose(group, backend) == "triton":
         from . import triton_ops
 
-        triton_ops.unpack(buf, group.caches, lay, idx, geo)
+        triton_ops.unpack(buf, group.caches, lay, idx, geo, group.word_bytes(buf))
     elif fp8:
         torch_ops.unpack_fp8(buf, group.caches, lay, idx, geo)
     else:

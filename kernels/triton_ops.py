@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .layout import PagedLayout
-from .plan import FP8_MAX, PackGeometry, row_offsets, word_bytes, word_dtype
+from .plan import FP8_MAX, PackGeometry, row_offsets, word_dtype
 
 _MAX_TILE = 2048
 
@@ -138,12 +138,13 @@ def _base_view(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def pack(
-    caches: Sequence[torch.Tensor], layout: PagedLayout, idx: torch.Tensor, out: torch.Tensor, geo: PackGeometry
+    caches: Sequence[torch.Tensor], layout: PagedLayout, idx: torch.Tensor, out: torch.Tensor, geo: PackGeometry,
+    wb: int,
 ) -> None:
+    """``wb``: the word size the caches and ``out`` allow (``CacheGroup.word_bytes``)."""
     if geo.fp8:
         _pack_fp8(caches, layout, idx, out, geo)
         return
-    wb = word_bytes(caches, layout, out.data_ptr())
     offs = row_offsets(caches, layout, idx, wb)
     row_words = layout.row_bytes // wb
     dst = out[: geo.payload_bytes].view(word_dtype(wb))
@@ -151,12 +152,13 @@ def pack(
 
 
 def unpack(
-    buf: torch.Tensor, caches: Sequence[torch.Tensor], layout: PagedLayout, idx: torch.Tensor, geo: PackGeometry
+    buf: torch.Tensor, caches: Sequence[torch.Tensor], layout: PagedLayout, idx: torch.Tensor, geo: PackGeometry,
+    wb: int,
 ) -> None:
+    """``wb``: the word size the caches and ``buf`` allow (``CacheGroup.word_bytes``)."""
     if geo.fp8:
         _unpack_fp8(buf, caches, layout, idx, geo)
         return
-    wb = word_bytes(caches, layout, buf.data_ptr())
     offs = row_offsets(caches, layout, idx, wb)
     row_words = layout.row_bytes // wb
     src = buf[: geo.payload_bytes].view(word_dtype(wb))

@@ -322,7 +322,7 @@ class Router:
             except Exception as exc:  # noqa: BLE001 - last resort: the client gets an answer
                 log.exception("request_id=%s: unhandled router error: %s", rid, exc)
                 reply = _error(502, f"upstream or router failure: {type(exc).__name__}", "upstream_error")
-            await send_reply(reply, receive, send, gone)
+            await send_reply(reply, send, gone)
         finally:
             if gone.done():
                 if not gone.cancelled():
@@ -684,7 +684,7 @@ class RouterApp:
                 else:
                     reply = _error(405, f"{scope['method']} is not allowed here; send POST")
                     reply.headers["allow"] = "POST"
-                    await send_reply(reply, receive, send)
+                    await send_reply(reply, send)
                 return
         await self.admin(scope, receive, send)
 

@@ -6,9 +6,10 @@ middleware wrappers per ``send``, an anyio task group per streaming response); t
 on plain ASGI cost ~2.1-2.3 ms (uvicorn + aiohttp on both, same host, measured side by side). The
 admin, health and metrics endpoints stay on FastAPI, where convenience matters more.
 
-Handlers return a :class:`Reply`; :func:`send_reply` writes it and, while a body streams,
-watches for the client leaving: a disconnect cancels the stream, whose ``finally`` closes the
-upstream request (which is how vLLM learns to abort it).
+Handlers return a :class:`Reply`; :func:`send_reply` writes it. One :func:`client_gone` watcher
+per request (started once its body is read) covers both the work and a streamed answer: a
+disconnect cancels the stream, whose ``finally`` closes the upstream request (which is how vLLM
+learns to abort it).
 """
 
 from __future__ import annotations
@@ -74,14 +75,16 @@ def _raw_headers(reply: Reply, length: int | None) -> list[tuple[bytes, bytes]]:
     return out
 
 
-async def send_reply(reply: Reply, receive: Receive, send: Send, gone: asyncio.Future[None] | None = None) -> None:
-    """Write ``reply``. ``gone``: a running :func:`client_gone` watcher the caller already has
-    (it stays the caller's to cancel); without one, a streamed reply starts its own."""
+async def send_reply(reply: Reply, send: Send, gone: asyncio.Future[None] | None = None) -> None:
+    """Write ``reply``. ``gone``: the request's running :func:`client_gone` watcher (the
+    caller's to cancel), needed for a streamed reply: a disconnect stops the relay."""
     if reply.stream is None:
         await send({"type": "http.response.start", "status": reply.status,
                     "headers": _raw_headers(reply, len(reply.body))})
         await send({"type": "http.response.body", "body": reply.body, "more_body": False})
         return
+    if gone is None:
+        raise ValueError("a streamed reply needs the request's client_gone watcher")
     stream = reply.stream
     await send({"type": "http.response.start", "status": reply.status, "headers": _raw_headers(reply, None)})
 
@@ -90,19 +93,14 @@ async def send_reply(reply: Reply, receive: Receive, send: Send, gone: asyncio.F
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    # The pump is scheduled first, so it has entered the stream (whose ``finally`` releases the
-    # upstream request) before a watcher that finds the client already gone can cancel it.
+    # The pump is scheduled before asyncio.wait registers on the watcher, so even a watcher that
+    # is already done lets the pump enter the stream (whose ``finally`` releases the upstream
+    # request) before it is cancelled.
     pumping = asyncio.ensure_future(pump())
-    watching = gone if gone is not None else asyncio.ensure_future(client_gone(receive))
     try:
-        await asyncio.wait((pumping, watching), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((pumping, gone), return_when=asyncio.FIRST_COMPLETED)
     finally:
-        if gone is None:
-            watching.cancel()
         if not pumping.done():
             pumping.cancel()  # the client left (or we were cancelled): stop relaying
         with contextlib.suppress(asyncio.CancelledError):
             await pumping  # let the stream's finally (accounting, upstream close) run
-        if gone is None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await watching
