@@ -807,3 +807,43 @@ def test_a_producer_without_the_counter_is_measured_by_its_answers(tokenizer) ->
         assert not r.router.egress.measured(p.url)
     finally:
         r.stop(); p.stop(); d.stop()
+
+
+def test_a_producer_reporting_no_bytes_is_estimated_from_its_uncached_length(tokenizer) -> None:
+    """SGLang's prefill servers answer without KV bytes and have no sent-bytes counter: without an
+    estimate the bandwidth loop would read their egress as 0 however full the link is."""
+    p = FakeBackend("prefill", kv_bytes_per_token=0).start()  # answers "bytes": 0, /metrics is a 404
+    d = FakeBackend("both").start()
+    r = RunningRouter(_cfg(p, d, threshold={"mode": "fixed", "tokens": 40, "egress_scrape_s": 0.1,
+                                            "egress_window_s": 30, "kv_bytes_per_token": 500}), tokenizer)
+    try:
+        time.sleep(0.3)
+        got = r.post("/v1/completions", _completion(100))
+        assert got.headers["x-prfaas-route"] == "prfaas"
+        uncached = int(got.headers["x-prfaas-uncached-tokens"])
+        window_bytes = lambda: r.router.controller.egress_gbps() * 1e9 / 8 * 30  # noqa: E731
+        assert _eventually(lambda: abs(window_bytes() - 500 * uncached) < 1, 5), (window_bytes(), uncached)
+        assert f"prfaas_router_egress_estimated_bytes_total {float(500 * uncached)}" in r.get("/metrics").text
+        # a local request crosses no link and is not estimated
+        assert r.post("/v1/completions", _completion(10, start=7)).headers["x-prfaas-route"] == "local"
+        time.sleep(0.3)
+        assert abs(window_bytes() - 500 * uncached) < 1
+    finally:
+        r.stop(); p.stop(); d.stop()
+
+
+def test_egress_estimate_comes_from_the_planner_profile_unless_given(tmp_path) -> None:
+    from prfaas_plugin.router.config import ThresholdSpec
+    from prfaas_plugin.router.threshold import ThresholdController
+
+    planner = str(_planner_yaml(tmp_path))  # s_kv_mib: 0.5 MiB at 64 tokens, 2.0 at 256, linear between
+    auto = ThresholdController(ThresholdSpec(mode="auto", tokens=40, planner=planner), link_gbps=1.0)
+    assert auto.predicted_kv_bytes(64) == 1 << 19
+    assert auto.predicted_kv_bytes(160) == int(1.25 * (1 << 20))
+    assert auto.predicted_kv_bytes(0) == 0
+    given = ThresholdController(ThresholdSpec(mode="auto", tokens=40, planner=planner, kv_bytes_per_token=100.0), 1.0)
+    assert given.predicted_kv_bytes(64) == 6400
+    # fixed mode and no per-token figure: nothing to estimate from (the README says so)
+    assert ThresholdController(ThresholdSpec(mode="fixed", tokens=40), 1.0).predicted_kv_bytes(64) == 0
+    with pytest.raises(ValueError, match="kv_bytes_per_token"):
+        ThresholdSpec(mode="fixed", tokens=40, kv_bytes_per_token=0)

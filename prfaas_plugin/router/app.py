@@ -509,7 +509,13 @@ class Router:
                 self.index.record(d.decode.url, tokens)
                 self.metrics.kv_bytes.labels(d.route).inc(res.kv_bytes)
                 if d.route == "prfaas" and not self.egress.measured(d.prefill.url):
-                    self.controller.record_egress(res.kv_bytes)  # no counter to read on that producer
+                    # No counter to read on that producer: what it reported, or (SGLang reports
+                    # nothing) the bytes its uncached length should put on the link.
+                    nbytes = res.kv_bytes
+                    if nbytes <= 0:
+                        nbytes = self.controller.predicted_kv_bytes(d.l_uncached)
+                        self.metrics.egress_estimated.inc(nbytes)
+                    self.controller.record_egress(nbytes)
 
         if prod_task.done():
             _done(prod_task)

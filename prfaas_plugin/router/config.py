@@ -102,6 +102,11 @@ class ThresholdSpec(_Strict):
     #: (bytes its receivers confirmed) from /metrics for that estimate; 0 = use only the bytes the
     #: producers report in their answers (a prediction for the whole prompt; router/egress.py).
     egress_scrape_s: float = Field(default=2.0, ge=0)
+    #: KV bytes one uncached token puts on the link, for producers that neither report the bytes
+    #: they sent nor expose the counter above (SGLang's prefill servers): their egress is then
+    #: estimated as this times the request's uncached length. Unset: taken from the planner's
+    #: PrfaaS profile (``auto``); with neither, such producers' egress cannot be counted.
+    kv_bytes_per_token: Optional[float] = Field(default=None, gt=0)
     max_tokens: float = Field(default=1 << 20, gt=0)
     #: Long-term loop, SGLang only: flip local instances between prefill and decode toward the
     #: planner's split (``POST /pd_role_switch``; servers need ``--enable-pd-role-switch``), one

@@ -6,7 +6,9 @@ over-counts whenever the decode side already held a prefix (only the uncached pa
 comes before the transfer finished. The prfaas vLLM connector counts what its receivers
 confirmed in ``vllm:prfaas_kv_sent_bytes_total`` on each producer's ``/metrics``; the router
 reads that counter every ``threshold.egress_scrape_s`` and feeds the increments to the
-controller. Producers without the counter (other connectors, SGLang) keep the reported bytes.
+controller. Producers without the counter (other connectors) keep the reported bytes; those that
+report none either (SGLang) are estimated from the request's uncached length
+(``threshold.kv_bytes_per_token``, else the planner's PrfaaS profile).
 """
 
 from __future__ import annotations

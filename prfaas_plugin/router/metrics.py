@@ -19,13 +19,16 @@ class RouterMetrics:
         self.threshold = Gauge("prfaas_router_threshold_tokens", "Current routing threshold t", registry=r)
         self.planner_threshold = Gauge("prfaas_router_planner_threshold_tokens", "Planner optimum t* for the observed lengths", registry=r)
         self.offload = Gauge("prfaas_router_offload_fraction", "Fraction of recent requests sent to PrfaaS", registry=r)
-        self.egress = Gauge("prfaas_router_egress_gbps", "PrfaaS KV egress (producer-reported bytes, sliding window)", registry=r)
+        self.egress = Gauge("prfaas_router_egress_gbps", "PrfaaS KV egress over a sliding window (producers' sent-bytes counters, else their reported or estimated bytes)", registry=r)
         self.link_util = Gauge("prfaas_router_link_utilisation", "Egress over link capacity", registry=r)
         self.queue = Gauge("prfaas_router_queue_depth", "Requests open on an instance", ["cluster", "instance"], registry=r)
         self.ttft = Histogram("prfaas_router_ttft_seconds", "Time to first token by phase",
                               ["route", "phase"], buckets=_TIME_BUCKETS, registry=r)
         self.fallbacks = Counter("prfaas_router_fallbacks", "Requests that fell back to local prefill", ["reason"], registry=r)
         self.kv_bytes = Counter("prfaas_router_kv_bytes", "KV bytes producers reported sending", ["route"], registry=r)
+        self.egress_estimated = Counter("prfaas_router_egress_estimated_bytes",
+                                        "PrfaaS egress estimated from uncached lengths (producers that report "
+                                        "no bytes and expose no sent-bytes counter, e.g. SGLang)", registry=r)
         self.split = Gauge("prfaas_router_split_recommendation", "Long-term loop: recommended local P/D instances", ["role"], registry=r)
         self.role_switches = Counter("prfaas_router_role_switches", "Run-time P/D role switches the router asked for "
                                      "(threshold.apply_split), by outcome", ["outcome"], registry=r)

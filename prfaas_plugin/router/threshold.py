@@ -59,6 +59,9 @@ class ThresholdController:
 
             cfg, base = load_config(self.spec.planner or "")
             self._planner = cfg
+        self._kv_profile = None
+        if self.spec.kv_bytes_per_token is None and self._planner is not None:
+            self._kv_profile = self._planner.profile(self._planner.deployment.prfaas_profile)
         self._mark("start")
 
     # -- inputs -------------------------------------------------------------------------------
@@ -70,6 +73,17 @@ class ThresholdController:
         now = time.monotonic() if now is None else now
         with self._lock:
             self._egress.append((now, int(nbytes)))
+
+    def predicted_kv_bytes(self, uncached_tokens: int) -> int:
+        """What ``uncached_tokens`` of prefill should put on the link, for producers that do not
+        say (0 when neither ``kv_bytes_per_token`` nor a planner profile is configured)."""
+        if uncached_tokens <= 0:
+            return 0
+        if self.spec.kv_bytes_per_token is not None:
+            return int(self.spec.kv_bytes_per_token * uncached_tokens)
+        if self._kv_profile is not None:
+            return int(max(0.0, self._kv_profile.kv_mib(uncached_tokens)) * (1 << 20))
+        return 0
 
     def egress_gbps(self, now: float | None = None) -> float:
         now = time.monotonic() if now is None else now
