@@ -475,6 +475,7 @@ def test_metrics_health_and_records(fleet) -> None:
     # Garbage collection on the router's clock is on by default (router/gcpace.py).
     young = re.search(r'prfaas_router_gc_collections\{generation="0"\} (\S+)', m)
     assert young is not None and float(young.group(1)) > 0
+    assert r.router._serving == 0  # every answered request left the count (the pacer idles at 0)
     assert httpx.get(r.url + "/health").status_code == 200
     recs = httpx.get(r.url + "/admin/requests").json()["requests"]
     assert {x["route"] for x in recs} == {"local", "prfaas"}

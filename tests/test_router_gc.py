@@ -89,3 +89,30 @@ def test_config_validation() -> None:
         GcSpec(middle_every=0)
     with pytest.raises(ValueError):
         GcSpec(bogus=1)
+
+
+def test_an_idle_router_collects_rarely_and_a_request_wakes_the_pacer() -> None:
+    pacer = GcPacer(young_every_s=0.01, middle_every=3, full_every_s=60, idle_every_s=1.0)
+    serving = [0]
+
+    async def main() -> tuple[int, int, int]:
+        task = asyncio.create_task(pacer.run(lambda: serving[0] == 0))
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(0.3)
+        idle_count = sum(pacer.collections)  # busy pacing would have made ~30 by now
+        serving[0] = 1
+        pacer.wake()  # what the router does when a request arrives after a quiet spell
+        t0 = loop.time()
+        while sum(pacer.collections) == idle_count and loop.time() - t0 < 5:
+            await asyncio.sleep(0.001)
+        woke_after_ms = int((loop.time() - t0) * 1000)
+        before = sum(pacer.collections)
+        await asyncio.sleep(0.3)
+        busy_count = sum(pacer.collections) - before
+        task.cancel()
+        return idle_count, woke_after_ms, busy_count
+
+    idle_count, woke_after_ms, busy_count = asyncio.run(main())
+    assert idle_count == 0, idle_count
+    assert woke_after_ms < 200, woke_after_ms  # not the 1 s idle period
+    assert busy_count >= 10, busy_count  # back to every 10 ms (loose: a loaded CI host runs late)

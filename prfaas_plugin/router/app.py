@@ -143,6 +143,7 @@ class Router:
         self._tasks: list[asyncio.Task[Any]] = []
         self.splitter: SplitApplier | None = None
         self.egress = EgressMeter()
+        self._serving = 0  # completion requests open now (the GC pacer idles at 0)
         g = self.cfg.gc
         self.gc_pacer = (GcPacer(g.young_every_ms / 1e3, g.middle_every, g.full_every_s)
                          if g.young_every_ms > 0 else None)
@@ -162,7 +163,7 @@ class Router:
         if self.cfg.threshold.egress_scrape_s > 0:
             self._tasks.append(asyncio.create_task(self._egress_loop()))
         if self.gc_pacer is not None:
-            self._tasks.append(asyncio.create_task(self.gc_pacer.run()))
+            self._tasks.append(asyncio.create_task(self.gc_pacer.run(lambda: self._serving == 0)))
         if self.cfg.threshold.apply_split:
             th = self.cfg.threshold
             self.splitter = SplitApplier(self.client, self.index, th.split_cooldown_s, th.drain_timeout_s, t.prefill_s)
@@ -308,6 +309,15 @@ class Router:
     async def serve(self, scope: Scope, receive: Receive, send: Send, path: str, chat: bool) -> None:
         """One completion request, end to end (plain ASGI: see asgi.py for why)."""
         arrived = time.monotonic()
+        self._serving += 1
+        if self._serving == 1 and self.gc_pacer is not None:
+            self.gc_pacer.wake()
+        try:
+            await self._serve(scope, receive, send, path, chat, arrived)
+        finally:
+            self._serving -= 1
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, path: str, chat: bool, arrived: float) -> None:
         rid = header(scope, b"x-request-id") or os.urandom(16).hex()  # as uuid4().hex: 0.6 us, not 2.6
         try:
             raw = await read_body(receive)

@@ -15,6 +15,10 @@ lived a few tens of milliseconds), and the whole heap every ``full_every_s`` (cy
 long-lived objects: rare, but they would otherwise never be freed, because the automatic
 collector, left on as a safety net, seldom fires once its count stays low). Start-up objects are
 frozen out of all of this (cli/router.py).
+
+An idle router (no request open) makes almost no objects, so it collects only every
+``idle_every_s`` instead of waking 100 times a second; the first request after a quiet spell
+wakes the pacer (``wake``), which goes back to the short period at once.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import asyncio
 import gc
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 
 @dataclass
@@ -30,6 +35,8 @@ class GcPacer:
     young_every_s: float = 0.01
     middle_every: int = 3
     full_every_s: float = 60.0
+    #: Period while ``run``'s ``idle`` says nothing is being served.
+    idle_every_s: float = 1.0
     #: Collections made, by generation (for /metrics and tests).
     collections: list[int] = field(default_factory=lambda: [0, 0, 0])
     #: Longest single collection seen, seconds.
@@ -42,6 +49,8 @@ class GcPacer:
             raise ValueError("middle_every must be >= 1")
         if self.full_every_s <= 0:
             raise ValueError("full_every_s must be > 0")
+        self.idle_every_s = max(self.idle_every_s, self.young_every_s)
+        self._wake: Optional[asyncio.Event] = None
 
     def collect_due(self, tick: int, now: float, last_full: float) -> int:
         """The generation due at ``tick``: 2 when the full interval has passed, 1 every
@@ -56,11 +65,26 @@ class GcPacer:
         self.longest_s = max(self.longest_s, time.perf_counter() - t0)
         self.collections[generation] += 1
 
-    async def run(self) -> None:
-        """Collect until cancelled."""
+    def wake(self) -> None:
+        """Work arrived: end an idle wait now (cheap enough to call per request)."""
+        if self._wake is not None and not self._wake.is_set():
+            self._wake.set()
+
+    async def run(self, idle: Optional[Callable[[], bool]] = None) -> None:
+        """Collect until cancelled; while ``idle()`` is true, only every ``idle_every_s`` or
+        when ``wake`` is called."""
+        self._wake = asyncio.Event()
         tick, last_full = 0, time.monotonic()
         while True:
-            await asyncio.sleep(self.young_every_s)
+            if idle is not None and idle():
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.idle_every_s)
+                    continue  # woken by work: the short period starts now (no extra collection)
+                except asyncio.TimeoutError:
+                    pass
+            else:
+                await asyncio.sleep(self.young_every_s)
             tick += 1
             now = time.monotonic()
             gen = self.collect_due(tick, now, last_full)
