@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -214,6 +214,41 @@ def _med(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu(child_pid: int) -> tuple[float, float, float, float]:
+    """(this process user, sys, the child's user, sys) CPU seconds so far: where loopback
+    goodput goes on a host whose cores are all busy."""
+    me = os.times()
+    with open(f"/proc/{child_pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return me.user, me.system, int(fields[11]) / _TICK, int(fields[12]) / _TICK
+
+
+class CpuTally:
+    """CPU seconds per GB moved, by side, summed over the rounds it timed."""
+
+    def __init__(self) -> None:
+        self.secs = [0.0, 0.0, 0.0, 0.0]
+        self.nbytes = 0
+
+    def timed(self, child_pid: int, nbytes: int, fn: Callable[[], float]) -> float:
+        c0 = _cpu(child_pid)
+        rate = fn()
+        c1 = _cpu(child_pid)
+        self.secs = [a + (y - x) for a, x, y in zip(self.secs, c0, c1)]
+        self.nbytes += nbytes
+        return rate
+
+    def per_gb(self) -> dict[str, float]:
+        gb = self.nbytes / 1e9
+        names = ("sender_user", "sender_sys", "receiver_user", "receiver_sys")
+        out = {k: round(v / gb, 3) for k, v in zip(names, self.secs)}
+        out["total"] = round(sum(self.secs) / gb, 3)
+        return out
+
+
 def case1(quick: bool, conns_list: list[int]) -> dict[str, Any]:
     total = 256 << 20
     rounds = 12  # this host is shared and noisy: many short alternating rounds, then medians
@@ -227,14 +262,16 @@ def case1(quick: bool, conns_list: list[int]) -> dict[str, Any]:
         for _ in range(warmup):  # connections, page faults, thread pools, TCP autotuning
             raw.round(), eng.round()
         rr, er = [], []
+        raw_cpu, eng_cpu = CpuTally(), CpuTally()
         for _ in range(rounds):  # alternate so both see the same background load
-            rr.append(raw.round())
-            er.append(eng.round())
+            rr.append(raw_cpu.timed(raw.child.pid, raw.per * raw.conns, raw.round))
+            er.append(eng_cpu.timed(eng.child.pid, total, eng.round))
         raw.finish()
         eng.finish()
         rows.append({"connections": n, "ceiling_gbps": _med(rr) * 8 / GB, "goodput_gbps": _med(er) * 8 / GB,
                      "ratio": _med(er) / _med(rr), "raw_runs": [round(r * 8 / GB, 2) for r in rr],
-                     "engine_runs": [round(r * 8 / GB, 2) for r in er]})
+                     "engine_runs": [round(r * 8 / GB, 2) for r in er],
+                     "raw_cpu_s_per_gb": raw_cpu.per_gb(), "engine_cpu_s_per_gb": eng_cpu.per_gb()})
         log(f"case1 n={n}: ceiling {rows[-1]['ceiling_gbps']:.2f} engine {rows[-1]['goodput_gbps']:.2f} Gbit/s "
             f"ratio {rows[-1]['ratio']:.2f}")
     grpc_rows = []
@@ -321,13 +358,14 @@ def _diagnostic(n: int, cfg: SenderConfig, receiver_checksums: str) -> dict[str,
     raw = RawRun("127.0.0.1", 256 << 20, n, 5)
     raw.round(), diag.round()
     rr, er = [], []
+    tally = CpuTally()
     for _ in range(4):
         rr.append(raw.round())
-        er.append(diag.round())
+        er.append(tally.timed(diag.child.pid, sum(diag.sizes), diag.round))
     raw.finish()
     diag.finish()
     return {"connections": n, "ceiling_gbps": _med(rr) * 8 / GB, "goodput_gbps": _med(er) * 8 / GB,
-            "ratio": _med(er) / _med(rr)}
+            "ratio": _med(er) / _med(rr), "engine_cpu_s_per_gb": tally.per_gb()}
 
 
 def render(results: dict[str, Any], cmd: str) -> str:
@@ -352,6 +390,19 @@ def render(results: dict[str, Any], cmd: str) -> str:
                              f"{r['goodput_gbps']:.2f} | {r['ratio']:.2f} | |")
         for g in c1.get("grpc", []):
             lines.append(f"| {g['connections']} (gRPC data plane only) | | {g['goodput_gbps']:.2f} | | |")
+        lines += ["\nCPU seconds per GB moved in those rounds (sender = this process, receiver = the child; "
+                  f"{os.cpu_count()} CPUs here; the engine's extra over raw is its framing, bookkeeping and "
+                  "the checksum pass on each side):\n",
+                  "| connections | run | sender user | sender sys | receiver user | receiver sys | total |",
+                  "|---|---|---|---|---|---|---|"]
+        cpu_rows = [(r["connections"], run, r.get(f"{run}_cpu_s_per_gb")) for r in c1["rows"] for run in ("raw", "engine")]
+        for key, what in (("no_checksum", "engine, checksum off"), ("one_chunk_frames", "engine, one chunk per frame")):
+            if c1.get(key):
+                cpu_rows.append((c1[key]["connections"], what, c1[key].get("engine_cpu_s_per_gb")))
+        for n, run, c in cpu_rows:
+            if c:
+                lines.append(f"| {n} | {run} | {c['sender_user']} | {c['sender_sys']} | "
+                             f"{c['receiver_user']} | {c['receiver_sys']} | {c['total']} |")
     c3 = results.get("case3")
     if c3:
         lines += [f"\n**Case 3, layer-wise pipelining** ({c3['layers']} layers of {c3['layer_bytes'] >> 20} MiB, "
