@@ -332,6 +332,7 @@ def test_streaming_client_leaving_during_a_remote_prefill_aborts_both_sides(toke
                 resp.read()
         assert _eventually(lambda: bool(p.seen) and p.seen[-1].aborted, 2), "the producer must be cancelled at once"
         assert _eventually(lambda: all(i.inflight == 0 for i in r.router.fleet.instances), 2)
+        assert _eventually(lambda: r.router._serving == 0, 2), "a request that ended must leave the open count"
     finally:
         r.stop(); p.stop(); d.stop()
 
@@ -351,6 +352,7 @@ def test_client_leaving_a_stream_aborts_the_upstream_request(tokenizer) -> None:
         assert time.monotonic() - t0 < 2.5, "the abort must not wait for the next token"
         assert _eventually(lambda: all(i.inflight == 0 for i in r.router.fleet.instances), 2)
         assert r.router.records[next(reversed(r.router.records))].error == "client disconnected"
+        assert _eventually(lambda: r.router._serving == 0, 2)
     finally:
         r.stop(); p.stop(); d.stop()
 
