@@ -68,6 +68,7 @@ class FakeBackend:
     role_switch_status: int = 200  # SGLang's /pd_role_switch: 400 plays a server without --enable-pd-role-switch
     #: A producer's vllm:prfaas_kv_sent_bytes_total on /metrics (None: no /metrics, a 404)
     sent_bytes_counter: float | None = None
+    sent_bytes_prefix: str = "vllm"  # "sglang": the SGLang backend's counter instead
     seen: list[Seen] = field(default_factory=list)
     switches: list[dict] = field(default_factory=list)  # /pd_role_switch bodies, with the requests open then
     open_requests: int = 0
@@ -102,10 +103,11 @@ class FakeBackend:
     async def _metrics(self) -> Any:
         if self.sent_bytes_counter is None:
             return JSONResponse({"detail": "Not Found"}, status_code=404)
-        text = ("# HELP vllm:prfaas_kv_sent_bytes_total KV bytes the receiver confirmed (producer side)\n"
-                "# TYPE vllm:prfaas_kv_sent_bytes_total counter\n"
-                f'vllm:prfaas_kv_sent_bytes_total{{engine="0",model_name="m"}} {self.sent_bytes_counter}\n'
-                'vllm:prfaas_kv_sent_bytes_created{engine="0",model_name="m"} 1.7e9\n')
+        name = f"{self.sent_bytes_prefix}:prfaas_kv_sent_bytes"
+        text = (f"# HELP {name}_total KV bytes the receiver confirmed (producer side)\n"
+                f"# TYPE {name}_total counter\n"
+                f'{name}_total{{engine="0",model_name="m"}} {self.sent_bytes_counter}\n'
+                f'{name}_created{{engine="0",model_name="m"}} 1.7e9\n')
         return PlainTextResponse(text)
 
     async def _health(self) -> dict:

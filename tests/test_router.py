@@ -3,6 +3,7 @@ protocol, streaming through the official openai client, the threshold loops and 
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -754,7 +755,8 @@ def test_recent_share_matches_a_recount_of_its_window() -> None:
 
 # -- egress from the producers' own counters -------------------------------------------------------
 def test_counter_total_sums_every_label_set_and_ignores_look_alikes() -> None:
-    from prfaas_plugin.router.egress import SENT_BYTES, counter_total
+    from prfaas_plugin.router.egress import VLLM_SENT_BYTES as SENT_BYTES
+    from prfaas_plugin.router.egress import counter_total, sent_bytes_total
 
     text = ("# HELP vllm:prfaas_kv_sent_bytes_total KV bytes\n# TYPE vllm:prfaas_kv_sent_bytes_total counter\n"
             'vllm:prfaas_kv_sent_bytes_total{engine="0",model_name="a}b"} 1.5e6\n'
@@ -765,6 +767,35 @@ def test_counter_total_sums_every_label_set_and_ignores_look_alikes() -> None:
     assert counter_total(text, SENT_BYTES) == 4.0e6
     assert counter_total("vllm:prfaas_kv_sent_bytes_total 7 1700000000000\n", SENT_BYTES) == 7.0
     assert counter_total("vllm:num_requests_running 3\n", SENT_BYTES) is None
+    assert sent_bytes_total(text) == 4.0e6
+    assert sent_bytes_total('sglang:prfaas_kv_sent_bytes_total{tp_rank="0"} 5.0\n') == 5.0
+    assert sent_bytes_total("sglang:num_running_reqs 3\n") is None
+
+
+def test_sglang_backends_counter_reaches_the_router_through_prometheus_multiprocess_mode(tmp_path) -> None:
+    """What SGLang does with --enable-metrics: its scheduler processes (one per TP rank) write
+    prometheus_client values into PROMETHEUS_MULTIPROC_DIR and its HTTP server serves them all
+    through MultiProcessCollector. Two 'ranks' count confirmed bytes with the backend's own
+    counter; the served exposition gives the router their sum."""
+    import subprocess
+    import sys
+
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+    from prfaas_plugin.engines.sglang.metrics import SENT_BYTES
+    from prfaas_plugin.router.egress import SGLANG_SENT_BYTES, sent_bytes_total
+
+    assert SENT_BYTES + "_total" == SGLANG_SENT_BYTES
+    rank = ("from prfaas_plugin.engines.sglang.metrics import record_sent, sent_bytes_total\n"
+            "import sys\n"
+            "for n in sys.argv[1:]: record_sent(int(n))\n"
+            "assert sent_bytes_total() == sum(map(int, sys.argv[1:]))\n")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    for args in (["1000000", "234"], ["5000", "0"]):
+        subprocess.run([sys.executable, "-c", rank, *args], env=env, check=True, timeout=60)
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(tmp_path))
+    assert sent_bytes_total(generate_latest(registry).decode()) == 1_005_234
 
 
 def test_egress_meter_turns_counters_into_increments_across_a_restart() -> None:
@@ -778,8 +809,9 @@ def test_egress_meter_turns_counters_into_increments_across_a_restart() -> None:
     assert not m.measured("p")
 
 
-def test_egress_comes_from_the_producers_counter_not_its_answers(tokenizer) -> None:
-    p = FakeBackend("prefill", sent_bytes_counter=0.0, kv_bytes_per_token=1_000_000).start()
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+def test_egress_comes_from_the_producers_counter_not_its_answers(tokenizer, engine) -> None:
+    p = FakeBackend("prefill", sent_bytes_counter=0.0, kv_bytes_per_token=1_000_000, sent_bytes_prefix=engine).start()
     d = FakeBackend("both").start()
     r = RunningRouter(_cfg(p, d, threshold={"mode": "fixed", "tokens": 40, "egress_scrape_s": 0.1,
                                             "egress_window_s": 30}), tokenizer)

@@ -153,7 +153,8 @@ def pair(sgl: Any, request: Any) -> Any:
     finally:
         conn.PrfaasKVManager.transport_factory = old
     assert dm.try_ensure_parallel_info(sgl["addr"])
-    yield {"pm": pm, "dm": dm, "p": p_pool, "d": d_pool, "fabric": fabric, "addr": sgl["addr"]}
+    yield {"pm": pm, "dm": dm, "p": p_pool, "d": d_pool, "fabric": fabric, "addr": sgl["addr"],
+           "transport": param.get("transport", "engine")}
     pm.close()
     dm.close()
 
@@ -258,6 +259,9 @@ def test_round_trip_bit_exact(pair: Any, layout: str) -> None:
     expect_mamba = [b[src_mamba].copy() for b in p.mamba]
     expect_swa = p.swa[0][src_swa].copy()
 
+    from prfaas_plugin.engines.sglang.metrics import sent_bytes_total
+
+    sent_before = sent_bytes_total()
     sender, receiver, _ = _start(pair, dst_pages, aux_d, [dst_mamba, dst_swa])
     _wait(lambda: sender.poll() == KVPoll.WaitingForInput, what="prefill WaitingForInput")
     assert receiver.poll() in (KVPoll.WaitingForInput, KVPoll.Transferring)
@@ -267,6 +271,11 @@ def test_round_trip_bit_exact(pair: Any, layout: str) -> None:
         sender.send(c)
     sender.send(chunks[-1], state_indices=[src_mamba, src_swa])
     assert _poll_until_final(sender, receiver) == [KVPoll.Success, KVPoll.Success]
+    if pair["transport"] == "engine":
+        # What the router reads from SGLang's /metrics as this producer's egress: every byte the
+        # receiver confirmed, no more (the in-process test fabric reports none).
+        moved = sum(x.nbytes for x in [*expect_kv, *expect_aux, *expect_mamba, expect_swa])
+        assert sent_bytes_total() - sent_before == moved  # counted before the room reports Success
 
     for b, want in zip(d.kv, expect_kv):
         np.testing.assert_array_equal(b[dst_pages], want)

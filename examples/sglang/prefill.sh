@@ -12,4 +12,5 @@ exec python -m sglang.launch_server \
   --host 0.0.0.0 --port 30000 \
   --disaggregation-mode prefill \
   --disaggregation-transfer-backend prfaas \
-  --disaggregation-bootstrap-port 8998
+  --disaggregation-bootstrap-port 8998 \
+  --enable-metrics                             # /metrics: sglang:prfaas_kv_sent_bytes_total for the router

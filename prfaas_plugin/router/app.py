@@ -30,7 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prfaas_plugin.router.asgi import (ClientGone, Receive, Reply, Scope, Send, client_gone, header, json_reply,
                                       read_body, send_reply)
 from prfaas_plugin.router.config import RouterConfig
-from prfaas_plugin.router.egress import SENT_BYTES, EgressMeter, counter_total
+from prfaas_plugin.router.egress import SENT_BYTES, EgressMeter, sent_bytes_total
 from prfaas_plugin.router.gcpace import GcPacer
 from prfaas_plugin.router.instances import Fleet, Instance
 from prfaas_plugin.router.metrics import RouterMetrics
@@ -235,10 +235,11 @@ class Router:
             status, text = await self.client.get_text(f"{inst.url}/metrics", max(timeout_s, 1.0))
         except UpstreamError:
             return  # down or slow: its counter is read again next time (increments are not lost)
-        value = counter_total(text, SENT_BYTES) if status == 200 else None
+        value = sent_bytes_total(text) if status == 200 else None
         if value is None:
             if self.egress.measured(inst.url):
-                log.warning("instance %s no longer exposes %s; using the bytes its answers report", inst.url, SENT_BYTES)
+                log.warning("instance %s no longer exposes %s; using the bytes its answers report", inst.url,
+                            " or ".join(SENT_BYTES))
             self.egress.forget(inst.url)
             return
         delta = self.egress.update(inst.url, value)

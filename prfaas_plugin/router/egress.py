@@ -4,16 +4,20 @@ The short-term threshold loop needs the bytes that really crossed the link. A pr
 only carries the layout's prediction for the whole prompt (``kv_transfer_params.bytes``), which
 over-counts whenever the decode side already held a prefix (only the uncached part crosses) and
 comes before the transfer finished. The prfaas vLLM connector counts what its receivers
-confirmed in ``vllm:prfaas_kv_sent_bytes_total`` on each producer's ``/metrics``; the router
+confirmed in ``vllm:prfaas_kv_sent_bytes_total`` on each producer's ``/metrics`` (the SGLang
+backend in ``sglang:prfaas_kv_sent_bytes_total`` when SGLang runs with ``--enable-metrics``); the router
 reads that counter every ``threshold.egress_scrape_s`` and feeds the increments to the
 controller. Producers without the counter (other connectors) keep the reported bytes; those that
-report none either (SGLang) are estimated from the request's uncached length
+report none either (SGLang without ``--enable-metrics``) are estimated from the request's uncached length
 (``threshold.kv_bytes_per_token``, else the planner's PrfaaS profile).
 """
 
 from __future__ import annotations
 
-SENT_BYTES = "vllm:prfaas_kv_sent_bytes_total"
+VLLM_SENT_BYTES = "vllm:prfaas_kv_sent_bytes_total"
+#: The SGLang backend's twin (engines/sglang/metrics.py; on /metrics with ``--enable-metrics``).
+SGLANG_SENT_BYTES = "sglang:prfaas_kv_sent_bytes_total"
+SENT_BYTES = (VLLM_SENT_BYTES, SGLANG_SENT_BYTES)
 
 
 def counter_total(text: str, name: str) -> float | None:
@@ -35,6 +39,15 @@ def counter_total(text: str, name: str) -> float | None:
         except (ValueError, IndexError):
             continue
     return total if found else None
+
+
+def sent_bytes_total(text: str) -> float | None:
+    """The producer's confirmed-bytes counter, whichever engine exported it (None: neither)."""
+    for name in SENT_BYTES:
+        value = counter_total(text, name)
+        if value is not None:
+            return value
+    return None
 
 
 class EgressMeter:

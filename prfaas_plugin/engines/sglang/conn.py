@@ -48,6 +48,7 @@ from sglang.srt.disaggregation.utils import DisaggregationMode
 
 from prfaas_plugin.engines.sglang.config import BackendConfig
 from prfaas_plugin.engines.sglang.memory import CudaSpace, HostSpace, MemorySpace, Region, space_for
+from prfaas_plugin.engines.sglang.metrics import record_sent
 from prfaas_plugin.engines.sglang.transport import TransportFactory, engine_transport
 from prfaas_plugin.engines.sglang.wire import (
     META_TAG,
@@ -537,6 +538,8 @@ class PrfaasKVManager(CommonKVManager):
             if out is not None:
                 out.release()
         if exc is None:
+            if out is not None:
+                record_sent(int(out.handle.progress().get("bytes_confirmed", 0)))
             self._maybe_conclude(room)
             return
         dest = out.dest if out is not None else None

@@ -1,0 +1,50 @@
+"""The prefill side's count of KV bytes its receivers confirmed, on SGLang's own ``/metrics``.
+
+Why: the router's bandwidth loop reads what crossed the link from each PrfaaS producer
+(router/egress.py). vLLM producers export ``vllm:prfaas_kv_sent_bytes_total``; SGLang's
+prefill answers carry no byte count, so without this counter the router could only estimate
+SGLang egress from prompt lengths. With ``--enable-metrics`` SGLang runs prometheus_client in
+multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` is set before its scheduler processes start,
+and its HTTP server serves every process's values through ``MultiProcessCollector``), so a
+counter created here, in a scheduler process, appears there summed over tensor-parallel ranks.
+Without ``--enable-metrics`` it stays in memory and costs nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Optional
+
+#: The name on /metrics is this plus ``_total``.
+SENT_BYTES = "sglang:prfaas_kv_sent_bytes"
+
+_lock = threading.Lock()
+_counter: Optional[Any] = None
+
+
+def sent_bytes_counter() -> Any:
+    """The process's counter, made on first use: prometheus_client decides at import whether
+    values go to the multiprocess directory, so it must not be imported before SGLang set it.
+    Not registered anywhere: in multiprocess mode the collector reads the files, and several
+    managers in one process (tests, a role switch) share the one counter."""
+    global _counter
+    with _lock:
+        if _counter is None:
+            from prometheus_client import Counter
+
+            _counter = Counter(SENT_BYTES, "KV bytes the PrfaaS receivers confirmed (prefill side)", registry=None)
+        return _counter
+
+
+def record_sent(nbytes: int) -> None:
+    if nbytes > 0:
+        sent_bytes_counter().inc(nbytes)
+
+
+def sent_bytes_total() -> float:
+    """This process's count (what tests and the in-process view read)."""
+    for metric in sent_bytes_counter().collect():
+        for sample in metric.samples:
+            if sample.name == SENT_BYTES + "_total":
+                return float(sample.value)
+    return 0.0
