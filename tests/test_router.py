@@ -484,6 +484,29 @@ def test_metrics_health_and_records(fleet) -> None:
     assert {x["route"] for x in recs} == {"local", "prfaas"}
 
 
+def test_the_gc_pacer_idles_between_requests_and_paces_while_one_is_open(tokenizer) -> None:
+    """Through the router itself: no request open, (almost) no collections; one open, the
+    10 ms pace again at once (Router.serve wakes the pacer)."""
+    d = FakeBackend("both", decode_delay_s=1.5).start()
+    r = RunningRouter(_cfg(None, d, gc={"idle_every_s": 60}), tokenizer)
+    try:
+        pacer = r.router.gc_pacer
+        time.sleep(0.3)  # past start-up, idle
+        c0 = sum(pacer.collections)
+        time.sleep(0.5)
+        assert sum(pacer.collections) == c0, "an idle router waits its idle period (60 s here)"
+        t = threading.Thread(target=lambda: r.post("/v1/completions", _completion(10)))
+        t.start()
+        assert _eventually(lambda: r.router._serving == 1, 5)
+        c1 = sum(pacer.collections)
+        time.sleep(0.4)
+        assert sum(pacer.collections) - c1 >= 10, "while a request is open the pacer runs every 10 ms"
+        t.join(10)
+        assert r.router._serving == 0
+    finally:
+        r.stop(); d.stop()
+
+
 def test_config_errors_are_clear(tmp_path) -> None:
     good = {"model": "m", "tokenizer": ".", "clusters": [
         {"name": "l", "kind": "local", "both": [{"url": "http://127.0.0.1:1", "kv_endpoint": "127.0.0.1:2"}]}]}
@@ -786,10 +809,10 @@ def test_sglang_backends_counter_reaches_the_router_through_prometheus_multiproc
     from prfaas_plugin.router.egress import SGLANG_SENT_BYTES, sent_bytes_total
 
     assert SENT_BYTES + "_total" == SGLANG_SENT_BYTES
-    rank = ("from prfaas_plugin.engines.sglang.metrics import record_sent, sent_bytes_total\n"
+    rank = ("from prfaas_plugin.engines.sglang.metrics import counted_bytes, record_sent\n"
             "import sys\n"
             "for n in sys.argv[1:]: record_sent(int(n))\n"
-            "assert sent_bytes_total() == sum(map(int, sys.argv[1:]))\n")
+            "assert counted_bytes() == sum(map(int, sys.argv[1:]))\n")
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     for args in (["1000000", "234"], ["5000", "0"]):
         subprocess.run([sys.executable, "-c", rank, *args], env=env, check=True, timeout=60)
@@ -859,10 +882,19 @@ def test_a_producer_reporting_no_bytes_is_estimated_from_its_uncached_length(tok
         window_bytes = lambda: r.router.controller.egress_gbps() * 1e9 / 8 * 30  # noqa: E731
         assert _eventually(lambda: abs(window_bytes() - 500 * uncached) < 1, 5), (window_bytes(), uncached)
         assert f"prfaas_router_egress_estimated_bytes_total {float(500 * uncached)}" in r.get("/metrics").text
+        assert r.router.records[got.headers["x-request-id"]].kv_bytes_estimated == 500 * uncached
+        # The same prompt, longer: the decode instance holds the first part, only the rest crosses.
+        again = r.post("/v1/completions", _completion(200))
+        assert again.headers["x-prfaas-route"] == "prfaas"
+        more = int(again.headers["x-prfaas-uncached-tokens"])
+        rec2 = r.router.records[again.headers["x-request-id"]]
+        assert rec2.l_prefix > 0 and more == rec2.l_total - rec2.l_prefix
+        assert _eventually(lambda: rec2.kv_bytes_estimated == 500 * more, 5), (rec2.kv_bytes_estimated, more)
+        assert _eventually(lambda: abs(window_bytes() - 500 * (uncached + more)) < 1, 5), (window_bytes(), more)
         # a local request crosses no link and is not estimated
         assert r.post("/v1/completions", _completion(10, start=7)).headers["x-prfaas-route"] == "local"
         time.sleep(0.3)
-        assert abs(window_bytes() - 500 * uncached) < 1
+        assert abs(window_bytes() - 500 * (uncached + more)) < 1
     finally:
         r.stop(); p.stop(); d.stop()
 

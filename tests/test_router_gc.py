@@ -88,6 +88,8 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError):
         GcSpec(middle_every=0)
     with pytest.raises(ValueError):
+        GcSpec(idle_every_s=0)
+    with pytest.raises(ValueError):
         GcSpec(bogus=1)
 
 

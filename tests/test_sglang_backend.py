@@ -259,9 +259,9 @@ def test_round_trip_bit_exact(pair: Any, layout: str) -> None:
     expect_mamba = [b[src_mamba].copy() for b in p.mamba]
     expect_swa = p.swa[0][src_swa].copy()
 
-    from prfaas_plugin.engines.sglang.metrics import sent_bytes_total
+    from prfaas_plugin.engines.sglang.metrics import counted_bytes
 
-    sent_before = sent_bytes_total()
+    sent_before = counted_bytes()
     sender, receiver, _ = _start(pair, dst_pages, aux_d, [dst_mamba, dst_swa])
     _wait(lambda: sender.poll() == KVPoll.WaitingForInput, what="prefill WaitingForInput")
     assert receiver.poll() in (KVPoll.WaitingForInput, KVPoll.Transferring)
@@ -275,7 +275,7 @@ def test_round_trip_bit_exact(pair: Any, layout: str) -> None:
         # What the router reads from SGLang's /metrics as this producer's egress: every byte the
         # receiver confirmed, no more (the in-process test fabric reports none).
         moved = sum(x.nbytes for x in [*expect_kv, *expect_aux, *expect_mamba, expect_swa])
-        assert sent_bytes_total() - sent_before == moved  # counted before the room reports Success
+        assert counted_bytes() - sent_before == moved  # counted before the room reports Success
 
     for b, want in zip(d.kv, expect_kv):
         np.testing.assert_array_equal(b[dst_pages], want)

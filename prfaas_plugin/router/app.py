@@ -82,6 +82,8 @@ class Record:
     started_at: float
     stream: bool
     kv_bytes: int = 0
+    #: Egress estimated for a producer that reported no bytes (see ``_estimated_kv_bytes``).
+    kv_bytes_estimated: int = 0
     transfer_id: str | None = None
     transfer_status: str | None = None
     fallback: str | None = None
@@ -145,7 +147,7 @@ class Router:
         self.egress = EgressMeter()
         self._serving = 0  # completion requests open now (the GC pacer idles at 0)
         g = self.cfg.gc
-        self.gc_pacer = (GcPacer(g.young_every_ms / 1e3, g.middle_every, g.full_every_s)
+        self.gc_pacer = (GcPacer(g.young_every_ms / 1e3, g.middle_every, g.full_every_s, g.idle_every_s)
                          if g.young_every_ms > 0 else None)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -516,22 +518,30 @@ class Router:
             rec.transfer_status = "sent" if res.ok else f"failed: {res.error}"
             self.metrics.ttft.labels(d.route, "prefill").observe(res.seconds)
             if res.ok and d.prefill is not None:
+                if d.route == "prfaas" and not self.egress.measured(d.prefill.url):
+                    # No counter to read on that producer: what it reported, or, from producers
+                    # that report nothing (SGLang), an estimate of what crossed the link.
+                    nbytes = res.kv_bytes
+                    if nbytes <= 0:
+                        nbytes = rec.kv_bytes_estimated = self._estimated_kv_bytes(d, tokens)
+                        self.metrics.egress_estimated.inc(nbytes)
+                    self.controller.record_egress(nbytes)
                 self.index.record(d.prefill.url, tokens)
                 self.index.record(d.decode.url, tokens)
                 self.metrics.kv_bytes.labels(d.route).inc(res.kv_bytes)
-                if d.route == "prfaas" and not self.egress.measured(d.prefill.url):
-                    # No counter to read on that producer: what it reported, or (SGLang reports
-                    # nothing) the bytes its uncached length should put on the link.
-                    nbytes = res.kv_bytes
-                    if nbytes <= 0:
-                        nbytes = self.controller.predicted_kv_bytes(d.l_uncached)
-                        self.metrics.egress_estimated.inc(nbytes)
-                    self.controller.record_egress(nbytes)
 
         if prod_task.done():
             _done(prod_task)
         else:
             prod_task.add_done_callback(_done)
+
+    def _estimated_kv_bytes(self, d: Decision, tokens: list[int]) -> int:
+        """KV bytes a transfer to ``d.decode`` carried: the prompt beyond the prefix that decode
+        instance holds (not ``d.l_uncached``: in abundant mode that is counted against the
+        PrfaaS side's cache, and the decode was picked by load). Call before this request's own
+        tokens are recorded for the decode."""
+        held = self.index.longest_prefix(tokens, [d.decode.url])[0] if tokens else 0
+        return self.controller.predicted_kv_bytes(max(0, d.l_total - held))
 
     async def _produce(self, inst: Instance, path: str, body: dict) -> _Producer:
         assert self.client is not None

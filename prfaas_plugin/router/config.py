@@ -98,14 +98,15 @@ class ThresholdSpec(_Strict):
     step: float = Field(default=0.15, gt=0, lt=1)
     #: Sliding window over which KV bytes make the egress estimate.
     egress_window_s: float = Field(default=10.0, gt=0)
-    #: How often the router reads each PrfaaS producer's ``vllm:prfaas_kv_sent_bytes_total``
-    #: (bytes its receivers confirmed) from /metrics for that estimate; 0 = use only the bytes the
-    #: producers report in their answers (a prediction for the whole prompt; router/egress.py).
+    #: How often the router reads each PrfaaS producer's ``vllm:prfaas_kv_sent_bytes_total`` or
+    #: ``sglang:prfaas_kv_sent_bytes_total`` (bytes its receivers confirmed) from /metrics for
+    #: that estimate; 0 = never: use the bytes the producers report in their answers (a
+    #: prediction for the whole prompt), else the estimate below (router/egress.py).
     egress_scrape_s: float = Field(default=2.0, ge=0)
-    #: KV bytes one uncached token puts on the link, for producers that neither report the bytes
-    #: they sent nor expose the counter above (SGLang's prefill servers): their egress is then
-    #: estimated as this times the request's uncached length. Unset: taken from the planner's
-    #: PrfaaS profile (``auto``); with neither, such producers' egress cannot be counted.
+    #: KV bytes one token puts on the link, for producers that neither expose a counter above nor
+    #: report bytes in their answers (SGLang without ``--enable-metrics``, other connectors): their
+    #: egress is estimated as this times the prompt beyond what the decode instance holds. Unset:
+    #: the planner's PrfaaS profile (``auto``); with neither, such producers' egress shows as 0.
     kv_bytes_per_token: Optional[float] = Field(default=None, gt=0)
     max_tokens: float = Field(default=1 << 20, gt=0)
     #: Long-term loop, SGLang only: flip local instances between prefill and decode toward the
@@ -154,6 +155,8 @@ class GcSpec(_Strict):
     middle_every: int = Field(default=3, ge=1)
     #: Whole-heap collection period.
     full_every_s: float = Field(default=60.0, gt=0)
+    #: Period while no completion request is open (the first one to arrive wakes the pacer).
+    idle_every_s: float = Field(default=1.0, gt=0)
 
 
 class RouterConfig(_Strict):

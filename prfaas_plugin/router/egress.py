@@ -8,8 +8,9 @@ confirmed in ``vllm:prfaas_kv_sent_bytes_total`` on each producer's ``/metrics``
 backend in ``sglang:prfaas_kv_sent_bytes_total`` when SGLang runs with ``--enable-metrics``); the router
 reads that counter every ``threshold.egress_scrape_s`` and feeds the increments to the
 controller. Producers without the counter (other connectors) keep the reported bytes; those that
-report none either (SGLang without ``--enable-metrics``) are estimated from the request's uncached length
-(``threshold.kv_bytes_per_token``, else the planner's PrfaaS profile).
+report none either (SGLang without ``--enable-metrics``) are estimated from the prompt beyond the
+prefix their decode instance holds (``threshold.kv_bytes_per_token``, else the planner's PrfaaS
+profile).
 """
 
 from __future__ import annotations

@@ -538,8 +538,6 @@ class PrfaasKVManager(CommonKVManager):
             if out is not None:
                 out.release()
         if exc is None:
-            if out is not None:
-                record_sent(int(out.handle.progress().get("bytes_confirmed", 0)))
             self._maybe_conclude(room)
             return
         dest = out.dest if out is not None else None
@@ -553,6 +551,7 @@ class PrfaasKVManager(CommonKVManager):
     def _maybe_conclude(self, room: int) -> None:
         """Success once every real destination's session was fully handed over (``finish``)
         and confirmed by its receiver; called from both events since either can come last."""
+        sent = 0
         with self._room_lock:
             outs = self._outbound.get(room, {})
             n_real = sum(1 for d in self.transfer_infos.get(room, {}).values() if not d.is_dummy)
@@ -567,7 +566,9 @@ class PrfaasKVManager(CommonKVManager):
             )
             if ready:
                 self._concluded.add(room)
+                sent = sum(int(o.handle.progress().get("bytes_confirmed", 0)) for o in outs.values())
         if ready:
+            record_sent(sent)  # before Success is visible: what the router reads as this egress
             self.conclude_transfer(bootstrap_room=room, status=KVPoll.Success)
 
     def _abort_outbound(self, room: int, reason: str) -> None:

@@ -41,7 +41,7 @@ def record_sent(nbytes: int) -> None:
         sent_bytes_counter().inc(nbytes)
 
 
-def sent_bytes_total() -> float:
+def counted_bytes() -> float:
     """This process's count (what tests and the in-process view read)."""
     for metric in sent_bytes_counter().collect():
         for sample in metric.samples:
