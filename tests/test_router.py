@@ -910,7 +910,7 @@ def test_egress_estimate_comes_from_the_planner_profile_unless_given(tmp_path) -
     assert auto.predicted_kv_bytes(0) == 0
     given = ThresholdController(ThresholdSpec(mode="auto", tokens=40, planner=planner, kv_bytes_per_token=100.0), 1.0)
     assert given.predicted_kv_bytes(64) == 6400
-    # fixed mode and no per-token figure: nothing to estimate from (the README says so)
+    # fixed mode and no per-token figure: nothing to estimate from (docs/sglang.md says so)
     assert ThresholdController(ThresholdSpec(mode="fixed", tokens=40), 1.0).predicted_kv_bytes(64) == 0
     with pytest.raises(ValueError, match="kv_bytes_per_token"):
         ThresholdSpec(mode="fixed", tokens=40, kv_bytes_per_token=0)
