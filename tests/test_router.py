@@ -814,10 +814,13 @@ def test_sglang_backends_counter_reaches_the_router_through_prometheus_multiproc
             "for n in sys.argv[1:]: record_sent(int(n))\n"
             "assert counted_bytes() == sum(map(int, sys.argv[1:]))\n")
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
-    for args in (["1000000", "234"], ["5000", "0"]):
-        subprocess.run([sys.executable, "-c", rank, *args], env=env, check=True, timeout=60)
+    made = "from prfaas_plugin.engines.sglang.metrics import sent_bytes_counter\nsent_bytes_counter()\n"
+    subprocess.run([sys.executable, "-c", made], env=env, check=True, timeout=60)  # a prefill rank at start
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=str(tmp_path))
+    assert sent_bytes_total(generate_latest(registry).decode()) == 0  # shown from the start, at 0
+    for args in (["1000000", "234"], ["5000", "0"]):
+        subprocess.run([sys.executable, "-c", rank, *args], env=env, check=True, timeout=60)
     assert sent_bytes_total(generate_latest(registry).decode()) == 1_005_234
 
 

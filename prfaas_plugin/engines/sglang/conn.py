@@ -48,7 +48,7 @@ from sglang.srt.disaggregation.utils import DisaggregationMode
 
 from prfaas_plugin.engines.sglang.config import BackendConfig
 from prfaas_plugin.engines.sglang.memory import CudaSpace, HostSpace, MemorySpace, Region, space_for
-from prfaas_plugin.engines.sglang.metrics import record_sent
+from prfaas_plugin.engines.sglang.metrics import record_sent, sent_bytes_counter
 from prfaas_plugin.engines.sglang.transport import TransportFactory, engine_transport
 from prfaas_plugin.engines.sglang.wire import (
     META_TAG,
@@ -279,6 +279,9 @@ class PrfaasKVManager(CommonKVManager):
         self._room_lock = threading.Lock()
         transport = type(self).transport_factory(self.config)
         if disaggregation_mode == DisaggregationMode.PREFILL:
+            # Made now, not at the first transfer, so /metrics shows it (at 0) from the start and
+            # the router's first reading is a baseline that loses nothing.
+            sent_bytes_counter()
             self.transfer_sender = transport.sender()
             self.peers: Dict[str, Registration] = {}
             self.peer_rejections: Dict[str, str] = {}
