@@ -127,6 +127,13 @@ class FaultProxy:
         self.address = sock.getsockname()[:2]
         self._ready.set()
         loop.run_forever()
+        # Connections still open at stop: finish their handlers on this loop (their ``finally``
+        # closes sockets), not later in the garbage collector after the loop is closed.
+        pending = asyncio.all_tasks(loop)
+        for t in pending:
+            t.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         loop.close()
 
     async def _shutdown(self) -> None:
