@@ -798,8 +798,9 @@ def test_counter_total_sums_every_label_set_and_ignores_look_alikes() -> None:
 def test_sglang_backends_counter_reaches_the_router_through_prometheus_multiprocess_mode(tmp_path) -> None:
     """What SGLang does with --enable-metrics: its scheduler processes (one per TP rank) write
     prometheus_client values into PROMETHEUS_MULTIPROC_DIR and its HTTP server serves them all
-    through MultiProcessCollector. Two 'ranks' count confirmed bytes with the backend's own
-    counter; the served exposition gives the router their sum."""
+    through MultiProcessCollector. A 'rank' that only started shows the counter at 0; two more
+    count confirmed bytes with the backend's own counter, and the exposition gives the router
+    their sum."""
     import subprocess
     import sys
 

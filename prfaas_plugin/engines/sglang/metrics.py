@@ -42,7 +42,7 @@ def record_sent(nbytes: int) -> None:
 
 
 def counted_bytes() -> float:
-    """This process's count (what tests and the in-process view read)."""
+    """This process's count (the tests read it; /metrics reads the counter itself)."""
     for metric in sent_bytes_counter().collect():
         for sample in metric.samples:
             if sample.name == SENT_BYTES + "_total":
