@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import gc
 
 import pytest
@@ -118,3 +119,41 @@ def test_an_idle_router_collects_rarely_and_a_request_wakes_the_pacer() -> None:
     assert idle_count == 0, idle_count
     assert woke_after_ms < 200, woke_after_ms  # not the 1 s idle period
     assert busy_count >= 10, busy_count  # back to every 10 ms (loose: a loaded CI host runs late)
+
+
+def test_cpython_starts_no_full_collection_while_the_pacer_runs() -> None:
+    """Explicit middle collections count towards CPython's full-collection trigger, so with a
+    pacer running the automatic collector would walk the whole heap at random moments whenever
+    enough objects outlived the middle generation (each a stall of the router's loop). The pacer
+    turns that trigger off while it runs and restores it after."""
+    pacer = GcPacer(young_every_s=0.005, middle_every=2, full_every_s=3600)  # no full collection of its own
+    full: list[int] = []
+
+    def watch(phase: str, info: dict) -> None:
+        if phase == "start" and info["generation"] == 2:
+            full.append(1)
+
+    async def main() -> None:
+        task = asyncio.create_task(pacer.run())
+        kept: list[list[int]] = []
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 0.8
+        while loop.time() < end:
+            # Objects that stay (requests' state outliving the middle generation), made in bursts
+            # that trip CPython's young trigger between the pacer's ticks.
+            kept.extend([i] for i in range(1500))
+            await asyncio.sleep(0.001)
+        assert gc.get_threshold()[2] > 10**6  # while running
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    before = gc.get_threshold()
+    gc.callbacks.append(watch)
+    try:
+        asyncio.run(main())
+    finally:
+        gc.callbacks.remove(watch)
+    assert pacer.collections[1] > 10  # the middle collections that count towards the trigger did run
+    assert full == [], f"{len(full)} automatic full collections while the pacer ran"
+    assert gc.get_threshold() == before
