@@ -1,0 +1,305 @@
+"""The router's HTTP/1.1 client (router/upstream.py) against raw socket servers that send
+exactly the bytes each case needs: framing (chunked, length, until close), connection reuse and
+expiry, early close as the abort signal, timeouts, resets, bad answers and read backpressure.
+The keep-alive race and the health semantics are in test_router.py."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import threading
+import time
+from typing import Callable
+
+import pytest
+
+from prfaas_plugin.router.upstream import READ_HIGH_WATER, Unreachable, Upstream, UpstreamError
+
+
+class RawServer:
+    """Accepts connections and runs ``handler(conn, reader)`` for each in a thread."""
+
+    def __init__(self, handler: Callable[[socket.socket, "object"], None]) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.handler = handler
+        self.connections = 0
+        self.events: list[str] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                self.handler(conn, conn.makefile("rb"))
+            except OSError as exc:
+                self.events.append(f"oserror {exc}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def read_request(f) -> tuple[bytes, dict[bytes, bytes], bytes] | None:
+    line = f.readline()
+    if not line:
+        return None
+    headers = {}
+    while (h := f.readline()) not in (b"\r\n", b""):
+        k, _, v = h.partition(b":")
+        headers[k.strip().lower()] = v.strip()
+    body = f.read(int(headers.get(b"content-length", b"0")))
+    return line, headers, body
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _with(fn, **kw):
+    up = Upstream(connect_s=kw.pop("connect_s", 2.0), request_s=kw.pop("request_s", 10.0),
+                  keepalive_s=kw.pop("keepalive_s", 60.0))
+    await up.start()
+    try:
+        return await fn(up)
+    finally:
+        await up.close()
+
+
+def test_chunks_arrive_as_sent_and_the_request_is_well_formed() -> None:
+    seen = []
+    go_on = threading.Event()
+
+    def handler(conn, f):
+        seen.append(read_request(f))
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"6\r\ndata 1\r\n")
+        go_on.wait(5)  # the client must have the first chunk before the rest exists
+        conn.sendall(b"6\r\ndata 2\r\n0\r\n\r\n")
+
+    srv = RawServer(handler)
+
+    async def go(up: Upstream):
+        s = await up.open(srv.url + "/v1/completions?x=1", {"prompt": "héllo", "stream": True})
+        got = []
+        async for chunk in s.aiter_raw():
+            got.append(chunk)
+            go_on.set()
+        await s.aclose()
+        return s.status_code, s.headers.get("CONTENT-TYPE"), got
+
+    try:
+        status, ctype, got = run(_with(go))
+    finally:
+        srv.close()
+    assert status == 200 and ctype == "text/event-stream"
+    assert got == [b"data 1", b"data 2"]
+    line, headers, body = seen[0]
+    assert line == b"POST /v1/completions?x=1 HTTP/1.1\r\n"
+    assert headers[b"host"] == f"127.0.0.1:{srv.port}".encode()
+    assert headers[b"content-type"] == b"application/json"
+    assert body == b'{"prompt": "h\\u00e9llo", "stream": true}'
+
+
+def test_connections_are_reused_and_expire_after_keepalive() -> None:
+    def handler(conn, f):
+        while read_request(f) is not None:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    srv = RawServer(handler)
+
+    async def go(up: Upstream):
+        out = []
+        for _ in range(3):
+            out.append(await up.post_json(srv.url + "/a", {}, 5))
+        n_reused = srv.connections
+        await asyncio.sleep(0.35)  # past keepalive_s: the idle connection is not reused
+        out.append(await up.post_json(srv.url + "/a", {}, 5))
+        return out, n_reused
+
+    try:
+        out, n_reused = run(_with(go, keepalive_s=0.3))
+    finally:
+        srv.close()
+    assert [(s, t) for s, _, t in out] == [(200, "ok")] * 4
+    assert n_reused == 1
+    assert srv.connections == 2
+
+
+def test_a_body_delimited_by_the_connection_closing_is_read_whole() -> None:
+    def handler(conn, f):
+        read_request(f)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npart one, ")
+        time.sleep(0.05)
+        conn.sendall(b"part two")
+
+    srv = RawServer(handler)
+    try:
+        status, text = run(_with(lambda up: up.get_text(srv.url + "/metrics", 5)))
+    finally:
+        srv.close()
+    assert (status, text) == (200, "part one, part two")
+
+
+def test_closing_a_stream_early_drops_the_connection() -> None:
+    """How the engine learns the client left: its side of the connection sees EOF."""
+    eof_seen = threading.Event()
+
+    def handler(conn, f):
+        read_request(f)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        conn.settimeout(5)
+        if conn.recv(1) == b"":
+            eof_seen.set()
+
+    srv = RawServer(handler)
+
+    async def go(up: Upstream):
+        s = await up.open(srv.url + "/v1/completions", {})
+        async for _ in s.aiter_raw():
+            break
+        await s.aclose()
+
+    try:
+        run(_with(go))
+        assert eof_seen.wait(5)
+    finally:
+        srv.close()
+
+
+def test_refused_connection_is_unreachable() -> None:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    with pytest.raises(Unreachable, match="cannot connect"):
+        run(_with(lambda up: up.open(f"http://127.0.0.1:{port}/v1/completions", {})))
+
+
+def test_an_answer_that_never_completes_times_out() -> None:
+    def handler(conn, f):
+        read_request(f)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        time.sleep(2)
+
+    srv = RawServer(handler)
+
+    async def go(up: Upstream):
+        t0 = time.monotonic()
+        with pytest.raises(UpstreamError, match="within 0.3 s"):
+            await up.post_json(srv.url + "/slow", {}, 0.3)
+        return time.monotonic() - t0
+
+    try:
+        took = run(_with(go))
+    finally:
+        srv.close()
+    assert took < 1.5
+
+
+def test_a_status_line_that_never_comes_times_out_and_the_server_sees_the_close() -> None:
+    closed = threading.Event()
+
+    def handler(conn, f):
+        read_request(f)
+        conn.settimeout(5)
+        if conn.recv(1) == b"":
+            closed.set()
+
+    srv = RawServer(handler)
+    try:
+        with pytest.raises(UpstreamError, match="within 0.2 s"):
+            run(_with(lambda up: up.open(srv.url + "/v1/completions", {}), request_s=0.2))
+        assert closed.wait(5)
+    finally:
+        srv.close()
+
+
+def test_a_reset_mid_body_is_an_upstream_error() -> None:
+    def handler(conn, f):
+        read_request(f)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        time.sleep(0.05)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
+
+    srv = RawServer(handler)
+
+    async def go(up: Upstream):
+        s = await up.open(srv.url + "/v1/completions", {})
+        got = []
+        try:
+            async for chunk in s.aiter_raw():
+                got.append(chunk)
+        finally:
+            await s.aclose()
+        return got
+
+    try:
+        with pytest.raises(UpstreamError, match="mid-answer"):
+            run(_with(go))
+    finally:
+        srv.close()
+
+
+def test_a_malformed_answer_is_an_upstream_error() -> None:
+    def handler(conn, f):
+        read_request(f)
+        conn.sendall(b"SMTP ready\r\n\r\n")
+        time.sleep(0.2)
+
+    srv = RawServer(handler)
+    try:
+        with pytest.raises(UpstreamError, match="bad HTTP"):
+            run(_with(lambda up: up.post_json(srv.url + "/x", {}, 5)))
+    finally:
+        srv.close()
+
+
+def test_a_slow_reader_stops_the_router_reading_and_loses_nothing() -> None:
+    """While the relay does not drain a stream, the router stops reading that connection, so a
+    fast engine behind a slow client fills socket buffers, not the router's memory."""
+    total = 64 << 20
+    piece = 64 << 10
+    data = bytes(range(256)) * (piece // 256)
+    sent = [0]
+
+    def handler(conn, f):
+        read_request(f)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: " + str(total).encode() + b"\r\n\r\n")
+        while sent[0] < total:
+            conn.sendall(data)
+            sent[0] += piece
+
+    srv = RawServer(handler)
+
+    async def go(up: Upstream):
+        s = await up.open(srv.url + "/big", {})
+        await asyncio.sleep(0.5)  # the relay is busy elsewhere
+        sent_while_idle = sent[0]
+        h, n, largest = hashlib.sha256(), 0, 0
+        async for chunk in s.aiter_raw():
+            h.update(chunk)
+            n += len(chunk)
+            largest = max(largest, len(chunk))
+        await s.aclose()
+        return sent_while_idle, n, h.hexdigest(), largest
+
+    try:
+        sent_while_idle, n, digest, largest = run(_with(go))
+    finally:
+        srv.close()
+    assert n == total and digest == hashlib.sha256(data * (total // piece)).hexdigest()
+    # Kernel buffers on both sides plus READ_HIGH_WATER, not the 64 MiB answer.
+    assert sent_while_idle < 24 << 20, sent_while_idle
+    assert largest < READ_HIGH_WATER + (8 << 20), largest
