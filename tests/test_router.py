@@ -918,3 +918,24 @@ def test_egress_estimate_comes_from_the_planner_profile_unless_given(tmp_path) -
     assert ThresholdController(ThresholdSpec(mode="fixed", tokens=40), 1.0).predicted_kv_bytes(64) == 0
     with pytest.raises(ValueError, match="kv_bytes_per_token"):
         ThresholdSpec(mode="fixed", tokens=40, kv_bytes_per_token=0)
+
+
+def test_the_router_measures_its_own_share_of_the_time_to_first_byte(tokenizer) -> None:
+    """prfaas_router_overhead_seconds leaves the instance's time out: behind an instance that
+    takes 300 ms to its first token, the time to first token is >= 300 ms and the router's own
+    share is milliseconds, streamed or not."""
+    d = FakeBackend("both", decode_delay_s=0.3).start()
+    r = RunningRouter(_cfg(None, d), tokenizer)
+    try:
+        for stream in (True, False):
+            resp = r.post("/v1/completions", _completion(10, stream=stream))
+            assert resp.status_code == 200, resp.text
+        recs = httpx.get(r.url + "/admin/requests").json()["requests"]
+        assert [x["stream"] for x in recs] == [True, False]
+        for rec in recs:
+            assert rec["ttft_s"] >= 0.3, rec
+            assert 0 < rec["overhead_s"] < 0.1, rec
+        m = httpx.get(r.url + "/metrics").text
+        assert 'prfaas_router_overhead_seconds_count{route="local"} 2.0' in m
+    finally:
+        r.stop(); d.stop()

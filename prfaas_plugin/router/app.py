@@ -91,6 +91,8 @@ class Record:
     prefill_s: float | None = None
     ttft_s: float | None = None
     total_s: float | None = None
+    #: The router's own share of ``ttft_s`` (``Router._overhead``); None with a fallback.
+    overhead_s: float | None = None
     status: int | None = None
     error: str | None = None
 
@@ -633,6 +635,7 @@ class Router:
             finally:
                 await resp.aclose()
             rec.ttft_s = time.monotonic() - arrived
+            self._overhead(rec, resp, arrived, resp.done_at)
             _close_accounting("ok" if resp.status_code == 200 else f"http_{resp.status_code}")
             self.metrics.ttft.labels(rec.route, "total").observe(rec.ttft_s)
             return Reply(resp.status_code, out_headers, content)
@@ -646,11 +649,15 @@ class Router:
                     rec.ttft_s = time.monotonic() - arrived
                     self.metrics.ttft.labels(rec.route, "total").observe(rec.ttft_s)
                     yield first
+                    self._overhead(rec, resp, arrived, resp.first_body_at)  # resumed once it was written
                 async for chunk in it:
                     if rec.ttft_s is None:
                         rec.ttft_s = time.monotonic() - arrived
                         self.metrics.ttft.labels(rec.route, "total").observe(rec.ttft_s)
-                    yield chunk
+                        yield chunk
+                        self._overhead(rec, resp, arrived, resp.first_body_at)
+                    else:
+                        yield chunk
             except asyncio.CancelledError:
                 outcome = "client_disconnected"
                 rec.error = "client disconnected"
@@ -663,6 +670,17 @@ class Router:
                 _close_accounting(outcome)
 
         return Reply(200, out_headers, stream=body_iter())
+
+
+    def _overhead(self, rec: Record, resp: Stream, arrived: float, answer_at: float) -> None:
+        """Record the router's own time in this request's time to first byte: arrival to the
+        upstream request written, plus the answer's first bytes (``answer_at``) to their relay.
+        What it leaves out is the instance's time and the network's. Requests that fell back
+        are left out: their time before the answering request includes a failed producer."""
+        if rec.fallback is not None or not answer_at or not resp.sent_at:
+            return
+        rec.overhead_s = (resp.sent_at - arrived) + (time.monotonic() - answer_at)
+        self.metrics.overhead.labels(rec.route).observe(rec.overhead_s)
 
 
 _PRODUCER_FAILED = object()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LEN_BUCKETS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144)
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25)
 _TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -24,6 +25,11 @@ class RouterMetrics:
         self.queue = Gauge("prfaas_router_queue_depth", "Requests open on an instance", ["cluster", "instance"], registry=r)
         self.ttft = Histogram("prfaas_router_ttft_seconds", "Time to first token by phase",
                               ["route", "phase"], buckets=_TIME_BUCKETS, registry=r)
+        self.overhead = Histogram("prfaas_router_overhead_seconds",
+                                  "The router's own time in a request's time to first byte: from the request "
+                                  "reaching the app to its upstream request being written, plus from the first "
+                                  "answer bytes arriving to their relay to the client (requests without fallback)",
+                                  ["route"], buckets=_OVERHEAD_BUCKETS, registry=r)
         self.fallbacks = Counter("prfaas_router_fallbacks", "Requests that fell back to local prefill", ["reason"], registry=r)
         self.kv_bytes = Counter("prfaas_router_kv_bytes", "KV bytes producers reported sending", ["route"], registry=r)
         self.egress_estimated = Counter("prfaas_router_egress_estimated_bytes",

@@ -23,6 +23,7 @@ import asyncio
 import collections
 import json
 import ssl
+import time
 from functools import lru_cache
 from typing import Any, AsyncIterator, Optional
 from urllib.parse import urlsplit
@@ -96,6 +97,12 @@ class Stream:
         self._waiter: Optional[asyncio.Future[None]] = None
         self._timer: Optional[asyncio.TimerHandle] = None
         self._closed = False
+        #: time.monotonic() when the request was written, the first body bytes arrived and the
+        #: body ended (0.0: not yet): the router's own share of a request's time is what lies
+        #: outside these (Router._overhead).
+        self.sent_at = 0.0
+        self.first_body_at = 0.0
+        self.done_at = 0.0
 
     # -- fed by the connection ----------------------------------------------------------------
     def _wake(self) -> None:
@@ -109,6 +116,8 @@ class Stream:
             self._head.set_result(None)
 
     def _on_body(self, data: bytes) -> None:
+        if not self.first_body_at:
+            self.first_body_at = time.monotonic()
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > READ_HIGH_WATER and not self._paused and self._conn.transport is not None:
@@ -117,6 +126,7 @@ class Stream:
         self._wake()
 
     def _on_complete(self) -> None:
+        self.done_at = time.monotonic()
         self._eof = True
         self._cancel_timer()
         self._wake()
@@ -257,8 +267,14 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self.stream = s = Stream(self, url)
         self.answered = False
+        try:
+            self.transport.write(request)
+        except (RuntimeError, OSError) as exc:  # closed under us (uvloop raises RuntimeError)
+            self.lost = True
+            self.stream = None
+            raise _Dropped(f"{url}: connection closed before the request was sent: {exc}", False) from None
         s._start_timer(timeout_s)
-        self.transport.write(request)
+        s.sent_at = time.monotonic()
         return s
 
     def pool_return(self) -> None:
@@ -284,7 +300,8 @@ class _Pool:
         q = self.idle.get(origin)
         while q:
             conn = q.pop()
-            if not conn.lost and now - conn.idle_since < self.keepalive_s:
+            if (not conn.lost and conn.transport is not None and not conn.transport.is_closing()
+                    and now - conn.idle_since < self.keepalive_s):
                 return conn
             conn.close()
         return None
@@ -352,7 +369,12 @@ class Upstream:
             reused = conn is not None
             if conn is None:
                 conn = await self._connect(origin, url)
-            stream = conn.begin(request, url, timeout_s)
+            try:
+                stream = conn.begin(request, url, timeout_s)
+            except _Dropped as exc:
+                if reused:
+                    continue  # nothing was sent: once more on a fresh connection
+                raise UpstreamError(str(exc)) from None
             try:
                 await stream._head
                 return stream
