@@ -1,7 +1,7 @@
 """The router's HTTP/1.1 client (router/upstream.py) against raw socket servers that send
 exactly the bytes each case needs: framing (chunked, length, until close), connection reuse and
-expiry, early close as the abort signal, timeouts, resets, bad answers and read backpressure.
-The keep-alive race and the health semantics are in test_router.py."""
+expiry, the keep-alive race, early close as the abort signal, timeouts, resets, bad answers,
+TLS and read backpressure. The health-probe semantics are in test_router.py."""
 
 from __future__ import annotations
 
@@ -110,6 +110,50 @@ def test_chunks_arrive_as_sent_and_the_request_is_well_formed() -> None:
     assert headers[b"host"] == f"127.0.0.1:{srv.port}".encode()
     assert headers[b"content-type"] == b"application/json"
     assert body == b'{"prompt": "h\\u00e9llo", "stream": true}'
+
+
+def test_a_pooled_connection_dropped_before_any_answer_is_retried_once() -> None:
+    """The race of an instance closing an idle keep-alive connection just as the router reuses
+    it, made deterministic: each connection answers its first request and drops the connection
+    once the next one arrived, without answering it."""
+    answered, dropped = [0], [0]
+
+    def handler(conn, f):
+        if read_request(f) is None:
+            return
+        body = b'{"choices": [{"index": 0, "text": "ok"}], "kv_transfer_params": {"status": "sent", "bytes": 7}}'
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+                     + str(len(body)).encode() + b"\r\nconnection: keep-alive\r\n\r\n" + body)
+        answered[0] += 1
+        if read_request(f) is not None:
+            dropped[0] += 1  # closed with the request read and not answered
+
+    srv = RawServer(handler)
+
+    async def go(up: Upstream) -> list[int]:
+        statuses = []
+        for _ in range(3):  # streamed path (the consumer / local answer)
+            s = await up.open(srv.url + "/v1/completions", {"prompt": "x"})
+            await s.aread()
+            await s.aclose()
+            statuses.append(s.status_code)
+        for _ in range(3):  # read-whole path (the producer)
+            status, parsed, _ = await up.post_json(srv.url + "/v1/completions", {}, 5)
+            assert parsed["kv_transfer_params"]["bytes"] == 7
+            statuses.append(status)
+        return statuses
+
+    try:
+        assert run(_with(go)) == [200] * 6
+        # The server thread counts an answer after its sendall returns, which can be a moment
+        # after the client has read it.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not (answered[0] == 6 and dropped[0] >= 3):
+            time.sleep(0.01)
+        assert dropped[0] >= 3, dropped  # the race really happened
+        assert answered[0] == 6  # and no request was lost to it or sent twice
+    finally:
+        srv.close()
 
 
 def test_connections_are_reused_and_expire_after_keepalive() -> None:
