@@ -441,3 +441,107 @@ def test_a_pooled_connection_closed_under_the_pool_is_not_used() -> None:
         assert srv.connections == 2
     finally:
         srv.close()
+
+
+def test_an_informational_answer_is_skipped_for_the_final_one() -> None:
+    def handler(conn, f):
+        while read_request(f) is not None:
+            conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            time.sleep(0.05)
+            conn.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"
+                         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Final: yes\r\n\r\nfinal")
+
+    srv = RawServer(handler)
+
+    async def go(up: Upstream):
+        out = []
+        for _ in range(2):  # and the connection is reused cleanly after it
+            s = await up.open(srv.url + "/v1/completions", {})
+            out.append((s.status_code, s.headers.get("x-final"), s.headers.get("link"), await s.aread()))
+            await s.aclose()
+        return out
+
+    try:
+        assert run(_with(go)) == [(200, "yes", None, b"final")] * 2
+        assert srv.connections == 1
+    finally:
+        srv.close()
+
+
+def _unanswered_port() -> tuple[socket.socket, socket.socket, int]:
+    """A port whose connections hang: its listen backlog is full and nobody accepts."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(0)
+    port = lsock.getsockname()[1]
+    filler = socket.socket()
+    filler.settimeout(2)
+    filler.connect(("127.0.0.1", port))  # takes the one backlog place
+    return lsock, filler, port
+
+
+def test_a_connection_that_never_completes_is_unreachable_after_connect_s() -> None:
+    lsock, filler, port = _unanswered_port()
+
+    async def go(up: Upstream):
+        t0 = time.monotonic()
+        with pytest.raises(Unreachable, match="within 0.3 s"):
+            await up.open(f"http://127.0.0.1:{port}/v1/completions", {})
+        return time.monotonic() - t0
+
+    try:
+        took = run(_with(go, connect_s=0.3))
+    finally:
+        filler.close(); lsock.close()
+    assert took < 2
+
+
+def test_cancelling_a_request_while_it_connects_cancels_it_at_once() -> None:
+    """The client left while the router was still connecting: nothing is sent later."""
+    lsock, filler, port = _unanswered_port()
+
+    async def go(up: Upstream):
+        task = asyncio.create_task(up.open(f"http://127.0.0.1:{port}/v1/completions", {}))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        t0 = time.monotonic()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return time.monotonic() - t0
+
+    try:
+        took = run(_with(go, connect_s=5))
+    finally:
+        filler.close(); lsock.close()
+    assert took < 1
+
+
+def test_a_whole_answer_cut_short_leaves_no_request_counted_open(tmp_path) -> None:
+    """Through the router: a non-streamed answer whose body breaks off is a 502 for the client,
+    and the instance's open-request count (which placement reads) goes back to 0."""
+    from prfaas_plugin.router.config import RouterConfig
+    from prfaas_plugin.router.tokenize import PromptTokenizer
+    from router_helpers import RunningRouter, build_tokenizer
+
+    def handler(conn, f):
+        while (req := read_request(f)) is not None:
+            if req[0].startswith(b"GET /health"):
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                continue
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"id\"")
+            time.sleep(0.05)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
+            return
+
+    srv = RawServer(handler)
+    cfg = RouterConfig.model_validate({
+        "model": "tiny", "tokenizer": "/unused", "block_size": 4,
+        "clusters": [{"name": "local", "kind": "local", "both": [{"url": srv.url, "kv_endpoint": "127.0.0.1:15600"}]}],
+        "threshold": {"mode": "fixed", "tokens": 40}, "timeouts": {"health_every_s": 60}})
+    r = RunningRouter(cfg, PromptTokenizer(str(build_tokenizer(tmp_path / "tok"))))
+    try:
+        resp = r.post("/v1/completions", {"model": "tiny", "prompt": "a b c", "max_tokens": 2})
+        assert resp.status_code == 502, resp.text
+        assert [i.inflight for i in r.router.fleet.instances] == [0]
+    finally:
+        r.stop(); srv.close()

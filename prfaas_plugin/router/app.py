@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -93,6 +93,8 @@ class Record:
     total_s: float | None = None
     #: The router's own share of ``ttft_s`` (``Router._overhead``); None with a fallback.
     overhead_s: float | None = None
+    #: Instances found unreachable at dispatch before this one took the request.
+    rerouted: int = 0
     status: int | None = None
     error: str | None = None
 
@@ -388,7 +390,7 @@ class Router:
                      arrived: float) -> Reply:
         # An instance found unreachable at dispatch is marked unhealthy and the request is placed
         # again (at most once per instance): a dead PrfaaS cluster sends work local.
-        for _attempt in range(len(self.fleet.instances) + 1):
+        for attempt in range(len(self.fleet.instances) + 1):
             t = self.controller.t
             overloaded = self._prfaas_overloaded()
             try:
@@ -396,7 +398,7 @@ class Router:
             except NoInstance as exc:
                 return _error(503, str(exc), "service_unavailable")
             try:
-                return await self._dispatch(path, body, tokens, stream, rid, arrived, d, overloaded)
+                return await self._dispatch(path, body, tokens, stream, rid, arrived, d, overloaded, attempt)
             except Unreachable as exc:
                 bad = d.decode
                 bad.healthy, bad.last_error = False, f"unreachable: {exc}"
@@ -411,12 +413,13 @@ class Router:
         return _error(503, "no reachable instance", "service_unavailable")
 
     async def _dispatch(self, path: str, body: dict, tokens: list[int], stream: bool, rid: str,
-                        arrived: float, d: Decision, overloaded: bool) -> Reply:
+                        arrived: float, d: Decision, overloaded: bool, rerouted: int = 0) -> Reply:
         t = d.threshold
         reason = "prfaas overloaded" if overloaded and d.route == "local" and d.l_uncached > t else d.reason
         rec = Record(rid, path, d.route, reason, d.l_total, d.l_prefix, d.l_uncached, t,
                      d.prefill.url if d.prefill else None, d.decode.url, time.time(), stream)
         rec.queue_s = time.monotonic() - arrived
+        rec.rerouted = rerouted
         self._remember(rec)
         self.controller.observe_length(d.l_uncached)
         self.metrics.decisions.labels(d.route, reason).inc()
@@ -453,10 +456,12 @@ class Router:
         prod_task = asyncio.create_task(self._produce(d.prefill, path, prod_body))
         pending: list[asyncio.Task[Any]] = []
         resp: Stream | None = None
+        consumer_handled = False  # its Stream is ours to close, or was closed already
         try:
             cons_task = asyncio.create_task(self._open(d.decode, path, cons_body))
             pending.append(cons_task)
-            got = await _unless_producer_fails(cons_task, prod_task)
+            got = await _unless_producer_fails(cons_task, prod_task, lambda st: self._discard(st, d.decode))
+            consumer_handled = True
             if got is _PRODUCER_FAILED:
                 return await self._fallback(path, body, d, rec, prod_task.result(), stream, headers, arrived)
             resp = got
@@ -494,6 +499,9 @@ class Router:
             prod_task.cancel()
             for task in pending:
                 task.cancel()
+            if not consumer_handled and pending and pending[0].done() and not pending[0].cancelled() \
+                    and pending[0].exception() is None:
+                resp = pending[0].result()  # cancelled as the consumer's answer came: close it too
             if resp is not None:
                 await self._discard(resp, d.decode)
             raise
@@ -632,8 +640,11 @@ class Router:
         if not stream or resp.status_code != 200:
             try:
                 content = await resp.aread()
-            finally:
+            except BaseException:
                 await resp.aclose()
+                self._load(inst, -1)  # the caller counts the outcome (upstream error, client gone)
+                raise
+            await resp.aclose()
             rec.ttft_s = time.monotonic() - arrived
             self._overhead(rec, resp, arrived, resp.done_at)
             _close_accounting("ok" if resp.status_code == 200 else f"http_{resp.status_code}")
@@ -674,12 +685,14 @@ class Router:
 
     def _overhead(self, rec: Record, resp: Stream, arrived: float, answer_at: float) -> None:
         """Record the router's own time in this request's time to first byte: arrival to the
-        upstream request written, plus the answer's first bytes (``answer_at``) to their relay.
-        What it leaves out is the instance's time and the network's. Requests that fell back
-        are left out: their time before the answering request includes a failed producer."""
-        if rec.fallback is not None or not answer_at or not resp.sent_at:
+        upstream request written (less the time spent opening connections), plus the answer's
+        first bytes (``answer_at``) to their relay (a whole answer: to the reply handed to the
+        server). What it leaves out is the instance's time and the network's. Requests that
+        fell back or were re-placed are left out: their time before the answering request
+        includes a failed producer or an unreachable instance."""
+        if rec.fallback is not None or rec.rerouted or not answer_at or not resp.sent_at:
             return
-        rec.overhead_s = (resp.sent_at - arrived) + (time.monotonic() - answer_at)
+        rec.overhead_s = (resp.sent_at - arrived - resp.connect_wait_s) + (time.monotonic() - answer_at)
         self.metrics.overhead.labels(rec.route).observe(rec.overhead_s)
 
 
@@ -693,15 +706,16 @@ async def _next_chunk(chunks: AsyncIterator[bytes]) -> bytes | None:
         return None
 
 
-async def _unless_producer_fails(task: "asyncio.Task[Any]", prod_task: "asyncio.Task[_Producer]") -> Any:
-    """``task``'s result, or ``_PRODUCER_FAILED`` (``task`` cancelled) if the producer failed first."""
+async def _unless_producer_fails(task: "asyncio.Task[Any]", prod_task: "asyncio.Task[_Producer]",
+                                 discard: Callable[[Stream], Awaitable[None]] | None = None) -> Any:
+    """``task``'s result, or ``_PRODUCER_FAILED`` (``task`` cancelled) if the producer failed
+    first. ``discard`` closes (and un-counts) a Stream that ``task`` made before the cancel."""
     done, _ = await asyncio.wait({task, prod_task}, return_when=asyncio.FIRST_COMPLETED)
     if task not in done and not prod_task.result().ok:
         task.cancel()
-        with contextlib.suppress(BaseException):
-            res = await task
-            if isinstance(res, Stream):
-                await res.aclose()
+        await asyncio.wait((task,))  # not ``await task``: a cancellation of ours must propagate
+        if not task.cancelled() and task.exception() is None and isinstance(task.result(), Stream):
+            await (discard(task.result()) if discard is not None else task.result().aclose())
         return _PRODUCER_FAILED
     return await task
 

@@ -103,6 +103,9 @@ class Stream:
         self.sent_at = 0.0
         self.first_body_at = 0.0
         self.done_at = 0.0
+        #: Seconds this request waited for connections (and for a pooled one that had dropped)
+        #: before it was written: the network's time, not the router's.
+        self.connect_wait_s = 0.0
 
     # -- fed by the connection ----------------------------------------------------------------
     def _wake(self) -> None:
@@ -216,6 +219,7 @@ class _Connection(asyncio.Protocol):
         self.lost = False
         self.answered = False  # bytes arrived for the current request
         self.until_close = False  # the current answer's body is delimited by the connection closing
+        self.informational = False  # inside a 1xx answer, which the final one follows
         self.idle_since = 0.0
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
@@ -240,6 +244,7 @@ class _Connection(asyncio.Protocol):
         self.parser = None  # it holds our callbacks: a cycle that would wait for the collector
         if self.stream is not None:
             self.stream._on_lost(exc, self.answered)
+            self.stream = None
 
     # -- httptools callbacks ------------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -248,7 +253,12 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         s = self.stream
-        assert s is not None
+        assert s is not None and self.parser is not None
+        if 100 <= self.parser.get_status_code() < 200 and self.parser.get_status_code() != 101:
+            # An informational answer (100 Continue, 103 Early Hints): the real one follows.
+            s.headers.clear()
+            self.informational = True
+            return
         h = s.headers
         self.until_close = "content-length" not in h and "chunked" not in h.get("transfer-encoding", "").lower()
         assert self.parser is not None
@@ -260,6 +270,9 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         assert self.stream is not None
+        if self.informational:
+            self.informational = False
+            return
         self.stream._on_complete()
 
     # -- pool ---------------------------------------------------------------------------------
@@ -319,6 +332,16 @@ class _Pool:
                 q.popleft().close()
 
 
+def _abandon(task: "asyncio.Task[tuple[asyncio.BaseTransport, _Connection]]") -> None:
+    """Give up a connection attempt: cancel it, and close the connection if it was made anyway."""
+    def close_if_made(t: "asyncio.Task[tuple[asyncio.BaseTransport, _Connection]]") -> None:
+        if not t.cancelled() and t.exception() is None:
+            t.result()[0].close()
+
+    task.cancel()
+    task.add_done_callback(close_if_made)  # runs at once (soon) if the task is already done
+
+
 class Upstream:
     def __init__(self, connect_s: float, request_s: float, keepalive_s: float = 4.0) -> None:
         self.connect_s, self.request_s, self.keepalive_s = connect_s, request_s, keepalive_s
@@ -342,14 +365,23 @@ class Upstream:
             tls = self._tls
         loop = asyncio.get_running_loop()
         pool = self._pool
+        # Not asyncio.wait_for: before Python 3.12 it drops a cancellation that lands as the
+        # connection completes, and the abandoned request would then be sent anyway.
+        task = loop.create_task(loop.create_connection(lambda: _Connection(pool, origin), host, port, ssl=tls))
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _Connection(pool, origin), host, port, ssl=tls),
-                self.connect_s)
-        except asyncio.TimeoutError:
-            raise Unreachable(f"{url}: cannot connect within {self.connect_s:g} s") from None
-        except OSError as exc:  # refused, unroutable, DNS (socket.gaierror), TLS handshake
+            done, _ = await asyncio.wait((task,), timeout=self.connect_s)
+        except BaseException:
+            _abandon(task)
+            raise
+        if not done:
+            _abandon(task)
+            raise Unreachable(f"{url}: cannot connect within {self.connect_s:g} s")
+        exc = task.exception()
+        if isinstance(exc, OSError):  # refused, unroutable, DNS (socket.gaierror), TLS handshake
             raise Unreachable(f"{url}: cannot connect: {exc}") from exc
+        if exc is not None:
+            raise UpstreamError(f"{url}: cannot connect: {type(exc).__name__}: {exc}") from exc
+        conn = task.result()[1]
         return conn
 
     async def _send(self, method: bytes, url: str, body: Optional[dict[str, Any]], timeout_s: float) -> Stream:
@@ -364,17 +396,21 @@ class Upstream:
                        + b"\r\nContent-Type: application/json\r\nContent-Length: "
                        + str(len(payload)).encode() + b"\r\n\r\n" + payload)
         loop = asyncio.get_running_loop()
+        waited = 0.0
         for attempt in (0, 1):
             conn = self._pool.take(origin, loop.time()) if attempt == 0 else None
             reused = conn is not None
+            t0 = time.monotonic()
             if conn is None:
                 conn = await self._connect(origin, url)
+                waited += time.monotonic() - t0
             try:
                 stream = conn.begin(request, url, timeout_s)
             except _Dropped as exc:
                 if reused:
                     continue  # nothing was sent: once more on a fresh connection
                 raise UpstreamError(str(exc)) from None
+            stream.connect_wait_s = waited
             try:
                 await stream._head
                 return stream
@@ -383,6 +419,7 @@ class Upstream:
                 # instance closed it as we reused it and did not run the request. Once more.
                 conn.stream = None
                 if reused and not exc.answered:
+                    waited += time.monotonic() - t0
                     continue
                 raise UpstreamError(str(exc)) from None
             except BaseException:
