@@ -91,7 +91,7 @@ class Record:
     prefill_s: float | None = None
     ttft_s: float | None = None
     total_s: float | None = None
-    #: The router's own share of ``ttft_s`` (``Router._overhead``); None with a fallback.
+    #: The router's own share of ``ttft_s`` (``Router._overhead``); None if it fell back or was re-placed.
     overhead_s: float | None = None
     #: Instances found unreachable at dispatch before this one took the request.
     rerouted: int = 0

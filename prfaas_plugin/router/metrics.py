@@ -27,8 +27,9 @@ class RouterMetrics:
                               ["route", "phase"], buckets=_TIME_BUCKETS, registry=r)
         self.overhead = Histogram("prfaas_router_overhead_seconds",
                                   "The router's own time in a request's time to first byte: from the request "
-                                  "reaching the app to its upstream request being written, plus from the first "
-                                  "answer bytes arriving to their relay to the client (requests without fallback)",
+                                  "reaching the app to its upstream request being written (less connection "
+                                  "set-up), plus from the first answer bytes arriving to their relay to the "
+                                  "client (requests that neither fell back nor were re-placed)",
                                   ["route"], buckets=_OVERHEAD_BUCKETS, registry=r)
         self.fallbacks = Counter("prfaas_router_fallbacks", "Requests that fell back to local prefill", ["reason"], registry=r)
         self.kv_bytes = Counter("prfaas_router_kv_bytes", "KV bytes producers reported sending", ["route"], registry=r)

@@ -3,8 +3,9 @@
 Why not a general client: every streamed token the router relays crosses this code, and at 200
 concurrent decoding streams the router's CPU per request sets its added latency (it queues
 behind the other streams' chunks). With aiohttp a 20-token stream cost the router ~3.0 ms of CPU
-(its request set-up and the StreamReader path each chunk takes); on this module ~2.2 ms, the same
-server side and load measured side by side (bench/router.py's load, router on its own core).
+(its request set-up and the StreamReader path each chunk takes); on this module ~2.2 ms (the same
+server side and load, bench/router.py's open loop with the router on its own core, in separate
+runs minutes apart on the same host).
 httpx was dropped earlier for the same reason (its pool scanned every connection per request).
 What an engine connection needs is small: POST or GET with a JSON body, a status line and
 headers, a body read whole or chunk by chunk, reuse of idle connections, and *closing a request
@@ -254,15 +255,15 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         s = self.stream
         assert s is not None and self.parser is not None
-        if 100 <= self.parser.get_status_code() < 200 and self.parser.get_status_code() != 101:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
             # An informational answer (100 Continue, 103 Early Hints): the real one follows.
             s.headers.clear()
             self.informational = True
             return
         h = s.headers
         self.until_close = "content-length" not in h and "chunked" not in h.get("transfer-encoding", "").lower()
-        assert self.parser is not None
-        s._on_head(self.parser.get_status_code(), self.parser.should_keep_alive())
+        s._on_head(status, self.parser.should_keep_alive())
 
     def on_body(self, body: bytes) -> None:
         assert self.stream is not None
@@ -309,12 +310,15 @@ class _Pool:
         self.keepalive_s = keepalive_s
         self.idle: dict[tuple[str, str, int], collections.deque[_Connection]] = {}
 
+    def _reusable(self, conn: _Connection, now: float) -> bool:
+        return (not conn.lost and conn.transport is not None and not conn.transport.is_closing()
+                and now - conn.idle_since < self.keepalive_s)
+
     def take(self, origin: tuple[str, str, int], now: float) -> Optional[_Connection]:
         q = self.idle.get(origin)
         while q:
             conn = q.pop()
-            if (not conn.lost and conn.transport is not None and not conn.transport.is_closing()
-                    and now - conn.idle_since < self.keepalive_s):
+            if self._reusable(conn, now):
                 return conn
             conn.close()
         return None
@@ -322,8 +326,7 @@ class _Pool:
     def put(self, conn: _Connection) -> None:
         q = self.idle.setdefault(conn.origin, collections.deque())
         q.append(conn)
-        now = conn.idle_since
-        while q and (q[0].lost or now - q[0].idle_since >= self.keepalive_s):
+        while q and not self._reusable(q[0], conn.idle_since):
             q.popleft().close()  # the oldest first: they expire in that order
 
     def close_all(self) -> None:
