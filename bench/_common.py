@@ -32,7 +32,7 @@ def machine() -> str:
     except (OSError, ValueError, IndexError):
         pass
     try:
-        load = " load %.1f" % os.getloadavg()[0]
+        load = f" load {os.getloadavg()[0]:.1f}"
     except OSError:
         load = ""
     return f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB, Python {platform.python_version()}{load}"

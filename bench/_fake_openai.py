@@ -19,15 +19,21 @@ from typing import Any
 
 import uvicorn
 
-_CHUNK = ("data: " + json.dumps({"id": "x", "object": "text_completion",
-                                 "choices": [{"index": 0, "text": "tok"}]}) + "\n\n").encode()
+_CHUNK = (
+    "data: " + json.dumps({"id": "x", "object": "text_completion", "choices": [{"index": 0, "text": "tok"}]}) + "\n\n"
+).encode()
 _DONE = b"data: [DONE]\n\n"
 
 
 async def _json(send: Any, obj: Any, status: int = 200) -> None:
     body = json.dumps(obj).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -55,11 +61,18 @@ async def app(scope: dict, receive: Any, send: Any) -> None:
     body = json.loads(b"".join(parts))
     kvp = body.get("kv_transfer_params") or {}
     if kvp.get("role") == "producer":
-        return await _json(send, {"id": "p", "choices": [{"index": 0, "text": "x"}],
-                                  "kv_transfer_params": {"status": "sent", "bytes": 1 << 20}})
+        return await _json(
+            send,
+            {
+                "id": "p",
+                "choices": [{"index": 0, "text": "x"}],
+                "kv_transfer_params": {"status": "sent", "bytes": 1 << 20},
+            },
+        )
     if not body.get("stream"):
-        return await _json(send, {"id": "d", "object": "text_completion",
-                                  "choices": [{"index": 0, "text": "tok tok tok tok"}]})
+        return await _json(
+            send, {"id": "d", "object": "text_completion", "choices": [{"index": 0, "text": "tok tok tok tok"}]}
+        )
     delay = float(body.get("bench_token_delay_s") or 0.0)
     n = int(body.get("max_tokens") or 4) if delay else 4
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})

@@ -1,7 +1,7 @@
 """One side of a transfer in its own process, so bench/reliability.py can SIGKILL it mid-stream.
 
-    python bench/_transfer_peer.py receiver TOKEN RID [RID ...]   -> prints its endpoint, serves 60 s
-    python bench/_transfer_peer.py sender ENDPOINT TOKEN NBYTES RID [RID ...] -> paced sends (seconds each)
+python bench/_transfer_peer.py receiver TOKEN RID [RID ...]   -> prints its endpoint, serves 60 s
+python bench/_transfer_peer.py sender ENDPOINT TOKEN NBYTES RID [RID ...] -> paced sends (seconds each)
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from __future__ import annotations
 import sys
 import time
 
+import _common  # noqa: F401 -- puts the repository on sys.path
 import numpy as np
 
-import _common  # noqa: F401 -- puts the repository on sys.path
 from prfaas_plugin.faults.matrix import FINGERPRINT
 from prfaas_plugin.transfer import GrpcTcpReceiver, GrpcTcpSender, ItemSpec, SenderConfig, TransferManifest
 

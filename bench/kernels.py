@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
-
 from _common import append_benchmarks
+
 from prfaas_plugin.kernels import CacheGroup, pack, packed_nbytes, unpack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,20 +33,27 @@ def _cases(tokens: int) -> dict[str, tuple[Callable[[int], list[torch.Tensor]], 
     pool = 2 * n
     return {
         "MLA 61L x 576 bf16, 16-tok blocks": (
-            lambda nb: [torch.randn(nb, bs, 576).bfloat16() for _ in range(61)], CacheGroup.mla, pool),
+            lambda nb: [torch.randn(nb, bs, 576).bfloat16() for _ in range(61)],
+            CacheGroup.mla,
+            pool,
+        ),
         "GQA 32L K/V 8x128 bf16 (flash layout)": (
-            lambda nb: [torch.randn(2, nb, bs, 8, 128).bfloat16() for _ in range(32)], CacheGroup.vllm_attention_gpu, pool),
+            lambda nb: [torch.randn(2, nb, bs, 8, 128).bfloat16() for _ in range(32)],
+            CacheGroup.vllm_attention_gpu,
+            pool,
+        ),
         "GDN 48L state pages int8 (HMA raw)": (
             lambda nb: [torch.randint(-128, 127, (nb, 1, 1, 134144), dtype=torch.int8) for _ in range(48)],
-            CacheGroup.state, max(8, tokens // 640 * 2)),
+            CacheGroup.state,
+            max(8, tokens // 640 * 2),
+        ),
     }
 
 
 def fp8_error(group: CacheGroup, ids: list[int]) -> tuple[float, float]:
     """(max, mean) of |x - dequant(quant(x))| / amax of the x's head."""
     buf = pack(group, ids, fp8=True)
-    dst = CacheGroup(
-        [torch.empty_like(t) for t in group.caches], group.layout)
+    dst = CacheGroup([torch.empty_like(t) for t in group.caches], group.layout)
     unpack(buf, dst, ids, fp8=True)
     lay = group.layout
     pre, heads, post = lay.head_split
@@ -112,9 +119,12 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if not args.no_append:
-        append_benchmarks("kernels: CPU pack/unpack vs memcpy", table,
-                          notes=f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; ratios are "
-                                "side by side in one run, absolute GB/s depend on what else the host runs")
+        append_benchmarks(
+            "kernels: CPU pack/unpack vs memcpy",
+            table,
+            notes=f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; ratios are "
+            "side by side in one run, absolute GB/s depend on what else the host runs",
+        )
 
 
 if __name__ == "__main__":

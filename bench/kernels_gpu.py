@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
-
 from _common import append_benchmarks
+
 from prfaas_plugin.kernels import CacheGroup, pack, packed_nbytes, unpack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,9 +68,16 @@ def run_case(name: str, group: CacheGroup, n: int, reps: int) -> dict[str, objec
     t_qunpack = _gpu_median_s(lambda: unpack(fp8_buf, group, dst_ids, fp8=True), reps)
     gb = lambda s: nbytes / s / 1e9  # noqa: E731  (source bytes per second)
     return {
-        "case": name, "blocks": n, "GiB": nbytes / 2**30, "copy": gb(t_copy), "pack": gb(t_pack),
-        "unpack": gb(t_unpack), "fp8_pack": gb(t_qpack), "fp8_unpack": gb(t_qunpack),
-        "raw_ok": raw_ok, "fp8_mismatch": fp8_mismatch,
+        "case": name,
+        "blocks": n,
+        "GiB": nbytes / 2**30,
+        "copy": gb(t_copy),
+        "pack": gb(t_pack),
+        "unpack": gb(t_unpack),
+        "fp8_pack": gb(t_qpack),
+        "fp8_unpack": gb(t_qunpack),
+        "raw_ok": raw_ok,
+        "fp8_mismatch": fp8_mismatch,
     }
 
 
@@ -109,9 +116,12 @@ def main() -> None:
     table = "\n".join(lines)
     print(f"card: {card}\n{table}")
     if not args.no_append:
-        append_benchmarks("kernels: GPU pack/unpack vs device-to-device copy", table,
-                          notes=f"card {card}, torch {torch.__version__}; {args.tokens}-token request, 16-token "
-                                "blocks, pool twice the request, shuffled ids; GB/s count cache bytes moved")
+        append_benchmarks(
+            "kernels: GPU pack/unpack vs device-to-device copy",
+            table,
+            notes=f"card {card}, torch {torch.__version__}; {args.tokens}-token request, 16-token "
+            "blocks, pool twice the request, shuffled ids; GB/s count cache bytes moved",
+        )
 
 
 if __name__ == "__main__":

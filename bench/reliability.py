@@ -34,10 +34,16 @@ def process_killed(role: str, requests: int, nbytes: int, deadline_s: float = 30
     error well inside its deadline, leave no session/request behind, and a fresh peer process
     must then get a transfer through the same surviving engine."""
     import numpy as np
-
     from _transfer_peer import Sink
-    from prfaas_plugin.transfer import (GrpcTcpReceiver, GrpcTcpSender, ItemSpec, SenderConfig,
-                                        TransferError, TransferManifest)
+
+    from prfaas_plugin.transfer import (
+        GrpcTcpReceiver,
+        GrpcTcpSender,
+        ItemSpec,
+        SenderConfig,
+        TransferError,
+        TransferManifest,
+    )
 
     tok = secrets.token_urlsafe(24)
     rids = [f"kill-{role}-{i}-{secrets.token_hex(3)}" for i in range(requests)]
@@ -74,10 +80,14 @@ def process_killed(role: str, requests: int, nbytes: int, deadline_s: float = 30
         except TransferError as e:
             failed += 1
             errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
-        except Exception:  # noqa: BLE001 -- a timeout here is a hang
+        except Exception:
             hung += 1
         slowest = max(slowest, time.monotonic() - t0)
-    active = (lambda: engine.stats()["requests_active"]) if role == "receiver" else (lambda: engine.stats()["sessions_active"])
+    active = (
+        (lambda: engine.stats()["requests_active"])
+        if role == "receiver"
+        else (lambda: engine.stats()["sessions_active"])
+    )
     if not _until(lambda: active() == 0, 5.0):
         leaks.append(f"{active()} left on the surviving side")
     # Recovery: a fresh peer process, the same surviving engine.
@@ -99,8 +109,10 @@ def process_killed(role: str, requests: int, nbytes: int, deadline_s: float = 30
     errs = ", ".join(f"{k} {v}" for k, v in sorted(errors.items())) or "-"
     name = f"{role} process killed (SIGKILL)"
     done_before = requests - failed - hung  # finished before the kill (the oldest go first)
-    return (f"| transfer engine | {name} | {requests} | {done_before} | {failed} | {hung} | {len(leaks)} | "
-            f"{'yes' if recovered and flowing else 'NO'} | {slowest:.2f} after the kill / {deadline_s:.0f} | {errs} |")
+    return (
+        f"| transfer engine | {name} | {requests} | {done_before} | {failed} | {hung} | {len(leaks)} | "
+        f"{'yes' if recovered and flowing else 'NO'} | {slowest:.2f} after the kill / {deadline_s:.0f} | {errs} |"
+    )
 
 
 def main() -> None:
@@ -114,20 +126,27 @@ def main() -> None:
     for case in default_cases(nbytes):
         r = run_case(case, requests=args.requests, request_bytes=nbytes)
         errs = ", ".join(f"{k} {v}" for k, v in sorted(r.error_types.items())) or "-"
-        rows.append(f"| transfer engine | {r.case} | {r.injected} | {r.survived} | {r.failed_cleanly} | "
-                    f"{r.wrong_data + r.hung + len(r.untyped_errors)} | {len(r.leaks)} | "
-                    f"{'yes' if r.recovered else 'NO'} | {r.max_resolve_s:.2f} / {case.deadline_s:.0f} | {errs} |")
+        rows.append(
+            f"| transfer engine | {r.case} | {r.injected} | {r.survived} | {r.failed_cleanly} | "
+            f"{r.wrong_data + r.hung + len(r.untyped_errors)} | {len(r.leaks)} | "
+            f"{'yes' if r.recovered else 'NO'} | {r.max_resolve_s:.2f} / {case.deadline_s:.0f} | {errs} |"
+        )
     for role in ("receiver", "sender"):
         rows.append(process_killed(role, args.requests, nbytes))
-    table = "\n".join([
-        "| path | fault | requests | survived (exact) | failed cleanly | wrong/hung/untyped | leaks | recovered | slowest resolve s / deadline | typed errors (both sides) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        *rows,
-    ])
+    table = "\n".join(
+        [
+            "| path | fault | requests | survived (exact) | failed cleanly | wrong/hung/untyped | leaks | recovered | slowest resolve s / deadline | typed errors (both sides) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
     print(table)
     if not args.no_append:
-        append_benchmarks("Reliability: faults on the KV path (issue 8)", table,
-                          notes=f"{args.requests} concurrent requests of {args.mib} MiB per fault, fault proxy on the data plane")
+        append_benchmarks(
+            "Reliability: faults on the KV path (issue 8)",
+            table,
+            notes=f"{args.requests} concurrent requests of {args.mib} MiB per fault, fault proxy on the data plane",
+        )
 
 
 if __name__ == "__main__":

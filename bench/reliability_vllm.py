@@ -22,23 +22,31 @@ import concurrent.futures
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import httpx
-
 from _common import ROOT, append_benchmarks
 
 sys.path.insert(0, str(ROOT / "tests"))
-from router_helpers import RunningRouter  # noqa: E402
-from vllm_helpers import (Supervisor, compare_greedy, free_port, metric, server_env, settles,  # noqa: E402
-                          start_pair)
+from router_helpers import RunningRouter
+from vllm_helpers import (
+    Supervisor,
+    compare_greedy,
+    free_port,
+    metric,
+    server_env,
+    settles,
+    start_pair,
+)
 
-from prfaas_plugin.faults.proxy import FaultKind, FaultPlan, FaultProxy  # noqa: E402
+from prfaas_plugin.faults.proxy import FaultKind, FaultPlan, FaultProxy
 
-BODY = ("moves the KV cache of long prompts from a compute-dense prefill cluster to bandwidth-rich decode "
-        "instances over ordinary Ethernet, layer by layer, while the prefill is still running. ")
+BODY = (
+    "moves the KV cache of long prompts from a compute-dense prefill cluster to bandwidth-rich decode "
+    "instances over ordinary Ethernet, layer by layer, while the prefill is still running. "
+)
 MAX_TOKENS = 12
 DEADLINE_S = 10.0  # the router's transfer_deadline_s: the producer's lease and D's wait
 USAGE = "vllm:kv_cache_usage_perc"
@@ -50,20 +58,27 @@ class Case:
     name: str
     plan: FaultPlan
     #: what to do once the transfer is in flight (kill something), or None
-    action: Optional[str] = None
+    action: str | None = None
 
 
 CASES = [
     Case("reset mid-stream", FaultPlan(FaultKind.RESET, after_bytes=4096, per_connection=False, once=True)),
     Case("blackhole stall", FaultPlan(FaultKind.BLACKHOLE, after_bytes=4096, per_connection=False)),
-    Case("bandwidth collapse (4 KiB/s)", FaultPlan(FaultKind.THROTTLE, after_bytes=4096, rate_bytes_per_s=4096,
-                                                   per_connection=False)),
+    Case(
+        "bandwidth collapse (4 KiB/s)",
+        FaultPlan(FaultKind.THROTTLE, after_bytes=4096, rate_bytes_per_s=4096, per_connection=False),
+    ),
     Case("corrupted bytes", FaultPlan(FaultKind.CORRUPT, after_bytes=4096, corrupt_every=200_000)),
-    Case("sender (prefill instance) killed", FaultPlan(FaultKind.THROTTLE, after_bytes=4096, rate_bytes_per_s=4096,
-                                                       per_connection=False), action="producer"),
-    Case("decode instance killed + restarted", FaultPlan(FaultKind.THROTTLE, after_bytes=4096,
-                                                         rate_bytes_per_s=4096, per_connection=False),
-         action="consumer"),
+    Case(
+        "sender (prefill instance) killed",
+        FaultPlan(FaultKind.THROTTLE, after_bytes=4096, rate_bytes_per_s=4096, per_connection=False),
+        action="producer",
+    ),
+    Case(
+        "decode instance killed + restarted",
+        FaultPlan(FaultKind.THROTTLE, after_bytes=4096, rate_bytes_per_s=4096, per_connection=False),
+        action="consumer",
+    ),
 ]
 
 
@@ -85,8 +100,13 @@ class Row:
 
 def _body(prompt: str, model: str | None = None) -> dict:
     # token ids, not strings: the tiny tokenizer's byte tokens decode to "" and would collide
-    body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "logprobs": 5,
-            "return_tokens_as_token_ids": True}
+    body = {
+        "prompt": prompt,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "logprobs": 5,
+        "return_tokens_as_token_ids": True,
+    }
     return {**body, "model": model} if model else body
 
 
@@ -94,7 +114,6 @@ def _reference(url: str, prompt: str) -> dict:
     r = httpx.post(f"{url}/v1/completions", json=_body(prompt), timeout=300)
     r.raise_for_status()
     return r.json()["choices"][0]
-
 
 
 def _restart(pair, name: str, argv: list[str]) -> None:
@@ -130,10 +149,11 @@ def run_case(case: Case, pair, router: RunningRouter, model: str, n: int, log: C
     argv = {k: c.argv for k, c in pair.sup.children.items()}
     pair.proxy.set_fault(case.plan)
     t0 = time.monotonic()
-    killed: Optional[str] = None
+    killed: str | None = None
     with concurrent.futures.ThreadPoolExecutor(n) as pool:
-        futs = [pool.submit(httpx.post, f"{router.url}/v1/completions", json=_body(p, model), timeout=180)
-                for p in prompts]
+        futs = [
+            pool.submit(httpx.post, f"{router.url}/v1/completions", json=_body(p, model), timeout=180) for p in prompts
+        ]
         if case.action:
             deadline = time.monotonic() + 120
             while pair.proxy.stats.bytes_up < up0 + 4096 and time.monotonic() < deadline:
@@ -145,7 +165,7 @@ def run_case(case: Case, pair, router: RunningRouter, model: str, n: int, log: C
         for f, ref in zip(futs, refs):
             try:
                 r = f.result(timeout=240)
-            except Exception as e:  # noqa: BLE001 -- a hang or a dropped connection is what we count
+            except Exception as e:
                 row.hung += 1
                 statuses[type(e).__name__] = statuses.get(type(e).__name__, 0) + 1
                 continue
@@ -156,15 +176,20 @@ def run_case(case: Case, pair, router: RunningRouter, model: str, n: int, log: C
                 row.exact += how == "exact"
                 row.near_tie += how == "near-tie"
                 row.wrong += how == "wrong"
-            elif r.headers.get("content-type", "").startswith("application/json") and r.json().get("error", {}).get("message"):
+            elif r.headers.get("content-type", "").startswith("application/json") and r.json().get("error", {}).get(
+                "message"
+            ):
                 row.failed_cleanly += 1
             else:
                 row.wrong += 1
     pair.proxy.set_fault(FaultPlan())
-    hits = {"connections reset": pair.proxy.stats.resets - resets0,
-            "bytes corrupted": pair.proxy.stats.corrupted_bytes - flips0}
-    row.injected = ", ".join(f"{v} {k}" for k, v in hits.items() if v) + (f"{', ' if any(hits.values()) else ''}"
-                                                                         f"{case.action} SIGKILLed" if killed else "")
+    hits = {
+        "connections reset": pair.proxy.stats.resets - resets0,
+        "bytes corrupted": pair.proxy.stats.corrupted_bytes - flips0,
+    }
+    row.injected = ", ".join(f"{v} {k}" for k, v in hits.items() if v) + (
+        f"{', ' if any(hits.values()) else ''}{case.action} SIGKILLed" if killed else ""
+    )
     row.statuses = ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items()))
     leaks = []
     # The producer frees what it held once the consumer confirmed or the lease (deadline) passed.
@@ -190,16 +215,25 @@ def run_case(case: Case, pair, router: RunningRouter, model: str, n: int, log: C
     check = f"after {case.name}: " + BODY * 2
     check_ref = _reference(pair.producer, check)
     r = httpx.post(f"{router.url}/v1/completions", json=_body(check, model), timeout=300)
-    why = (f"HTTP {r.status_code}, route {r.headers.get('x-prfaas-route')}, "
-           f"fallback {r.headers.get('x-prfaas-fallback')}")
+    why = (
+        f"HTTP {r.status_code}, route {r.headers.get('x-prfaas-route')}, fallback {r.headers.get('x-prfaas-fallback')}"
+    )
     exact = r.status_code == 200 and compare_greedy(check_ref, r.json()["choices"][0]) != "wrong"
-    row.recovered = (r.status_code == 200 and r.headers.get("x-prfaas-route") == "prfaas"
-                     and not r.headers.get("x-prfaas-fallback") and exact)
+    row.recovered = (
+        r.status_code == 200
+        and r.headers.get("x-prfaas-route") == "prfaas"
+        and not r.headers.get("x-prfaas-fallback")
+        and exact
+    )
     if not row.recovered:
-        log(f"{case.name}: the request after the fault did not go through the PrfaaS path cleanly: {why}, "
-            f"exact {exact}: ref {check_ref.get('logprobs')} got {r.text[:3000]}")
-    log(f"{case.name}: exact {row.exact}, near-tie {row.near_tie}, failed cleanly {row.failed_cleanly}, wrong {row.wrong}, hung {row.hung}, "
-        f"leaks {leaks or 0}, recovered {row.recovered}, slowest {row.slowest_s:.1f} s ({row.statuses})")
+        log(
+            f"{case.name}: the request after the fault did not go through the PrfaaS path cleanly: {why}, "
+            f"exact {exact}: ref {check_ref.get('logprobs')} got {r.text[:3000]}"
+        )
+    log(
+        f"{case.name}: exact {row.exact}, near-tie {row.near_tie}, failed cleanly {row.failed_cleanly}, wrong {row.wrong}, hung {row.hung}, "
+        f"leaks {leaks or 0}, recovered {row.recovered}, slowest {row.slowest_s:.1f} s ({row.statuses})"
+    )
     return row
 
 
@@ -221,13 +255,24 @@ def main() -> None:
     with FaultProxy(upstream=("127.0.0.1", data_port)) as proxy, Supervisor(work / "logs") as sup:
         pair = start_pair(sup, model, data_port=data_port, advertise_data=proxy.endpoint)
         pair.proxy = proxy  # type: ignore[attr-defined]
-        cfg = RouterConfig.model_validate({
-            "model": str(model), "tokenizer": str(model), "block_size": 16,
-            "threshold": {"mode": "fixed", "tokens": 48}, "transfer_deadline_s": DEADLINE_S,
-            "timeouts": {"prefill_s": 120, "request_s": 180, "health_every_s": 1.0},
-            "clusters": [{"name": "prfaas", "kind": "prfaas", "prefill": [{"url": pair.producer}]},
-                         {"name": "local", "kind": "local",
-                          "both": [{"url": pair.consumer, "kv_endpoint": pair.decode_endpoint}]}]})
+        cfg = RouterConfig.model_validate(
+            {
+                "model": str(model),
+                "tokenizer": str(model),
+                "block_size": 16,
+                "threshold": {"mode": "fixed", "tokens": 48},
+                "transfer_deadline_s": DEADLINE_S,
+                "timeouts": {"prefill_s": 120, "request_s": 180, "health_every_s": 1.0},
+                "clusters": [
+                    {"name": "prfaas", "kind": "prfaas", "prefill": [{"url": pair.producer}]},
+                    {
+                        "name": "local",
+                        "kind": "local",
+                        "both": [{"url": pair.consumer, "kv_endpoint": pair.decode_endpoint}],
+                    },
+                ],
+            }
+        )
         router = RunningRouter(cfg, PromptTokenizer(str(model)))
         try:
             for case in CASES:
@@ -240,21 +285,26 @@ def main() -> None:
     lines = [
         "| path | fault | hit by the proxy / killed | requests | answer equal (exact + near-tie) | failed cleanly (HTTP 5xx, message) | wrong/hung | leaks | recovered | slowest s | statuses |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
-        *[f"| router + vLLM (tiny-qwen3next) | {r.case} | {r.injected or '-'} | {r.requests} | {r.exact} + {r.near_tie} | {r.failed_cleanly} | "
-          f"{r.wrong + r.hung} | {len(r.leaks or [])}{' (' + '; '.join(r.leaks) + ')' if r.leaks else ''} | "
-          f"{'yes' if r.recovered else 'NO'} | {r.slowest_s:.1f} | {r.statuses} |" for r in rows],
+        *[
+            f"| router + vLLM (tiny-qwen3next) | {r.case} | {r.injected or '-'} | {r.requests} | {r.exact} + {r.near_tie} | {r.failed_cleanly} | "
+            f"{r.wrong + r.hung} | {len(r.leaks or [])}{' (' + '; '.join(r.leaks) + ')' if r.leaks else ''} | "
+            f"{'yes' if r.recovered else 'NO'} | {r.slowest_s:.1f} | {r.statuses} |"
+            for r in rows
+        ],
     ]
     table = "\n".join(lines)
     print(table)
     print(f"(consumer load failures since its last start, recomputed locally: {failures_d:.0f})")
     if not args.no_append:
         append_benchmarks(
-            "Reliability end to end: faults on the KV path through the router with real vLLM (issue 8)", table,
+            "Reliability end to end: faults on the KV path through the router with real vLLM (issue 8)",
+            table,
             notes=f"{args.requests} concurrent remote requests per fault, transfer deadline {DEADLINE_S:.0f} s, fault "
-                  "proxy on the decode instance's data plane (leaks also counts data connections left open beyond the producer's "
-                  "pool of 4); near-tie = greedy outputs equal up to the first token where "
-                  "both runs had two candidates within 0.02 nats (random-weight model, bf16; vLLM's check_logprobs_close); leaks = vllm:kv_cache_usage_perc not back to its start "
-                  "value on an instance that was not killed, or router in-flight slots left over")
+            "proxy on the decode instance's data plane (leaks also counts data connections left open beyond the producer's "
+            "pool of 4); near-tie = greedy outputs equal up to the first token where "
+            "both runs had two candidates within 0.02 nats (random-weight model, bf16; vLLM's check_logprobs_close); leaks = vllm:kv_cache_usage_perc not back to its start "
+            "value on an instance that was not killed, or router in-flight slots left over",
+        )
 
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import aiohttp
 import yaml
-
 from _common import ROOT, append_benchmarks
 from router import _wait, build_bpe_tokenizer  # the router bench's helpers
+
 from prfaas_plugin.demo.ports import free_port
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -84,11 +84,12 @@ async def burst(url: str, n: int) -> tuple[Tally, float]:
         return tally, time.monotonic() - t0
 
 
-async def soak(url: str, streams: int, seconds: float, flap: "Flapper") -> Tally:
+async def soak(url: str, streams: int, seconds: float, flap: Flapper) -> Tally:
     tally = Tally()
     end = time.monotonic() + seconds
     conn = aiohttp.TCPConnector(limit=streams + 8)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as s:
+
         async def worker(w: int) -> None:
             i = 0
             while time.monotonic() < end:
@@ -139,14 +140,41 @@ def main() -> None:
     d1, d2, r_port = free_port(), free_port(), free_port()
     steady = fake(d1)
     flap = Flapper(d2, args.flap_every_s, down_s=min(10.0, args.flap_every_s / 3))
-    cfg = {"model": "bench", "tokenizer": str(tok_dir), "block_size": 16, "threshold": {"mode": "fixed", "tokens": 1e6},
-           "timeouts": {"health_every_s": 1.0},
-           "clusters": [{"name": "local", "kind": "local",
-                         "both": [{"url": f"http://127.0.0.1:{d1}", "kv_endpoint": "127.0.0.1:15600"},
-                                  {"url": f"http://127.0.0.1:{d2}", "kv_endpoint": "127.0.0.1:15601"}]}]}
+    cfg = {
+        "model": "bench",
+        "tokenizer": str(tok_dir),
+        "block_size": 16,
+        "threshold": {"mode": "fixed", "tokens": 1e6},
+        "timeouts": {"health_every_s": 1.0},
+        "clusters": [
+            {
+                "name": "local",
+                "kind": "local",
+                "both": [
+                    {"url": f"http://127.0.0.1:{d1}", "kv_endpoint": "127.0.0.1:15600"},
+                    {"url": f"http://127.0.0.1:{d2}", "kv_endpoint": "127.0.0.1:15601"},
+                ],
+            }
+        ],
+    }
     (tmp / "router.yaml").write_text(yaml.safe_dump(cfg))
-    router = subprocess.Popen([sys.executable, "-m", "prfaas_plugin", "router", "--config", str(tmp / "router.yaml"),
-                               "--host", "127.0.0.1", "--port", str(r_port), "--log-level", "error"], env=ENV)
+    router = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prfaas_plugin",
+            "router",
+            "--config",
+            str(tmp / "router.yaml"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(r_port),
+            "--log-level",
+            "error",
+        ],
+        env=ENV,
+    )
     url = f"http://127.0.0.1:{r_port}/v1/completions"
     try:
         for port in (d1, d2, r_port):
@@ -165,20 +193,25 @@ def main() -> None:
     def errs(t: Tally) -> str:
         return ", ".join(f"{k}: {v}" for k, v in t.errors.items()) or "0"
 
-    body = "\n".join([
-        "| phase | requests ok | injected (stream cut by a kill) | other errors | latency p50 / p99 s | router RSS MiB |",
-        "|---|---|---|---|---|---|",
-        f"| {args.burst} concurrent streams at once ({wall:.1f} s) | {b.ok} | 0 | {errs(b)} | "
-        f"{pct(b.latencies, .5):.2f} / {pct(b.latencies, .99):.2f} | {rss0:.0f} -> {rss_burst:.0f} |",
-        f"| soak {args.soak_s:.0f} s, {args.soak_streams} streams, decode #2 killed every {args.flap_every_s:.0f} s "
-        f"({len(flap.kills)} kills) | {s.ok} | {s.injected} | {errs(s)} | "
-        f"{pct(s.latencies, .5):.2f} / {pct(s.latencies, .99):.2f} | {rss_burst:.0f} -> {rss1:.0f} |",
-    ])
+    body = "\n".join(
+        [
+            "| phase | requests ok | injected (stream cut by a kill) | other errors | latency p50 / p99 s | router RSS MiB |",
+            "|---|---|---|---|---|---|",
+            f"| {args.burst} concurrent streams at once ({wall:.1f} s) | {b.ok} | 0 | {errs(b)} | "
+            f"{pct(b.latencies, 0.5):.2f} / {pct(b.latencies, 0.99):.2f} | {rss0:.0f} -> {rss_burst:.0f} |",
+            f"| soak {args.soak_s:.0f} s, {args.soak_streams} streams, decode #2 killed every {args.flap_every_s:.0f} s "
+            f"({len(flap.kills)} kills) | {s.ok} | {s.injected} | {errs(s)} | "
+            f"{pct(s.latencies, 0.5):.2f} / {pct(s.latencies, 0.99):.2f} | {rss_burst:.0f} -> {rss1:.0f} |",
+        ]
+    )
     print(body)
     if not args.no_append:
-        append_benchmarks("Router under load and a flapping backend (issue 8)", body,
-                          notes="fake engines streaming 20 tokens 50 ms apart; router, engines and client on the same "
-                                "2 cores; a request counts as injected when an instance kill fell within its lifetime")
+        append_benchmarks(
+            "Router under load and a flapping backend (issue 8)",
+            body,
+            notes="fake engines streaming 20 tokens 50 ms apart; router, engines and client on the same "
+            "2 cores; a request counts as injected when an instance kill fell within its lifetime",
+        )
 
 
 if __name__ == "__main__":

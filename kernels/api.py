@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 
@@ -28,19 +29,19 @@ class CacheGroup:
         layout.check(self.caches)
 
     @classmethod
-    def vllm_attention_gpu(cls, caches: Sequence[torch.Tensor]) -> "CacheGroup":
+    def vllm_attention_gpu(cls, caches: Sequence[torch.Tensor]) -> CacheGroup:
         return cls(caches, PagedLayout.vllm_attention_gpu(caches[0]))
 
     @classmethod
-    def vllm_attention_cpu(cls, caches: Sequence[torch.Tensor]) -> "CacheGroup":
+    def vllm_attention_cpu(cls, caches: Sequence[torch.Tensor]) -> CacheGroup:
         return cls(caches, PagedLayout.vllm_attention_cpu(caches[0]))
 
     @classmethod
-    def mla(cls, caches: Sequence[torch.Tensor]) -> "CacheGroup":
+    def mla(cls, caches: Sequence[torch.Tensor]) -> CacheGroup:
         return cls(caches, PagedLayout.mla(caches[0]))
 
     @classmethod
-    def state(cls, caches: Sequence[torch.Tensor]) -> "CacheGroup":
+    def state(cls, caches: Sequence[torch.Tensor]) -> CacheGroup:
         return cls(caches, PagedLayout.state(caches[0]))
 
     def row_views(self, wbytes: int) -> tuple[torch.Tensor, ...]:

@@ -11,8 +11,8 @@ kernel move any family, and lets the packed buffer be defined once:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -41,9 +41,7 @@ class PagedLayout:
         if any(s <= 0 for s in self.shape):
             raise ValueError(f"PagedLayout: empty dims in shape {self.shape}")
         if self.head_axis is not None and not 0 <= self.head_axis < len(self.row_shape):
-            raise ValueError(
-                f"PagedLayout: head_axis {self.head_axis} out of range for row shape {self.row_shape}"
-            )
+            raise ValueError(f"PagedLayout: head_axis {self.head_axis} out of range for row shape {self.row_shape}")
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
@@ -95,12 +93,12 @@ class PagedLayout:
         block_dim: int,
         head_axis: int | None = None,
         lossless: bool = False,
-    ) -> "PagedLayout":
+    ) -> PagedLayout:
         """Generic layout of a per-layer cache tensor."""
         return cls(tuple(tensor.shape), tensor.dtype, block_dim, head_axis, lossless)
 
     @classmethod
-    def vllm_attention_gpu(cls, tensor: torch.Tensor) -> "PagedLayout":
+    def vllm_attention_gpu(cls, tensor: torch.Tensor) -> PagedLayout:
         """The K/V-split flash layout ``[2, num_blocks, block_size, kv_heads, head_size]``
         (vLLM <= 0.31 flash/flashinfer; still what many GPU kernels allocate)."""
         _expect_rank(tensor, 5, "vllm_attention_gpu", "[2, NB, BS, H, D]")
@@ -109,7 +107,7 @@ class PagedLayout:
         return cls.of(tensor, block_dim=1, head_axis=1)
 
     @classmethod
-    def vllm_attention_cpu(cls, tensor: torch.Tensor) -> "PagedLayout":
+    def vllm_attention_cpu(cls, tensor: torch.Tensor) -> PagedLayout:
         """vLLM 0.32's block-first layout ``[num_blocks, kv_heads, block_size, 2 * head_size]``
         (logical ``[B, H, N, C]``, KVCacheLayout.LBHNC; the CPU backend's only layout and the
         flash default): K and V of a head share one fp8 scale per block."""
@@ -119,13 +117,13 @@ class PagedLayout:
         return cls.of(tensor, block_dim=0, head_axis=0)
 
     @classmethod
-    def mla(cls, tensor: torch.Tensor) -> "PagedLayout":
+    def mla(cls, tensor: torch.Tensor) -> PagedLayout:
         """MLA latent pages ``[num_blocks, block_size, kv_lora_rank + rope_dim]``."""
         _expect_rank(tensor, 3, "mla", "[NB, BS, latent]")
         return cls.of(tensor, block_dim=0, head_axis=None)
 
     @classmethod
-    def state(cls, tensor: torch.Tensor) -> "PagedLayout":
+    def state(cls, tensor: torch.Tensor) -> PagedLayout:
         """Recurrent state slots (Mamba2 / GDN / KDA / Lightning temporal or conv state, or the
         raw ``int8 [NB, ..., page_bytes]`` pages vLLM hands over with HMA): slot dim first,
         moved byte for byte, lossless."""
@@ -140,8 +138,7 @@ class PagedLayout:
         for i, t in enumerate(caches):
             if tuple(t.shape) != self.shape or t.dtype != self.dtype:
                 raise ValueError(
-                    f"layer {i}: tensor {tuple(t.shape)} {t.dtype} does not match layout "
-                    f"{self.shape} {self.dtype}"
+                    f"layer {i}: tensor {tuple(t.shape)} {t.dtype} does not match layout {self.shape} {self.dtype}"
                 )
             if t.device != dev:
                 raise ValueError(f"layer {i}: on {t.device}, layer 0 on {dev}")

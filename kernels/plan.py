@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -92,8 +92,9 @@ def caches_alignment(caches: Sequence[torch.Tensor], layout: PagedLayout) -> int
     return g
 
 
-def word_bytes(caches: Sequence[torch.Tensor], layout: PagedLayout, *extra_bytes: int,
-               alignment: int | None = None) -> int:
+def word_bytes(
+    caches: Sequence[torch.Tensor], layout: PagedLayout, *extra_bytes: int, alignment: int | None = None
+) -> int:
     """Widest word (8/4/2/1 bytes) that divides row size, strides, pointers and ``extra_bytes``
     (``alignment``: ``caches_alignment`` of the caches, if already known)."""
     g = caches_alignment(caches, layout) if alignment is None else alignment
@@ -117,9 +118,7 @@ def outer_offsets_bytes(t: torch.Tensor, layout: PagedLayout) -> list[int]:
     return [sum(i * s for i, s in zip(multi, strides)) * isz for multi in itertools.product(*ranges)]
 
 
-def row_offsets(
-    caches: Sequence[torch.Tensor], layout: PagedLayout, idx: torch.Tensor, wbytes: int
-) -> torch.Tensor:
+def row_offsets(caches: Sequence[torch.Tensor], layout: PagedLayout, idx: torch.Tensor, wbytes: int) -> torch.Tensor:
     """Word offset of every buffer row's source/destination row, relative to ``caches[0]``,
     in buffer order ``[layer, outer, block]``: the descriptor table of the single launch."""
     base = caches[0].data_ptr()
@@ -134,7 +133,9 @@ def row_offsets(
         bstride_w = bstrides.pop() * isz // wbytes
         return (lo_t[:, None] + idx[None, :] * bstride_w).reshape(-1)
     per_layer = [
-        torch.full((layout.num_outer,), t.stride(layout.block_dim) * isz // wbytes, dtype=torch.int64, device=idx.device)
+        torch.full(
+            (layout.num_outer,), t.stride(layout.block_dim) * isz // wbytes, dtype=torch.int64, device=idx.device
+        )
         for t in caches
     ]
     bs = torch.cat(per_layer)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -19,9 +19,7 @@ from .layout import PagedLayout
 from .plan import FP8_MAX, PackGeometry, outer_offsets_bytes, word_dtype
 
 
-def row_views(
-    caches: Sequence[torch.Tensor], layout: PagedLayout, wbytes: int
-) -> Iterator[torch.Tensor]:
+def row_views(caches: Sequence[torch.Tensor], layout: PagedLayout, wbytes: int) -> Iterator[torch.Tensor]:
     """Every (layer, outer) slice of the caches as a ``[num_blocks, row_words]`` word view,
     in buffer order. Built on the storage so any block stride (padded pages) is honoured."""
     wdt = word_dtype(wbytes)
@@ -83,7 +81,7 @@ def _for_each_layer(count: int, nbytes: int, copy: Callable[[int], None]) -> Non
         return
     global _pool
     with _pool_lock:
-        if _pool is None or _pool._max_workers < workers:  # noqa: SLF001 - grow once, keep
+        if _pool is None or _pool._max_workers < workers:
             if _pool is not None:
                 _pool.shutdown(wait=False)  # its idle threads exit; the new pool replaces it
             _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prfaas-kernels")
@@ -106,8 +104,7 @@ def pack_raw(
     dst = out[: n * layout.row_bytes * len(views)].view(word_dtype(wbytes))
     dst = dst.view(-1, n, layout.row_bytes // wbytes)
     slots = dst.unbind(0)  # one C call for every layer's destination view
-    _for_each_layer(len(views), dst.numel() * wbytes,
-                    lambda i: torch.index_select(views[i], 0, idx, out=slots[i]))
+    _for_each_layer(len(views), dst.numel() * wbytes, lambda i: torch.index_select(views[i], 0, idx, out=slots[i]))
 
 
 def unpack_raw(

@@ -8,7 +8,7 @@ imports triton; on a CPU-only machine set ``TRITON_INTERPRET=1`` *before* that i
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -74,7 +74,9 @@ def _scatter_rows(buf, base, offsets, row_words, TILE: tl.constexpr):
 
 
 @triton.jit
-def _quant_rows(base, offsets, payload, scales, heads, post, head_elems, row_elems, FP8MAX: tl.constexpr, TILE: tl.constexpr):
+def _quant_rows(
+    base, offsets, payload, scales, heads, post, head_elems, row_elems, FP8MAX: tl.constexpr, TILE: tl.constexpr
+):
     # One program per (row, head): pass 1 finds the head's amax, pass 2 writes e4m3 values.
     r = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -107,7 +109,9 @@ def _f32_to_bf16_bits(v):
 
 
 @triton.jit
-def _dequant_rows(payload, scales, base, offsets, heads, post, head_elems, row_elems, BF16: tl.constexpr, TILE: tl.constexpr):
+def _dequant_rows(
+    payload, scales, base, offsets, heads, post, head_elems, row_elems, BF16: tl.constexpr, TILE: tl.constexpr
+):
     r = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     dst = base + tl.load(offsets + r)
@@ -138,7 +142,11 @@ def _base_view(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def pack(
-    caches: Sequence[torch.Tensor], layout: PagedLayout, idx: torch.Tensor, out: torch.Tensor, geo: PackGeometry,
+    caches: Sequence[torch.Tensor],
+    layout: PagedLayout,
+    idx: torch.Tensor,
+    out: torch.Tensor,
+    geo: PackGeometry,
     wb: int,
 ) -> None:
     """``wb``: the word size the caches and ``out`` allow (``CacheGroup.word_bytes``)."""
@@ -152,7 +160,11 @@ def pack(
 
 
 def unpack(
-    buf: torch.Tensor, caches: Sequence[torch.Tensor], layout: PagedLayout, idx: torch.Tensor, geo: PackGeometry,
+    buf: torch.Tensor,
+    caches: Sequence[torch.Tensor],
+    layout: PagedLayout,
+    idx: torch.Tensor,
+    geo: PackGeometry,
     wb: int,
 ) -> None:
     """``wb``: the word size the caches and ``buf`` allow (``CacheGroup.word_bytes``)."""
@@ -176,8 +188,16 @@ def _fp8_args(caches, layout, idx, buf, geo):
 def _pack_fp8(caches, layout, idx, out, geo) -> None:
     offs, payload, scales, heads, post, head_elems = _fp8_args(caches, layout, idx, out, geo)
     _quant_rows[(geo.num_rows, heads)](
-        _base_view(caches[0], layout.dtype), offs, payload, scales, heads, post, head_elems,
-        layout.row_elems, FP8MAX=FP8_MAX, TILE=_tile(head_elems),
+        _base_view(caches[0], layout.dtype),
+        offs,
+        payload,
+        scales,
+        heads,
+        post,
+        head_elems,
+        layout.row_elems,
+        FP8MAX=FP8_MAX,
+        TILE=_tile(head_elems),
     )
 
 
@@ -185,6 +205,14 @@ def _unpack_fp8(buf, caches, layout, idx, geo) -> None:
     offs, payload, scales, heads, post, head_elems = _fp8_args(caches, layout, idx, buf, geo)
     bf16 = layout.dtype == torch.bfloat16
     _dequant_rows[(geo.num_rows, heads)](
-        payload, scales, _base_view(caches[0], torch.int16 if bf16 else layout.dtype), offs, heads, post,
-        head_elems, layout.row_elems, BF16=bf16, TILE=_tile(head_elems),
+        payload,
+        scales,
+        _base_view(caches[0], torch.int16 if bf16 else layout.dtype),
+        offs,
+        heads,
+        post,
+        head_elems,
+        layout.row_elems,
+        BF16=bf16,
+        TILE=_tile(head_elems),
     )

@@ -8,7 +8,8 @@ nothing before it.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 
 class WindowBlocks(NamedTuple):
@@ -32,9 +33,7 @@ def window_block_range(num_tokens: int, window: int, block_size: int) -> range:
     return range(first_token // block_size, (num_tokens - 1) // block_size + 1)
 
 
-def window_block_ids(
-    block_ids: Sequence[int], num_tokens: int, window: int, block_size: int
-) -> WindowBlocks:
+def window_block_ids(block_ids: Sequence[int], num_tokens: int, window: int, block_size: int) -> WindowBlocks:
     """The physical ids (and first logical index) of the blocks covering the last ``window``
     tokens of a request with ``num_tokens`` tokens and block table ``block_ids``."""
     r = window_block_range(num_tokens, window, block_size)

@@ -31,8 +31,9 @@ if (_source_kernels / "__init__.py").is_file() and not (_Path(__file__).parent /
         def find_spec(self, fullname, path, target=None):  # type: ignore[no-untyped-def]
             if fullname != "prfaas_plugin.kernels":
                 return None
-            return _ilu.spec_from_file_location(fullname, _source_kernels / "__init__.py",
-                                                submodule_search_locations=[str(_source_kernels)])
+            return _ilu.spec_from_file_location(
+                fullname, _source_kernels / "__init__.py", submodule_search_locations=[str(_source_kernels)]
+            )
 
     if not any(type(f).__name__ == "_SourceKernelsFinder" for f in _sys.meta_path):
         _sys.meta_path.insert(0, _SourceKernelsFinder())

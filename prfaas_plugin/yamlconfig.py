@@ -3,8 +3,9 @@ and every offending field (shared by the planner and the router)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -32,8 +33,13 @@ def validate(model: type[M], raw: dict[str, Any], path: Path, what: str, error: 
         raise error(f"{path}: invalid {what}:\n  " + "\n  ".join(lines)) from None
 
 
-def load_yaml_model(path: str | Path, model: type[M], what: str, error: type[Exception],
-                    edit: Callable[[dict[str, Any]], None] | None = None) -> M:
+def load_yaml_model(
+    path: str | Path,
+    model: type[M],
+    what: str,
+    error: type[Exception],
+    edit: Callable[[dict[str, Any]], None] | None = None,
+) -> M:
     """``edit`` may change the raw mapping before validation (e.g. apply overrides)."""
     p = Path(path)
     raw = read_yaml_mapping(p, error)

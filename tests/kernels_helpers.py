@@ -3,7 +3,7 @@ reference written with plain indexing (independent of kernels/torch_ops.py)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -37,10 +37,22 @@ def mixed_stride_layers(nb: int, g: torch.Generator) -> list[torch.Tensor]:
 
 # name -> (make caches(generator, num_blocks), group constructor, fp8 allowed)
 FAMILIES: dict[str, tuple[Callable[[torch.Generator, int], list[torch.Tensor]], Callable, bool]] = {
-    "attn_gpu": (lambda g, nb: [_rand((2, nb, 4, 2, 8), torch.bfloat16, g) for _ in range(3)], CacheGroup.vllm_attention_gpu, True),
-    "attn_cpu": (lambda g, nb: [_rand((nb, 3, 4, 16), torch.bfloat16, g) for _ in range(2)], CacheGroup.vllm_attention_cpu, True),
+    "attn_gpu": (
+        lambda g, nb: [_rand((2, nb, 4, 2, 8), torch.bfloat16, g) for _ in range(3)],
+        CacheGroup.vllm_attention_gpu,
+        True,
+    ),
+    "attn_cpu": (
+        lambda g, nb: [_rand((nb, 3, 4, 16), torch.bfloat16, g) for _ in range(2)],
+        CacheGroup.vllm_attention_cpu,
+        True,
+    ),
     # vLLM 0.32 KVCacheLayout.LBNHC seen physically: [NB, BS, H, 2*D], heads at row axis 1
-    "attn_bnhc": (lambda g, nb: [_rand((nb, 4, 2, 16), torch.float16, g) for _ in range(2)], lambda c: CacheGroup(c, PagedLayout.of(c[0], 0, head_axis=1)), True),
+    "attn_bnhc": (
+        lambda g, nb: [_rand((nb, 4, 2, 16), torch.float16, g) for _ in range(2)],
+        lambda c: CacheGroup(c, PagedLayout.of(c[0], 0, head_axis=1)),
+        True,
+    ),
     "mla": (lambda g, nb: [_rand((nb, 4, 36), torch.bfloat16, g) for _ in range(3)], CacheGroup.mla, True),
     # recurrent states, one slot per "block": shapes per family (small head counts)
     "gdn_temporal": (lambda g, nb: [_rand((nb, 2, 8, 8), torch.float32, g) for _ in range(2)], CacheGroup.state, False),
@@ -70,7 +82,9 @@ def like_group(group: CacheGroup, seed: int) -> CacheGroup:
     """A destination group of the same layout filled with different random data."""
     g = torch.Generator().manual_seed(seed)
     caches = [_rand(tuple(t.shape), t.dtype, g) for t in group.caches]
-    return CacheGroup(caches, PagedLayout.of(caches[0], group.layout.block_dim, group.layout.head_axis, group.layout.lossless))
+    return CacheGroup(
+        caches, PagedLayout.of(caches[0], group.layout.block_dim, group.layout.head_axis, group.layout.lossless)
+    )
 
 
 def blocks_view(t: torch.Tensor, lay: PagedLayout) -> torch.Tensor:
@@ -97,8 +111,6 @@ def reference_unpack(src: CacheGroup, src_ids: list[int], dst: CacheGroup, dst_i
     return out
 
 
-
-
 def head_scales(group: CacheGroup, ids: list[int]) -> torch.Tensor:
     """Expected scale per ``[row, head]``: amax / 448 (1 for an all-zero head)."""
     lay = group.layout
@@ -118,5 +130,3 @@ def assert_fp8_within_bound(orig: torch.Tensor, got: torch.Tensor, scale: torch.
     err = (o - r).abs()
     assert bool((err <= bound).all()), f"fp8 error {float((err - bound).max())} above bound"
     return float((err / (scale * 448.0)).max())
-
-

@@ -11,15 +11,15 @@ import os
 # switch is read when the kernels are decorated, and we re-decorate if needed.
 os.environ["TRITON_INTERPRET"] = "1"
 
-import importlib  # noqa: E402
+import importlib
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 
-from prfaas_plugin.kernels import CacheGroup, pack, packed_nbytes, unpack, window_block_ids  # noqa: E402
-from tests.kernels_helpers import (  # noqa: E402
+from prfaas_plugin.kernels import CacheGroup, pack, packed_nbytes, unpack, window_block_ids
+from tests.kernels_helpers import (
     FAMILIES,
     PACK_IDS,
     UNPACK_DST,

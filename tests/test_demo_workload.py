@@ -24,7 +24,9 @@ def test_lengths_are_reproducible_bounded_and_have_the_right_mean() -> None:
     assert min(a) >= 16 and max(a) <= 2048
     expect = _truncated_lognormal_mean(spec.mu + math.log(spec.scale), spec.sigma, 16, 2048)
     assert abs(np.mean(a) - expect) / expect < 0.05
-    assert sample_lengths(WorkloadSpec(num_requests=50, seed=4)) != sample_lengths(WorkloadSpec(num_requests=50, seed=5))
+    assert sample_lengths(WorkloadSpec(num_requests=50, seed=4)) != sample_lengths(
+        WorkloadSpec(num_requests=50, seed=5)
+    )
 
 
 def test_prompts_hit_their_target_lengths_and_share_prefixes() -> None:
@@ -54,7 +56,9 @@ def test_report_totals_json_and_figure(tmp_path) -> None:
         RequestRecord("r2", "local", 200, 200, 500, 0, None, 0.05, 0.2, 0.1, True),
         RequestRecord("r3", "local", 300, 100, 500, 0, None, 0.05, 0.2, 0.2, False),
     ]
-    rep = DemoReport(link={"rate_gbit": 1.0, "rtt_ms": 20}, requests=recs, threshold_timeline=[(0.0, 500.0)], wall_s=2.0)
+    rep = DemoReport(
+        link={"rate_gbit": 1.0, "rtt_ms": 20}, requests=recs, threshold_timeline=[(0.0, 500.0)], wall_s=2.0
+    )
     t = rep.totals()
     assert t["offload_fraction"] == pytest.approx(1 / 3, abs=1e-3)
     assert t["egress_gbit_per_s"] == pytest.approx((8 << 20) * 8 / 2.0 / 1e9, rel=1e-4)

@@ -119,7 +119,8 @@ def test_a_shared_budget_covers_connections_opened_later_and_once_heals(sink) ->
         while proxy.stats.resets < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert proxy.stats.resets == 2 and proxy.plan.kind is FaultKind.NONE
-        first.close(); late.close()
+        first.close()
+        late.close()
         payload = b"after the restart" * 1000
         assert _send(proxy.address, payload) == hashlib.sha256(payload).digest()
 

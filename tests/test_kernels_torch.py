@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prfaas_plugin.kernels import CacheGroup, PagedLayout, pack, packed_nbytes, unpack, window_block_ids, window_block_range
+from prfaas_plugin.kernels import (
+    CacheGroup,
+    PagedLayout,
+    pack,
+    packed_nbytes,
+    unpack,
+    window_block_ids,
+    window_block_range,
+)
 from tests.kernels_helpers import (
     FAMILIES,
     PACK_IDS,
@@ -151,7 +159,7 @@ def test_word_size_follows_each_buffer_with_the_caches_alignment_kept(shift: int
     aligned = pack(group, ids)
     assert group.word_bytes(aligned) == 8
     backing = torch.full((n + 8,), 0xA5, dtype=torch.uint8)
-    out = backing[shift: shift + n]
+    out = backing[shift : shift + n]
     assert group.word_bytes(out) == {0: 8, 1: 1, 2: 2, 4: 4}[shift]
     pack(group, ids, out=out)
     assert torch.equal(out, aligned)

@@ -19,9 +19,14 @@ pytest.importorskip("triton")
 
 def test_triton_kernels_bit_exact_under_the_interpreter() -> None:
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels_triton_cases.py"],
-                          cwd=root, capture_output=True, text=True, timeout=1200,
-                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels_triton_cases.py"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
     print(proc.stdout[-3000:])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout

@@ -25,8 +25,14 @@ def _model(name: str, **kw) -> ModelKV:
 
 # -- each layer kind, hand-computed ------------------------------------------------------------
 def test_gqa_with_different_k_and_v_head_dims() -> None:
-    cfg = {"num_hidden_layers": 3, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 192,
-           "v_head_dim": 128, "torch_dtype": "bfloat16"}
+    cfg = {
+        "num_hidden_layers": 3,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "head_dim": 192,
+        "v_head_dim": 128,
+        "torch_dtype": "bfloat16",
+    }
     m = ModelKV.from_config(cfg)
     assert m.token_bytes == 3 * 2 * (192 + 128) * 2
     assert m.kv_bytes(10) == 10 * 3 * 2 * 320 * 2
@@ -47,8 +53,14 @@ def test_mla_caches_latent_plus_rope() -> None:
 
 
 def test_sliding_window_counts_only_the_window() -> None:
-    cfg = {"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16,
-           "sliding_window": 100, "layer_types": ["sliding_attention"] * 3 + ["full_attention"]}
+    cfg = {
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+        "sliding_window": 100,
+        "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
+    }
     m = ModelKV.from_config(cfg)
     per = 1 * 32 * 2
     assert m.kv_bytes(50) == 4 * 50 * per  # shorter than the window: every layer holds all tokens
@@ -57,9 +69,19 @@ def test_sliding_window_counts_only_the_window() -> None:
 
 
 def test_gated_deltanet_state_and_conv() -> None:
-    cfg = {"num_hidden_layers": 4, "full_attention_interval": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-           "head_dim": 64, "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 32,
-           "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4, "torch_dtype": "bfloat16"}
+    cfg = {
+        "num_hidden_layers": 4,
+        "full_attention_interval": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+        "linear_key_head_dim": 32,
+        "linear_value_head_dim": 16,
+        "linear_conv_kernel_dim": 4,
+        "torch_dtype": "bfloat16",
+    }
     m = ModelKV.from_config(cfg)
     state = 4 * 16 * 32 * 2
     conv = (2 * 2 * 32 + 4 * 16) * 3 * 2
@@ -69,33 +91,60 @@ def test_gated_deltanet_state_and_conv() -> None:
 
 
 def test_kda_mamba2_and_lightning_states() -> None:
-    kda = {"num_hidden_layers": 4, "kv_lora_rank": 8, "qk_rope_head_dim": 8,
-           "linear_attn_config": {"kda_layers": [1, 2, 3], "full_attn_layers": [4], "num_heads": 2, "head_dim": 4,
-                                  "short_conv_kernel_size": 4}}
+    kda = {
+        "num_hidden_layers": 4,
+        "kv_lora_rank": 8,
+        "qk_rope_head_dim": 8,
+        "linear_attn_config": {
+            "kda_layers": [1, 2, 3],
+            "full_attn_layers": [4],
+            "num_heads": 2,
+            "head_dim": 4,
+            "short_conv_kernel_size": 4,
+        },
+    }
     m = ModelKV.from_config(kda)
     assert m.state_bytes == 3 * (2 * 4 * 4 * 2 + 3 * 2 * 4 * 3 * 2)
     assert m.token_bytes == 16 * 2
-    mamba = {"hybrid_override_pattern": "M-*M", "mamba_num_heads": 4, "mamba_head_dim": 8, "ssm_state_size": 16,
-             "n_groups": 2, "conv_kernel": 4, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 8}
+    mamba = {
+        "hybrid_override_pattern": "M-*M",
+        "mamba_num_heads": 4,
+        "mamba_head_dim": 8,
+        "ssm_state_size": 16,
+        "n_groups": 2,
+        "conv_kernel": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 8,
+    }
     m = ModelKV.from_config(mamba)
     assert m.state_bytes == 2 * (4 * 8 * 16 * 2 + (4 * 8 + 2 * 2 * 16) * 3 * 2)
     assert m.token_bytes == 2 * 8 * 2
-    ring = {"num_hidden_layers": 8, "layer_group_size": 4, "kv_lora_rank": 4, "qk_rope_head_dim": 4,
-            "num_attention_heads": 2, "head_dim": 8}
+    ring = {
+        "num_hidden_layers": 8,
+        "layer_group_size": 4,
+        "kv_lora_rank": 4,
+        "qk_rope_head_dim": 4,
+        "num_attention_heads": 2,
+        "head_dim": 8,
+    }
     m = ModelKV.from_config(ring)
     assert [layer.kind for layer in m.layers].count(LayerKind.MLA) == 2
     assert m.state_bytes == 6 * 2 * 8 * 8 * 2
 
 
 # -- the real configs against research/models.md ------------------------------------------------
-@pytest.mark.parametrize("name, per_token, fixed_mib", [
-    ("minimax-m2.5.json", 253_952, 0.0),
-    ("mimo-v2-flash.json", 23_040, 24.38),
-    ("kimi-linear-48b-a3b.json", 8_064, 21.41),
-    ("ring-2.5-1t.json", 11_520, 140.0),
-    ("deepseek-v3.json", 70_272, 0.0),
-    ("qwen3-235b-a22b.json", 192_512, 0.0),
-])
+@pytest.mark.parametrize(
+    "name, per_token, fixed_mib",
+    [
+        ("minimax-m2.5.json", 253_952, 0.0),
+        ("mimo-v2-flash.json", 23_040, 24.38),
+        ("kimi-linear-48b-a3b.json", 8_064, 21.41),
+        ("ring-2.5-1t.json", 11_520, 140.0),
+        ("deepseek-v3.json", 70_272, 0.0),
+        ("qwen3-235b-a22b.json", 192_512, 0.0),
+    ],
+)
 def test_models_md_figures(name: str, per_token: int, fixed_mib: float) -> None:
     m = _model(name)
     assert m.token_bytes == per_token
@@ -115,12 +164,15 @@ def test_mimo_phi_kv_matches_paper_table3() -> None:
     assert _model("mimo-v2-flash.json").phi_kv_gbps(32768, 24_500) == pytest.approx(4.66, rel=0.01)
 
 
-@pytest.mark.parametrize("name, per_token", [
-    ("qwen3-next-80b-a3b.json", 12 * 2 * 2 * 256 * 2),
-    ("gemma3-27b.json", 10 * 2 * 16 * 128 * 2),
-    ("llama-3.1-8b.json", 32 * 2 * 8 * 128 * 2),
-    ("qwen3-8b.json", 36 * 2 * 8 * 128 * 2),
-])
+@pytest.mark.parametrize(
+    "name, per_token",
+    [
+        ("qwen3-next-80b-a3b.json", 12 * 2 * 2 * 256 * 2),
+        ("gemma3-27b.json", 10 * 2 * 16 * 128 * 2),
+        ("llama-3.1-8b.json", 32 * 2 * 8 * 128 * 2),
+        ("qwen3-8b.json", 36 * 2 * 8 * 128 * 2),
+    ],
+)
 def test_extra_configs(name: str, per_token: int) -> None:
     assert ModelKV.from_file(CONFIGS / name).token_bytes == per_token
 
@@ -135,8 +187,16 @@ def test_unknown_architecture_names_the_fields_it_lacks(tmp_path) -> None:
 
 def test_family_missing_a_field_is_named() -> None:
     with pytest.raises(ConfigError, match="linear_key_head_dim"):
-        ModelKV.from_config({"num_hidden_layers": 4, "linear_num_value_heads": 2, "linear_num_key_heads": 2,
-                             "linear_value_head_dim": 8, "full_attention_interval": 4, "num_attention_heads": 2})
+        ModelKV.from_config(
+            {
+                "num_hidden_layers": 4,
+                "linear_num_value_heads": 2,
+                "linear_num_key_heads": 2,
+                "linear_value_head_dim": 8,
+                "full_attention_interval": 4,
+                "num_attention_heads": 2,
+            }
+        )
     with pytest.raises(ConfigError, match="num_hidden_layers must be > 0"):
         ModelKV.from_config({"num_hidden_layers": 0, "num_attention_heads": 2, "hidden_size": 8})
 
@@ -152,8 +212,18 @@ def test_bad_json_and_missing_file(tmp_path) -> None:
 
 # -- the command ------------------------------------------------------------------------------------
 def test_cli_json_and_phi(tmp_path) -> None:
-    res = CliRunner().invoke(main, ["kv-size", str(CONFIGS / "llama-3.1-8b.json"), "--lengths", "1K,32K",
-                                    "--prefill-tokens-per-s", "10000", "--json"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "kv-size",
+            str(CONFIGS / "llama-3.1-8b.json"),
+            "--lengths",
+            "1K,32K",
+            "--prefill-tokens-per-s",
+            "10000",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     d = json.loads(res.output)
     assert d["bytes_per_token"] == 131072

@@ -62,12 +62,17 @@ def test_link_has_the_asked_delay_and_rate_and_leaves_nothing() -> None:
     spec = LinkSpec(rate_gbit=0.2, rtt_ms=20.0, tcp_buffer_max_bytes=16 << 20)
     with EmulatedLink(spec) as link:
         assert link.running
-        server = subprocess.Popen(link.argv("b", [sys.executable, "-c", _SERVER, link.addr_b, "5201"]),
-                                  stdout=subprocess.PIPE, text=True)
+        server = subprocess.Popen(
+            link.argv("b", [sys.executable, "-c", _SERVER, link.addr_b, "5201"]), stdout=subprocess.PIPE, text=True
+        )
         try:
             assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-            out = subprocess.run(link.argv("a", [sys.executable, "-c", _CLIENT, link.addr_b, "5201", "2.0"]),
-                                 capture_output=True, text=True, timeout=60)
+            out = subprocess.run(
+                link.argv("a", [sys.executable, "-c", _CLIENT, link.addr_b, "5201", "2.0"]),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert out.returncode == 0, out.stderr
             m = json.loads(out.stdout)
         finally:
@@ -100,8 +105,9 @@ def test_side_b_can_be_the_callers_namespace() -> None:
 
     with EmulatedLink(LinkSpec(rate_gbit=0.5, rtt_ms=30.0), b_in_root=True) as link:
         assert link.ns_b is None and link.argv("b", ["true"]) == ["true"]
-        server = subprocess.Popen(link.argv("a", [sys.executable, "-c", _SERVER, link.addr_a, "5202"]),
-                                  stdout=subprocess.PIPE, text=True)
+        server = subprocess.Popen(
+            link.argv("a", [sys.executable, "-c", _SERVER, link.addr_a, "5202"]), stdout=subprocess.PIPE, text=True
+        )
         try:
             assert server.stdout is not None and server.stdout.readline().strip() == "ready"
             t0 = time.perf_counter()

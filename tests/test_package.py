@@ -57,8 +57,9 @@ def test_bench_command_lists_and_refuses_unknown(tmp_path) -> None:
 def test_pyproject_lists_every_package() -> None:
     """Packages are listed by hand (kernels/ maps into the package); a new subpackage must be
     added there or the wheel silently lacks it."""
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     root = Path(__file__).resolve().parents[1]
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
@@ -69,17 +70,35 @@ def test_pyproject_lists_every_package() -> None:
 
 
 def test_wheel_contains_kernels_and_patches(tmp_path) -> None:
+    import shutil
     import zipfile
     from pathlib import Path
 
-    import shutil
-
     root = Path(__file__).resolve().parents[1]
     src = tmp_path / "src"  # build from a copy: an in-tree build/ would keep stale modules for later wheels
-    shutil.copytree(root, src, ignore=shutil.ignore_patterns(".venv*", ".git", "build", "out", "*.egg-info",
-                                                             "__pycache__", ".pytest_cache", ".hypothesis"))
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                          str(tmp_path), str(src)], capture_output=True, text=True)
+    shutil.copytree(
+        root,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".venv*", ".git", "build", "out", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis"
+        ),
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if out.returncode != 0 and "No module named" in out.stderr and "setuptools" in out.stderr:
         import pytest
 

@@ -102,8 +102,17 @@ def test_derived_profile_scales_fixed_and_compute_parts() -> None:
 def _flat_system(**kw) -> System:
     # T_prefill = l / 1000 s on both types; S_kv = l / 100 MiB.
     prof = table_profile("x", [1000, 2000], [1.0, 2.0], [10.0, 20.0], t_interp="linear")
-    args = dict(prfaas=prof, local=prof, n_prfaas=2, n_pd=4, link_gbps=1000.0, bs_max=10, t_decode_s=0.05,
-                out_tokens=100, homogeneous_instances=6)
+    args = dict(
+        prfaas=prof,
+        local=prof,
+        n_prfaas=2,
+        n_pd=4,
+        link_gbps=1000.0,
+        bs_max=10,
+        t_decode_s=0.05,
+        out_tokens=100,
+        homogeneous_instances=6,
+    )
     args.update(kw)
     return System(**args)
 
@@ -170,8 +179,18 @@ def test_cli_json_keys_and_plots(tmp_path) -> None:
     res = CliRunner().invoke(main, ["plan", "--config", str(CASE), "--json", "--plot", str(tmp_path)])
     assert res.exit_code == 0, res.output
     d = json.loads(res.stdout)
-    for key in ("threshold_tokens", "offload_fraction", "n_prfaas", "n_pd_prefill", "n_pd_decode", "theta_prfaas",
-                "theta_pd_prefill", "theta_pd_decode", "lambda_max", "egress_gbps"):
+    for key in (
+        "threshold_tokens",
+        "offload_fraction",
+        "n_prfaas",
+        "n_pd_prefill",
+        "n_pd_decode",
+        "theta_prfaas",
+        "theta_pd_prefill",
+        "theta_pd_decode",
+        "lambda_max",
+        "egress_gbps",
+    ):
         assert key in d
     assert "lambda_max" in d["baselines"]["homogeneous"] and "lambda_max" in d["baselines"]["naive_heterogeneous"]
     for png in ("lambda_vs_threshold.png", "lambda_vs_split.png"):
@@ -179,7 +198,9 @@ def test_cli_json_keys_and_plots(tmp_path) -> None:
 
 
 def test_cli_sweep_shows_sensitivity() -> None:
-    res = CliRunner().invoke(main, ["plan", "--config", str(CASE), "--sweep", "profiles.h20.compute_ratio=2.5,3.7", "--json"])
+    res = CliRunner().invoke(
+        main, ["plan", "--config", str(CASE), "--sweep", "profiles.h20.compute_ratio=2.5,3.7", "--json"]
+    )
     assert res.exit_code == 0, res.output
     rows = json.loads(res.output)["results"]
     assert rows[0]["threshold_tokens"] > rows[1]["threshold_tokens"]  # slower local prefill -> offload more
@@ -194,17 +215,20 @@ def _write(tmp_path, mutate) -> Path:
     return p
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda r: r["deployment"].pop("pd_instances"), "deployment.pd_instances"),
-    (lambda r: r["deployment"].__setitem__("prfaas_instances", -1), "prfaas_instances"),
-    (lambda r: r["profiles"]["h200"].__setitem__("lengths", []), "profiles.h200"),
-    (lambda r: r["profiles"]["h200"].__setitem__("t_prefill_s", [1, 2, 3]), "same number of rows"),
-    (lambda r: r.__setitem__("surprise", 1), "surprise"),
-    (lambda r: r["deployment"].__setitem__("pd_profile", "b200"), "'b200' is not defined"),
-    (lambda r: r["profiles"]["h200"].__setitem__("lengths", [1024, 1024, 32768, 131072]), "strictly increasing"),
-    (lambda r: r["workload"].__setitem__("lengths_file", "x.txt"), "exactly one of"),
-    (lambda r: r["link"].__setitem__("gbps", 0), "link.gbps"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda r: r["deployment"].pop("pd_instances"), "deployment.pd_instances"),
+        (lambda r: r["deployment"].__setitem__("prfaas_instances", -1), "prfaas_instances"),
+        (lambda r: r["profiles"]["h200"].__setitem__("lengths", []), "profiles.h200"),
+        (lambda r: r["profiles"]["h200"].__setitem__("t_prefill_s", [1, 2, 3]), "same number of rows"),
+        (lambda r: r.__setitem__("surprise", 1), "surprise"),
+        (lambda r: r["deployment"].__setitem__("pd_profile", "b200"), "'b200' is not defined"),
+        (lambda r: r["profiles"]["h200"].__setitem__("lengths", [1024, 1024, 32768, 131072]), "strictly increasing"),
+        (lambda r: r["workload"].__setitem__("lengths_file", "x.txt"), "exactly one of"),
+        (lambda r: r["link"].__setitem__("gbps", 0), "link.gbps"),
+    ],
+)
 def test_bad_configs_give_clear_errors(tmp_path, mutate, message) -> None:
     path = _write(tmp_path, mutate)
     with pytest.raises(PlannerConfigError, match=message):
@@ -216,7 +240,9 @@ def test_bad_configs_give_clear_errors(tmp_path, mutate, message) -> None:
 
 def test_lengths_file_workload(tmp_path) -> None:
     lengths = tmp_path / "lengths.txt"
-    lengths.write_text("# observed\n" + "\n".join(str(x) for x in TruncatedLogNormal(9.9, 1.0, 128, 131072).sample(5000, 2)))
+    lengths.write_text(
+        "# observed\n" + "\n".join(str(x) for x in TruncatedLogNormal(9.9, 1.0, 128, 131072).sample(5000, 2))
+    )
     path = _write(tmp_path, lambda r: r["workload"].update({"lognormal": None, "lengths_file": str(lengths)}))
     cfg, base = load_config(path)
     r = plan(cfg.system(), cfg.length_distribution(base), 100)

@@ -9,26 +9,53 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from router_helpers import FakeBackend, build_tokenizer, words
 from test_router import MODEL, RunningRouter, _cfg
 
 from prfaas_plugin.router.tokenize import PromptTokenizer
 
-_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=False, allow_infinity=False),
-                     st.text(max_size=40))
-_values = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                         st.dictionaries(st.text(max_size=8), inner, max_size=4)),
-                       max_leaves=12)
-_keys = st.sampled_from(["model", "prompt", "messages", "stream", "max_tokens", "max_completion_tokens", "n",
-                         "temperature", "kv_transfer_params", "stream_options", "chat_template_kwargs", "extra"])
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**40), 2**40),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=40),
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    max_leaves=12,
+)
+_keys = st.sampled_from(
+    [
+        "model",
+        "prompt",
+        "messages",
+        "stream",
+        "max_tokens",
+        "max_completion_tokens",
+        "n",
+        "temperature",
+        "kv_transfer_params",
+        "stream_options",
+        "chat_template_kwargs",
+        "extra",
+    ]
+)
 _bodies = st.one_of(
     st.dictionaries(_keys, _values, max_size=6),
     st.dictionaries(_keys, _values, max_size=6).map(lambda d: {"model": MODEL, **d}),
-    st.builds(lambda n, s, mt: {"model": MODEL, "prompt": words(n), "stream": s, "max_tokens": mt},
-              st.integers(0, 300), st.booleans(), st.one_of(st.integers(-3, 50), st.text(max_size=3))),
-    st.builds(lambda c, kv: {"model": MODEL, "messages": [{"role": "user", "content": c}], "kv_transfer_params": kv},
-              st.text(max_size=50), _values),
+    st.builds(
+        lambda n, s, mt: {"model": MODEL, "prompt": words(n), "stream": s, "max_tokens": mt},
+        st.integers(0, 300),
+        st.booleans(),
+        st.one_of(st.integers(-3, 50), st.text(max_size=3)),
+    ),
+    st.builds(
+        lambda c, kv: {"model": MODEL, "messages": [{"role": "user", "content": c}], "kv_transfer_params": kv},
+        st.text(max_size=50),
+        _values,
+    ),
     st.builds(lambda m: {"model": MODEL, "messages": m}, _values),
 )
 
@@ -54,8 +81,9 @@ def _check(resp: httpx.Response) -> None:
         assert isinstance(msg, str) and msg
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                      HealthCheck.too_slow])
+@settings(
+    max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(body=_bodies, chat=st.booleans())
 def test_generated_json_bodies_never_5xx(live, body, chat) -> None:
     r, client = live
@@ -85,7 +113,9 @@ def test_slow_loris_client_does_not_block_others(live) -> None:
     r, client = live
     host, port = "127.0.0.1", r.port
     s = socket.create_connection((host, port))
-    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{")
+    s.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"
+    )
     try:
         t0 = time.monotonic()
         resp = client.post("/v1/completions", json={"model": MODEL, "prompt": words(5), "max_tokens": 2})

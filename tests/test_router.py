@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from router_helpers import FakeBackend, RunningRouter, build_tokenizer, words
 
 from prfaas_plugin.router.config import RouterConfig, RouterConfigError, load_router_config
 from prfaas_plugin.router.tokenize import PromptTokenizer
-from router_helpers import FakeBackend, RunningRouter, build_tokenizer, words
 
 MODEL = "tiny"
 
@@ -29,9 +29,15 @@ def _cfg(p: FakeBackend | None, d: FakeBackend, tokenizer_dir: str = "/unused", 
     clusters = [{"name": "local", "kind": "local", "both": [{"url": d.url, "kv_endpoint": "127.0.0.1:15600"}]}]
     if p is not None:
         clusters.insert(0, {"name": "remote", "kind": "prfaas", "prefill": [{"url": p.url}]})
-    raw = {"model": MODEL, "tokenizer": tokenizer_dir, "block_size": 4, "clusters": clusters,
-           "threshold": {"mode": "fixed", "tokens": 40}, "bandwidth_mode": "scarce",
-           "timeouts": {"health_every_s": 0.3, "prefill_s": 10}}
+    raw = {
+        "model": MODEL,
+        "tokenizer": tokenizer_dir,
+        "block_size": 4,
+        "clusters": clusters,
+        "threshold": {"mode": "fixed", "tokens": 40},
+        "bandwidth_mode": "scarce",
+        "timeouts": {"health_every_s": 0.3, "prefill_s": 10},
+    }
     for k, v in kw.items():
         raw[k] = v
     return RouterConfig.model_validate(raw)
@@ -107,7 +113,9 @@ def test_bandwidth_modes_judge_prefixes_differently(tokenizer) -> None:
                 prompt = words(96, start=3)
                 ids = r.router.tokenizer.completion_tokens(prompt)
                 r.router.index.record(p.url, ids)  # only the PrfaaS side holds this prefix
-                resp = r.post("/v1/completions", {"model": MODEL, "prompt": prompt + " " + words(8, 120), "max_tokens": 2})
+                resp = r.post(
+                    "/v1/completions", {"model": MODEL, "prompt": prompt + " " + words(8, 120), "max_tokens": 2}
+                )
                 assert resp.headers["x-prfaas-route"] == expect, mode
             finally:
                 r.stop()
@@ -129,8 +137,9 @@ def test_openai_client_unchanged_streaming_and_not(fleet) -> None:
         assert "".join(c.choices[0].text for c in chunks).startswith("echo[")
         chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": words(n, 32)}])
         assert chat.choices[0].message.content.startswith("echo[")
-        stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": words(n, 33)}],
-                                                stream=True)
+        stream = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": words(n, 33)}], stream=True
+        )
         assert "".join(c.choices[0].delta.content or "" for c in stream).startswith("echo[")
     routes = [rec.route for rec in r.router.records.values()]
     assert routes.count("prfaas") == 4 and routes.count("local") == 4
@@ -151,7 +160,9 @@ def test_producer_http_failure_falls_back_to_local_without_client_error(tokenize
         assert r.router.records[resp.headers["x-request-id"]].fallback.startswith("prfaas failed")
         assert 'prfaas_router_fallbacks_total{reason="prfaas failed"} 1.0' in httpx.get(r.url + "/metrics").text
     finally:
-        r.stop(); p.stop(); d.stop()
+        r.stop()
+        p.stop()
+        d.stop()
 
 
 def test_transfer_reported_failed_falls_back(tokenizer) -> None:
@@ -162,7 +173,9 @@ def test_transfer_reported_failed_falls_back(tokenizer) -> None:
         resp = r.post("/v1/completions", _completion(100))
         assert resp.status_code == 200 and resp.headers.get("x-prfaas-fallback") == "prfaas failed"
     finally:
-        r.stop(); p.stop(); d.stop()
+        r.stop()
+        p.stop()
+        d.stop()
 
 
 def test_prfaas_cluster_down_routes_local(tokenizer) -> None:
@@ -177,7 +190,8 @@ def test_prfaas_cluster_down_routes_local(tokenizer) -> None:
         health = httpx.get(r.url + "/health").json()
         assert any(not i["healthy"] and i["url"] == dead.url for i in health["instances"])
     finally:
-        r.stop(); d.stop()
+        r.stop()
+        d.stop()
 
 
 def test_slow_health_probes_mark_an_instance_down_only_after_several_in_a_row() -> None:
@@ -190,7 +204,9 @@ def test_slow_health_probes_mark_an_instance_down_only_after_several_in_a_row() 
 
     slow = FakeBackend("prefill", health_delay_s=0.5).start()
     dead = FakeBackend("prefill")  # never started: refused
-    fleet = Fleet([Instance(slow.url, "remote", "prfaas", "prefill"), Instance(dead.url, "remote", "prfaas", "prefill")])
+    fleet = Fleet(
+        [Instance(slow.url, "remote", "prfaas", "prefill"), Instance(dead.url, "remote", "prfaas", "prefill")]
+    )
     s, gone = fleet.instances
 
     async def probes() -> list[tuple[bool, bool]]:
@@ -232,7 +248,9 @@ def test_client_disconnect_aborts_both_sides(tokenizer) -> None:
         time.sleep(0.3)
         assert all(i.inflight == 0 for i in r.router.fleet.instances)
     finally:
-        r.stop(); p.stop(); d.stop()
+        r.stop()
+        p.stop()
+        d.stop()
 
 
 def test_streaming_client_leaving_during_a_remote_prefill_aborts_both_sides(tokenizer) -> None:
@@ -241,14 +259,17 @@ def test_streaming_client_leaving_during_a_remote_prefill_aborts_both_sides(toke
     r = RunningRouter(_cfg(p, d), tokenizer)
     try:
         with pytest.raises(httpx.ReadTimeout):  # no header yet: the prefill runs remotely
-            with httpx.stream("POST", r.url + "/v1/completions", json={**_completion(100), "stream": True},
-                              timeout=0.7) as resp:
+            with httpx.stream(
+                "POST", r.url + "/v1/completions", json={**_completion(100), "stream": True}, timeout=0.7
+            ) as resp:
                 resp.read()
         assert _eventually(lambda: bool(p.seen) and p.seen[-1].aborted, 2), "the producer must be cancelled at once"
         assert _eventually(lambda: all(i.inflight == 0 for i in r.router.fleet.instances), 2)
         assert _eventually(lambda: r.router._serving == 0, 2), "a request that ended must leave the open count"
     finally:
-        r.stop(); p.stop(); d.stop()
+        r.stop()
+        p.stop()
+        d.stop()
 
 
 def test_client_leaving_a_stream_aborts_the_upstream_request(tokenizer) -> None:
@@ -257,7 +278,9 @@ def test_client_leaving_a_stream_aborts_the_upstream_request(tokenizer) -> None:
     r = RunningRouter(_cfg(p, d), tokenizer)
     try:
         t0 = time.monotonic()
-        with httpx.stream("POST", r.url + "/v1/completions", json={**_completion(10), "stream": True}, timeout=5) as resp:
+        with httpx.stream(
+            "POST", r.url + "/v1/completions", json={**_completion(10), "stream": True}, timeout=5
+        ) as resp:
             assert resp.status_code == 200  # headers are out; the first token is 3 s away
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and not (d.seen and d.seen[-1].aborted):
@@ -268,7 +291,9 @@ def test_client_leaving_a_stream_aborts_the_upstream_request(tokenizer) -> None:
         assert r.router.records[next(reversed(r.router.records))].error == "client disconnected"
         assert _eventually(lambda: r.router._serving == 0, 2)
     finally:
-        r.stop(); p.stop(); d.stop()
+        r.stop()
+        p.stop()
+        d.stop()
 
 
 def test_completion_endpoints_take_only_post(fleet) -> None:
@@ -282,8 +307,13 @@ def test_completion_endpoints_take_only_post(fleet) -> None:
 def _planner_yaml(tmp_path: Path) -> Path:
     cfg = {
         "workload": {"lognormal": {"mu": 4.0, "sigma": 0.8, "min": 4, "max": 400}, "output_tokens": 8},
-        "profiles": {"cpu": {"lengths": [8, 64, 256, 512], "t_prefill_s": [0.01, 0.05, 0.3, 0.9],
-                             "s_kv_mib": [0.1, 0.5, 2.0, 4.0]}},
+        "profiles": {
+            "cpu": {
+                "lengths": [8, 64, 256, 512],
+                "t_prefill_s": [0.01, 0.05, 0.3, 0.9],
+                "s_kv_mib": [0.1, 0.5, 2.0, 4.0],
+            }
+        },
         "deployment": {"prfaas_profile": "cpu", "pd_profile": "cpu", "prfaas_instances": 1, "pd_instances": 2},
         "decode": {"bs_max": 8, "t_decode_s": 0.01},
         "link": {"gbps": 1.0},
@@ -305,8 +335,17 @@ def test_auto_threshold_follows_planner_rises_under_egress_and_settles(tokenizer
 
     p = FakeBackend("prefill", kv_bytes_per_token=2000).start()
     d = FakeBackend("both").start()
-    th = {"mode": "auto", "tokens": 40, "planner": str(_planner_yaml(tmp_path)), "min_samples": 8,
-          "reoptimize_every_s": 0.2, "egress_high": 0.8, "egress_low": 0.3, "egress_window_s": 1.0, "step": 0.2}
+    th = {
+        "mode": "auto",
+        "tokens": 40,
+        "planner": str(_planner_yaml(tmp_path)),
+        "min_samples": 8,
+        "reoptimize_every_s": 0.2,
+        "egress_high": 0.8,
+        "egress_low": 0.3,
+        "egress_window_s": 1.0,
+        "step": 0.2,
+    }
     r = RunningRouter(_cfg(p, d, threshold=th, link_gbps=0.002), tokenizer)
     try:
         lengths = []
@@ -334,7 +373,9 @@ def test_auto_threshold_follows_planner_rises_under_egress_and_settles(tokenizer
         assert split["n_prefill"] + split["n_decode"] == 2
         assert "prfaas_router_split_recommendation" in httpx.get(r.url + "/metrics").text
     finally:
-        r.stop(); p.stop(); d.stop()
+        r.stop()
+        p.stop()
+        d.stop()
 
 
 def test_hysteresis_does_not_flap() -> None:
@@ -359,18 +400,21 @@ def test_hysteresis_does_not_flap() -> None:
 
 
 # -- input validation and admin ---------------------------------------------------------------------
-@pytest.mark.parametrize("body, status, text", [
-    ("{nope", 400, "not valid JSON"),
-    ([1, 2], 400, "JSON object"),
-    ({"prompt": "w1"}, 400, "'model'"),
-    ({"model": "other", "prompt": "w1"}, 404, "does not exist"),
-    ({"model": MODEL}, 400, "'prompt' is required"),
-    ({"model": MODEL, "prompt": "w1", "stream": "yes"}, 400, "'stream'"),
-    ({"model": MODEL, "prompt": "w1", "max_tokens": 0}, 400, "max_tokens"),
-    ({"model": MODEL, "prompt": "w1", "kv_transfer_params": {}}, 400, "set by the router"),
-    ({"model": MODEL, "prompt": [[1, 2]]}, 400, "prompt must be"),
-    ({"model": MODEL, "prompt": ""}, 400, "empty"),
-])
+@pytest.mark.parametrize(
+    "body, status, text",
+    [
+        ("{nope", 400, "not valid JSON"),
+        ([1, 2], 400, "JSON object"),
+        ({"prompt": "w1"}, 400, "'model'"),
+        ({"model": "other", "prompt": "w1"}, 404, "does not exist"),
+        ({"model": MODEL}, 400, "'prompt' is required"),
+        ({"model": MODEL, "prompt": "w1", "stream": "yes"}, 400, "'stream'"),
+        ({"model": MODEL, "prompt": "w1", "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": MODEL, "prompt": "w1", "kv_transfer_params": {}}, 400, "set by the router"),
+        ({"model": MODEL, "prompt": [[1, 2]]}, 400, "prompt must be"),
+        ({"model": MODEL, "prompt": ""}, 400, "empty"),
+    ],
+)
 def test_bad_requests_get_4xx_with_a_message(fleet, body, status, text) -> None:
     r, p, d = fleet
     content = body if isinstance(body, str) else None
@@ -417,18 +461,30 @@ def test_the_gc_pacer_idles_between_requests_and_paces_while_one_is_open(tokeniz
         t.join(10)
         assert r.router._serving == 0
     finally:
-        r.stop(); d.stop()
+        r.stop()
+        d.stop()
 
 
 def test_config_errors_are_clear(tmp_path) -> None:
-    good = {"model": "m", "tokenizer": ".", "clusters": [
-        {"name": "l", "kind": "local", "both": [{"url": "http://127.0.0.1:1", "kv_endpoint": "127.0.0.1:2"}]}]}
+    good = {
+        "model": "m",
+        "tokenizer": ".",
+        "clusters": [
+            {"name": "l", "kind": "local", "both": [{"url": "http://127.0.0.1:1", "kv_endpoint": "127.0.0.1:2"}]}
+        ],
+    }
     cases = [
         (dict(good, surprise=1), "surprise"),
         (dict(good, clusters=[{"name": "l", "kind": "local", "both": [{"url": "http://127.0.0.1:1"}]}]), "kv_endpoint"),
-        (dict(good, clusters=[{"name": "p", "kind": "prfaas", "prefill": [{"url": "http://127.0.0.1:1"}]}]), "local cluster"),
+        (
+            dict(good, clusters=[{"name": "p", "kind": "prfaas", "prefill": [{"url": "http://127.0.0.1:1"}]}]),
+            "local cluster",
+        ),
         (dict(good, threshold={"mode": "auto"}), "threshold.planner"),
-        (dict(good, clusters=[{"name": "l", "kind": "local", "both": [{"url": "ftp://x", "kv_endpoint": "a:1"}]}]), "http://"),
+        (
+            dict(good, clusters=[{"name": "l", "kind": "local", "both": [{"url": "ftp://x", "kv_endpoint": "a:1"}]}]),
+            "http://",
+        ),
     ]
     for raw, msg in cases:
         path = tmp_path / "c.yaml"
@@ -447,8 +503,15 @@ def test_kv_events_feed_the_prefix_index() -> None:
 
     idx = PrefixIndex(block_size=4)
     tokens = list(range(12))
-    stored = BlockStored(block_hashes=[b"h1", b"h2", b"h3"], parent_block_hash=None, token_ids=tokens, block_size=4,
-                         lora_id=None, medium="GPU", lora_name=None)
+    stored = BlockStored(
+        block_hashes=[b"h1", b"h2", b"h3"],
+        parent_block_hash=None,
+        token_ids=tokens,
+        block_size=4,
+        lora_id=None,
+        medium="GPU",
+        lora_name=None,
+    )
     payload = msgspec.msgpack.encode(KVEventBatch(ts=0.0, events=[stored]))
     assert apply_payload(idx, "http://a", payload) == 1
     assert idx.longest_prefix(tokens + [99], ["http://a"]) == (12, "http://a")
@@ -460,7 +523,9 @@ def test_kv_events_feed_the_prefix_index() -> None:
 def test_chat_prompts_count_template_tokens(tokenizer) -> None:
     ids = tokenizer.chat_tokens([{"role": "user", "content": words(7)}], {})
     assert len(ids) == 7 + 2  # "user:" + 7 words + "assistant:" (the generation prompt)
-    assert tokenizer.completion_tokens(words(5)) == tokenizer.completion_tokens([*tokenizer.completion_tokens(words(5))])
+    assert tokenizer.completion_tokens(words(5)) == tokenizer.completion_tokens(
+        [*tokenizer.completion_tokens(words(5))]
+    )
 
 
 def test_example_config_validates() -> None:
@@ -472,13 +537,26 @@ def test_example_config_validates() -> None:
 # -- SGLang pools: its PD protocol instead of kv_transfer_params -----------------------------------
 def _sglang_cfg(p: FakeBackend, lp: FakeBackend, d: FakeBackend) -> RouterConfig:
     """No kv_endpoint anywhere: SGLang decode instances find the prefill through its bootstrap server."""
-    return RouterConfig.model_validate({
-        "model": MODEL, "tokenizer": "/unused", "block_size": 4, "engine": "sglang",
-        "threshold": {"mode": "fixed", "tokens": 40}, "bandwidth_mode": "scarce",
-        "timeouts": {"health_every_s": 0.3, "prefill_s": 10},
-        "clusters": [{"name": "remote", "kind": "prfaas", "prefill": [{"url": p.url, "bootstrap_port": 9100}]},
-                     {"name": "local", "kind": "local", "prefill": [{"url": lp.url, "bootstrap_port": 9200}],
-                      "decode": [{"url": d.url}]}]})
+    return RouterConfig.model_validate(
+        {
+            "model": MODEL,
+            "tokenizer": "/unused",
+            "block_size": 4,
+            "engine": "sglang",
+            "threshold": {"mode": "fixed", "tokens": 40},
+            "bandwidth_mode": "scarce",
+            "timeouts": {"health_every_s": 0.3, "prefill_s": 10},
+            "clusters": [
+                {"name": "remote", "kind": "prfaas", "prefill": [{"url": p.url, "bootstrap_port": 9100}]},
+                {
+                    "name": "local",
+                    "kind": "local",
+                    "prefill": [{"url": lp.url, "bootstrap_port": 9200}],
+                    "decode": [{"url": d.url}],
+                },
+            ],
+        }
+    )
 
 
 def _pair_bodies(prefill: FakeBackend, decode: FakeBackend) -> tuple[dict, dict]:
@@ -508,11 +586,17 @@ def test_sglang_pool_gets_bootstrap_fields_on_both_sides(tokenizer, stream) -> N
         resp = r.post("/v1/completions", _completion(10, start=7, stream=stream))  # short: local P/D pair
         assert resp.status_code == 200 and resp.headers["x-prfaas-route"] == "local"
         pb2, db2 = _pair_bodies(lp, d)
-        assert (pb2["bootstrap_host"], pb2["bootstrap_port"], pb2["bootstrap_room"]) == \
-               (db2["bootstrap_host"], 9200, db2["bootstrap_room"])
+        assert (pb2["bootstrap_host"], pb2["bootstrap_port"], pb2["bootstrap_room"]) == (
+            db2["bootstrap_host"],
+            9200,
+            db2["bootstrap_room"],
+        )
         assert db2["bootstrap_room"] != db["bootstrap_room"]
     finally:
-        r.stop(); p.stop(); lp.stop(); d.stop()
+        r.stop()
+        p.stop()
+        lp.stop()
+        d.stop()
 
 
 def test_sglang_remote_prefill_failure_retries_on_a_local_pair(tokenizer) -> None:
@@ -529,25 +613,58 @@ def test_sglang_remote_prefill_failure_retries_on_a_local_pair(tokenizer) -> Non
         assert lpb["bootstrap_port"] == 9200 and rooms[-1] == lpb["bootstrap_room"]
         assert len(set(rooms)) == len(rooms)  # a fresh room for the retry
     finally:
-        r.stop(); p.stop(); lp.stop(); d.stop()
+        r.stop()
+        p.stop()
+        lp.stop()
+        d.stop()
 
 
 def test_vllm_pools_still_need_a_transfer_endpoint_per_decoder() -> None:
     with pytest.raises(ValueError, match="needs kv_endpoint"):
-        RouterConfig.model_validate({"model": MODEL, "tokenizer": "/unused", "clusters": [
-            {"name": "local", "kind": "local", "prefill": [{"url": "http://a:1"}], "decode": [{"url": "http://b:1"}]}]})
+        RouterConfig.model_validate(
+            {
+                "model": MODEL,
+                "tokenizer": "/unused",
+                "clusters": [
+                    {
+                        "name": "local",
+                        "kind": "local",
+                        "prefill": [{"url": "http://a:1"}],
+                        "decode": [{"url": "http://b:1"}],
+                    }
+                ],
+            }
+        )
 
 
 # -- long-term loop applied: SGLang run-time role switches (threshold.apply_split) -----------------
 def _split_cfg(tmp_path: Path, p: FakeBackend, lp: FakeBackend, d1: FakeBackend, d2: FakeBackend) -> RouterConfig:
-    return RouterConfig.model_validate({
-        "model": MODEL, "tokenizer": "/unused", "block_size": 4, "engine": "sglang",
-        "threshold": {"mode": "auto", "tokens": 40, "planner": str(_planner_yaml(tmp_path)), "apply_split": True,
-                      "split_cooldown_s": 0.2, "drain_timeout_s": 10},
-        "timeouts": {"health_every_s": 0.3, "prefill_s": 10},
-        "clusters": [{"name": "remote", "kind": "prfaas", "prefill": [{"url": p.url}]},
-                     {"name": "local", "kind": "local", "prefill": [{"url": lp.url, "bootstrap_port": 9200}],
-                      "decode": [{"url": d1.url}, {"url": d2.url}]}]})
+    return RouterConfig.model_validate(
+        {
+            "model": MODEL,
+            "tokenizer": "/unused",
+            "block_size": 4,
+            "engine": "sglang",
+            "threshold": {
+                "mode": "auto",
+                "tokens": 40,
+                "planner": str(_planner_yaml(tmp_path)),
+                "apply_split": True,
+                "split_cooldown_s": 0.2,
+                "drain_timeout_s": 10,
+            },
+            "timeouts": {"health_every_s": 0.3, "prefill_s": 10},
+            "clusters": [
+                {"name": "remote", "kind": "prfaas", "prefill": [{"url": p.url}]},
+                {
+                    "name": "local",
+                    "kind": "local",
+                    "prefill": [{"url": lp.url, "bootstrap_port": 9200}],
+                    "decode": [{"url": d1.url}, {"url": d2.url}],
+                },
+            ],
+        }
+    )
 
 
 def _advise(r: RunningRouter, n_prefill: int, n_decode: int) -> None:
@@ -563,8 +680,12 @@ def test_split_advice_is_applied_by_draining_then_switching_one_instance(tokeniz
     try:
         # One request open on each decode instance: the switch must wait for it.
         results: list[int] = []
-        threads = [threading.Thread(target=lambda k=k: results.append(
-            r.post("/v1/completions", _completion(10, start=k)).status_code)) for k in range(2)]
+        threads = [
+            threading.Thread(
+                target=lambda k=k: results.append(r.post("/v1/completions", _completion(10, start=k)).status_code)
+            )
+            for k in range(2)
+        ]
         for t in threads:
             t.start()
         assert _eventually(lambda: d1.open_requests == 1 and d2.open_requests == 1, 5)
@@ -601,7 +722,11 @@ def test_split_advice_is_applied_by_draining_then_switching_one_instance(tokeniz
         assert split["applying"] and split["switches"][-1]["outcome"] == "switched"
         assert 'prfaas_router_role_switches_total{outcome="switched"} 1.0' in httpx.get(r.url + "/metrics").text
     finally:
-        r.stop(); p.stop(); lp.stop(); d1.stop(); d2.stop()
+        r.stop()
+        p.stop()
+        lp.stop()
+        d1.stop()
+        d2.stop()
 
 
 def test_refused_role_switch_puts_the_instance_back_unchanged(tokenizer, tmp_path) -> None:
@@ -618,7 +743,11 @@ def test_refused_role_switch_puts_the_instance_back_unchanged(tokenizer, tmp_pat
         assert r.post("/v1/completions", _completion(10)).status_code == 200
         assert "--enable-pd-role-switch" in httpx.get(r.url + "/admin/split").json()["switches"][0]["detail"]
     finally:
-        r.stop(); p.stop(); lp.stop(); d1.stop(); d2.stop()
+        r.stop()
+        p.stop()
+        lp.stop()
+        d1.stop()
+        d2.stop()
 
 
 def test_split_planning_never_takes_the_last_instance_of_a_role() -> None:
@@ -627,8 +756,12 @@ def test_split_planning_never_takes_the_last_instance_of_a_role() -> None:
     from prfaas_plugin.router.threshold import SplitAdvice
 
     def fleet(roles: list[str], inflight: list[int]) -> Fleet:
-        return Fleet([Instance(f"http://i{k}", "local", "local", role, inflight=n)  # type: ignore[arg-type]
-                      for k, (role, n) in enumerate(zip(roles, inflight))])
+        return Fleet(
+            [
+                Instance(f"http://i{k}", "local", "local", role, inflight=n)  # type: ignore[arg-type]
+                for k, (role, n) in enumerate(zip(roles, inflight))
+            ]
+        )
 
     adv = lambda p, d: SplitAdvice(1, 1, p, d, 1.0, 64, "balanced")  # noqa: E731
     plan = plan_switch(adv(2, 2), fleet(["prefill", "decode", "decode", "decode"], [0, 3, 1, 2]))
@@ -642,11 +775,15 @@ def test_split_planning_never_takes_the_last_instance_of_a_role() -> None:
 
 
 def test_apply_split_is_refused_where_it_cannot_work(tmp_path) -> None:
-    base = {"model": MODEL, "tokenizer": "/unused",
-            "clusters": [{"name": "local", "kind": "local", "both": [{"url": "http://a", "kv_endpoint": "a:1"}]}]}
+    base = {
+        "model": MODEL,
+        "tokenizer": "/unused",
+        "clusters": [{"name": "local", "kind": "local", "both": [{"url": "http://a", "kv_endpoint": "a:1"}]}],
+    }
     with pytest.raises(ValueError, match="apply_split needs engine: sglang"):
-        RouterConfig.model_validate({**base, "threshold": {"mode": "auto", "planner": str(_planner_yaml(tmp_path)),
-                                                           "apply_split": True}})
+        RouterConfig.model_validate(
+            {**base, "threshold": {"mode": "auto", "planner": str(_planner_yaml(tmp_path)), "apply_split": True}}
+        )
     with pytest.raises(ValueError, match="apply_split needs threshold.mode auto"):
         RouterConfig.model_validate({**base, "engine": "sglang", "threshold": {"apply_split": True}})
 
@@ -661,8 +798,13 @@ def test_router_command_freezes_its_start_up_heap_before_serving(tmp_path, monke
 
     from prfaas_plugin.cli.router import command
 
-    cfg = {"model": MODEL, "tokenizer": str(build_tokenizer(tmp_path / "tok")),
-           "clusters": [{"name": "local", "kind": "local", "both": [{"url": "http://127.0.0.1:9", "kv_endpoint": "127.0.0.1:9"}]}]}
+    cfg = {
+        "model": MODEL,
+        "tokenizer": str(build_tokenizer(tmp_path / "tok")),
+        "clusters": [
+            {"name": "local", "kind": "local", "both": [{"url": "http://127.0.0.1:9", "kv_endpoint": "127.0.0.1:9"}]}
+        ],
+    }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(cfg))
     frozen: list[int] = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: frozen.append(gc.get_freeze_count()))
@@ -694,12 +836,14 @@ def test_counter_total_sums_every_label_set_and_ignores_look_alikes() -> None:
     from prfaas_plugin.router.egress import VLLM_SENT_BYTES as SENT_BYTES
     from prfaas_plugin.router.egress import counter_total, sent_bytes_total
 
-    text = ("# HELP vllm:prfaas_kv_sent_bytes_total KV bytes\n# TYPE vllm:prfaas_kv_sent_bytes_total counter\n"
-            'vllm:prfaas_kv_sent_bytes_total{engine="0",model_name="a}b"} 1.5e6\n'
-            'vllm:prfaas_kv_sent_bytes_total{engine="1",model_name="m"} 2500000.0\n'
-            'vllm:prfaas_kv_sent_bytes_created{engine="0"} 1.7e9\n'
-            "vllm:prfaas_kv_sent_bytes_totalish 99\n"
-            "vllm:num_requests_running 3\n")
+    text = (
+        "# HELP vllm:prfaas_kv_sent_bytes_total KV bytes\n# TYPE vllm:prfaas_kv_sent_bytes_total counter\n"
+        'vllm:prfaas_kv_sent_bytes_total{engine="0",model_name="a}b"} 1.5e6\n'
+        'vllm:prfaas_kv_sent_bytes_total{engine="1",model_name="m"} 2500000.0\n'
+        'vllm:prfaas_kv_sent_bytes_created{engine="0"} 1.7e9\n'
+        "vllm:prfaas_kv_sent_bytes_totalish 99\n"
+        "vllm:num_requests_running 3\n"
+    )
     assert counter_total(text, SENT_BYTES) == 4.0e6
     assert counter_total("vllm:prfaas_kv_sent_bytes_total 7 1700000000000\n", SENT_BYTES) == 7.0
     assert counter_total("vllm:num_requests_running 3\n", SENT_BYTES) is None
@@ -723,10 +867,12 @@ def test_sglang_backends_counter_reaches_the_router_through_prometheus_multiproc
     from prfaas_plugin.router.egress import SGLANG_SENT_BYTES, sent_bytes_total
 
     assert SENT_BYTES + "_total" == SGLANG_SENT_BYTES
-    rank = ("from prfaas_plugin.engines.sglang.metrics import counted_bytes, record_sent\n"
-            "import sys\n"
-            "for n in sys.argv[1:]: record_sent(int(n))\n"
-            "assert counted_bytes() == sum(map(int, sys.argv[1:]))\n")
+    rank = (
+        "from prfaas_plugin.engines.sglang.metrics import counted_bytes, record_sent\n"
+        "import sys\n"
+        "for n in sys.argv[1:]: record_sent(int(n))\n"
+        "assert counted_bytes() == sum(map(int, sys.argv[1:]))\n"
+    )
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     made = "from prfaas_plugin.engines.sglang.metrics import sent_bytes_counter\nsent_bytes_counter()\n"
     subprocess.run([sys.executable, "-c", made], env=env, check=True, timeout=60)  # a prefill rank at start
@@ -753,8 +899,9 @@ def test_egress_meter_turns_counters_into_increments_across_a_restart() -> None:
 def test_egress_comes_from_the_producers_counter_not_its_answers(tokenizer, engine) -> None:
     p = FakeBackend("prefill", sent_bytes_counter=0.0, kv_bytes_per_token=1_000_000, sent_bytes_prefix=engine).start()
     d = FakeBackend("both").start()
-    r = RunningRouter(_cfg(p, d, threshold={"mode": "fixed", "tokens": 40, "egress_scrape_s": 0.1,
-                                            "egress_window_s": 30}), tokenizer)
+    r = RunningRouter(
+        _cfg(p, d, threshold={"mode": "fixed", "tokens": 40, "egress_scrape_s": 0.1, "egress_window_s": 30}), tokenizer
+    )
     try:
         assert _eventually(lambda: r.router.egress.measured(p.url), 5), "the router never read the counter"
         got = r.post("/v1/completions", _completion(100))
@@ -766,14 +913,17 @@ def test_egress_comes_from_the_producers_counter_not_its_answers(tokenizer, engi
         assert _eventually(lambda: abs(window_bytes() - 40e6) < 1, 5), window_bytes()
         assert r.get("/admin/threshold").json()["egress_counters"][p.url] == 40e6
     finally:
-        r.stop(); p.stop(); d.stop()
+        r.stop()
+        p.stop()
+        d.stop()
 
 
 def test_a_producer_without_the_counter_is_measured_by_its_answers(tokenizer) -> None:
     p = FakeBackend("prefill", kv_bytes_per_token=1000).start()  # /metrics is a 404
     d = FakeBackend("both").start()
-    r = RunningRouter(_cfg(p, d, threshold={"mode": "fixed", "tokens": 40, "egress_scrape_s": 0.1,
-                                            "egress_window_s": 30}), tokenizer)
+    r = RunningRouter(
+        _cfg(p, d, threshold={"mode": "fixed", "tokens": 40, "egress_scrape_s": 0.1, "egress_window_s": 30}), tokenizer
+    )
     try:
         time.sleep(0.3)
         assert r.post("/v1/completions", _completion(100)).headers["x-prfaas-route"] == "prfaas"
@@ -781,7 +931,9 @@ def test_a_producer_without_the_counter_is_measured_by_its_answers(tokenizer) ->
         assert _eventually(lambda: abs(window_bytes() - 100 * 1000) < 1, 5), window_bytes()
         assert not r.router.egress.measured(p.url)
     finally:
-        r.stop(); p.stop(); d.stop()
+        r.stop()
+        p.stop()
+        d.stop()
 
 
 def test_a_producer_reporting_no_bytes_is_estimated_from_its_uncached_length(tokenizer) -> None:
@@ -789,8 +941,20 @@ def test_a_producer_reporting_no_bytes_is_estimated_from_its_uncached_length(tok
     estimate the bandwidth loop would read their egress as 0 however full the link is."""
     p = FakeBackend("prefill", kv_bytes_per_token=0).start()  # answers "bytes": 0, /metrics is a 404
     d = FakeBackend("both").start()
-    r = RunningRouter(_cfg(p, d, threshold={"mode": "fixed", "tokens": 40, "egress_scrape_s": 0.1,
-                                            "egress_window_s": 30, "kv_bytes_per_token": 500}), tokenizer)
+    r = RunningRouter(
+        _cfg(
+            p,
+            d,
+            threshold={
+                "mode": "fixed",
+                "tokens": 40,
+                "egress_scrape_s": 0.1,
+                "egress_window_s": 30,
+                "kv_bytes_per_token": 500,
+            },
+        ),
+        tokenizer,
+    )
     try:
         time.sleep(0.3)
         got = r.post("/v1/completions", _completion(100))
@@ -813,7 +977,9 @@ def test_a_producer_reporting_no_bytes_is_estimated_from_its_uncached_length(tok
         time.sleep(0.3)
         assert abs(window_bytes() - 500 * (uncached + more)) < 1
     finally:
-        r.stop(); p.stop(); d.stop()
+        r.stop()
+        p.stop()
+        d.stop()
 
 
 def test_egress_estimate_comes_from_the_planner_profile_unless_given(tmp_path) -> None:
@@ -851,4 +1017,5 @@ def test_the_router_measures_its_own_share_of_the_time_to_first_byte(tokenizer) 
         m = httpx.get(r.url + "/metrics").text
         assert 'prfaas_router_overhead_seconds_count{route="local"} 2.0' in m
     finally:
-        r.stop(); d.stop()
+        r.stop()
+        d.stop()

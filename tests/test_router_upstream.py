@@ -10,7 +10,7 @@ import hashlib
 import socket
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 
@@ -20,7 +20,7 @@ from prfaas_plugin.router.upstream import READ_HIGH_WATER, Unreachable, Upstream
 class RawServer:
     """Accepts connections and runs ``handler(conn, reader)`` for each in a thread."""
 
-    def __init__(self, handler: Callable[[socket.socket, "object"], None]) -> None:
+    def __init__(self, handler: Callable[[socket.socket, object], None]) -> None:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
@@ -68,8 +68,9 @@ def run(coro):
 
 
 async def _with(fn, **kw):
-    up = Upstream(connect_s=kw.pop("connect_s", 2.0), request_s=kw.pop("request_s", 10.0),
-                  keepalive_s=kw.pop("keepalive_s", 60.0))
+    up = Upstream(
+        connect_s=kw.pop("connect_s", 2.0), request_s=kw.pop("request_s", 10.0), keepalive_s=kw.pop("keepalive_s", 60.0)
+    )
     await up.start()
     try:
         return await fn(up)
@@ -83,8 +84,9 @@ def test_chunks_arrive_as_sent_and_the_request_is_well_formed() -> None:
 
     def handler(conn, f):
         seen.append(read_request(f))
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     b"6\r\ndata 1\r\n")
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n6\r\ndata 1\r\n"
+        )
         go_on.wait(5)  # the client must have the first chunk before the rest exists
         conn.sendall(b"6\r\ndata 2\r\n0\r\n\r\n")
 
@@ -122,8 +124,12 @@ def test_a_pooled_connection_dropped_before_any_answer_is_retried_once() -> None
         if read_request(f) is None:
             return
         body = b'{"choices": [{"index": 0, "text": "ok"}], "kv_transfer_params": {"status": "sent", "bytes": 7}}'
-        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
-                     + str(len(body)).encode() + b"\r\nconnection: keep-alive\r\n\r\n" + body)
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+            + str(len(body)).encode()
+            + b"\r\nconnection: keep-alive\r\n\r\n"
+            + body
+        )
         answered[0] += 1
         if read_request(f) is not None:
             dropped[0] += 1  # closed with the request read and not answered
@@ -362,16 +368,23 @@ def _self_signed(tmp_path) -> tuple[str, str]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "prfaas test")])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
     cert_pem, key_pem = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
+    key_pem.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return str(cert_pem), str(key_pem)
 
 
@@ -410,6 +423,7 @@ def test_a_pooled_connection_closed_under_the_pool_is_not_used() -> None:
     write then raises RuntimeError (seen once in bench/router_load.py's flapping soak). The
     request goes out on a fresh connection instead. The transport here is a stand-in that
     fails like that closed one."""
+
     def handler(conn, f):
         while read_request(f) is not None:
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
@@ -448,8 +462,10 @@ def test_an_informational_answer_is_skipped_for_the_final_one() -> None:
         while read_request(f) is not None:
             conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
             time.sleep(0.05)
-            conn.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"
-                         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Final: yes\r\n\r\nfinal")
+            conn.sendall(
+                b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Final: yes\r\n\r\nfinal"
+            )
 
     srv = RawServer(handler)
 
@@ -492,7 +508,8 @@ def test_a_connection_that_never_completes_is_unreachable_after_connect_s() -> N
     try:
         took = run(_with(go, connect_s=0.3))
     finally:
-        filler.close(); lsock.close()
+        filler.close()
+        lsock.close()
     assert took < 2
 
 
@@ -512,36 +529,47 @@ def test_cancelling_a_request_while_it_connects_cancels_it_at_once() -> None:
     try:
         took = run(_with(go, connect_s=5))
     finally:
-        filler.close(); lsock.close()
+        filler.close()
+        lsock.close()
     assert took < 1
 
 
 def test_a_whole_answer_cut_short_leaves_no_request_counted_open(tmp_path) -> None:
     """Through the router: a non-streamed answer whose body breaks off is a 502 for the client,
     and the instance's open-request count (which placement reads) goes back to 0."""
+    from router_helpers import RunningRouter, build_tokenizer
+
     from prfaas_plugin.router.config import RouterConfig
     from prfaas_plugin.router.tokenize import PromptTokenizer
-    from router_helpers import RunningRouter, build_tokenizer
 
     def handler(conn, f):
         while (req := read_request(f)) is not None:
             if req[0].startswith(b"GET /health"):
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
                 continue
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"id\"")
+            conn.sendall(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"id"')
             time.sleep(0.05)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
             return
 
     srv = RawServer(handler)
-    cfg = RouterConfig.model_validate({
-        "model": "tiny", "tokenizer": "/unused", "block_size": 4,
-        "clusters": [{"name": "local", "kind": "local", "both": [{"url": srv.url, "kv_endpoint": "127.0.0.1:15600"}]}],
-        "threshold": {"mode": "fixed", "tokens": 40}, "timeouts": {"health_every_s": 60}})
+    cfg = RouterConfig.model_validate(
+        {
+            "model": "tiny",
+            "tokenizer": "/unused",
+            "block_size": 4,
+            "clusters": [
+                {"name": "local", "kind": "local", "both": [{"url": srv.url, "kv_endpoint": "127.0.0.1:15600"}]}
+            ],
+            "threshold": {"mode": "fixed", "tokens": 40},
+            "timeouts": {"health_every_s": 60},
+        }
+    )
     r = RunningRouter(cfg, PromptTokenizer(str(build_tokenizer(tmp_path / "tok"))))
     try:
         resp = r.post("/v1/completions", {"model": "tiny", "prompt": "a b c", "max_tokens": 2})
         assert resp.status_code == 502, resp.text
         assert [i.inflight for i in r.router.fleet.instances] == [0]
     finally:
-        r.stop(); srv.close()
+        r.stop()
+        srv.close()

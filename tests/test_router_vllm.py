@@ -14,18 +14,20 @@ import time
 
 import httpx
 import pytest
-
 from router_helpers import RunningRouter
-from prfaas_plugin.faults.proxy import FaultKind, FaultPlan, FaultProxy
 from vllm_helpers import Supervisor, free_port, metric, requires_vllm, settles, start_pair, wait_metric
+
+from prfaas_plugin.faults.proxy import FaultKind, FaultPlan, FaultProxy
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, requires_vllm, pytest.mark.timeout(900)]
 
 THRESHOLD = 48  # tokens: the short prompts below are under it, the long ones far over
 MAX_TOKENS = 16
 SHORT = ["The capital of France is", "Prefill and decode are", "Count to five:"]
-_BODY = ("moves the KV cache of long prompts from a compute-dense prefill cluster to bandwidth-rich decode "
-         "instances over ordinary Ethernet, layer by layer, while the prefill is still running. ")
+_BODY = (
+    "moves the KV cache of long prompts from a compute-dense prefill cluster to bandwidth-rich decode "
+    "instances over ordinary Ethernet, layer by layer, while the prefill is still running. "
+)
 LONG = [f"{head} {_BODY * 2}" for head in ("PrfaaS", "The planner", "A router", "Each request")]
 
 
@@ -37,17 +39,30 @@ def stack(tmp_path_factory):
 
     model = build("tiny-qwen3next", tmp_path_factory.getbasetemp() / "models")
     data_port = free_port()
-    with FaultProxy(upstream=("127.0.0.1", data_port)) as proxy, \
-            Supervisor(tmp_path_factory.mktemp("logs-router-vllm")) as sup:
+    with (
+        FaultProxy(upstream=("127.0.0.1", data_port)) as proxy,
+        Supervisor(tmp_path_factory.mktemp("logs-router-vllm")) as sup,
+    ):
         pair = start_pair(sup, model, data_port=data_port, advertise_data=proxy.endpoint)
         pair.proxy = proxy  # type: ignore[attr-defined]
-        cfg = RouterConfig.model_validate({
-            "model": str(model), "tokenizer": str(model), "block_size": 16,
-            "threshold": {"mode": "fixed", "tokens": THRESHOLD}, "transfer_deadline_s": 10,
-            "timeouts": {"prefill_s": 300, "request_s": 600},
-            "clusters": [{"name": "prfaas", "kind": "prfaas", "prefill": [{"url": pair.producer}]},
-                         {"name": "local", "kind": "local",
-                          "both": [{"url": pair.consumer, "kv_endpoint": pair.decode_endpoint}]}]})
+        cfg = RouterConfig.model_validate(
+            {
+                "model": str(model),
+                "tokenizer": str(model),
+                "block_size": 16,
+                "threshold": {"mode": "fixed", "tokens": THRESHOLD},
+                "transfer_deadline_s": 10,
+                "timeouts": {"prefill_s": 300, "request_s": 600},
+                "clusters": [
+                    {"name": "prfaas", "kind": "prfaas", "prefill": [{"url": pair.producer}]},
+                    {
+                        "name": "local",
+                        "kind": "local",
+                        "both": [{"url": pair.consumer, "kv_endpoint": pair.decode_endpoint}],
+                    },
+                ],
+            }
+        )
         router = RunningRouter(cfg, PromptTokenizer(str(model)))
         try:
             yield pair, router, str(model)
@@ -80,8 +95,9 @@ def test_mixed_workload_through_the_openai_client_equals_single_instance(stack):
     client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", timeout=600, max_retries=0)
 
     def one(prompt: str) -> tuple[str, str, str]:
-        raw = client.completions.with_raw_response.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS,
-                                                          temperature=0)
+        raw = client.completions.with_raw_response.create(
+            model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0
+        )
         return raw.headers["x-prfaas-route"], raw.headers["x-request-id"], raw.parse().choices[0].text
 
     prompts = [p for pair_ in zip(LONG, SHORT + [SHORT[0]]) for p in pair_]  # long, short, long, short, ...
@@ -101,8 +117,12 @@ def test_mixed_workload_through_the_openai_client_equals_single_instance(stack):
     assert sent > 0
     from prfaas_plugin.faults.matrix import until
 
-    assert until(lambda: router.router.egress.last.get(pair.producer) == metric(
-        pair.producer, "vllm:prfaas_kv_sent_bytes_total"), 15), (router.router.egress.last, sent)
+    assert until(
+        lambda: (
+            router.router.egress.last.get(pair.producer) == metric(pair.producer, "vllm:prfaas_kv_sent_bytes_total")
+        ),
+        15,
+    ), (router.router.egress.last, sent)
 
 
 def test_streaming_and_chat_through_the_openai_client(stack):
@@ -117,21 +137,25 @@ def test_streaming_and_chat_through_the_openai_client(stack):
     assert streamed == _reference(pair.producer, "/v1/completions", {"prompt": prompt})
 
     messages = [{"role": "user", "content": "Summarise: " + _BODY * 2}]
-    raw = client.chat.completions.with_raw_response.create(model=model, messages=messages, max_tokens=MAX_TOKENS,
-                                                           temperature=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0
+    )
     assert raw.headers["x-prfaas-route"] == "prfaas"
     chat = raw.parse().choices[0].message.content
     assert chat == _reference(pair.producer, "/v1/chat/completions", {"messages": messages})
 
-    chunks = client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0,
-                                            stream=True)
+    chunks = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat
 
     metrics = httpx.get(f"{router.url}/metrics", timeout=10).text
-    remote = [line for line in metrics.splitlines()
-              if line.startswith("prfaas_router_decisions_total{") and 'route="prfaas"' in line]
+    remote = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("prfaas_router_decisions_total{") and 'route="prfaas"' in line
+    ]
     assert remote and sum(float(line.rsplit(" ", 1)[1]) for line in remote) >= 3, metrics[:2000]
-
 
 
 def test_transfer_stalled_mid_way_through_the_router_still_answers_exactly(stack):
@@ -148,8 +172,9 @@ def test_transfer_stalled_mid_way_through_the_router_still_answers_exactly(stack
     client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", timeout=600, max_retries=0)
     pair.proxy.set_fault(FaultPlan(FaultKind.BLACKHOLE, after_bytes=4096, per_connection=False))
     try:
-        raw = client.completions.with_raw_response.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS,
-                                                          temperature=0)
+        raw = client.completions.with_raw_response.create(
+            model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0
+        )
     finally:
         pair.proxy.set_fault(FaultPlan())
     assert raw.headers["x-prfaas-route"] == "prfaas"
@@ -166,7 +191,6 @@ def test_decode_instance_restarted_during_a_transfer(stack):
     blocks it held for the vanished receiver; once the router sees the instance back, remote
     requests go through it again with exact answers."""
     import openai
-
     from vllm_helpers import server_env
 
     pair, router, model = stack
@@ -176,13 +200,15 @@ def test_decode_instance_restarted_during_a_transfer(stack):
     prompt = "Restarted mid-way: " + _BODY * 2
     ref = _reference(pair.producer, "/v1/completions", {"prompt": prompt})
     up0 = pair.proxy.stats.bytes_up
-    pair.proxy.set_fault(FaultPlan(FaultKind.THROTTLE, after_bytes=4096, rate_bytes_per_s=4096,
-                                   per_connection=False))
+    pair.proxy.set_fault(FaultPlan(FaultKind.THROTTLE, after_bytes=4096, rate_bytes_per_s=4096, per_connection=False))
     t0 = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        caught = pool.submit(httpx.post, f"{router.url}/v1/completions",
-                             json={"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0},
-                             timeout=300)
+        caught = pool.submit(
+            httpx.post,
+            f"{router.url}/v1/completions",
+            json={"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0},
+            timeout=300,
+        )
         deadline = time.monotonic() + 120
         while pair.proxy.stats.bytes_up < up0 + 4096 and time.monotonic() < deadline and not caught.done():
             time.sleep(0.05)
@@ -215,8 +241,7 @@ def test_decode_instance_restarted_during_a_transfer(stack):
         time.sleep(0.5)
     assert all(i["healthy"] for i in health["instances"]), health
     client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", timeout=600, max_retries=0)
-    raw = client.completions.with_raw_response.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS,
-                                                      temperature=0)
+    raw = client.completions.with_raw_response.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
     assert raw.headers["x-prfaas-route"] == "prfaas" and not raw.headers.get("x-prfaas-fallback"), dict(raw.headers)
     assert raw.parse().choices[0].text == ref
     assert settles(pair.consumer, usage, 0.0) == 0.0, "restarted consumer holds blocks after the request"
@@ -233,8 +258,9 @@ def test_prefill_instance_killed_requests_fall_back_to_local(stack):
     pair.sup.stop("producer", grace_s=2)
     client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", timeout=600, max_retries=0)
     for attempt in range(2):
-        raw = client.completions.with_raw_response.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS,
-                                                          temperature=0)
+        raw = client.completions.with_raw_response.create(
+            model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0
+        )
         # Before the health loop noticed the death, the request is placed remotely and falls back
         # when the producer is unreachable; after it, the request is placed locally at once.
         if attempt == 0 and raw.headers["x-prfaas-route"] == "prfaas":

@@ -11,7 +11,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,7 +28,8 @@ pytestmark = [
 os.environ.setdefault("SGLANG_HOST_IP", "127.0.0.1")
 os.environ.setdefault("PRFAAS_SGLANG_LISTEN_HOST", "127.0.0.1")
 
-from sglang_helpers import LoopbackFabric  # noqa: E402
+from sglang_helpers import LoopbackFabric
+
 from prfaas_plugin.demo.ports import free_port as _free_port
 
 PAGE = 4  # tokens per page
@@ -40,8 +42,6 @@ MAMBA_ITEMS = (72, 200)  # conv and temporal state bytes per slot
 MAMBA_SLOTS = 5
 SWA_ITEM = 64
 SWA_PAGES = 24
-
-
 
 
 def _wait(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
@@ -153,8 +153,15 @@ def pair(sgl: Any, request: Any) -> Any:
     finally:
         conn.PrfaasKVManager.transport_factory = old
     assert dm.try_ensure_parallel_info(sgl["addr"])
-    yield {"pm": pm, "dm": dm, "p": p_pool, "d": d_pool, "fabric": fabric, "addr": sgl["addr"],
-           "transport": param.get("transport", "engine")}
+    yield {
+        "pm": pm,
+        "dm": dm,
+        "p": p_pool,
+        "d": d_pool,
+        "fabric": fabric,
+        "addr": sgl["addr"],
+        "transport": param.get("transport", "engine"),
+    }
     pm.close()
     dm.close()
 
@@ -183,8 +190,8 @@ def _poll_until_final(*parties: Any, timeout: float = 20.0) -> list[int]:
 
 def test_plugin_registered_through_entry_point(sgl: Any) -> None:
     from sglang.srt.arg_groups.choices import DISAGG_TRANSFER_BACKEND_CHOICES
-    from sglang.srt.disaggregation.utils import KVClassType, TransferBackend, get_kv_class
     from sglang.srt.disaggregation.base.conn import KVArgs
+    from sglang.srt.disaggregation.utils import KVClassType, TransferBackend, get_kv_class
 
     from prfaas_plugin.engines.sglang import conn, plugin
 
@@ -429,7 +436,12 @@ def test_many_requests_interleaved(pair: Any) -> None:
         dst = perm_dst[k * 10 : k * 10 + 10].astype(np.int32)
         sm, dm_ = np.array([k], np.int32), np.array([(k + 1) % MAMBA_SLOTS], np.int32)
         sw, dw = np.array([2 * k, 2 * k + 1], np.int32), np.array([20 - 2 * k, 21 - 2 * k], np.int32)
-        want = ([b[src].copy() for b in p.kv], [b[sm].copy() for b in p.mamba], p.swa[0][sw].copy(), [b[k].copy() for b in p.aux])
+        want = (
+            [b[src].copy() for b in p.kv],
+            [b[sm].copy() for b in p.mamba],
+            p.swa[0][sw].copy(),
+            [b[k].copy() for b in p.aux],
+        )
         s_, r_, _ = _start(pair, dst, k, [dm_, dw])
         reqs.append((s_, r_, src, dst, sm, dm_, sw, dw, want, k))
     for s_, *_ in reqs:
@@ -459,23 +471,44 @@ def test_sglang_seams_we_rely_on_are_unchanged(sgl: Any) -> None:
     from sglang.srt.disaggregation.common import conn as common
     from sglang.srt.disaggregation.utils import KVClassType
 
-    assert [KVPoll.Failed, KVPoll.Bootstrapping, KVPoll.WaitingForInput, KVPoll.Transferring, KVPoll.Success] == [0, 1, 2, 3, 4]
+    assert [KVPoll.Failed, KVPoll.Bootstrapping, KVPoll.WaitingForInput, KVPoll.Transferring, KVPoll.Success] == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
     assert {m.name for m in KVClassType} >= {"KVARGS", "MANAGER", "SENDER", "RECEIVER", "BOOTSTRAP_SERVER"}
     send_params = list(inspect.signature(common.CommonKVSender.send).parameters)
     assert send_params[:4] == ["self", "kv_indices", "state_indices", "num_kv_tokens"]
     for cls, names in {
         common.CommonKVManager: [
-            "record_failure", "update_status", "conclude_transfer", "conclude_failure",
-            "send_kv_status_message", "parse_kv_status_message", "_room_notify_targets",
-            "resolve_kv_replica_factor", "try_ensure_parallel_info", "_handle_node_failure",
-            "_start_heartbeat_checker_thread", "handle_abort_ack_message",
+            "record_failure",
+            "update_status",
+            "conclude_transfer",
+            "conclude_failure",
+            "send_kv_status_message",
+            "parse_kv_status_message",
+            "_room_notify_targets",
+            "resolve_kv_replica_factor",
+            "try_ensure_parallel_info",
+            "_handle_node_failure",
+            "_start_heartbeat_checker_thread",
+            "handle_abort_ack_message",
         ],
         common.CommonKVReceiver: ["_send_bootstrap_message", "invalidate_cached_bootstrap_infos"],
     }.items():
         for name in names:
             assert callable(getattr(cls, name, None)), f"{cls.__name__}.{name} is gone"
     meta_params = inspect.signature(common.CommonKVReceiver.send_metadata).parameters
-    assert list(meta_params)[:6] == ["self", "kv_indices", "aux_index", "state_indices", "decode_prefix_len", "destination"]
+    assert list(meta_params)[:6] == [
+        "self",
+        "kv_indices",
+        "aux_index",
+        "state_indices",
+        "decode_prefix_len",
+        "destination",
+    ]
 
 
 def test_decode_prefix_cache_hit_sends_only_the_suffix(pair: Any) -> None:
@@ -535,10 +568,16 @@ def test_role_switch_through_sglangs_own_teardown(sgl: Any) -> None:
 
     def scheduler(mode: Any, km: Any) -> Any:  # the fields role_switch.py reads, nothing else
         return SimpleNamespace(
-            server_args=SimpleNamespace(enable_pd_role_switch=True), disaggregation_mode=mode,
-            _pd_role_switch_unhealthy=False, _pd_role_switch_in_progress=False, disable_radix_cache=True,
-            disagg_prefill_bootstrap_queue=SimpleNamespace(kv_manager=km) if mode == DisaggregationMode.PREFILL else None,
-            disagg_decode_prealloc_queue=SimpleNamespace(kv_manager=km) if mode == DisaggregationMode.DECODE else None)
+            server_args=SimpleNamespace(enable_pd_role_switch=True),
+            disaggregation_mode=mode,
+            _pd_role_switch_unhealthy=False,
+            _pd_role_switch_in_progress=False,
+            disable_radix_cache=True,
+            disagg_prefill_bootstrap_queue=SimpleNamespace(kv_manager=km)
+            if mode == DisaggregationMode.PREFILL
+            else None,
+            disagg_decode_prealloc_queue=SimpleNamespace(kv_manager=km) if mode == DisaggregationMode.DECODE else None,
+        )
 
     s_p, s_d = scheduler(DisaggregationMode.PREFILL, pm), scheduler(DisaggregationMode.DECODE, dm)
     assert _reject_reason(s_p, "decode") is None

@@ -158,9 +158,7 @@ def test_item_names_round_trip_and_garbage_is_refused() -> None:
 
 def test_fingerprint_names_what_differs_and_ignores_tp_for_mla() -> None:
     other = Layout(**{**LAYOUT.__dict__, "kv_item_lens": (1000, 1000, 501)})
-    assert LAYOUT.fingerprint().diff(other.fingerprint()) == [
-        "kv_item_lens: [1000, 1000, 500] != [1000, 1000, 501]"
-    ]
+    assert LAYOUT.fingerprint().diff(other.fingerprint()) == ["kv_item_lens: [1000, 1000, 500] != [1000, 1000, 501]"]
     mla_a = Layout(**{**LAYOUT.__dict__, "is_mla": True, "attn_tp_size": 2})
     mla_b = Layout(**{**LAYOUT.__dict__, "is_mla": True, "attn_tp_size": 8})
     assert mla_a.fingerprint().diff(mla_b.fingerprint()) == []

@@ -11,9 +11,9 @@ import time
 import weakref
 
 import numpy as np
+from transfer_helpers import FP, ArraySink, manifest, pair, random_items, token
 
 from prfaas_plugin.transfer import ReceiverConfig, SenderConfig
-from transfer_helpers import ArraySink, FP, manifest, pair, random_items, token
 
 
 def test_concurrent_interleaved_sessions_bit_exact():
@@ -47,7 +47,8 @@ def test_concurrent_interleaved_sessions_bit_exact():
             for it in items:
                 assert np.array_equal(sink.arrays[it.name], data[it.name]), it.name
     finally:
-        tx.close(); rx.close()
+        tx.close()
+        rx.close()
 
 
 def _fds() -> int:
@@ -91,6 +92,7 @@ def test_no_leaks_after_1000_requests():
         assert st_tx["connections"] == 2, "data connections must be reused, not reopened"
         assert st_rx["data_connections"] == 2
         assert all(r() is None for r in refs), "a destination buffer outlived its request"
+
         # Control threads end with their request (allow a few still exiting); the gRPC worker
         # pool grows with concurrency up to its configured bound, which is not a leak.
         def ours():
@@ -104,4 +106,5 @@ def test_no_leaks_after_1000_requests():
         assert len(pool) <= rx.config.max_workers
         assert _fds() <= fds0 + 4
     finally:
-        tx.close(); rx.close()
+        tx.close()
+        rx.close()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from transfer_helpers import FP, ArraySink, manifest, pair, proxied_pair, random_items, token
 
 from prfaas_plugin.transfer import (
     Aborted,
@@ -29,7 +30,6 @@ from prfaas_plugin.transfer import (
     TransferError,
     TransferTimeout,
 )
-from transfer_helpers import ArraySink, FP, manifest, pair, proxied_pair, random_items, token
 
 HERE = Path(__file__).parent
 
@@ -222,7 +222,9 @@ def test_corrupted_chunk_is_resent_and_lands_exact():
         assert rx.stats()["checksum_failures"] == 1
         assert sum(p["chunks_resent"] for p in tx.stats()["peers"].values()) >= 1
     finally:
-        tx.close(); rx.close(); proxy.close()
+        tx.close()
+        rx.close()
+        proxy.close()
 
 
 def test_persistent_corruption_fails_with_checksum_error():
@@ -239,7 +241,9 @@ def test_persistent_corruption_fails_with_checksum_error():
         assert isinstance(_err(sh.done), ChecksumError)
         assert isinstance(_err(rh.done), ChecksumError)
     finally:
-        tx.close(); rx.close(); proxy.close()
+        tx.close()
+        rx.close()
+        proxy.close()
 
 
 def test_connection_cut_mid_request_chunks_resent_on_others():
@@ -271,13 +275,16 @@ def test_connection_cut_mid_request_chunks_resent_on_others():
         assert peer["connection_failures"] >= 1
         _wait(lambda: proxy.conns > 3, timeout=5)  # the cut link reconnects for later requests
     finally:
-        tx.close(); rx.close(); proxy.close()
+        tx.close()
+        rx.close()
+        proxy.close()
 
 
 def _spawn(*args):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]))
-    return subprocess.Popen([sys.executable, str(HERE / "transfer_peer.py"), *args], env=env,
-                            stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(HERE / "transfer_peer.py"), *args], env=env, stdout=subprocess.PIPE, text=True
+    )
 
 
 def test_receiver_process_killed_mid_stream():

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from transfer_helpers import FP, ArraySink, manifest, proxied_pair, random_items, token
 
 from prfaas_plugin.transfer import ProtocolError, SenderConfig, wire
-from transfer_helpers import FP, ArraySink, manifest, proxied_pair, random_items, token
 
 CHUNK = 64 << 10
 SIZES = {f"L{i}": 1 << 20 for i in range(4)} | {"tail": 3 * CHUNK + 123}
@@ -51,19 +51,24 @@ def test_queued_chunks_travel_in_multi_chunk_frames():
         assert all(_whole_chunks(n) for n in lengths), lengths
         assert len(lengths) < sum(SIZES.values()) // CHUNK
     finally:
-        tx.close(); rx.close(); proxy.close()
+        tx.close()
+        rx.close()
+        proxy.close()
 
 
 def test_a_receiver_that_takes_one_chunk_per_frame_gets_one_chunk_per_frame():
     # Accepted.max_frame_bytes is the receiver's max_chunk_bytes (0 from receivers that predate
     # multi-chunk frames): the sender never exceeds it.
-    proxy, rx, tx = proxied_pair(lambda c, f, p: p, tx=SenderConfig(chunk_bytes=CHUNK, connections=2),
-                                 max_chunk_bytes=CHUNK)
+    proxy, rx, tx = proxied_pair(
+        lambda c, f, p: p, tx=SenderConfig(chunk_bytes=CHUNK, connections=2), max_chunk_bytes=CHUNK
+    )
     try:
         _run_exact(proxy, rx, tx, "single", 12)
         assert max(n for _, n in proxy.lengths) == CHUNK
     finally:
-        tx.close(); rx.close(); proxy.close()
+        tx.close()
+        rx.close()
+        proxy.close()
 
 
 def _forge_first_multi_chunk_frame(forge):
@@ -100,14 +105,16 @@ def test_a_frame_overlapping_landed_chunks_is_drained_and_the_rest_asked_for_aga
         assert rx.stats()["duplicate_chunks"] >= 1
         assert sum(p["chunks_resent"] for p in tx.stats()["peers"].values()) >= 1
     finally:
-        tx.close(); rx.close(); proxy.close()
+        tx.close()
+        rx.close()
+        proxy.close()
 
 
 @pytest.mark.parametrize("bad", ["not whole chunks", "past the item's end"])
 def test_a_frame_that_is_not_whole_chunks_fails_the_session(bad):
     def misframe(key, item, offset, payload):
         if bad == "not whole chunks":
-            part = payload[:CHUNK + 100]
+            part = payload[: CHUNK + 100]
             return [(wire.pack_header(key, item, offset, len(part), CRC(part)), part)]
         extra = payload + payload[:CHUNK]  # claims bytes beyond the item
         return [(wire.pack_header(key, item, SIZES["L0"] - CHUNK, len(extra), CRC(extra)), extra)]
@@ -122,7 +129,9 @@ def test_a_frame_that_is_not_whole_chunks_fails_the_session(bad):
         with pytest.raises(Exception):
             sh.done.result(timeout=20)
     finally:
-        tx.close(); rx.close(); proxy.close()
+        tx.close()
+        rx.close()
+        proxy.close()
 
 
 def test_frame_bytes_is_validated():

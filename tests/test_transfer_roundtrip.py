@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from transfer_helpers import FP, ArraySink, manifest, pair, random_items, token
 
 from prfaas_plugin.transfer import ItemSpec, ReceiverConfig, SenderConfig
-from transfer_helpers import ArraySink, FP, manifest, pair, random_items, token
 
 
 @pytest.fixture()
@@ -76,7 +76,9 @@ def test_torch_tensors_and_layerwise_order(engines):
         while f"L{i}" not in sink.order and deadline:
             rh.done.exception(timeout=0.05) if rh.done.done() else None
             deadline -= 1
-            import time; time.sleep(0.05)
+            import time
+
+            time.sleep(0.05)
     sh.done.result(timeout=20)
     rh.done.result(timeout=20)
     assert sink.order == [f"L{i}" for i in range(5)]
@@ -94,14 +96,17 @@ def test_send_before_accept_and_open_before_expect():
         tok = token()
         sh = tx.open(rx.endpoint, manifest("early", items), tok)
         sh.send("x", data["x"])
-        import time; time.sleep(0.3)
+        import time
+
+        time.sleep(0.3)
         sink = ArraySink()
         rh = rx.expect("early", tok, FP, sink)
         sh.done.result(timeout=20)
         rh.done.result(timeout=20)
         assert np.array_equal(sink.arrays["x"], data["x"])
     finally:
-        tx.close(); rx.close()
+        tx.close()
+        rx.close()
 
 
 @pytest.mark.parametrize("plane", ["grpc", "tcp-disabled-on-receiver"])
@@ -124,14 +129,18 @@ def test_grpc_data_fallback(plane):
             assert np.array_equal(sink.arrays[it.name], data[it.name])
         assert all(p.startswith("grpc:") for p in tx.stats()["peers"])
     finally:
-        tx.close(); rx.close()
+        tx.close()
+        rx.close()
 
 
-@pytest.mark.parametrize("offer,accept,expect", [
-    (("crc32",), ("crc32c", "crc32"), "crc32"),
-    (("crc32c", "crc32"), ("crc32",), "crc32"),
-    (("none",), ("crc32c", "crc32"), None),  # unverified data only if the receiver opts in too
-])
+@pytest.mark.parametrize(
+    "offer,accept,expect",
+    [
+        (("crc32",), ("crc32c", "crc32"), "crc32"),
+        (("crc32c", "crc32"), ("crc32",), "crc32"),
+        (("none",), ("crc32c", "crc32"), None),  # unverified data only if the receiver opts in too
+    ],
+)
 def test_checksum_negotiation(offer, accept, expect):
     from prfaas_plugin.transfer import ProtocolError
 
@@ -151,7 +160,8 @@ def test_checksum_negotiation(offer, accept, expect):
             assert np.array_equal(sink.arrays["a"], data["a"])
             assert rh.progress()["checksum"] == expect
     finally:
-        tx.close(); rx.close()
+        tx.close()
+        rx.close()
 
 
 class _PrefixHoldingSink(ArraySink):

@@ -8,10 +8,10 @@ import threading
 import numpy as np
 import pytest
 import torch
+from transfer_helpers import FP, ArraySink, manifest, pair, token
 
 from prfaas_plugin.transfer import ItemSpec, ReceiverConfig, SenderConfig
 from prfaas_plugin.transfer.staging import PooledStager, StagingPool, torch_pinned_stager
-from transfer_helpers import ArraySink, FP, manifest, pair, token
 
 
 class FakeDeviceBuffer:
@@ -28,7 +28,7 @@ def _twin_stager(slots: int, slot_bytes: int):
     def copy(dst, src, offset, length):
         with lock:
             copies.append((offset, length))
-        np.copyto(dst[:length], src.arr[offset:offset + length])
+        np.copyto(dst[:length], src.arr[offset : offset + length])
 
     pool = StagingPool(slots * slot_bytes, slot_bytes, lambda n: np.empty(n, np.uint8))
     stager = PooledStager(pool, copy, lambda o: isinstance(o, FakeDeviceBuffer), lambda o: o.arr.nbytes)
@@ -38,8 +38,9 @@ def _twin_stager(slots: int, slot_bytes: int):
 def test_staged_send_round_trip_with_bounded_pool():
     chunk = 64 << 10
     stager, copies = _twin_stager(slots=2, slot_bytes=chunk)
-    rx, tx = pair(ReceiverConfig(), SenderConfig(chunk_bytes=chunk, connections=4, staging_bytes=2 * chunk),
-                  stager=stager)
+    rx, tx = pair(
+        ReceiverConfig(), SenderConfig(chunk_bytes=chunk, connections=4, staging_bytes=2 * chunk), stager=stager
+    )
     try:
         rng = np.random.default_rng(8)
         sizes = {"L0": 1_000_000, "L1": 333_333, "state": 4096}
@@ -59,7 +60,8 @@ def test_staged_send_round_trip_with_bounded_pool():
         assert stager.bytes_staged == sum(sizes.values())
         assert stager.pool.peak_in_use <= 2 and stager.pool.in_use == 0
     finally:
-        tx.close(); rx.close()
+        tx.close()
+        rx.close()
 
 
 def test_torch_stager_copy_path_on_cpu_tensors():
@@ -86,7 +88,8 @@ def test_torch_stager_copy_path_on_cpu_tensors():
             assert torch.equal(dst[f"L{i}"], t)
         assert stager.copies >= 3 and stager.pool.in_use == 0
     finally:
-        tx.close(); rx.close()
+        tx.close()
+        rx.close()
 
 
 def test_pool_rejects_bad_sizes():

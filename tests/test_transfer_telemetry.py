@@ -8,10 +8,10 @@ import time
 import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from transfer_helpers import FP, ArraySink, manifest, pair, random_items, token
 
 from prfaas_plugin.transfer import ReceiverConfig, SenderConfig
 from prfaas_plugin.transfer.metrics import TransferCollector
-from transfer_helpers import ArraySink, FP, manifest, pair, random_items, token
 
 
 def _samples(registry) -> dict[tuple[str, tuple], float]:
@@ -37,7 +37,7 @@ def test_stats_and_prometheus_after_transfers():
             sh.done.result(timeout=15)
             rh.done.result(timeout=15)
         st = tx.stats()
-        (peer, ps), = st["peers"].items()
+        ((peer, ps),) = st["peers"].items()
         total = 3 * 1_500_000
         assert ps["bytes_confirmed"] == total and ps["bytes_sent"] == total
         assert ps["bytes_in_flight"] == 0 and ps["queue_chunks"] == 0
@@ -55,7 +55,8 @@ def test_stats_and_prometheus_after_transfers():
         assert s[("prfaas_transfer_receive_sessions_total", (("outcome", "ok"),))] == 3
         assert ("prfaas_transfer_peer_tcp_rtt_ms", (("peer", peer),)) in s
     finally:
-        tx.close(); rx.close()
+        tx.close()
+        rx.close()
 
 
 def test_failures_are_counted_by_type():
@@ -68,7 +69,8 @@ def test_failures_are_counted_by_type():
         sh.done.exception(timeout=10)
         assert _samples(reg)[("prfaas_transfer_send_requests_total", (("outcome", "AuthError"),))] == 1
     finally:
-        tx.close(); rx.close()
+        tx.close()
+        rx.close()
 
 
 def test_pacing_holds_the_budget():
@@ -87,7 +89,8 @@ def test_pacing_holds_the_budget():
         rh.done.result(timeout=5)
         assert elapsed >= (n - (1 << 20)) / 25e6 * 0.95, elapsed
     finally:
-        tx.close(); rx.close()
+        tx.close()
+        rx.close()
 
 
 def test_earlier_request_is_not_starved_by_later_ones():
@@ -98,7 +101,7 @@ def test_earlier_request_is_not_starved_by_later_ones():
         rng = np.random.default_rng(2)
         a_items, a_data = random_items(rng, {"A": 1_500_000})
         handles = []
-        ta, tb = token(), token()
+        ta = token()
         rx.expect("A", ta, FP, ArraySink())
         ha = tx.open(rx.endpoint, manifest("A", a_items), ta)
         ha.send("A", a_data["A"])
@@ -120,4 +123,5 @@ def test_earlier_request_is_not_starved_by_later_ones():
             h.done.result(timeout=20)
         assert finished[0] == "A", finished
     finally:
-        tx.close(); rx.close()
+        tx.close()
+        rx.close()

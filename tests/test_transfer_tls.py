@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 
 cryptography = pytest.importorskip("cryptography")
-from cryptography import x509  # noqa: E402
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-from cryptography.x509.oid import NameOID  # noqa: E402
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from transfer_helpers import FP, ArraySink, manifest, random_items, token
 
-from prfaas_plugin.transfer import (  # noqa: E402
+from prfaas_plugin.transfer import (
     AuthError,
     GrpcTcpReceiver,
     GrpcTcpSender,
@@ -25,7 +26,6 @@ from prfaas_plugin.transfer import (  # noqa: E402
     TlsConfig,
     TransferError,
 )
-from transfer_helpers import ArraySink, FP, manifest, random_items, token  # noqa: E402
 
 
 def _name(cn: str) -> x509.Name:
@@ -34,21 +34,30 @@ def _name(cn: str) -> x509.Name:
 
 def _cert(subject: str, key, issuer_name: x509.Name, issuer_key, *, ca: bool, server: bool = False):
     now = datetime.datetime.now(datetime.timezone.utc)
-    b = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(issuer_name)
-         .public_key(key.public_key()).serial_number(x509.random_serial_number())
-         .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
     if server:
-        b = b.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        b = b.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
     return b.sign(issuer_key, hashes.SHA256())
 
 
 def _write(d: Path, stem: str, cert, key) -> tuple[str, str]:
     c, k = d / f"{stem}.crt", d / f"{stem}.key"
     c.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    k.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption()))
+    k.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return str(c), str(k)
 
 
@@ -62,8 +71,11 @@ def pki(tmp_path_factory):
         out[ca_name + ".paths"] = _write(d, ca_name, *out[ca_name])
     ca, ca_key = out["ca"]
     rogue, rogue_key = out["rogue-ca"]
-    for stem, issuer, ikey, server in (("server", ca, ca_key, True), ("client", ca, ca_key, False),
-                                       ("rogue-client", rogue, rogue_key, False)):
+    for stem, issuer, ikey, server in (
+        ("server", ca, ca_key, True),
+        ("client", ca, ca_key, False),
+        ("rogue-client", rogue, rogue_key, False),
+    ):
         k = ec.generate_private_key(ec.SECP256R1())
         out[stem] = _write(d, stem, _cert(stem, k, issuer.subject, ikey, ca=False, server=server), k)
     return out
@@ -83,8 +95,14 @@ def _roundtrip(rx: GrpcTcpReceiver, tx: GrpcTcpSender, rid: str):
 def test_tls_round_trip(pki, plane):
     cert, key = pki["server"]
     rx = GrpcTcpReceiver(ReceiverConfig(tls=TlsConfig(cert_file=cert, key_file=key)))
-    tx = GrpcTcpSender(SenderConfig(chunk_bytes=64 << 10, data_plane=plane, connections=2,
-                                    tls=TlsConfig(ca_file=pki["ca.paths"][0], server_name="localhost")))
+    tx = GrpcTcpSender(
+        SenderConfig(
+            chunk_bytes=64 << 10,
+            data_plane=plane,
+            connections=2,
+            tls=TlsConfig(ca_file=pki["ca.paths"][0], server_name="localhost"),
+        )
+    )
     try:
         sh, rh, sink, items, data = _roundtrip(rx, tx, f"tls-{plane}")
         sh.done.result(timeout=15)
@@ -92,35 +110,49 @@ def test_tls_round_trip(pki, plane):
         for it in items:
             assert np.array_equal(sink.arrays[it.name], data[it.name])
     finally:
-        tx.close(); rx.close()
+        tx.close()
+        rx.close()
 
 
 def _mtls_receiver(pki) -> GrpcTcpReceiver:
     cert, key = pki["server"]
-    return GrpcTcpReceiver(ReceiverConfig(tls=TlsConfig(
-        cert_file=cert, key_file=key, ca_file=pki["ca.paths"][0], require_client_cert=True)))
+    return GrpcTcpReceiver(
+        ReceiverConfig(
+            tls=TlsConfig(cert_file=cert, key_file=key, ca_file=pki["ca.paths"][0], require_client_cert=True)
+        )
+    )
 
 
 def test_mtls_round_trip(pki):
     rx = _mtls_receiver(pki)
     ccert, ckey = pki["client"]
-    tx = GrpcTcpSender(SenderConfig(chunk_bytes=64 << 10, tls=TlsConfig(
-        cert_file=ccert, key_file=ckey, ca_file=pki["ca.paths"][0], server_name="localhost")))
+    tx = GrpcTcpSender(
+        SenderConfig(
+            chunk_bytes=64 << 10,
+            tls=TlsConfig(cert_file=ccert, key_file=ckey, ca_file=pki["ca.paths"][0], server_name="localhost"),
+        )
+    )
     try:
         sh, rh, sink, items, data = _roundtrip(rx, tx, "mtls")
         sh.done.result(timeout=15)
         rh.done.result(timeout=15)
         assert np.array_equal(sink.arrays["L0"], data["L0"])
     finally:
-        tx.close(); rx.close()
+        tx.close()
+        rx.close()
 
 
 @pytest.mark.parametrize("client", ["rogue-client", None])
 def test_mtls_refuses_wrong_or_missing_client_cert(pki, client):
     rx = _mtls_receiver(pki)
     ccert, ckey = pki[client] if client else (None, None)
-    tx = GrpcTcpSender(SenderConfig(chunk_bytes=64 << 10, connect_timeout_s=2, tls=TlsConfig(
-        cert_file=ccert, key_file=ckey, ca_file=pki["ca.paths"][0], server_name="localhost")))
+    tx = GrpcTcpSender(
+        SenderConfig(
+            chunk_bytes=64 << 10,
+            connect_timeout_s=2,
+            tls=TlsConfig(cert_file=ccert, key_file=ckey, ca_file=pki["ca.paths"][0], server_name="localhost"),
+        )
+    )
     try:
         sh, rh, sink, items, data = _roundtrip(rx, tx, f"bad-{client}")
         err = sh.done.exception(timeout=15)
@@ -128,7 +160,8 @@ def test_mtls_refuses_wrong_or_missing_client_cert(pki, client):
         assert rh.progress()["bytes_received"] == 0
         rh.abort("test over")
     finally:
-        tx.close(); rx.close()
+        tx.close()
+        rx.close()
 
 
 def test_plaintext_client_cannot_talk_to_tls_receiver(pki):
@@ -141,7 +174,8 @@ def test_plaintext_client_cannot_talk_to_tls_receiver(pki):
         assert rh.progress()["bytes_received"] == 0
         rh.abort("test over")
     finally:
-        tx.close(); rx.close()
+        tx.close()
+        rx.close()
 
 
 def test_data_plane_refuses_rogue_client_cert(pki):
@@ -156,8 +190,9 @@ def test_data_plane_refuses_rogue_client_cert(pki):
     rx = _mtls_receiver(pki)
     try:
         host, port = split_hostport(rx.bound_data_endpoint)
-        ctx = client_context(TlsConfig(cert_file=pki["rogue-client"][0], key_file=pki["rogue-client"][1],
-                                       ca_file=pki["ca.paths"][0]))
+        ctx = client_context(
+            TlsConfig(cert_file=pki["rogue-client"][0], key_file=pki["rogue-client"][1], ca_file=pki["ca.paths"][0])
+        )
         with socket.create_connection((host, port), timeout=5) as raw:
             try:
                 with ctx.wrap_socket(raw, server_hostname="localhost") as s:

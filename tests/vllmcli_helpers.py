@@ -24,6 +24,7 @@ import shutil
 import sys
 from pathlib import Path
 from typing import Any
+
 from prfaas_plugin.demo.ports import free_port  # noqa: F401 (re-exported to the tests)
 
 _UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -77,8 +78,6 @@ def make_shadow_site(dest: Path, targets: list[str]) -> Path:
         if record.is_file() and "vllm/__init__.py," in record.read_text(encoding="utf-8", errors="replace"):
             (dest / info.name).symlink_to(info)
     return dest / "vllm"
-
-
 
 
 def build_tiny_qwen3(path: Path) -> Path:

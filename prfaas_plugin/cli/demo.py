@@ -13,11 +13,17 @@ import click
 @click.option("--short", is_flag=True, help="a quick run (8 requests), as CI does")
 @click.option("--link-gbit", type=float, default=1.0, show_default=True, help="emulated link rate")
 @click.option("--rtt-ms", type=float, default=20.0, show_default=True, help="emulated round-trip time")
-@click.option("--emulate", type=click.Choice(["auto", "netns", "loopback"]), default="auto", show_default=True,
-              help="netns needs root; auto falls back to loopback and says so")
+@click.option(
+    "--emulate",
+    type=click.Choice(["auto", "netns", "loopback"]),
+    default="auto",
+    show_default=True,
+    help="netns needs root; auto falls back to loopback and says so",
+)
 @click.option("--threshold", default="auto", show_default=True, help="'auto' or a fixed number of tokens")
-def command(out_dir: Path, requests: int, short: bool, link_gbit: float, rtt_ms: float, emulate: str,
-            threshold: str) -> None:
+def command(
+    out_dir: Path, requests: int, short: bool, link_gbit: float, rtt_ms: float, emulate: str, threshold: str
+) -> None:
     """Start a PrfaaS prefill instance and a local instance (real vLLM on CPU, a tiny hybrid model)
     joined by an emulated cross-datacenter link, put the router in front, send a mixed workload,
     and report routes, KV bytes, TTFT, egress and output equality."""
@@ -28,8 +34,14 @@ def command(out_dir: Path, requests: int, short: bool, link_gbit: float, rtt_ms:
             float(threshold)
         except ValueError:
             raise click.BadParameter("must be 'auto' or a number", param_hint="--threshold") from None
-    opts = DemoOptions(out_dir=out_dir, requests=8 if short else requests, link_gbit=link_gbit, rtt_ms=rtt_ms,
-                       emulate=emulate, threshold=threshold)
+    opts = DemoOptions(
+        out_dir=out_dir,
+        requests=8 if short else requests,
+        link_gbit=link_gbit,
+        rtt_ms=rtt_ms,
+        emulate=emulate,
+        threshold=threshold,
+    )
     try:
         report = run_demo(opts)
     except KeyboardInterrupt:
@@ -39,8 +51,10 @@ def command(out_dir: Path, requests: int, short: bool, link_gbit: float, rtt_ms:
     t = report.totals()
     click.echo("")
     click.echo(f"offloaded {t['offload_fraction']:.0%} of requests; routes used: {', '.join(t['routes_used'])}")
-    click.echo(f"PrfaaS egress {t['egress_gbit_per_s'] * 1e3:.3f} Mbit/s on a {t['link_gbit']:g} Gbit/s link "
-               f"({report.link['emulated']}); KV sent {t['kv_bytes_total'] / 2**20:.1f} MiB")
+    click.echo(
+        f"PrfaaS egress {t['egress_gbit_per_s'] * 1e3:.3f} Mbit/s on a {t['link_gbit']:g} Gbit/s link "
+        f"({report.link['emulated']}); KV sent {t['kv_bytes_total'] / 2**20:.1f} MiB"
+    )
     click.echo(f"outputs equal to the single-instance run: {'ALL' if t['all_outputs_equal'] else 'NOT ALL'}")
     click.echo(f"start-up {t['startup_s']:.0f} s, workload {t['wall_s']:.1f} s; report: {jpath}, figure: {ppath}")
     if not t["all_outputs_equal"] or t["errors"]:

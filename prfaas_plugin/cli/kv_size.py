@@ -32,10 +32,18 @@ def parse_lengths(text: str) -> list[int]:
 @click.option("--lengths", default="1K,8K,32K,128K", show_default=True, help="uncached prompt lengths")
 @click.option("--prefill-tokens-per-s", type=float, default=None, help="instance prefill rate, for Phi_kv")
 @click.option("--kv-dtype", default=None, help="KV cache dtype (bf16, fp8...); default: the model's dtype")
-@click.option("--state-dtype", default=None, help="recurrent state dtype (bf16, fp32); default: mamba_ssm_dtype or the model's")
+@click.option(
+    "--state-dtype", default=None, help="recurrent state dtype (bf16, fp32); default: mamba_ssm_dtype or the model's"
+)
 @click.option("--json", "as_json", is_flag=True)
-def command(config: Path, lengths: str, prefill_tokens_per_s: float | None, kv_dtype: str | None,
-            state_dtype: str | None, as_json: bool) -> None:
+def command(
+    config: Path,
+    lengths: str,
+    prefill_tokens_per_s: float | None,
+    kv_dtype: str | None,
+    state_dtype: str | None,
+    as_json: bool,
+) -> None:
     """Per-token bytes, fixed bytes per request, S_kv(l) and (with a prefill rate) Phi_kv in Gbit/s
     for a Hugging Face CONFIG (config.json)."""
     if prefill_tokens_per_s is not None and prefill_tokens_per_s <= 0:
@@ -48,11 +56,14 @@ def command(config: Path, lengths: str, prefill_tokens_per_s: float | None, kv_d
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(f"{summary['model']} ({summary['family']}): "
-               + ", ".join(f"{n} x {k}" for k, n in summary["layers"].items()))
+    click.echo(
+        f"{summary['model']} ({summary['family']}): " + ", ".join(f"{n} x {k}" for k, n in summary["layers"].items())
+    )
     click.echo(f"  per token        {summary['bytes_per_token']:>14,} B")
-    click.echo(f"  fixed / request  {summary['fixed_bytes_per_request']:>14,} B  ({summary['fixed_bytes_per_request'] / MIB:.2f} MiB:"
-               f" state {summary['state_bytes_per_request'] / MIB:.2f}, window {summary['window_bytes_per_request'] / MIB:.2f})")
+    click.echo(
+        f"  fixed / request  {summary['fixed_bytes_per_request']:>14,} B  ({summary['fixed_bytes_per_request'] / MIB:.2f} MiB:"
+        f" state {summary['state_bytes_per_request'] / MIB:.2f}, window {summary['window_bytes_per_request'] / MIB:.2f})"
+    )
     head = f"  {'tokens':>9} {'S_kv MiB':>12}" + (f" {'Phi_kv Gbit/s':>14}" if prefill_tokens_per_s else "")
     click.echo(head)
     for row in summary["lengths"]:

@@ -52,10 +52,15 @@ def _parse_sweep(spec: str) -> tuple[str, list]:
 @click.command(name="plan")
 @click.option("--config", "config", type=click.Path(path_type=Path), required=True, help="planner YAML")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the table")
-@click.option("--plot", "plot_dir", type=click.Path(path_type=Path), default=None,
-              help="write Fig. 5-style PNGs into this folder")
-@click.option("--sweep", default=None, metavar="KEY=V1,V2,...",
-              help="re-plan for each value of one config key (e.g. profiles.h20.compute_ratio=2.5,3.1)")
+@click.option(
+    "--plot", "plot_dir", type=click.Path(path_type=Path), default=None, help="write Fig. 5-style PNGs into this folder"
+)
+@click.option(
+    "--sweep",
+    default=None,
+    metavar="KEY=V1,V2,...",
+    help="re-plan for each value of one config key (e.g. profiles.h20.compute_ratio=2.5,3.1)",
+)
 def command(config: Path, as_json: bool, plot_dir: Path | None, sweep: str | None) -> None:
     """Optimal threshold t, P/D split, per-stage throughput, Lambda_max and egress (paper Eqs. 1-8),
     with the homogeneous and naive heterogeneous baselines."""
@@ -66,14 +71,18 @@ def command(config: Path, as_json: bool, plot_dir: Path | None, sweep: str | Non
             if as_json:
                 click.echo(json.dumps({"sweep": key, "results": rows}, indent=2))
                 return
-            click.echo(f"{key:>28} {'t (K)':>7} {'p %':>6} {'P/D':>5} {'Lambda':>7} {'homog.':>7} {'naive':>7} "
-                       f"{'ratio':>6} {'egress':>7}")
+            click.echo(
+                f"{key:>28} {'t (K)':>7} {'p %':>6} {'P/D':>5} {'Lambda':>7} {'homog.':>7} {'naive':>7} "
+                f"{'ratio':>6} {'egress':>7}"
+            )
             for r in rows:
-                click.echo(f"{r['value']!s:>28} {r['threshold_tokens'] / 1000:>7.1f} {r['offload_fraction'] * 100:>6.1f} "
-                           f"{str(r['n_pd_prefill']) + '/' + str(r['n_pd_decode']):>5} {r['lambda_max']:>7.2f} "
-                           f"{r['baselines']['homogeneous']['lambda_max']:>7.2f} "
-                           f"{r['baselines']['naive_heterogeneous']['lambda_max']:>7.2f} "
-                           f"{r['ratios']['vs_homogeneous']:>5.2f}x {r['egress_gbps']:>7.2f}")
+                click.echo(
+                    f"{r['value']!s:>28} {r['threshold_tokens'] / 1000:>7.1f} {r['offload_fraction'] * 100:>6.1f} "
+                    f"{str(r['n_pd_prefill']) + '/' + str(r['n_pd_decode']):>5} {r['lambda_max']:>7.2f} "
+                    f"{r['baselines']['homogeneous']['lambda_max']:>7.2f} "
+                    f"{r['baselines']['naive_heterogeneous']['lambda_max']:>7.2f} "
+                    f"{r['ratios']['vs_homogeneous']:>5.2f}x {r['egress_gbps']:>7.2f}"
+                )
             return
         result = _run(config, with_curves=plot_dir is not None)
     except PlannerConfigError as exc:

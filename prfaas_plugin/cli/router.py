@@ -13,8 +13,9 @@ import click
 @click.option("--config", "config", type=click.Path(path_type=Path), required=True, help="router YAML")
 @click.option("--host", default="0.0.0.0", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
+)
 def command(config: Path, host: str, port: int, log_level: str) -> None:
     """Serve /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics and /admin/*,
     placing each prefill on the PrfaaS or the local cluster."""

@@ -69,9 +69,15 @@ class DemoReport:
 
     # -- output ----------------------------------------------------------------------------------
     def to_json(self) -> str:
-        return json.dumps({"totals": self.totals(), "link": self.link,
-                           "threshold_timeline": self.threshold_timeline,
-                           "requests": [asdict(r) for r in self.requests]}, indent=2)
+        return json.dumps(
+            {
+                "totals": self.totals(),
+                "link": self.link,
+                "threshold_timeline": self.threshold_timeline,
+                "requests": [asdict(r) for r in self.requests],
+            },
+            indent=2,
+        )
 
     def write(self, out_dir: Path) -> tuple[Path, Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -82,14 +88,18 @@ class DemoReport:
         return jpath, ppath
 
     def table(self) -> str:
-        head = (f"{'id':>10} {'route':>8} {'l_total':>8} {'l':>6} {'t':>6} {'KV MiB':>8} {'remote ms':>9} "
-                f"{'TTFT ms':>8} {'equal':>6}")
+        head = (
+            f"{'id':>10} {'route':>8} {'l_total':>8} {'l':>6} {'t':>6} {'KV MiB':>8} {'remote ms':>9} "
+            f"{'TTFT ms':>8} {'equal':>6}"
+        )
         rows = [head, "-" * len(head)]
         for r in self.requests:
             xfer = f"{r.remote_prefill_s * 1e3:9.1f}" if r.remote_prefill_s is not None else f"{'-':>9}"
             eq = "-" if r.output_equal is None else ("yes" if r.output_equal else "NO")
-            rows.append(f"{r.request_id[-10:]:>10} {r.route:>8} {r.prompt_tokens:>8} {r.uncached_tokens:>6} "
-                        f"{r.threshold_tokens:>6.0f} {r.kv_bytes / 2**20:>8.2f} {xfer} {r.ttft_s * 1e3:>8.1f} {eq:>6}")
+            rows.append(
+                f"{r.request_id[-10:]:>10} {r.route:>8} {r.prompt_tokens:>8} {r.uncached_tokens:>6} "
+                f"{r.threshold_tokens:>6.0f} {r.kv_bytes / 2**20:>8.2f} {xfer} {r.ttft_s * 1e3:>8.1f} {eq:>6}"
+            )
         return "\n".join(rows)
 
 
@@ -122,7 +132,9 @@ def plot_report(report: DemoReport, path: Path) -> None:
     ax.set_title("Threshold over time")
 
     ax = axes[2]
-    remote = sorted((r for r in report.requests if r.route == "prfaas" and r.error is None), key=lambda r: r.started_at_s)
+    remote = sorted(
+        (r for r in report.requests if r.route == "prfaas" and r.error is None), key=lambda r: r.started_at_s
+    )
     if remote:
         t_end = [r.started_at_s + r.total_s for r in remote]
         cum = []
@@ -133,7 +145,9 @@ def plot_report(report: DemoReport, path: Path) -> None:
         ax.plot(t_end, cum, marker="o", color="tab:red", label="KV sent (Gbit, cumulative)")
     link = float(report.link.get("rate_gbit") or 0.0)
     if link and report.wall_s:
-        ax.plot([0, report.wall_s], [0, link * report.wall_s], color="grey", ls="--", label=f"link capacity {link:g} Gbit/s")
+        ax.plot(
+            [0, report.wall_s], [0, link * report.wall_s], color="grey", ls="--", label=f"link capacity {link:g} Gbit/s"
+        )
     ax.set_xlabel("time since workload start (s)")
     ax.set_ylabel("Gbit")
     ax.set_yscale("symlog", linthresh=1e-3)

@@ -19,9 +19,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import httpx
 import yaml
@@ -55,15 +55,37 @@ def _ktc(role: str, **extra: object) -> str:
 
 
 def _server(model: Path, host: str, port: int, ktc: str) -> list[str]:
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name",
-            MODEL, "--host", host, "--port", str(port), "--max-model-len", str(MAX_MODEL_LEN), "--dtype", "bfloat16",
-            "--seed", "0", "--kv-transfer-config", ktc]
+    return [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--served-model-name",
+        MODEL,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--dtype",
+        "bfloat16",
+        "--seed",
+        "0",
+        "--kv-transfer-config",
+        ktc,
+    ]
 
 
 def _env(cpu: int) -> dict[str, str]:
     root = Path(__file__).resolve().parents[2]
-    return {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_CPU_OMP_THREADS_BIND": str(cpu),
-            "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)}
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": str(cpu),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p),
+    }
 
 
 def _prefill_profile(url: str, count_tokens: Callable[[str], int], lengths: list[int]) -> list[float]:
@@ -81,30 +103,54 @@ def _prefill_profile(url: str, count_tokens: Callable[[str], int], lengths: list
             times = []
             for rep in range(3):
                 t0 = time.perf_counter()
-                r = c.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": f"{rep}{prompt}", "max_tokens": 1,
-                                                          "temperature": 0})
+                r = c.post(
+                    f"{url}/v1/completions",
+                    json={"model": MODEL, "prompt": f"{rep}{prompt}", "max_tokens": 1, "temperature": 0},
+                )
                 r.raise_for_status()
                 times.append(time.perf_counter() - t0)
             out.append(sorted(times)[0])
     return out
 
 
-def _planner_config(path: Path, lengths: list[int], t_remote: list[float], t_local: list[float], kv_mib: list[float],
-                    link_gbit: float, workload: WorkloadSpec) -> None:
+def _planner_config(
+    path: Path,
+    lengths: list[int],
+    t_remote: list[float],
+    t_local: list[float],
+    kv_mib: list[float],
+    link_gbit: float,
+    workload: WorkloadSpec,
+) -> None:
     import math
 
     cfg = {
         "notes": "written by `prfaas demo` from prefill times measured on the two CPU instances",
-        "workload": {"lognormal": {"mu": workload.mu + math.log(workload.scale), "sigma": workload.sigma,
-                                   "min": workload.min_tokens, "max": workload.max_tokens},
-                     "output_tokens": workload.output_tokens},
+        "workload": {
+            "lognormal": {
+                "mu": workload.mu + math.log(workload.scale),
+                "sigma": workload.sigma,
+                "min": workload.min_tokens,
+                "max": workload.max_tokens,
+            },
+            "output_tokens": workload.output_tokens,
+        },
         "profiles": {
-            "prfaas-cpu": {"lengths": lengths, "t_prefill_s": t_remote, "s_kv_mib": kv_mib, "t_interpolation": "linear"},
+            "prfaas-cpu": {
+                "lengths": lengths,
+                "t_prefill_s": t_remote,
+                "s_kv_mib": kv_mib,
+                "t_interpolation": "linear",
+            },
             "local-cpu": {"lengths": lengths, "t_prefill_s": t_local, "s_kv_mib": kv_mib, "t_interpolation": "linear"},
         },
         # One local instance prefills and decodes; the model counts it as one of each.
-        "deployment": {"prfaas_profile": "prfaas-cpu", "pd_profile": "local-cpu", "prfaas_instances": 1,
-                       "pd_instances": 2},
+        "deployment": {
+            "prfaas_profile": "prfaas-cpu",
+            "pd_profile": "local-cpu",
+            "prfaas_instances": 1,
+            "pd_instances": 2,
+        },
         "decode": {"bs_max": 8, "t_decode_s": 0.02},
         "link": {"gbps": link_gbit},
         "search": {"threshold_step": 8},
@@ -126,8 +172,12 @@ def run_demo(opts: DemoOptions) -> DemoReport:
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     count = lambda s: len(tok(s)["input_ids"])  # noqa: E731
-    spec = WorkloadSpec(num_requests=opts.requests, output_tokens=opts.output_tokens, seed=opts.seed,
-                        max_tokens=MAX_MODEL_LEN - opts.output_tokens - 64)
+    spec = WorkloadSpec(
+        num_requests=opts.requests,
+        output_tokens=opts.output_tokens,
+        seed=opts.seed,
+        max_tokens=MAX_MODEL_LEN - opts.output_tokens - 64,
+    )
     prompts = build_prompts(spec, count)
 
     reason = netns_unavailable_reason()
@@ -142,22 +192,32 @@ def run_demo(opts: DemoOptions) -> DemoReport:
             sup.add_cleanup(link.stop)
             remote_host, local_host = link.addr_a, link.addr_b
             wrap = lambda argv: link.argv("a", argv)  # noqa: E731
-            log(f"link: {opts.link_gbit:g} Gbit/s, {opts.rtt_ms:g} ms RTT between namespace {link.ns_a} "
-                f"({remote_host}) and this host ({local_host})")
+            log(
+                f"link: {opts.link_gbit:g} Gbit/s, {opts.rtt_ms:g} ms RTT between namespace {link.ns_a} "
+                f"({remote_host}) and this host ({local_host})"
+            )
             link_desc = {"rate_gbit": opts.link_gbit, "rtt_ms": opts.rtt_ms, "emulated": "netns+tbf+delay line"}
         else:
             remote_host = local_host = "127.0.0.1"
             wrap = lambda argv: argv  # noqa: E731
-            log(f"link: loopback (no namespaces: {reason or 'asked for loopback'}); the producer's pacing budget "
-                f"holds its egress to {opts.link_gbit:g} Gbit/s, no delay emulated")
+            log(
+                f"link: loopback (no namespaces: {reason or 'asked for loopback'}); the producer's pacing budget "
+                f"holds its egress to {opts.link_gbit:g} Gbit/s, no delay emulated"
+            )
             link_desc = {"rate_gbit": opts.link_gbit, "rtt_ms": 0.0, "emulated": "loopback + sender pacing"}
         p_port, l_port, rx_port, r_port = 8101, 8102, 15600, 8100
         # On loopback the link's rate comes from the transfer engine's pacing budget instead of tbf.
         producer_extra = {} if use_netns else {"pacing_gbps": opts.link_gbit}
-        sup.start("prfaas-prefill", wrap(_server(model_dir, "0.0.0.0", p_port, _ktc("kv_producer", **producer_extra))),
-                  env=_env(0))
-        sup.start("local", _server(model_dir, "0.0.0.0", l_port, _ktc("kv_consumer", listen=f"0.0.0.0:{rx_port}")),
-                  env=_env(1))
+        sup.start(
+            "prfaas-prefill",
+            wrap(_server(model_dir, "0.0.0.0", p_port, _ktc("kv_producer", **producer_extra))),
+            env=_env(0),
+        )
+        sup.start(
+            "local",
+            _server(model_dir, "0.0.0.0", l_port, _ktc("kv_consumer", listen=f"0.0.0.0:{rx_port}")),
+            env=_env(1),
+        )
         remote_url, local_url = f"http://{remote_host}:{p_port}", f"http://127.0.0.1:{l_port}"
         log("starting two vLLM instances (60-120 s on this CPU machine) ...")
         sup.wait_healthy("prfaas-prefill", f"{remote_url}/health", opts.startup_timeout_s)
@@ -171,24 +231,63 @@ def run_demo(opts: DemoOptions) -> DemoReport:
         kv = ModelKV.from_file(model_dir / "config.json")
         kv_mib = [kv.kv_bytes(n) / 2**20 for n in lengths]
         _planner_config(out / "planner.yaml", lengths, t_remote, t_local, kv_mib, opts.link_gbit, spec)
-        threshold = ({"mode": "auto", "tokens": 256, "planner": str((out / "planner.yaml").resolve()), "min_samples": 4,
-                      "reoptimize_every_s": 2.0, "egress_window_s": 5.0}
-                     if opts.threshold == "auto" else {"mode": "fixed", "tokens": float(opts.threshold)})
-        router_cfg = {"model": MODEL, "tokenizer": str(model_dir.resolve()), "block_size": 16, "link_gbps": opts.link_gbit,
-                      "threshold": threshold, "transfer_deadline_s": 60,
-                      "clusters": [{"name": "prfaas", "kind": "prfaas", "prefill": [{"url": remote_url}]},
-                                   {"name": "local", "kind": "local",
-                                    "both": [{"url": local_url, "kv_endpoint": f"{local_host}:{rx_port}"}]}]}
+        threshold = (
+            {
+                "mode": "auto",
+                "tokens": 256,
+                "planner": str((out / "planner.yaml").resolve()),
+                "min_samples": 4,
+                "reoptimize_every_s": 2.0,
+                "egress_window_s": 5.0,
+            }
+            if opts.threshold == "auto"
+            else {"mode": "fixed", "tokens": float(opts.threshold)}
+        )
+        router_cfg = {
+            "model": MODEL,
+            "tokenizer": str(model_dir.resolve()),
+            "block_size": 16,
+            "link_gbps": opts.link_gbit,
+            "threshold": threshold,
+            "transfer_deadline_s": 60,
+            "clusters": [
+                {"name": "prfaas", "kind": "prfaas", "prefill": [{"url": remote_url}]},
+                {
+                    "name": "local",
+                    "kind": "local",
+                    "both": [{"url": local_url, "kv_endpoint": f"{local_host}:{rx_port}"}],
+                },
+            ],
+        }
         (out / "router.yaml").write_text(yaml.safe_dump(router_cfg, sort_keys=False))
-        sup.start("router", [sys.executable, "-m", "prfaas_plugin", "router", "--config", str(out / "router.yaml"),
-                             "--host", "127.0.0.1", "--port", str(r_port), "--log-level", "warning"], env=_env(1))
+        sup.start(
+            "router",
+            [
+                sys.executable,
+                "-m",
+                "prfaas_plugin",
+                "router",
+                "--config",
+                str(out / "router.yaml"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(r_port),
+                "--log-level",
+                "warning",
+            ],
+            env=_env(1),
+        )
         sup.wait_healthy("router", f"http://127.0.0.1:{r_port}/health", 120)
 
         records, texts = _drive(f"http://127.0.0.1:{r_port}", prompts, opts, log)
         wall = max((r.started_at_s + r.total_s for r in records), default=0.0)
         sup.check_alive()
         with httpx.Client(timeout=30) as c:
-            admin = {x["request_id"]: x for x in c.get(f"http://127.0.0.1:{r_port}/admin/requests?limit=10000").json()["requests"]}
+            admin = {
+                x["request_id"]: x
+                for x in c.get(f"http://127.0.0.1:{r_port}/admin/requests?limit=10000").json()["requests"]
+            }
             timeline = c.get(f"http://127.0.0.1:{r_port}/admin/threshold").json()["timeline"]
         for r in records:
             a = admin.get(r.request_id, {})
@@ -199,17 +298,25 @@ def run_demo(opts: DemoOptions) -> DemoReport:
         log("re-running every prompt on the local instance alone (the single-instance reference) ...")
         with httpx.Client(timeout=300) as c:
             for r, p in zip(records, prompts):
-                ref = c.post(f"{local_url}/v1/completions", json={"model": MODEL, "prompt": p.text, "temperature": 0,
-                                                                   "max_tokens": opts.output_tokens})
+                ref = c.post(
+                    f"{local_url}/v1/completions",
+                    json={"model": MODEL, "prompt": p.text, "temperature": 0, "max_tokens": opts.output_tokens},
+                )
                 ref.raise_for_status()
                 r.output_equal = ref.json()["choices"][0]["text"] == texts[r.request_id]
-    report = DemoReport(link=link_desc, requests=records, wall_s=wall, startup_s=startup,
-                        threshold_timeline=[(float(t), float(v)) for t, v, _ in timeline])
+    report = DemoReport(
+        link=link_desc,
+        requests=records,
+        wall_s=wall,
+        startup_s=startup,
+        threshold_timeline=[(float(t), float(v)) for t, v, _ in timeline],
+    )
     return report
 
 
-def _drive(router: str, prompts: list, opts: DemoOptions,
-           log: Callable[[str], None]) -> tuple[list[RequestRecord], dict[str, str]]:
+def _drive(
+    router: str, prompts: list, opts: DemoOptions, log: Callable[[str], None]
+) -> tuple[list[RequestRecord], dict[str, str]]:
     """Send the workload through the router (streaming, ``opts.concurrency`` at a time)."""
     from tqdm import tqdm
 
@@ -221,9 +328,18 @@ def _drive(router: str, prompts: list, opts: DemoOptions,
         start = time.monotonic() - t0
         text, ttft = [], None
         with httpx.Client(timeout=300) as c:
-            with c.stream("POST", f"{router}/v1/completions", headers={"x-request-id": rid},
-                          json={"model": MODEL, "prompt": p.text, "max_tokens": opts.output_tokens, "temperature": 0,
-                                "stream": True}) as resp:
+            with c.stream(
+                "POST",
+                f"{router}/v1/completions",
+                headers={"x-request-id": rid},
+                json={
+                    "model": MODEL,
+                    "prompt": p.text,
+                    "max_tokens": opts.output_tokens,
+                    "temperature": 0,
+                    "stream": True,
+                },
+            ) as resp:
                 resp.raise_for_status()
                 route = resp.headers.get("x-prfaas-route", "?")
                 l_unc = int(resp.headers.get("x-prfaas-uncached-tokens", "0"))
@@ -235,11 +351,15 @@ def _drive(router: str, prompts: list, opts: DemoOptions,
                         ttft = time.monotonic() - t0 - start
                     text.append(json.loads(line[6:])["choices"][0].get("text", ""))
         total = time.monotonic() - t0 - start
-        return RequestRecord(rid, route, p.target_tokens, l_unc, thr, 0, None, ttft or total, total, start), "".join(text)
+        return RequestRecord(rid, route, p.target_tokens, l_unc, thr, 0, None, ttft or total, total, start), "".join(
+            text
+        )
 
     runs: list[tuple[RequestRecord, str]] = []
-    with concurrent.futures.ThreadPoolExecutor(opts.concurrency) as pool, tqdm(total=len(prompts), desc="requests",
-                                                                                 unit="req") as bar:
+    with (
+        concurrent.futures.ThreadPoolExecutor(opts.concurrency) as pool,
+        tqdm(total=len(prompts), desc="requests", unit="req") as bar,
+    ):
         futs = [pool.submit(one, i) for i in range(len(prompts))]
         for f in concurrent.futures.as_completed(futs):
             runs.append(f.result())

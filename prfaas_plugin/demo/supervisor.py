@@ -12,12 +12,11 @@ import re
 import signal
 import subprocess
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import httpx
-
 
 _ERROR_MARK = re.compile(r"Traceback \(most recent call last\)|\bERROR\b|\b[A-Za-z]*Error: ")
 
@@ -52,7 +51,7 @@ class Supervised:
         start = next((i for i, line in enumerate(lines) if _ERROR_MARK.search(line)), None)
         if start is None or start >= len(lines) - last:
             return "\n".join(lines[-last:])
-        head = lines[max(0, start - 2): start + first]
+        head = lines[max(0, start - 2) : start + first]
         return "\n".join(["--- first error ---", *head, "--- log tail ---", *lines[-last:]])
 
 
@@ -65,7 +64,7 @@ class Supervisor:
         self._cleanups: list[Callable[[], None]] = []
 
     # -- context / signals ----------------------------------------------------------------------
-    def __enter__(self) -> "Supervisor":
+    def __enter__(self) -> Supervisor:
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._old_handlers[sig] = signal.signal(sig, self._on_signal)
         return self
@@ -85,16 +84,22 @@ class Supervisor:
         self._cleanups.append(fn)
 
     # -- processes ------------------------------------------------------------------------------
-    def start(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
-              cwd: Path | None = None) -> Supervised:
+    def start(
+        self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None, cwd: Path | None = None
+    ) -> Supervised:
         if name in self.children:
             raise ValueError(f"a process named {name!r} is already supervised")
         log_path = self.log_dir / f"{name}.log"
         log = open(log_path, "wb")
         try:
             popen = subprocess.Popen(
-                list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True,
+                list(argv),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})},
+                cwd=cwd,
+                start_new_session=True,
             )
         finally:
             log.close()
@@ -110,22 +115,27 @@ class Supervisor:
         with httpx.Client(timeout=2.0) as client:
             while time.monotonic() < deadline:
                 if child.popen.poll() is not None:
-                    raise ProcessFailed(f"{name} exited with status {child.popen.returncode} before it was "
-                                        f"healthy; last log lines:\n{child.failure_report()}")
+                    raise ProcessFailed(
+                        f"{name} exited with status {child.popen.returncode} before it was "
+                        f"healthy; last log lines:\n{child.failure_report()}"
+                    )
                 try:
                     if client.get(url).status_code == 200:
                         return time.monotonic() - child.started_at
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.5)
-        raise ProcessFailed(f"{name} was not healthy at {url} after {timeout_s:.0f} s; last log lines:\n"
-                            f"{child.failure_report()}")
+        raise ProcessFailed(
+            f"{name} was not healthy at {url} after {timeout_s:.0f} s; last log lines:\n{child.failure_report()}"
+        )
 
     def check_alive(self) -> None:
         for child in self.children.values():
             if child.popen.poll() is not None:
-                raise ProcessFailed(f"{child.name} exited with status {child.popen.returncode}; last log "
-                                    f"lines:\n{child.failure_report()}")
+                raise ProcessFailed(
+                    f"{child.name} exited with status {child.popen.returncode}; last log "
+                    f"lines:\n{child.failure_report()}"
+                )
 
     def stop(self, name: str, grace_s: float = 10.0) -> None:
         child = self.children.pop(name, None)

@@ -8,8 +8,8 @@ garbage, but greedy decoding is deterministic, which is what exact P/D compariso
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 _CORPUS = [
     "PrfaaS moves the KV cache of long prompts from a prefill cluster to decode instances.",
@@ -28,8 +28,9 @@ def _tokenizer(out: Path) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(_CORPUS * 4, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
@@ -37,45 +38,99 @@ def _tokenizer(out: Path) -> None:
 
 
 def _common() -> dict:
-    return dict(vocab_size=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                max_position_embeddings=4096, tie_word_embeddings=False)
+    return dict(
+        vocab_size=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
 
 
 def _qwen3():
     from transformers import Qwen3Config, Qwen3ForCausalLM
-    cfg = Qwen3Config(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=32, **_common())
+
+    cfg = Qwen3Config(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        **_common(),
+    )
     return Qwen3ForCausalLM(cfg)
 
 
 def _qwen3next():
     from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
     cfg = Qwen3NextConfig(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, linear_num_key_heads=1, linear_num_value_heads=1,
-        linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4,
-        layer_types=["linear_attention"] * 3 + ["full_attention"], full_attention_interval=4,
-        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=64,
-        decoder_sparse_step=1, mlp_only_layers=[], **_common())
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        linear_num_key_heads=1,
+        linear_num_value_heads=1,
+        linear_key_head_dim=128,
+        linear_value_head_dim=128,
+        linear_conv_kernel_dim=4,
+        layer_types=["linear_attention"] * 3 + ["full_attention"],
+        full_attention_interval=4,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=64,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        **_common(),
+    )
     return Qwen3NextForCausalLM(cfg)
 
 
 def _gemma3():
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
     cfg = Gemma3TextConfig(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, sliding_window=64,
-        layer_types=["sliding_attention"] * 3 + ["full_attention"], **_common())
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        sliding_window=64,
+        layer_types=["sliding_attention"] * 3 + ["full_attention"],
+        **_common(),
+    )
     return Gemma3ForCausalLM(cfg)
 
 
 def _dsv3_mla():
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
     cfg = DeepseekV3Config(
-        hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=512,
-        qk_rope_head_dim=64, qk_nope_head_dim=32, v_head_dim=32, first_k_dense_replace=2,
-        n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, rope_scaling=None, **_common())
+        hidden_size=128,
+        intermediate_size=256,
+        moe_intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=None,
+        kv_lora_rank=512,
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=32,
+        v_head_dim=32,
+        first_k_dense_replace=2,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        rope_scaling=None,
+        **_common(),
+    )
     return DeepseekV3ForCausalLM(cfg)
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Callable, Sequence
 
 # Word list for prompt text; any text works (random weights), but words keep prompts readable.
 _WORDS = (

@@ -13,8 +13,8 @@ import gc
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -69,10 +69,18 @@ def default_cases(request_bytes: int) -> list[FaultCase]:
     return [
         FaultCase("reset mid-stream", FaultPlan(FaultKind.RESET, after_bytes=half), 8.0, frozenset({"ok", "failed"})),
         FaultCase("blackhole stall", FaultPlan(FaultKind.BLACKHOLE, after_bytes=half), 3.0, frozenset({"failed"})),
-        FaultCase("bandwidth collapse to 1%", FaultPlan(FaultKind.THROTTLE, rate_bytes_per_s=request_bytes / 100.0),
-                  3.0, frozenset({"failed"})),
-        FaultCase("corrupted bytes", FaultPlan(FaultKind.CORRUPT, corrupt_every=request_bytes // 3 + 1), 8.0,
-                  frozenset({"ok", "failed"})),
+        FaultCase(
+            "bandwidth collapse to 1%",
+            FaultPlan(FaultKind.THROTTLE, rate_bytes_per_s=request_bytes / 100.0),
+            3.0,
+            frozenset({"failed"}),
+        ),
+        FaultCase(
+            "corrupted bytes",
+            FaultPlan(FaultKind.CORRUPT, corrupt_every=request_bytes // 3 + 1),
+            8.0,
+            frozenset({"ok", "failed"}),
+        ),
     ]
 
 
@@ -82,13 +90,21 @@ def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def run_case(case: FaultCase, requests: int = 4, request_bytes: int = 2 << 20, items_per_request: int = 4,
-             connections: int = 2, log: Callable[[str], None] = lambda _m: None) -> CaseResult:
+def run_case(
+    case: FaultCase,
+    requests: int = 4,
+    request_bytes: int = 2 << 20,
+    items_per_request: int = 4,
+    connections: int = 2,
+    log: Callable[[str], None] = lambda _m: None,
+) -> CaseResult:
     res = CaseResult(case.name)
     rng = np.random.default_rng(abs(hash(case.name)) % 2**32)
     item_bytes = request_bytes // items_per_request
     items = tuple(ItemSpec(f"L{i}", item_bytes, order=i) for i in range(items_per_request))
-    payloads = [{it.name: rng.integers(0, 256, item_bytes, dtype=np.uint8) for it in items} for _ in range(requests + 1)]
+    payloads = [
+        {it.name: rng.integers(0, 256, item_bytes, dtype=np.uint8) for it in items} for _ in range(requests + 1)
+    ]
 
     gc.collect()
     fds0, threads0 = _fds(), threading.active_count()  # before any engine exists: close() must undo it all

@@ -82,7 +82,7 @@ class FaultProxy:
         self.address: tuple[str, int] = listen
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         self.start()
         return self
 
@@ -170,8 +170,9 @@ class FaultProxy:
                 _close(w)
             self.stats.open_connections -= 1
 
-    async def _pump_up(self, idx: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       client: asyncio.StreamWriter) -> str:
+    async def _pump_up(
+        self, idx: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: asyncio.StreamWriter
+    ) -> str:
         passed = 0
         since_flip = 0
         data = b""  # read but not yet forwarded
@@ -204,7 +205,7 @@ class FaultProxy:
             rest = b""
             if plan.kind is not FaultKind.NONE and seen < plan.after_bytes < seen + len(data):
                 # bytes straddling the fault's start: the part before it goes through untouched
-                data, rest = data[:plan.after_bytes - seen], data[plan.after_bytes - seen:]
+                data, rest = data[: plan.after_bytes - seen], data[plan.after_bytes - seen :]
             if plan.kind is FaultKind.CORRUPT and seen >= plan.after_bytes:
                 buf = bytearray(data)
                 pos = plan.corrupt_every - since_flip - 1

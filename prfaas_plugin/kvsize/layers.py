@@ -11,8 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1,
-               "fp32": 4, "float32": 4}
+DTYPE_BYTES = {
+    "bf16": 2,
+    "bfloat16": 2,
+    "fp16": 2,
+    "float16": 2,
+    "fp8": 1,
+    "fp8_e4m3": 1,
+    "fp8_e5m2": 1,
+    "fp32": 4,
+    "float32": 4,
+}
 
 
 def dtype_bytes(name: str) -> int:
@@ -63,8 +72,9 @@ def mla_token_bytes(kv_lora_rank: int, rope_dim: int, kv_dtype: int) -> int:
     return (kv_lora_rank + rope_dim) * kv_dtype
 
 
-def gated_delta_net_state(num_v_heads: int, k_dim: int, v_dim: int, num_k_heads: int, conv_kernel: int,
-                          state_dtype: int, conv_dtype: int) -> tuple[int, int]:
+def gated_delta_net_state(
+    num_v_heads: int, k_dim: int, v_dim: int, num_k_heads: int, conv_kernel: int, state_dtype: int, conv_dtype: int
+) -> tuple[int, int]:
     """Gated DeltaNet (Qwen3-Next, Qwen3.5): state n_v x v_dim x k_dim; the short conv runs over
     q, k and v channels (2 * n_k * k_dim + n_v * v_dim) and keeps kernel-1 positions."""
     state = num_v_heads * v_dim * k_dim * state_dtype
@@ -84,8 +94,9 @@ def lightning_state(num_heads: int, head_dim: int, state_dtype: int) -> tuple[in
     return num_heads * head_dim * head_dim * state_dtype, 0
 
 
-def mamba2_state(num_heads: int, head_dim: int, state_size: int, n_groups: int, conv_kernel: int,
-                 state_dtype: int, conv_dtype: int) -> tuple[int, int]:
+def mamba2_state(
+    num_heads: int, head_dim: int, state_size: int, n_groups: int, conv_kernel: int, state_dtype: int, conv_dtype: int
+) -> tuple[int, int]:
     """Mamba2: SSM state heads x head_dim x d_state; conv over x, B and C channels."""
     state = num_heads * head_dim * state_size * state_dtype
     conv_channels = num_heads * head_dim + 2 * n_groups * state_size

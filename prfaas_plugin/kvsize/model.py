@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from prfaas_plugin.kvsize.layers import LayerCache, LayerKind
 from prfaas_plugin.kvsize.parse import ConfigError, parse_layers
@@ -21,13 +22,14 @@ class ModelKV:
     layers: tuple[LayerCache, ...]
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], name: str = "", kv_dtype: str | None = None,
-                    state_dtype: str | None = None) -> "ModelKV":
+    def from_config(
+        cls, cfg: Mapping[str, Any], name: str = "", kv_dtype: str | None = None, state_dtype: str | None = None
+    ) -> ModelKV:
         family, layers = parse_layers(cfg, kv_dtype=kv_dtype, state_dtype=state_dtype)
         return cls(name or str((cfg.get("architectures") or ["model"])[0]), family, tuple(layers))
 
     @classmethod
-    def from_file(cls, path: str | Path, **kw: Any) -> "ModelKV":
+    def from_file(cls, path: str | Path, **kw: Any) -> ModelKV:
         p = Path(path)
         try:
             cfg = json.loads(p.read_text())
@@ -77,7 +79,11 @@ class ModelKV:
     def summary(self, lengths: list[int], prefill_tokens_per_s: float | None = None) -> dict[str, Any]:
         rows = []
         for n in lengths:
-            row: dict[str, Any] = {"tokens": n, "kv_bytes": self.kv_bytes(n), "kv_mib": round(self.kv_bytes(n) / MIB, 3)}
+            row: dict[str, Any] = {
+                "tokens": n,
+                "kv_bytes": self.kv_bytes(n),
+                "kv_mib": round(self.kv_bytes(n) / MIB, 3),
+            }
             if prefill_tokens_per_s:
                 row["phi_kv_gbps"] = round(self.phi_kv_gbps(n, prefill_tokens_per_s), 4)
             rows.append(row)

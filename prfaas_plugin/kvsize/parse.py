@@ -8,7 +8,8 @@ error that names the fields it lacks.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from prfaas_plugin.kvsize.layers import (
     LayerCache,
@@ -86,7 +87,9 @@ def _kimi_linear(cfg: Config, kv: int, st: int, conv: int) -> list[LayerCache]:
         if i in kda or (i not in full and full):
             out.append(LayerCache(i, LayerKind.LINEAR, state_bytes=state, conv_bytes=conv_b, family="kda"))
         else:
-            out.append(LayerCache(i, LayerKind.MLA, token_bytes=mla_token_bytes(int(rank), int(rope), kv), family="mla"))
+            out.append(
+                LayerCache(i, LayerKind.MLA, token_bytes=mla_token_bytes(int(rank), int(rope), kv), family="mla")
+            )
     return out
 
 
@@ -103,11 +106,21 @@ def _mimo(cfg: Config, kv: int, st: int, conv: int) -> list[LayerCache]:
     out = []
     for i, kind in enumerate(pattern):
         if kind == 1:
-            out.append(LayerCache(i, LayerKind.SLIDING, token_bytes=gqa_token_bytes(int(s_heads), int(s_k), int(s_v), kv),
-                                  window=int(window), family="swa"))
+            out.append(
+                LayerCache(
+                    i,
+                    LayerKind.SLIDING,
+                    token_bytes=gqa_token_bytes(int(s_heads), int(s_k), int(s_v), kv),
+                    window=int(window),
+                    family="swa",
+                )
+            )
         else:
-            out.append(LayerCache(i, LayerKind.FULL, token_bytes=gqa_token_bytes(int(g_heads), int(g_k), int(g_v), kv),
-                                  family="gqa"))
+            out.append(
+                LayerCache(
+                    i, LayerKind.FULL, token_bytes=gqa_token_bytes(int(g_heads), int(g_k), int(g_v), kv), family="gqa"
+                )
+            )
     return out
 
 
@@ -118,8 +131,9 @@ def _qwen_next(cfg: Config, kv: int, st: int, conv: int) -> list[LayerCache]:
     if not types:
         (interval,) = _need(cfg, fam, "full_attention_interval")
         types = ["full_attention" if (i + 1) % int(interval) == 0 else "linear_attention" for i in range(n)]
-    nk, nv, dk, dv = _need(cfg, fam, "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
-                           "linear_value_head_dim")
+    nk, nv, dk, dv = _need(
+        cfg, fam, "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim"
+    )
     kernel = int(cfg.get("linear_conv_kernel_dim", 4))
     state, conv_b = gated_delta_net_state(int(nv), int(dk), int(dv), int(nk), kernel, st, conv)
     tok = gqa_token_bytes(_kv_heads(cfg), _head_dim(cfg, fam), _head_dim(cfg, fam), kv)
@@ -145,7 +159,9 @@ def _bailing_linear(cfg: Config, kv: int, st: int, conv: int) -> list[LayerCache
     out = []
     for i in range(n):
         if (i + 1) % int(group) == 0:  # the last layer of each group is softmax (MLA) attention
-            out.append(LayerCache(i, LayerKind.MLA, token_bytes=mla_token_bytes(int(rank), int(rope), kv), family="mla"))
+            out.append(
+                LayerCache(i, LayerKind.MLA, token_bytes=mla_token_bytes(int(rank), int(rope), kv), family="mla")
+            )
         else:
             out.append(LayerCache(i, LayerKind.LINEAR, state_bytes=state, family="lightning"))
     return out
@@ -158,8 +174,12 @@ def _minimax(cfg: Config, kv: int, st: int, conv: int) -> list[LayerCache]:
     tok = gqa_token_bytes(_kv_heads(cfg), hd, hd, kv)
     heads = int(_need(cfg, fam, "num_attention_heads")[0])
     state, _ = lightning_state(heads, hd, st)
-    return [LayerCache(i, LayerKind.FULL, token_bytes=tok, family="gqa") if t == 1 else
-            LayerCache(i, LayerKind.LINEAR, state_bytes=state, family="lightning") for i, t in enumerate(types)]
+    return [
+        LayerCache(i, LayerKind.FULL, token_bytes=tok, family="gqa")
+        if t == 1
+        else LayerCache(i, LayerKind.LINEAR, state_bytes=state, family="lightning")
+        for i, t in enumerate(types)
+    ]
 
 
 def _nemotron_h(cfg: Config, kv: int, st: int, conv: int) -> list[LayerCache]:
@@ -217,8 +237,10 @@ def _deepseek_mla(cfg: Config, kv: int, st: int, conv: int) -> list[LayerCache]:
     fam = "DeepSeek-style MLA"
     n = _n_layers(cfg, fam)
     rank, rope = _need(cfg, fam, "kv_lora_rank", "qk_rope_head_dim")
-    return [LayerCache(i, LayerKind.MLA, token_bytes=mla_token_bytes(int(rank), int(rope), kv), family="mla")
-            for i in range(n)]
+    return [
+        LayerCache(i, LayerKind.MLA, token_bytes=mla_token_bytes(int(rank), int(rope), kv), family="mla")
+        for i in range(n)
+    ]
 
 
 _Family = Callable[[Config, int, int, int], list[LayerCache]]
@@ -237,7 +259,9 @@ FAMILIES: list[tuple[str, str, _Family]] = [
 ]
 
 
-def parse_layers(cfg: Config, kv_dtype: str | None = None, state_dtype: str | None = None) -> tuple[str, list[LayerCache]]:
+def parse_layers(
+    cfg: Config, kv_dtype: str | None = None, state_dtype: str | None = None
+) -> tuple[str, list[LayerCache]]:
     """(family name, layers). ``kv_dtype`` defaults to the model dtype (bf16 when unstated);
     ``state_dtype`` to ``mamba_ssm_dtype`` when the config sets one, else the model dtype."""
     if not isinstance(cfg, Mapping):
@@ -258,4 +282,5 @@ def parse_layers(cfg: Config, kv_dtype: str | None = None, state_dtype: str | No
         f"cannot derive the KV layout of {arch}: the config has none of the fields that describe one "
         f"(num_key_value_heads or num_attention_heads with num_hidden_layers for attention; kv_lora_rank + "
         f"qk_rope_head_dim for MLA; layer_types/linear_* for Gated DeltaNet; linear_attn_config for KDA; "
-        f"hybrid_layer_pattern for MiMo; layer_group_size for Ring; hybrid_override_pattern for Mamba2)")
+        f"hybrid_layer_pattern for MiMo; layer_group_size for Ring; hybrid_override_pattern for Mamba2)"
+    )

@@ -9,9 +9,9 @@ import select
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from prfaas_plugin.netemu.tun import open_tun
 
@@ -35,7 +35,9 @@ class LinkSpec:
 
     def __post_init__(self) -> None:
         if not 0.001 <= self.rate_gbit <= 5.0:
-            raise ValueError(f"rate_gbit must be within 0.001-5 (the delay line tops out near 5.5), got {self.rate_gbit}")
+            raise ValueError(
+                f"rate_gbit must be within 0.001-5 (the delay line tops out near 5.5), got {self.rate_gbit}"
+            )
         if not 0.0 <= self.rtt_ms <= 1000.0:
             raise ValueError(f"rtt_ms must be within 0-1000, got {self.rtt_ms}")
         if not 1280 <= self.mtu <= 65000:
@@ -117,7 +119,7 @@ class EmulatedLink:
         self._up = False
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def __enter__(self) -> "EmulatedLink":
+    def __enter__(self) -> EmulatedLink:
         self.start()
         return self
 
@@ -154,8 +156,23 @@ class EmulatedLink:
             burst = max(2 * s.mtu, int(rate_bps / 8 * 0.002))
             limit = max(4 * s.mtu, int(rate_bps / 8 * max(2 * s.rtt_ms, 10.0) / 1000.0))
             tc = ["tc"] if ns is None else ["tc", "-n", ns]
-            _run([*tc, "qdisc", "add", "dev", dev, "root", "tbf",
-                  "rate", f"{int(rate_bps)}bit", "burst", str(burst), "limit", str(limit)])
+            _run(
+                [
+                    *tc,
+                    "qdisc",
+                    "add",
+                    "dev",
+                    dev,
+                    "root",
+                    "tbf",
+                    "rate",
+                    f"{int(rate_bps)}bit",
+                    "burst",
+                    str(burst),
+                    "limit",
+                    str(limit),
+                ]
+            )
             # Never retune the caller's own namespace: only namespaces this link made.
             if s.tcp_buffer_max_bytes is not None and ns is not None:
                 mx = str(int(s.tcp_buffer_max_bytes))
@@ -163,8 +180,17 @@ class EmulatedLink:
                     _run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", f"{key}=4096 131072 {mx}"])
         fd_a, fd_b = self._fds
         self._forwarder = subprocess.Popen(
-            [sys.executable, "-m", "prfaas_plugin.netemu.delayline", "--fd-a", str(fd_a), "--fd-b", str(fd_b),
-             "--delay-ms", str(self.spec.rtt_ms / 2.0)],
+            [
+                sys.executable,
+                "-m",
+                "prfaas_plugin.netemu.delayline",
+                "--fd-a",
+                str(fd_a),
+                "--fd-b",
+                str(fd_b),
+                "--delay-ms",
+                str(self.spec.rtt_ms / 2.0),
+            ],
             pass_fds=(fd_a, fd_b),
             env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
             stdout=subprocess.PIPE,

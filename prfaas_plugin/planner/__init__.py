@@ -25,7 +25,25 @@ from prfaas_plugin.planner.search import (
 from prfaas_plugin.planner.workload import Empirical, LengthDistribution, TruncatedLogNormal
 
 __all__ = [
-    "Baseline", "Curve", "Empirical", "LengthDistribution", "Operating", "PlanResult", "PlannerConfig",
-    "PlannerConfigError", "Profile", "System", "TruncatedLogNormal", "evaluate", "homogeneous", "lambda_max",
-    "load_config", "naive_heterogeneous", "phi_kv_gbps", "plan", "search", "search_threshold", "table_profile",
+    "Baseline",
+    "Curve",
+    "Empirical",
+    "LengthDistribution",
+    "Operating",
+    "PlanResult",
+    "PlannerConfig",
+    "PlannerConfigError",
+    "Profile",
+    "System",
+    "TruncatedLogNormal",
+    "evaluate",
+    "homogeneous",
+    "lambda_max",
+    "load_config",
+    "naive_heterogeneous",
+    "phi_kv_gbps",
+    "plan",
+    "search",
+    "search_threshold",
+    "table_profile",
 ]

@@ -4,7 +4,7 @@ errors that name the field). Schema documented in docs/planner.md."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -29,19 +29,19 @@ class LogNormalSpec(_Strict):
     max: float = Field(gt=0)
 
     @model_validator(mode="after")
-    def _range(self) -> "LogNormalSpec":
+    def _range(self) -> LogNormalSpec:
         if self.min >= self.max:
             raise ValueError(f"min ({self.min}) must be below max ({self.max})")
         return self
 
 
 class WorkloadSpec(_Strict):
-    lognormal: Optional[LogNormalSpec] = None
-    lengths_file: Optional[str] = None
+    lognormal: LogNormalSpec | None = None
+    lengths_file: str | None = None
     output_tokens: float = Field(gt=0)
 
     @model_validator(mode="after")
-    def _one_source(self) -> "WorkloadSpec":
+    def _one_source(self) -> WorkloadSpec:
         if (self.lognormal is None) == (self.lengths_file is None):
             raise ValueError("give exactly one of workload.lognormal or workload.lengths_file")
         return self
@@ -56,7 +56,7 @@ class TableProfileSpec(_Strict):
     note: str = ""
 
     @model_validator(mode="after")
-    def _lengths_match(self) -> "TableProfileSpec":
+    def _lengths_match(self) -> TableProfileSpec:
         if not len(self.lengths) == len(self.t_prefill_s) == len(self.s_kv_mib):
             raise ValueError("lengths, t_prefill_s and s_kv_mib must have the same number of rows")
         return self
@@ -74,9 +74,9 @@ class DeploymentSpec(_Strict):
     pd_profile: str
     prfaas_instances: int = Field(ge=0)
     pd_instances: int = Field(ge=2)
-    homogeneous_instances: Optional[int] = Field(default=None, ge=2)
+    homogeneous_instances: int | None = Field(default=None, ge=2)
     gpus_per_instance: int = Field(default=8, ge=1)
-    gpu_price_per_hour: Optional[dict[str, float]] = None
+    gpu_price_per_hour: dict[str, float] | None = None
 
 
 class DecodeSpec(_Strict):
@@ -111,8 +111,9 @@ class PlannerConfig(_Strict):
             base = self.profile(spec.derived_from, _seen + (name,))
             return base.derive(name, spec.compute_ratio, spec.fixed_ratio)
         try:
-            return table_profile(name, spec.lengths, spec.t_prefill_s, spec.s_kv_mib, spec.t_interpolation,
-                                 spec.s_interpolation)
+            return table_profile(
+                name, spec.lengths, spec.t_prefill_s, spec.s_kv_mib, spec.t_interpolation, spec.s_interpolation
+            )
         except ValueError as exc:
             raise PlannerConfigError(f"profiles.{name}: {exc}") from None
 

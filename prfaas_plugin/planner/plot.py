@@ -29,9 +29,13 @@ def write_plots(result: PlanResult, out_dir: Path) -> list[Path]:
     ax.plot(ts_k, c["theta_pd_d"], color="tab:green", lw=1.2, ls=":", label=r"$\Theta_{pd\text{-}d}$")
     ax.plot(ts_k, c["lambda_t"], color="black", lw=2.2, label=r"$\Lambda_{max}$")
     ax.axvline(b.threshold / 1000, color="grey", ls="--", lw=1)
-    ax.annotate(f"t = {b.threshold / 1000:.1f}K\n$\\Lambda_{{max}}$ = {b.lambda_max:.2f} req/s",
-                xy=(b.threshold / 1000, b.lambda_max), xytext=(0.03, 0.72), textcoords="axes fraction",
-                arrowprops={"arrowstyle": "->", "color": "grey"})
+    ax.annotate(
+        f"t = {b.threshold / 1000:.1f}K\n$\\Lambda_{{max}}$ = {b.lambda_max:.2f} req/s",
+        xy=(b.threshold / 1000, b.lambda_max),
+        xytext=(0.03, 0.72),
+        textcoords="axes fraction",
+        arrowprops={"arrowstyle": "->", "color": "grey"},
+    )
     ax.set_xlim(0, min(max(ts_k), 3 * b.threshold / 1000 + 20))
     ax.set_ylim(0, cap)
     ax.set_xlabel("routing threshold t (K tokens)")
@@ -49,10 +53,20 @@ def write_plots(result: PlanResult, out_dir: Path) -> list[Path]:
     ax.bar(c["n_p"], c["lambda_np"], color=["tab:orange" if n == b.n_p else "tab:gray" for n in c["n_p"]])
     for n, lam in zip(c["n_p"], c["lambda_np"]):
         ax.text(n, lam, f"{lam:.2f}", ha="center", va="bottom", fontsize=8)
-    ax.axhline(result.homogeneous.lambda_max, color="tab:blue", ls="--", lw=1,
-               label=f"homogeneous PD {result.homogeneous.lambda_max:.2f}")
-    ax.axhline(result.naive.lambda_max, color="tab:purple", ls=":", lw=1,
-               label=f"naive heterogeneous {result.naive.lambda_max:.2f}")
+    ax.axhline(
+        result.homogeneous.lambda_max,
+        color="tab:blue",
+        ls="--",
+        lw=1,
+        label=f"homogeneous PD {result.homogeneous.lambda_max:.2f}",
+    )
+    ax.axhline(
+        result.naive.lambda_max,
+        color="tab:purple",
+        ls=":",
+        lw=1,
+        label=f"naive heterogeneous {result.naive.lambda_max:.2f}",
+    )
     ax.set_xlabel(f"PD prefill instances N_p (N_d = {result.system.n_pd} - N_p)")
     ax.set_ylabel(r"$\Lambda_{max}$ (req/s)")
     ax.set_title(f"Throughput vs P/D split at t = {b.threshold / 1000:.1f}K")

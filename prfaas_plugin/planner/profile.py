@@ -16,8 +16,9 @@ where ``fixed`` is the fitted constant term of the base's prefill time.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -87,14 +88,24 @@ class Profile:
     def kv_mib(self, tokens: float) -> float:
         return self.s_kv_mib(tokens)
 
-    def derive(self, name: str, compute_ratio: float, fixed_ratio: float) -> "Profile":
+    def derive(self, name: str, compute_ratio: float, fixed_ratio: float) -> Profile:
         if compute_ratio <= 0 or fixed_ratio <= 0:
             raise ValueError("derived profile ratios must be > 0")
-        return Profile(name, self.t_prefill, self.s_kv_mib, fixed_ratio * self.fixed_ratio,
-                       compute_ratio * self.compute_ratio)
+        return Profile(
+            name, self.t_prefill, self.s_kv_mib, fixed_ratio * self.fixed_ratio, compute_ratio * self.compute_ratio
+        )
 
 
-def table_profile(name: str, lengths: Sequence[float], t_prefill_s: Sequence[float], s_kv_mib: Sequence[float],
-                  t_interp: Interp = "quadratic", s_interp: Interp = "linear") -> Profile:
-    return Profile(name, Curve(tuple(map(float, lengths)), tuple(map(float, t_prefill_s)), t_interp),
-                   Curve(tuple(map(float, lengths)), tuple(map(float, s_kv_mib)), s_interp))
+def table_profile(
+    name: str,
+    lengths: Sequence[float],
+    t_prefill_s: Sequence[float],
+    s_kv_mib: Sequence[float],
+    t_interp: Interp = "quadratic",
+    s_interp: Interp = "linear",
+) -> Profile:
+    return Profile(
+        name,
+        Curve(tuple(map(float, lengths)), tuple(map(float, t_prefill_s)), t_interp),
+        Curve(tuple(map(float, lengths)), tuple(map(float, s_kv_mib)), s_interp),
+    )

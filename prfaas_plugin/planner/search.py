@@ -215,7 +215,8 @@ class PlanResult:
             per = {k: v for k, v in cost.items()}
             out["cost_per_hour"] = per
             out["ratios"]["cost_normalised_vs_homogeneous"] = (b.lambda_max / per["prfaas_pd"]) / (
-                self.homogeneous.lambda_max / per["homogeneous"])
+                self.homogeneous.lambda_max / per["homogeneous"]
+            )
         return out
 
 
@@ -234,16 +235,22 @@ def sweep_curves(system: System, workload: LengthDistribution, best: Operating, 
     for n_p in range(1, system.n_pd):
         nps.append(n_p)
         lam_np.append(evaluate(system, workload, best.threshold, n_p).lambda_max)
-    return {"t": ts, "lambda_t": lam, "prfaas_over_p": pf, "pdp_over_1mp": pp, "theta_pd_d": pd,
-            "n_p": nps, "lambda_np": lam_np}
+    return {
+        "t": ts,
+        "lambda_t": lam,
+        "prfaas_over_p": pf,
+        "pdp_over_1mp": pp,
+        "theta_pd_d": pd,
+        "n_p": nps,
+        "lambda_np": lam_np,
+    }
 
 
 def plan(system: System, workload: LengthDistribution, step: float = 100.0, with_curves: bool = False) -> PlanResult:
     best = search(system, workload, step)
-    res = PlanResult(best, homogeneous(system, workload), naive_heterogeneous(system, workload), system,
-                     workload.mean())
+    res = PlanResult(
+        best, homogeneous(system, workload), naive_heterogeneous(system, workload), system, workload.mean()
+    )
     if with_curves:
         res.curves = sweep_curves(system, workload, best, step)
     return res
-
-

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -98,11 +99,11 @@ class Empirical:
         self.lo, self.hi = xs[0], xs[-1]
 
     @classmethod
-    def from_samples(cls, lengths: Sequence[float]) -> "Empirical":
+    def from_samples(cls, lengths: Sequence[float]) -> Empirical:
         return cls(lengths)
 
     @classmethod
-    def from_file(cls, path: str) -> "Empirical":
+    def from_file(cls, path: str) -> Empirical:
         """One length per line (blank lines and '#' comments ignored), or a JSON list."""
         import json
         from pathlib import Path

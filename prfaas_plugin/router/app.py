@@ -20,26 +20,37 @@ import json
 import logging
 import os
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from prfaas_plugin.router.asgi import (ClientGone, Receive, Reply, Scope, Send, client_gone, header, json_reply,
-                                      read_body, send_reply)
+from prfaas_plugin.router.asgi import (
+    ClientGone,
+    Receive,
+    Reply,
+    Scope,
+    Send,
+    client_gone,
+    header,
+    json_reply,
+    read_body,
+    send_reply,
+)
 from prfaas_plugin.router.config import RouterConfig
 from prfaas_plugin.router.egress import SENT_BYTES, EgressMeter, sent_bytes_total
 from prfaas_plugin.router.gcpace import GcPacer
 from prfaas_plugin.router.instances import Fleet, Instance
 from prfaas_plugin.router.metrics import RouterMetrics
+from prfaas_plugin.router.pd_bodies import sglang_bodies, vllm_bodies
 from prfaas_plugin.router.policy import Decision, NoInstance, decide
 from prfaas_plugin.router.prefix_index import PrefixIndex
 from prfaas_plugin.router.rebalance import SplitApplier
 from prfaas_plugin.router.threshold import ThresholdController
 from prfaas_plugin.router.tokenize import PromptError, PromptTokenizer
-from prfaas_plugin.router.pd_bodies import sglang_bodies, vllm_bodies
 from prfaas_plugin.router.upstream import Stream, Unreachable, Upstream, UpstreamError
 
 log = logging.getLogger("prfaas.router")
@@ -151,8 +162,11 @@ class Router:
         self.egress = EgressMeter()
         self._serving = 0  # completion requests open now (the GC pacer idles at 0)
         g = self.cfg.gc
-        self.gc_pacer = (GcPacer(g.young_every_ms / 1e3, g.middle_every, g.full_every_s, g.idle_every_s)
-                         if g.young_every_ms > 0 else None)
+        self.gc_pacer = (
+            GcPacer(g.young_every_ms / 1e3, g.middle_every, g.full_every_s, g.idle_every_s)
+            if g.young_every_ms > 0
+            else None
+        )
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -221,7 +235,7 @@ class Router:
                 continue
             try:
                 outcome = await self.splitter.apply(advice, self.fleet)
-            except Exception:  # noqa: BLE001 - the loop must outlive one bad step
+            except Exception:
                 log.exception("applying the P/D split failed")
                 continue
             if outcome is not None:
@@ -244,8 +258,11 @@ class Router:
         value = sent_bytes_total(text) if status == 200 else None
         if value is None:
             if self.egress.measured(inst.url):
-                log.warning("instance %s no longer exposes %s; using the bytes its answers report", inst.url,
-                            " or ".join(SENT_BYTES))
+                log.warning(
+                    "instance %s no longer exposes %s; using the bytes its answers report",
+                    inst.url,
+                    " or ".join(SENT_BYTES),
+                )
             self.egress.forget(inst.url)
             return
         delta = self.egress.update(inst.url, value)
@@ -286,8 +303,9 @@ class Router:
         if not isinstance(model, str) or not model:
             raise ClientError(400, "'model' is required and must be a string")
         if model != self.cfg.model:
-            raise ClientError(404, f"the model {model!r} does not exist; this router serves {self.cfg.model!r}",
-                              "model_not_found")
+            raise ClientError(
+                404, f"the model {model!r} does not exist; this router serves {self.cfg.model!r}", "model_not_found"
+            )
         if "stream" in body and not isinstance(body["stream"], bool):
             raise ClientError(400, "'stream' must be a boolean")
         for key in ("max_tokens", "max_completion_tokens", "n"):
@@ -336,7 +354,7 @@ class Router:
         try:
             try:
                 reply = await self.handle(raw, gone, path, chat, rid, arrived)
-            except Exception as exc:  # noqa: BLE001 - last resort: the client gets an answer
+            except Exception as exc:
                 log.exception("request_id=%s: unhandled router error: %s", rid, exc)
                 reply = _error(502, f"upstream or router failure: {type(exc).__name__}", "upstream_error")
             await send_reply(reply, send, gone)
@@ -347,8 +365,9 @@ class Router:
             else:
                 gone.cancel()
 
-    async def handle(self, raw: bytes, gone: asyncio.Future[None], path: str, chat: bool, rid: str,
-                     arrived: float) -> Reply:
+    async def handle(
+        self, raw: bytes, gone: asyncio.Future[None], path: str, chat: bool, rid: str, arrived: float
+    ) -> Reply:
         """The answer to one request; ``gone`` completes if the client leaves meanwhile."""
         if len(raw) > MAX_BODY_BYTES:
             return _error(413, f"request body over {MAX_BODY_BYTES >> 20} MiB")
@@ -365,7 +384,9 @@ class Router:
             if not tokens:
                 raise ClientError(400, "the prompt is empty")
             if len(tokens) > self.cfg.max_prompt_tokens:
-                raise ClientError(400, f"the prompt has {len(tokens)} tokens, over the limit of {self.cfg.max_prompt_tokens}")
+                raise ClientError(
+                    400, f"the prompt has {len(tokens)} tokens, over the limit of {self.cfg.max_prompt_tokens}"
+                )
         except ClientError as exc:
             return _error(exc.status, exc.message, exc.code)
         except PromptError as exc:
@@ -386,8 +407,7 @@ class Router:
             self.metrics.requests.labels(rec.route, "client_disconnected").inc()
         return Reply(499)
 
-    async def _route(self, path: str, body: dict, tokens: list[int], stream: bool, rid: str,
-                     arrived: float) -> Reply:
+    async def _route(self, path: str, body: dict, tokens: list[int], stream: bool, rid: str, arrived: float) -> Reply:
         # An instance found unreachable at dispatch is marked unhealthy and the request is placed
         # again (at most once per instance): a dead PrfaaS cluster sends work local.
         for attempt in range(len(self.fleet.instances) + 1):
@@ -412,12 +432,34 @@ class Router:
                 return _error(502, f"instance {d.decode.url} failed: {exc}", "upstream_error")
         return _error(503, "no reachable instance", "service_unavailable")
 
-    async def _dispatch(self, path: str, body: dict, tokens: list[int], stream: bool, rid: str,
-                        arrived: float, d: Decision, overloaded: bool, rerouted: int = 0) -> Reply:
+    async def _dispatch(
+        self,
+        path: str,
+        body: dict,
+        tokens: list[int],
+        stream: bool,
+        rid: str,
+        arrived: float,
+        d: Decision,
+        overloaded: bool,
+        rerouted: int = 0,
+    ) -> Reply:
         t = d.threshold
         reason = "prfaas overloaded" if overloaded and d.route == "local" and d.l_uncached > t else d.reason
-        rec = Record(rid, path, d.route, reason, d.l_total, d.l_prefix, d.l_uncached, t,
-                     d.prefill.url if d.prefill else None, d.decode.url, time.time(), stream)
+        rec = Record(
+            rid,
+            path,
+            d.route,
+            reason,
+            d.l_total,
+            d.l_prefix,
+            d.l_uncached,
+            t,
+            d.prefill.url if d.prefill else None,
+            d.decode.url,
+            time.time(),
+            stream,
+        )
         rec.queue_s = time.monotonic() - arrived
         rec.rerouted = rerouted
         self._remember(rec)
@@ -426,10 +468,24 @@ class Router:
         self.metrics.uncached.labels(d.route).observe(d.l_uncached)
         self.metrics.offload.set(self.recent_routes.add(d.route))
         self.metrics.ttft.labels(d.route, "queue").observe(rec.queue_s)
-        log.info("request_id=%s route=%s reason=%r l_total=%d l_prefix=%d l=%d t=%.0f prefill=%s decode=%s",
-                 rid, d.route, reason, d.l_total, d.l_prefix, d.l_uncached, t, rec.prefill_instance, d.decode.url)
-        headers = {"x-request-id": rid, "x-prfaas-route": d.route, "x-prfaas-uncached-tokens": str(d.l_uncached),
-                   "x-prfaas-threshold": f"{t:.0f}"}
+        log.info(
+            "request_id=%s route=%s reason=%r l_total=%d l_prefix=%d l=%d t=%.0f prefill=%s decode=%s",
+            rid,
+            d.route,
+            reason,
+            d.l_total,
+            d.l_prefix,
+            d.l_uncached,
+            t,
+            rec.prefill_instance,
+            d.decode.url,
+        )
+        headers = {
+            "x-request-id": rid,
+            "x-prfaas-route": d.route,
+            "x-prfaas-uncached-tokens": str(d.l_uncached),
+            "x-prfaas-threshold": f"{t:.0f}",
+        }
         if d.prefill is None:
             resp = await self._open(d.decode, path, body)
             if resp.status_code == 200:
@@ -449,8 +505,17 @@ class Router:
             self.records.popitem(last=False)
 
     # -- producer + consumer -------------------------------------------------------------------------
-    async def _two_phase(self, path: str, body: dict, d: Decision, rec: Record, tokens: list[int], stream: bool,
-                         headers: dict, arrived: float) -> Reply:
+    async def _two_phase(
+        self,
+        path: str,
+        body: dict,
+        d: Decision,
+        rec: Record,
+        tokens: list[int],
+        stream: bool,
+        headers: dict,
+        arrived: float,
+    ) -> Reply:
         assert d.prefill is not None
         prod_body, cons_body = self._pd_bodies(body, d.prefill, d.decode, rec)
         prod_task = asyncio.create_task(self._produce(d.prefill, path, prod_body))
@@ -479,16 +544,20 @@ class Router:
                     resp = None
                     return await self._fallback(path, body, d, rec, prod_task.result(), stream, headers, arrived)
                 first = got
-            elif resp.status_code != 200 and (self.cfg.engine == "sglang" or
-                                              (prod_task.done() and not prod_task.result().ok)):
+            elif resp.status_code != 200 and (
+                self.cfg.engine == "sglang" or (prod_task.done() and not prod_task.result().ok)
+            ):
                 # SGLang reports a failed transfer as the decode's error (KVTransferError), and
                 # nothing reached the client yet: the same fallback as a failed producer.
                 if not prod_task.done():
                     prod_task.cancel()
                     with contextlib.suppress(BaseException):
                         await prod_task
-                prod = (prod_task.result() if prod_task.done() and not prod_task.cancelled()
-                        else _Producer(False, error="cancelled"))
+                prod = (
+                    prod_task.result()
+                    if prod_task.done() and not prod_task.cancelled()
+                    else _Producer(False, error="cancelled")
+                )
                 if prod.ok:
                     prod = _Producer(False, error=f"decode HTTP {resp.status_code}", seconds=prod.seconds)
                 await resp.aread()
@@ -499,8 +568,13 @@ class Router:
             prod_task.cancel()
             for task in pending:
                 task.cancel()
-            if not consumer_handled and pending and pending[0].done() and not pending[0].cancelled() \
-                    and pending[0].exception() is None:
+            if (
+                not consumer_handled
+                and pending
+                and pending[0].done()
+                and not pending[0].cancelled()
+                and pending[0].exception() is None
+            ):
                 resp = pending[0].result()  # cancelled as the consumer's answer came: close it too
             if resp is not None:
                 await self._discard(resp, d.decode)
@@ -517,8 +591,9 @@ class Router:
             prod, cons, rec.transfer_id = vllm_bodies(body, decode.kv_endpoint, self.cfg.transfer_deadline_s)
         return prod, cons
 
-    def _finish_producer_later(self, prod_task: asyncio.Task[_Producer], d: Decision, rec: Record,
-                               tokens: list[int]) -> None:
+    def _finish_producer_later(
+        self, prod_task: asyncio.Task[_Producer], d: Decision, rec: Record, tokens: list[int]
+    ) -> None:
         def _done(task: asyncio.Task[_Producer]) -> None:
             if task.cancelled():
                 return
@@ -565,7 +640,9 @@ class Router:
                 return _Producer(False, error="producer answered non-JSON", seconds=time.monotonic() - t0)
             params = parsed.get("kv_transfer_params") or {}
             if params.get("status") == "failed":
-                return _Producer(False, error=str(params.get("error", "transfer failed")), seconds=time.monotonic() - t0)
+                return _Producer(
+                    False, error=str(params.get("error", "transfer failed")), seconds=time.monotonic() - t0
+                )
             return _Producer(True, kv_bytes=int(params.get("bytes") or 0), seconds=time.monotonic() - t0)
         except UpstreamError as exc:
             if isinstance(exc, Unreachable):
@@ -574,8 +651,17 @@ class Router:
         finally:
             self._load(inst, -1)
 
-    async def _fallback(self, path: str, body: dict, d: Decision, rec: Record, prod: _Producer, stream: bool,
-                        headers: dict, arrived: float) -> Reply:
+    async def _fallback(
+        self,
+        path: str,
+        body: dict,
+        d: Decision,
+        rec: Record,
+        prod: _Producer,
+        stream: bool,
+        headers: dict,
+        arrived: float,
+    ) -> Reply:
         reason = "prfaas failed" if d.route == "prfaas" else "local producer failed"
         rec.fallback = f"{reason}: {prod.error}"
         rec.transfer_status = f"failed: {prod.error}"
@@ -584,15 +670,36 @@ class Router:
         if self.cfg.engine == "sglang" and not d.decode.can_prefill:
             # An SGLang decode-mode server cannot prefill on its own: pair it with a local
             # prefill server of its cluster (another one than the prefill that just failed).
-            local = [i for i in self.fleet.in_cluster(d.decode.cluster)
-                     if i.can_prefill and i.routable and i is not d.prefill]
+            local = [
+                i
+                for i in self.fleet.in_cluster(d.decode.cluster)
+                if i.can_prefill and i.routable and i is not d.prefill
+            ]
             if not local:
-                return _error(502, f"prefill failed ({prod.error}) and cluster {d.decode.cluster!r} has no other "
-                                   "prefill instance to retry on", "upstream_error")
-            again = Decision("local", min(local, key=lambda i: i.inflight), d.decode, d.l_total, d.l_prefix,
-                             d.l_uncached, d.threshold, d.bandwidth_mode, reason)
-            log.warning("request_id=%s falling back to local prefill %s -> %s: %s", rec.request_id,
-                        again.prefill.url, d.decode.url, prod.error)
+                return _error(
+                    502,
+                    f"prefill failed ({prod.error}) and cluster {d.decode.cluster!r} has no other "
+                    "prefill instance to retry on",
+                    "upstream_error",
+                )
+            again = Decision(
+                "local",
+                min(local, key=lambda i: i.inflight),
+                d.decode,
+                d.l_total,
+                d.l_prefix,
+                d.l_uncached,
+                d.threshold,
+                d.bandwidth_mode,
+                reason,
+            )
+            log.warning(
+                "request_id=%s falling back to local prefill %s -> %s: %s",
+                rec.request_id,
+                again.prefill.url,
+                d.decode.url,
+                prod.error,
+            )
             prod_body, cons_body = self._pd_bodies(body, again.prefill, d.decode, rec)
             prod_task = asyncio.create_task(self._produce(again.prefill, path, prod_body))
             try:
@@ -625,8 +732,17 @@ class Router:
         await resp.aclose()
         self._load(inst, -1)
 
-    async def _relay(self, resp: Stream, inst: Instance, rec: Record, headers: dict, arrived: float,
-                     stream: bool, first: bytes | None = None, chunks: AsyncIterator[bytes] | None = None) -> Reply:
+    async def _relay(
+        self,
+        resp: Stream,
+        inst: Instance,
+        rec: Record,
+        headers: dict,
+        arrived: float,
+        stream: bool,
+        first: bytes | None = None,
+        chunks: AsyncIterator[bytes] | None = None,
+    ) -> Reply:
         """Pass the upstream answer through; account TTFT, load and the outcome."""
         rec.status = resp.status_code
         out_headers = {**headers, "content-type": resp.headers.get("content-type", "application/json")}
@@ -682,7 +798,6 @@ class Router:
 
         return Reply(200, out_headers, stream=body_iter())
 
-
     def _overhead(self, rec: Record, resp: Stream, arrived: float, answer_at: float) -> None:
         """Record the router's own time in this request's time to first byte: arrival to the
         upstream request written (less the time spent opening connections), plus the answer's
@@ -706,8 +821,11 @@ async def _next_chunk(chunks: AsyncIterator[bytes]) -> bytes | None:
         return None
 
 
-async def _unless_producer_fails(task: "asyncio.Task[Any]", prod_task: "asyncio.Task[_Producer]",
-                                 discard: Callable[[Stream], Awaitable[None]] | None = None) -> Any:
+async def _unless_producer_fails(
+    task: asyncio.Task[Any],
+    prod_task: asyncio.Task[_Producer],
+    discard: Callable[[Stream], Awaitable[None]] | None = None,
+) -> Any:
     """``task``'s result, or ``_PRODUCER_FAILED`` (``task`` cancelled) if the producer failed
     first. ``discard`` closes (and un-counts) a Stream that ``task`` made before the cancel."""
     done, _ = await asyncio.wait({task, prod_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -771,8 +889,14 @@ def create_app(cfg: RouterConfig, tokenizer: PromptTokenizer | None = None) -> R
         report = router.fleet.health_report()
         local_ok = any(i.healthy and i.can_decode for i in router.fleet.of_kind("local"))
         status = 200 if local_ok else 503
-        return JSONResponse({"status": "ok" if local_ok else "unavailable", "instances": report,
-                             "threshold_tokens": router.controller.t}, status_code=status)
+        return JSONResponse(
+            {
+                "status": "ok" if local_ok else "unavailable",
+                "instances": report,
+                "threshold_tokens": router.controller.t,
+            },
+            status_code=status,
+        )
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -791,21 +915,23 @@ def create_app(cfg: RouterConfig, tokenizer: PromptTokenizer | None = None) -> R
             if tokens < 0:
                 raise ValueError
         except (ValueError, KeyError, TypeError, json.JSONDecodeError):
-            return _error_response(400, "send {\"threshold_tokens\": <number >= 0>}")
+            return _error_response(400, 'send {"threshold_tokens": <number >= 0>}')
         router.controller.set_fixed(tokens)
         return JSONResponse(router.controller.snapshot())
 
     @app.get("/admin/split")
     async def split() -> dict:
         adv = router.controller.advice
-        return {"advice": None if adv is None else adv.__dict__,
-                "applying": router.splitter is not None,
-                "switches": [] if router.splitter is None else router.splitter.history[-20:],
-                "note": "long-term loop: recommended local prefill/decode instance counts for the observed lengths"}
+        return {
+            "advice": None if adv is None else adv.__dict__,
+            "applying": router.splitter is not None,
+            "switches": [] if router.splitter is None else router.splitter.history[-20:],
+            "note": "long-term loop: recommended local prefill/decode instance counts for the observed lengths",
+        }
 
     @app.get("/admin/requests")
     async def requests_(limit: int = 100) -> dict:
-        recs = list(router.records.values())[-max(1, min(limit, 10_000)):]
+        recs = list(router.records.values())[-max(1, min(limit, 10_000)) :]
         return {"requests": [r.as_dict() for r in recs]}
 
     @app.exception_handler(Exception)

@@ -17,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -39,8 +40,11 @@ class Reply:
 
 
 def json_reply(obj: Any, status: int = 200) -> Reply:
-    return Reply(status, {"content-type": "application/json"},
-                 json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode())
+    return Reply(
+        status,
+        {"content-type": "application/json"},
+        json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode(),
+    )
 
 
 def header(scope: Scope, name: bytes) -> str | None:
@@ -79,8 +83,9 @@ async def send_reply(reply: Reply, send: Send, gone: asyncio.Future[None] | None
     """Write ``reply``. ``gone``: the request's running :func:`client_gone` watcher (the
     caller's to cancel), needed for a streamed reply: a disconnect stops the relay."""
     if reply.stream is None:
-        await send({"type": "http.response.start", "status": reply.status,
-                    "headers": _raw_headers(reply, len(reply.body))})
+        await send(
+            {"type": "http.response.start", "status": reply.status, "headers": _raw_headers(reply, len(reply.body))}
+        )
         await send({"type": "http.response.body", "body": reply.body, "more_body": False})
         return
     if gone is None:

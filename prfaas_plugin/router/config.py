@@ -4,7 +4,7 @@ clusters are errors that name the field (see examples/router/clusters.yaml)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -36,11 +36,11 @@ class InstanceSpec(_Strict):
     url: str
     #: The consumer's transfer receiver (``kv_connector_extra_config.listen`` of that instance),
     #: as the *producers* reach it. Required for instances that decode pushed KV.
-    kv_endpoint: Optional[str] = None
+    kv_endpoint: str | None = None
     #: vLLM KV-events publisher of this instance (``--kv-events-config`` endpoint), e.g.
     #: tcp://127.0.0.1:5557, feeding the prefix index.
-    kv_events: Optional[str] = None
-    name: Optional[str] = None
+    kv_events: str | None = None
+    name: str | None = None
     #: SGLang prefill instances: their ``--disaggregation-bootstrap-port`` (decode instances
     #: reach the prefill's bootstrap server at the url's host and this port).
     bootstrap_port: int = Field(default=8998, gt=0, lt=65536)
@@ -52,7 +52,7 @@ class InstanceSpec(_Strict):
 
     @field_validator("kv_endpoint")
     @classmethod
-    def _kv(cls, v: Optional[str]) -> Optional[str]:
+    def _kv(cls, v: str | None) -> str | None:
         return None if v is None else _check_hostport(v)
 
 
@@ -66,7 +66,7 @@ class ClusterSpec(_Strict):
     both: list[InstanceSpec] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _shape(self) -> "ClusterSpec":
+    def _shape(self) -> ClusterSpec:
         if self.kind == "prfaas":
             if not self.prefill:
                 raise ValueError(f"cluster {self.name!r}: a prfaas cluster needs prefill instances")
@@ -74,8 +74,9 @@ class ClusterSpec(_Strict):
                 raise ValueError(f"cluster {self.name!r}: a prfaas cluster has only prefill instances")
         else:
             if not (self.both or (self.prefill and self.decode)):
-                raise ValueError(f"cluster {self.name!r}: a local cluster needs `both` instances, or prefill "
-                                 f"and decode instances")
+                raise ValueError(
+                    f"cluster {self.name!r}: a local cluster needs `both` instances, or prefill and decode instances"
+                )
         return self
 
 
@@ -84,7 +85,7 @@ class ThresholdSpec(_Strict):
     #: Fixed threshold, or the starting point of ``auto``.
     tokens: float = Field(default=8192, ge=0)
     #: ``auto``: the planner YAML whose profiles, instance counts and link describe the clusters.
-    planner: Optional[str] = None
+    planner: str | None = None
     #: Observed uncached lengths kept for re-optimisation, and how many are needed first.
     window: int = Field(default=512, ge=8)
     min_samples: int = Field(default=32, ge=1)
@@ -107,7 +108,7 @@ class ThresholdSpec(_Strict):
     #: report bytes in their answers (SGLang without ``--enable-metrics``, other connectors): their
     #: egress is estimated as this times the prompt beyond what the decode instance holds. Unset:
     #: the planner's PrfaaS profile (``auto``); with neither, such producers' egress shows as 0.
-    kv_bytes_per_token: Optional[float] = Field(default=None, gt=0)
+    kv_bytes_per_token: float | None = Field(default=None, gt=0)
     max_tokens: float = Field(default=1 << 20, gt=0)
     #: Long-term loop, SGLang only: flip local instances between prefill and decode toward the
     #: planner's split (``POST /pd_role_switch``; servers need ``--enable-pd-role-switch``), one
@@ -118,7 +119,7 @@ class ThresholdSpec(_Strict):
     drain_timeout_s: float = Field(default=120.0, gt=0)
 
     @model_validator(mode="after")
-    def _auto(self) -> "ThresholdSpec":
+    def _auto(self) -> ThresholdSpec:
         if self.mode == "auto" and not self.planner:
             raise ValueError("threshold.mode auto needs threshold.planner (a planner YAML)")
         if self.egress_low >= self.egress_high:
@@ -149,6 +150,7 @@ class TimeoutSpec(_Strict):
 
 class GcSpec(_Strict):
     """Cyclic garbage collection on a clock (router/gcpace.py says why)."""
+
     #: Young-generation collection period; 0 leaves CPython's allocation-count trigger alone.
     young_every_ms: float = Field(default=10.0, ge=0)
     #: A middle-generation collection every this many young ones.
@@ -182,7 +184,7 @@ class RouterConfig(_Strict):
     clusters: list[ClusterSpec] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _clusters(self) -> "RouterConfig":
+    def _clusters(self) -> RouterConfig:
         names = [c.name for c in self.clusters]
         if len(set(names)) != len(names):
             raise ValueError(f"cluster names must be unique, got {names}")
@@ -192,14 +194,17 @@ class RouterConfig(_Strict):
         if len(set(urls)) != len(urls):
             raise ValueError("an instance url appears twice")
         if self.threshold.apply_split and self.engine != "sglang":
-            raise ValueError("threshold.apply_split needs engine: sglang (vLLM cannot switch an instance's role "
-                             "at run time)")
+            raise ValueError(
+                "threshold.apply_split needs engine: sglang (vLLM cannot switch an instance's role at run time)"
+            )
         if self.engine == "vllm":
             for c in self.clusters:
                 for inst in c.decode + c.both:
                     if inst.kv_endpoint is None:
-                        raise ValueError(f"cluster {c.name!r}: decoding instance {inst.url} needs kv_endpoint "
-                                         f"(its prfaas transfer receiver)")
+                        raise ValueError(
+                            f"cluster {c.name!r}: decoding instance {inst.url} needs kv_endpoint "
+                            f"(its prfaas transfer receiver)"
+                        )
         return self
 
 

@@ -29,9 +29,9 @@ def counter_total(text: str, name: str) -> float | None:
     for line in text.splitlines():
         if not line.startswith(name):
             continue
-        rest = line[len(name):]
+        rest = line[len(name) :]
         if rest.startswith("{"):
-            rest = rest[rest.rfind("}") + 1:]
+            rest = rest[rest.rfind("}") + 1 :]
         elif not rest[:1].isspace():
             continue  # another metric whose name starts the same way
         try:

@@ -49,8 +49,9 @@ def apply_payload(index: PrefixIndex, instance: str, payload: bytes) -> int:
         kind, ev = parsed
         hashes = [bytes(h) if isinstance(h, (bytearray, memoryview)) else h for h in ev.get("block_hashes") or []]
         if kind == "BlockStored":
-            index.block_stored(instance, hashes, ev.get("parent_block_hash"), ev.get("token_ids") or [],
-                               int(ev.get("block_size") or 0))
+            index.block_stored(
+                instance, hashes, ev.get("parent_block_hash"), ev.get("token_ids") or [], int(ev.get("block_size") or 0)
+            )
         elif kind == "BlockRemoved":
             index.block_removed(instance, hashes)
         else:
@@ -92,7 +93,7 @@ class EventSubscriber:
                     continue
                 try:
                     self.applied += apply_payload(self.index, self.instance, frames[-1])
-                except Exception as exc:  # noqa: BLE001 - a bad batch must not stop the feed
+                except Exception as exc:
                     log.warning("kv events from %s: undecodable batch dropped (%s)", self.instance, exc)
         finally:
             sock.close()

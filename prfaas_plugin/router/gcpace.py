@@ -33,8 +33,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 #: The oldest generation's trigger while a pacer runs: never reached.
 _NO_AUTOMATIC_FULL = 2**30
@@ -62,7 +62,7 @@ class GcPacer:
         if self.full_every_s <= 0:
             raise ValueError("full_every_s must be > 0")
         self.idle_every_s = max(self.idle_every_s, self.young_every_s)
-        self._wake: Optional[asyncio.Event] = None
+        self._wake: asyncio.Event | None = None
 
     def collect_due(self, tick: int, now: float, last_full: float) -> int:
         """The generation due at ``tick``: 2 when the full interval has passed, 1 every
@@ -82,7 +82,7 @@ class GcPacer:
         if self._wake is not None and not self._wake.is_set():
             self._wake.set()
 
-    async def run(self, idle: Optional[Callable[[], bool]] = None) -> None:
+    async def run(self, idle: Callable[[], bool] | None = None) -> None:
         """Collect until cancelled; while ``idle()`` is true, only every ``idle_every_s`` or
         when ``wake`` is called."""
         global _running, _saved_threshold
@@ -98,7 +98,7 @@ class GcPacer:
             if _running == 0:
                 gc.set_threshold(*_saved_threshold)
 
-    async def _loop(self, idle: Optional[Callable[[], bool]]) -> None:
+    async def _loop(self, idle: Callable[[], bool] | None) -> None:
         assert self._wake is not None
         tick, last_full = 0, time.monotonic()
         while True:

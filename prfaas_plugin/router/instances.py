@@ -50,13 +50,23 @@ class Fleet:
     instances: list[Instance] = field(default_factory=list)
 
     @classmethod
-    def from_config(cls, cfg: RouterConfig) -> "Fleet":
+    def from_config(cls, cfg: RouterConfig) -> Fleet:
         out = []
         for c in cfg.clusters:
             for role, specs in (("prefill", c.prefill), ("decode", c.decode), ("both", c.both)):
                 for s in specs:
-                    out.append(Instance(s.url, c.name, c.kind, role, s.kv_endpoint, s.kv_events,  # type: ignore[arg-type]
-                                        s.name or s.url, s.bootstrap_port))
+                    out.append(
+                        Instance(
+                            s.url,
+                            c.name,
+                            c.kind,
+                            role,
+                            s.kv_endpoint,
+                            s.kv_events,  # type: ignore[arg-type]
+                            s.name or s.url,
+                            s.bootstrap_port,
+                        )
+                    )
         return cls(out)
 
     def in_cluster(self, cluster: str) -> list[Instance]:
@@ -68,11 +78,12 @@ class Fleet:
     def queue_depth(self, kind: str) -> int:
         return sum(i.inflight for i in self.of_kind(kind))
 
-    async def check_health(self, client: "Upstream", timeout_s: float, slow_limit: int = 1) -> None:
+    async def check_health(self, client: Upstream, timeout_s: float, slow_limit: int = 1) -> None:
         """Probe every instance's /health. A refused connection or a non-200 status marks an
         instance down at once; a probe that times out or is cut only after ``slow_limit`` in a
         row, because a CPU-bound engine in a long prefill answers late without being down (a
         single late probe used to send its traffic elsewhere). One good answer marks it up."""
+
         async def one(inst: Instance) -> None:
             try:
                 status = await client.get_status(f"{inst.url}/health", timeout_s)
@@ -85,12 +96,28 @@ class Fleet:
                 if ok:
                     log.info("instance %s: slow health probe %d/%d: %s", inst.url, inst.slow_probes, slow_limit, exc)
             if ok != inst.healthy:
-                log.warning("instance %s (%s/%s) is now %s%s", inst.url, inst.cluster, inst.role,
-                            "healthy" if ok else "UNHEALTHY", "" if ok else f": {err}")
+                log.warning(
+                    "instance %s (%s/%s) is now %s%s",
+                    inst.url,
+                    inst.cluster,
+                    inst.role,
+                    "healthy" if ok else "UNHEALTHY",
+                    "" if ok else f": {err}",
+                )
             inst.healthy, inst.last_error = ok, "" if ok else err
 
         await asyncio.gather(*(one(i) for i in self.instances))
 
     def health_report(self) -> list[dict]:
-        return [{"url": i.url, "cluster": i.cluster, "role": i.role, "healthy": i.healthy, "error": i.last_error,
-                 "inflight": i.inflight, "draining": i.draining} for i in self.instances]
+        return [
+            {
+                "url": i.url,
+                "cluster": i.cluster,
+                "role": i.role,
+                "healthy": i.healthy,
+                "error": i.last_error,
+                "inflight": i.inflight,
+                "draining": i.draining,
+            }
+            for i in self.instances
+        ]

@@ -24,8 +24,11 @@ def vllm_bodies(body: dict[str, Any], decode_kv_endpoint: str, deadline_s: float
     transfer_id, token = uuid.uuid4().hex, secrets.token_urlsafe(24)
     common = {"prfaas_version": PROTOCOL_VERSION, "transfer_id": transfer_id, "token": token, "deadline_s": deadline_s}
     prod = {k: v for k, v in body.items() if k != "stream_options"}
-    prod.update(max_tokens=1, stream=False,
-                kv_transfer_params={**common, "role": "producer", "decode_endpoint": decode_kv_endpoint})
+    prod.update(
+        max_tokens=1,
+        stream=False,
+        kv_transfer_params={**common, "role": "producer", "decode_endpoint": decode_kv_endpoint},
+    )
     if "max_completion_tokens" in prod:
         prod["max_completion_tokens"] = 1
     cons = {**body, "kv_transfer_params": {**common, "role": "consumer"}}
@@ -44,8 +47,7 @@ def sglang_bodies(body: dict[str, Any], prefill_url: str, bootstrap_port: int) -
     """(prefill body, decode body, room as a string). The prefill's answer is read whole, so it is
     asked for without streaming; the decode gets the client's body unchanged otherwise."""
     room = secrets.randbits(63)
-    inject = {"bootstrap_host": bootstrap_host(prefill_url), "bootstrap_port": bootstrap_port,
-              "bootstrap_room": room}
+    inject = {"bootstrap_host": bootstrap_host(prefill_url), "bootstrap_port": bootstrap_port, "bootstrap_room": room}
     prod = {k: v for k, v in body.items() if k != "stream_options"}
     prod.update(inject, stream=False)
     return prod, {**body, **inject}, str(room)

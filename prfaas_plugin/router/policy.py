@@ -9,8 +9,9 @@ Inside a cluster the instance holding the prefix wins, then the least loaded one
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 from prfaas_plugin.router.instances import Fleet, Instance
 from prfaas_plugin.router.prefix_index import PrefixIndex
@@ -42,8 +43,14 @@ def _pick(cands: Sequence[Instance], holder: str | None) -> Instance:
     return min(cands, key=lambda i: (i.inflight, i.url))
 
 
-def decide(tokens: Sequence[int], fleet: Fleet, index: PrefixIndex, threshold: float, bandwidth_mode: str,
-           exclude_prfaas: bool = False) -> Decision:
+def decide(
+    tokens: Sequence[int],
+    fleet: Fleet,
+    index: PrefixIndex,
+    threshold: float,
+    bandwidth_mode: str,
+    exclude_prfaas: bool = False,
+) -> Decision:
     l_total = len(tokens)
     locals_ = [i for i in fleet.of_kind("local") if i.routable]
     decoders = [i for i in locals_ if i.can_decode]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 
 def block_keys(tokens: Sequence[int], block_size: int) -> list[bytes]:
@@ -22,7 +22,7 @@ def block_keys(tokens: Sequence[int], block_size: int) -> list[bytes]:
     parent = b""
     for start in range(0, len(tokens) - block_size + 1, block_size):
         h = hashlib.blake2b(parent, digest_size=16)
-        h.update(b",".join(str(t).encode() for t in tokens[start:start + block_size]))
+        h.update(b",".join(str(t).encode() for t in tokens[start : start + block_size]))
         parent = h.digest()
         keys.append(parent)
     return keys
@@ -59,8 +59,14 @@ class PrefixIndex:
             while len(self._holders) > self.capacity:
                 self._holders.popitem(last=False)
 
-    def block_stored(self, instance: str, engine_hashes: Sequence[object], parent_engine_hash: object,
-                     token_ids: Sequence[int], block_size: int) -> None:
+    def block_stored(
+        self,
+        instance: str,
+        engine_hashes: Sequence[object],
+        parent_engine_hash: object,
+        token_ids: Sequence[int],
+        block_size: int,
+    ) -> None:
         """Apply a vLLM BlockStored event (a run of consecutive blocks after ``parent``)."""
         if block_size != self.block_size:
             return  # another cache group (e.g. a sliding-window group): not prefix-reusable here
@@ -71,7 +77,7 @@ class PrefixIndex:
             return  # we never saw the parent: cannot place this run in a prefix chain
         keys = []
         for i, eh in enumerate(engine_hashes):
-            block = token_ids[i * block_size:(i + 1) * block_size]
+            block = token_ids[i * block_size : (i + 1) * block_size]
             if len(block) < block_size:
                 break
             h = hashlib.blake2b(parent, digest_size=16)

@@ -51,8 +51,9 @@ def plan_switch(advice: SplitAdvice, fleet: Fleet) -> SwitchPlan | None:
 
 
 class SplitApplier:
-    def __init__(self, client: Upstream, index: PrefixIndex, cooldown_s: float, drain_timeout_s: float,
-                 switch_timeout_s: float) -> None:
+    def __init__(
+        self, client: Upstream, index: PrefixIndex, cooldown_s: float, drain_timeout_s: float, switch_timeout_s: float
+    ) -> None:
         self.client = client
         self.index = index
         self.cooldown_s = cooldown_s
@@ -84,13 +85,26 @@ class SplitApplier:
             inst.role = new_role
             # SGLang resets the instance's radix cache on a switch: its prefixes are gone.
             self.index.clear_instance(inst.url)
-        record = {"url": inst.url, "from": old_role, "to": new_role, "outcome": outcome, "detail": detail,
-                  "advice": {"n_prefill": advice.n_prefill, "n_decode": advice.n_decode}}
+        record = {
+            "url": inst.url,
+            "from": old_role,
+            "to": new_role,
+            "outcome": outcome,
+            "detail": detail,
+            "advice": {"n_prefill": advice.n_prefill, "n_decode": advice.n_decode},
+        }
         self.history.append(record)
         del self.history[:-100]
         level = logging.INFO if outcome == "switched" else logging.WARNING
-        log.log(level, "role switch %s %s -> %s: %s%s", inst.url, old_role, new_role, outcome,
-                f" ({detail})" if detail else "")
+        log.log(
+            level,
+            "role switch %s %s -> %s: %s%s",
+            inst.url,
+            old_role,
+            new_role,
+            outcome,
+            f" ({detail})" if detail else "",
+        )
         return outcome
 
     async def _drain_and_switch(self, inst: Instance, new_role: str) -> tuple[str, str]:
@@ -101,7 +115,8 @@ class SplitApplier:
             await asyncio.sleep(0.05)
         try:
             status, parsed, text = await self.client.post_json(
-                f"{inst.url}/pd_role_switch", {"new_role": new_role}, self.switch_timeout_s)
+                f"{inst.url}/pd_role_switch", {"new_role": new_role}, self.switch_timeout_s
+            )
         except UpstreamError as exc:
             return "failed", str(exc)
         if status == 200 and isinstance(parsed, dict) and parsed.get("success"):

@@ -154,10 +154,16 @@ class ThresholdController:
         log.info("threshold t=%.0f (%s)", self.t, reason)
 
     def snapshot(self) -> dict[str, Any]:
-        return {"mode": self.spec.mode, "threshold_tokens": self.t, "planner_threshold_tokens": self.t_star,
-                "egress_gbps": self.egress_gbps(), "link_gbps": self.link_gbps, "samples": len(self._lengths),
-                "timeline": self.timeline[-200:],
-                "split_advice": None if self.advice is None else self.advice.__dict__}
+        return {
+            "mode": self.spec.mode,
+            "threshold_tokens": self.t,
+            "planner_threshold_tokens": self.t_star,
+            "egress_gbps": self.egress_gbps(),
+            "link_gbps": self.link_gbps,
+            "samples": len(self._lengths),
+            "timeline": self.timeline[-200:],
+            "split_advice": None if self.advice is None else self.advice.__dict__,
+        }
 
     def set_fixed(self, tokens: float) -> None:
         """Admin override: pin t (mode becomes fixed until restart)."""

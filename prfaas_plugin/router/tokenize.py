@@ -20,7 +20,7 @@ class PromptTokenizer:
 
         try:
             self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except Exception as exc:  # noqa: BLE001 - transformers raises many types here
+        except Exception as exc:
             raise ValueError(f"cannot load the tokenizer from {path!r}: {exc}") from None
         # A fast tokenizer's Rust object gives the same ids as ``tok.encode`` (the wrapper only
         # adds Python bookkeeping around the same call): ~10 us instead of ~36 us for a short
@@ -56,12 +56,11 @@ class PromptTokenizer:
         if not isinstance(kwargs, dict):
             raise PromptError("chat_template_kwargs must be an object")
         try:
-            ids = self.tok.apply_chat_template(messages, add_generation_prompt=body.get("add_generation_prompt", True),
-                                               tokenize=True, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - template errors are the client's
+            ids = self.tok.apply_chat_template(
+                messages, add_generation_prompt=body.get("add_generation_prompt", True), tokenize=True, **kwargs
+            )
+        except Exception as exc:
             raise PromptError(f"cannot apply the chat template: {exc}") from None
         if isinstance(ids, Mapping):  # transformers 5 returns a BatchEncoding (a Mapping), not a list
             ids = ids["input_ids"]
         return list(ids)
-
-

@@ -25,8 +25,9 @@ import collections
 import json
 import ssl
 import time
+from collections.abc import AsyncIterator
 from functools import lru_cache
-from typing import Any, AsyncIterator, Optional
+from typing import Any
 from urllib.parse import urlsplit
 
 import httptools
@@ -75,7 +76,7 @@ def _target(url: str) -> tuple[tuple[str, str, int], bytes, str]:
         raise UpstreamError(f"not an http(s) url: {url!r}")
     port = u.port or (443 if u.scheme == "https" else 80)
     path = (u.path or "/") + (f"?{u.query}" if u.query else "")
-    return (u.scheme, u.hostname, port), f"{path} HTTP/1.1\r\nHost: {u.netloc}\r\n".encode("utf-8"), url
+    return (u.scheme, u.hostname, port), f"{path} HTTP/1.1\r\nHost: {u.netloc}\r\n".encode(), url
 
 
 class Stream:
@@ -83,7 +84,7 @@ class Stream:
     is read with :meth:`aiter_raw` or :meth:`aread`, and :meth:`aclose` ends it -- returning the
     connection to the pool if the body was read to its end, else closing it."""
 
-    def __init__(self, conn: "_Connection", url: str) -> None:
+    def __init__(self, conn: _Connection, url: str) -> None:
         self._conn = conn
         self.url = url
         self.status_code = 0
@@ -94,9 +95,9 @@ class Stream:
         self._paused = False
         self._eof = False
         self._keep_alive = False
-        self._error: Optional[UpstreamError] = None
-        self._waiter: Optional[asyncio.Future[None]] = None
-        self._timer: Optional[asyncio.TimerHandle] = None
+        self._error: UpstreamError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._closed = False
         #: time.monotonic() when the request was written, the first body bytes arrived and the
         #: body ended (0.0: not yet): the router's own share of a request's time is what lies
@@ -145,13 +146,16 @@ class Stream:
             self._head.exception()  # retrieved here: open() re-raises it from the future
         self._wake()
 
-    def _on_lost(self, exc: Optional[BaseException], answered: bool) -> None:
+    def _on_lost(self, exc: BaseException | None, answered: bool) -> None:
         if self._head.done() and not self._eof and exc is None and self._conn.until_close:
             self._on_complete()  # a body without length or chunking ends when the connection does
             return
         why = f"{type(exc).__name__}: {exc}" if exc is not None else "the server closed the connection"
-        self._fail(_Dropped(f"{self.url}: {why}", answered) if not self._head.done()
-                   else UpstreamError(f"{self.url}: connection lost mid-answer ({why})"))
+        self._fail(
+            _Dropped(f"{self.url}: {why}", answered)
+            if not self._head.done()
+            else UpstreamError(f"{self.url}: connection lost mid-answer ({why})")
+        )
 
     def _start_timer(self, seconds: float) -> None:
         self._timer = self._conn.loop.call_later(seconds, self._timed_out, seconds)
@@ -211,12 +215,12 @@ class Stream:
 class _Connection(asyncio.Protocol):
     """One TCP (or TLS) connection to an instance, one request at a time."""
 
-    def __init__(self, pool: "_Pool", origin: tuple[str, str, int]) -> None:
+    def __init__(self, pool: _Pool, origin: tuple[str, str, int]) -> None:
         self.pool, self.origin = pool, origin
         self.loop = asyncio.get_running_loop()
-        self.transport: Optional[asyncio.Transport] = None
-        self.parser: Optional[httptools.HttpResponseParser] = httptools.HttpResponseParser(self)
-        self.stream: Optional[Stream] = None
+        self.transport: asyncio.Transport | None = None
+        self.parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
+        self.stream: Stream | None = None
         self.lost = False
         self.answered = False  # bytes arrived for the current request
         self.until_close = False  # the current answer's body is delimited by the connection closing
@@ -240,7 +244,7 @@ class _Connection(asyncio.Protocol):
             s._fail(UpstreamError(f"{s.url}: bad HTTP answer: {exc}"))
             self.close()
 
-    def connection_lost(self, exc: Optional[BaseException]) -> None:
+    def connection_lost(self, exc: BaseException | None) -> None:
         self.lost = True
         self.parser = None  # it holds our callbacks: a cycle that would wait for the collector
         if self.stream is not None:
@@ -311,10 +315,14 @@ class _Pool:
         self.idle: dict[tuple[str, str, int], collections.deque[_Connection]] = {}
 
     def _reusable(self, conn: _Connection, now: float) -> bool:
-        return (not conn.lost and conn.transport is not None and not conn.transport.is_closing()
-                and now - conn.idle_since < self.keepalive_s)
+        return (
+            not conn.lost
+            and conn.transport is not None
+            and not conn.transport.is_closing()
+            and now - conn.idle_since < self.keepalive_s
+        )
 
-    def take(self, origin: tuple[str, str, int], now: float) -> Optional[_Connection]:
+    def take(self, origin: tuple[str, str, int], now: float) -> _Connection | None:
         q = self.idle.get(origin)
         while q:
             conn = q.pop()
@@ -335,9 +343,10 @@ class _Pool:
                 q.popleft().close()
 
 
-def _abandon(task: "asyncio.Task[tuple[asyncio.BaseTransport, _Connection]]") -> None:
+def _abandon(task: asyncio.Task[tuple[asyncio.BaseTransport, _Connection]]) -> None:
     """Give up a connection attempt: cancel it, and close the connection if it was made anyway."""
-    def close_if_made(t: "asyncio.Task[tuple[asyncio.BaseTransport, _Connection]]") -> None:
+
+    def close_if_made(t: asyncio.Task[tuple[asyncio.BaseTransport, _Connection]]) -> None:
         if not t.cancelled() and t.exception() is None:
             t.result()[0].close()
 
@@ -348,8 +357,8 @@ def _abandon(task: "asyncio.Task[tuple[asyncio.BaseTransport, _Connection]]") ->
 class Upstream:
     def __init__(self, connect_s: float, request_s: float, keepalive_s: float = 4.0) -> None:
         self.connect_s, self.request_s, self.keepalive_s = connect_s, request_s, keepalive_s
-        self._pool: Optional[_Pool] = None
-        self._tls: Optional[ssl.SSLContext] = None
+        self._pool: _Pool | None = None
+        self._tls: ssl.SSLContext | None = None
 
     async def start(self) -> None:
         self._pool = _Pool(self.keepalive_s)
@@ -387,7 +396,7 @@ class Upstream:
         conn = task.result()[1]
         return conn
 
-    async def _send(self, method: bytes, url: str, body: Optional[dict[str, Any]], timeout_s: float) -> Stream:
+    async def _send(self, method: bytes, url: str, body: dict[str, Any] | None, timeout_s: float) -> Stream:
         """Send one request and return once its status line and headers arrived."""
         assert self._pool is not None, "Upstream.start() was not called"
         origin, line_and_host, url = _target(url)
@@ -395,9 +404,17 @@ class Upstream:
             request = method + b" " + line_and_host + b"User-Agent: " + _USER_AGENT + b"\r\n\r\n"
         else:
             payload = json.dumps(body).encode()
-            request = (method + b" " + line_and_host + b"User-Agent: " + _USER_AGENT
-                       + b"\r\nContent-Type: application/json\r\nContent-Length: "
-                       + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+            request = (
+                method
+                + b" "
+                + line_and_host
+                + b"User-Agent: "
+                + _USER_AGENT
+                + b"\r\nContent-Type: application/json\r\nContent-Length: "
+                + str(len(payload)).encode()
+                + b"\r\n\r\n"
+                + payload
+            )
         loop = asyncio.get_running_loop()
         waited = 0.0
         for attempt in (0, 1):

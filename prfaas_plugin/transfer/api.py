@@ -22,9 +22,10 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,7 +88,7 @@ class LayoutFingerprint:
     def digest(self) -> str:
         return hashlib.sha256(self.canonical().encode()).hexdigest()[:32]
 
-    def diff(self, other: "LayoutFingerprint") -> list[str]:
+    def diff(self, other: LayoutFingerprint) -> list[str]:
         """Human-readable differences, e.g. ``["block_size: 16 != 128"]``; empty if equal."""
         out: list[str] = []
         keys = sorted(set(self.fields) | set(other.fields))
@@ -157,7 +158,7 @@ class ReceiveSink(Protocol):
 class ReceiveHandle(ABC):
     request_id: str
     #: Resolves with the manifest when every item landed; with a TransferError otherwise.
-    done: "Future[TransferManifest]"
+    done: Future[TransferManifest]
 
     @abstractmethod
     def abort(self, reason: str = "aborted by receiver") -> None: ...
@@ -197,7 +198,7 @@ class TransferReceiver(ABC):
 class SendHandle(ABC):
     request_id: str
     #: Resolves when the receiver confirmed every item; with a TransferError otherwise.
-    done: "Future[None]"
+    done: Future[None]
 
     @abstractmethod
     def send(self, name: str, data: Any) -> None:

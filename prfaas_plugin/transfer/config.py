@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 #: Striping unit. 1 MiB keeps a chunk inside L2 on both sides, so the checksum pass right after
 #: ``recv_into``/before ``send`` reads hot cache lines; larger chunks gave no loopback gain.
@@ -29,12 +28,12 @@ class TlsConfig:
     ``require_client_cert``) turns on mutual TLS. On the sender, ``ca_file`` verifies the
     receiver and ``cert_file``/``key_file`` are the client identity for mTLS."""
 
-    cert_file: Optional[str] = None
-    key_file: Optional[str] = None
-    ca_file: Optional[str] = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    ca_file: str | None = None
     require_client_cert: bool = False
     #: Sender only: the name to verify in the receiver's certificate (default: the dialled host).
-    server_name: Optional[str] = None
+    server_name: str | None = None
 
     def __post_init__(self) -> None:
         if (self.cert_file is None) != (self.key_file is None):
@@ -51,11 +50,11 @@ class ReceiverConfig:
     #: Data-plane TCP port (0 = ephemeral); bound on the same host as ``listen``.
     data_port: int = 0
     #: Advertise this ``host:port`` for the data plane instead of the bound one (NAT, proxies).
-    advertise_data: Optional[str] = None
+    advertise_data: str | None = None
     #: Offer the raw TCP data plane; without it senders use the gRPC fallback.
     enable_tcp_data: bool = True
     receiver_id: str = ""
-    tls: Optional[TlsConfig] = None
+    tls: TlsConfig | None = None
     socket_buffer_bytes: int = DEFAULT_SOCKET_BUFFER
     #: gRPC worker threads: one is held per open session and per fallback data stream.
     max_workers: int = 128
@@ -94,8 +93,8 @@ class SenderConfig:
     #: "tcp" (falls back to gRPC if the receiver offers no TCP plane) or "grpc".
     data_plane: str = "tcp"
     #: Egress budget for all peers together; None = unpaced.
-    pacing_gbps: Optional[float] = None
-    tls: Optional[TlsConfig] = None
+    pacing_gbps: float | None = None
+    tls: TlsConfig | None = None
     socket_buffer_bytes: int = DEFAULT_SOCKET_BUFFER
     connect_timeout_s: float = 5.0
     #: Resends of one chunk after receiver-side checksum failures before giving up.

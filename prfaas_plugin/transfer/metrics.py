@@ -3,7 +3,8 @@ time, so the Python API and the metrics are the same numbers."""
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
@@ -13,8 +14,13 @@ class TransferCollector(Collector):
     """Register with ``TransferCollector(sender=..., receiver=..., registry=...)``; either side
     may be omitted (a process usually runs one of them)."""
 
-    def __init__(self, sender: Any = None, receiver: Any = None, registry: Optional[CollectorRegistry] = REGISTRY,
-                 prefix: str = "prfaas_transfer") -> None:
+    def __init__(
+        self,
+        sender: Any = None,
+        receiver: Any = None,
+        registry: CollectorRegistry | None = REGISTRY,
+        prefix: str = "prfaas_transfer",
+    ) -> None:
         self.sender, self.receiver, self.prefix = sender, receiver, prefix
         if registry is not None:
             registry.register(self)
@@ -56,30 +62,36 @@ class TransferCollector(Collector):
             active = GaugeMetricFamily(f"{p}_send_requests_active", "Send sessions in progress")
             active.add_metric([], st["requests_active"])
             yield active
-            lat = GaugeMetricFamily(f"{p}_request_seconds", "Open-to-confirmed time of recent requests",
-                                    labels=["quantile"])
+            lat = GaugeMetricFamily(
+                f"{p}_request_seconds", "Open-to-confirmed time of recent requests", labels=["quantile"]
+            )
             if st["request_seconds_p50"] is not None:
                 lat.add_metric(["0.5"], st["request_seconds_p50"])
                 lat.add_metric(["1"], st["request_seconds_max"])
             yield lat
         if self.receiver is not None:
             st = self.receiver.stats()
-            for key, help_ in (("bytes_landed", "Payload bytes landed and verified"),
-                               ("checksum_failures", "Chunks that failed their checksum"),
-                               ("duplicate_chunks", "Chunks received twice and dropped"),
-                               ("auth_refusals", "Opens refused for an unknown session or a wrong token")):
+            for key, help_ in (
+                ("bytes_landed", "Payload bytes landed and verified"),
+                ("checksum_failures", "Chunks that failed their checksum"),
+                ("duplicate_chunks", "Chunks received twice and dropped"),
+                ("auth_refusals", "Opens refused for an unknown session or a wrong token"),
+            ):
                 c = CounterMetricFamily(f"{p}_receiver_{key}", help_)
                 c.add_metric([], st[key])
                 yield c
-            ses = CounterMetricFamily(f"{p}_receive_sessions", "Receive sessions finished, by outcome",
-                                      labels=["outcome"])
+            ses = CounterMetricFamily(
+                f"{p}_receive_sessions", "Receive sessions finished, by outcome", labels=["outcome"]
+            )
             ses.add_metric(["ok"], st["sessions_ok"])
             for name, n in st["sessions_failed"].items():
                 ses.add_metric([name], n)
             yield ses
-            for key, help_ in (("sessions_active", "Announced or open receive sessions"),
-                               ("data_connections", "Open inbound data connections"),
-                               ("goodput_gbps", "Landed goodput over the last 2 s (Gbit/s)")):
+            for key, help_ in (
+                ("sessions_active", "Announced or open receive sessions"),
+                ("data_connections", "Open inbound data connections"),
+                ("goodput_gbps", "Landed goodput over the last 2 s (Gbit/s)"),
+            ):
                 g = GaugeMetricFamily(f"{p}_receiver_{key}", help_)
                 g.add_metric([], st[key])
                 yield g

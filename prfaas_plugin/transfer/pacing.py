@@ -5,21 +5,20 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Optional
 
 
 class Pacer:
     """``consume(n)`` returns once ``n`` bytes fit the budget; the burst is 10 ms of budget
     (at least one chunk), small enough that the rate holds over any 100 ms window."""
 
-    def __init__(self, gbps: Optional[float], min_burst: int = 1 << 20) -> None:
+    def __init__(self, gbps: float | None, min_burst: int = 1 << 20) -> None:
         self.rate = None if gbps is None else gbps * 1e9 / 8.0  # bytes/s
         self.burst = 0.0 if self.rate is None else max(float(min_burst), self.rate * 0.01)
         self._tokens = self.burst
         self._last = time.monotonic()
         self._lock = threading.Lock()
 
-    def consume(self, n: int, stop: Optional[threading.Event] = None) -> None:
+    def consume(self, n: int, stop: threading.Event | None = None) -> None:
         if self.rate is None:
             return
         with self._lock:

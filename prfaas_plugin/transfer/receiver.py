@@ -14,12 +14,14 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Iterator, Mapping
 from concurrent import futures
 from concurrent.futures import Future
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any
 
 import grpc
 
+from prfaas_plugin.transfer import tls as tlsmod
 from prfaas_plugin.transfer import wire
 from prfaas_plugin.transfer._gen import transfer_pb2 as pb
 from prfaas_plugin.transfer.api import (
@@ -42,7 +44,6 @@ from prfaas_plugin.transfer.buffers import byte_view
 from prfaas_plugin.transfer.config import ReceiverConfig, split_hostport
 from prfaas_plugin.transfer.errors import code_for
 from prfaas_plugin.transfer.telemetry import ReceiverTelemetry
-from prfaas_plugin.transfer import tls as tlsmod
 
 PROTOCOL_VERSION = 1
 SERVICE = "prfaas.v1.Transfer"
@@ -52,20 +53,27 @@ _EMPTY, _RECEIVING, _LANDED = 0, 1, 2
 class _Session:
     """One announced request. All mutable state is guarded by ``cond``."""
 
-    def __init__(self, owner: "GrpcTcpReceiver", request_id: str, token: str,
-                 fingerprint: LayoutFingerprint, sink: ReceiveSink, deadline_s: float) -> None:
+    def __init__(
+        self,
+        owner: GrpcTcpReceiver,
+        request_id: str,
+        token: str,
+        fingerprint: LayoutFingerprint,
+        sink: ReceiveSink,
+        deadline_s: float,
+    ) -> None:
         self.owner = owner
         self.request_id = request_id
         self.token = token
         self.fingerprint = fingerprint
-        self.sink: Optional[ReceiveSink] = sink
+        self.sink: ReceiveSink | None = sink
         self.t0 = time.monotonic()
         self.deadline = self.t0 + deadline_s
         self.cond = threading.Condition()
         self.state = "announced"
         self.key = b""
-        self.error: Optional[TransferError] = None
-        self.manifest: Optional[TransferManifest] = None
+        self.error: TransferError | None = None
+        self.manifest: TransferManifest | None = None
         self.items: list[ItemSpec] = []
         self.buffers: list[memoryview] = []
         self.base: list[int] = []  # per item: leading bytes the sink already holds (not sent)
@@ -106,11 +114,11 @@ class _Session:
         if not ok:
             raise ProtocolError(
                 f"{self.request_id}: bad chunk item={item} offset={offset} length={length} "
-                f"(item {nbytes} bytes from {base}, chunk {c})")
+                f"(item {nbytes} bytes from {base}, chunk {c})"
+            )
         return self._span(item, offset, length)
 
-    def begin_chunk(self, item: int, offset: int, length: int, sock: Any,
-                    multi: bool = False) -> Optional[memoryview]:
+    def begin_chunk(self, item: int, offset: int, length: int, sock: Any, multi: bool = False) -> memoryview | None:
         """The slice to receive a frame into, or None to drain it (late, duplicate or failed
         session). A frame is one chunk or, with ``multi`` (TCP plane), consecutive chunks."""
         with self.cond:
@@ -125,21 +133,26 @@ class _Session:
                     # Part of the frame is new (a resend overlapping chunks that landed):
                     # drain it and ask for the missing chunks one by one.
                     for i in fresh:
-                        self.events.append(pb.ReceiverEvent(resend=pb.Resend(
-                            item=item, offset=self.base[item] + i * self.chunk, reason="overlapping frame")))
+                        self.events.append(
+                            pb.ReceiverEvent(
+                                resend=pb.Resend(
+                                    item=item, offset=self.base[item] + i * self.chunk, reason="overlapping frame"
+                                )
+                            )
+                        )
                     self.cond.notify_all()
                 return None
             for i in range(first, last):
                 states[i] = _RECEIVING
             self.active += 1
             self.active_socks[sock] += 1
-            return self.buffers[item][offset:offset + length]
+            return self.buffers[item][offset : offset + length]
 
-    def end_chunk(self, item: int, offset: int, length: int, ok: Optional[bool], sock: Any) -> None:
+    def end_chunk(self, item: int, offset: int, length: int, ok: bool | None, sock: Any) -> None:
         """``ok``: True landed and verified, False checksum mismatch, None connection lost.
         Only for a frame ``begin_chunk`` handed a buffer out for."""
         item_complete = False
-        fail: Optional[TransferError] = None
+        fail: TransferError | None = None
         with self.cond:
             self.active -= 1
             self.active_socks[sock] -= 1
@@ -167,11 +180,18 @@ class _Session:
                 if ok is False:
                     self.checksum_failures += 1
                     if self.checksum_failures > self.owner.config.max_checksum_failures:
-                        fail = ChecksumError(f"{self.request_id}: {self.checksum_failures} chunks failed their checksum")
+                        fail = ChecksumError(
+                            f"{self.request_id}: {self.checksum_failures} chunks failed their checksum"
+                        )
                     else:
                         for i in range(first, last):  # the sender resends chunk by chunk
-                            self.events.append(pb.ReceiverEvent(resend=pb.Resend(
-                                item=item, offset=self.base[item] + i * self.chunk, reason="checksum mismatch")))
+                            self.events.append(
+                                pb.ReceiverEvent(
+                                    resend=pb.Resend(
+                                        item=item, offset=self.base[item] + i * self.chunk, reason="checksum mismatch"
+                                    )
+                                )
+                            )
                         self.cond.notify_all()
         if ok:
             self.owner.telemetry.landed(length)
@@ -205,7 +225,7 @@ class _Session:
             self._complete()
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def open(self, req: "pb.OpenRequest") -> Optional[TransferError]:
+    def open(self, req: pb.OpenRequest) -> TransferError | None:
         """Validate an Open against the announcement; returns the error that refuses it."""
         with self.cond:
             if self.state != "announced":
@@ -214,28 +234,38 @@ class _Session:
                 self.owner.telemetry.bump("auth_refusals")
                 return AuthError(f"{req.request_id}: wrong token")
             if req.protocol_version != PROTOCOL_VERSION:
-                return ProtocolError(f"{req.request_id}: protocol version {req.protocol_version} unsupported (want {PROTOCOL_VERSION})")
+                return ProtocolError(
+                    f"{req.request_id}: protocol version {req.protocol_version} unsupported (want {PROTOCOL_VERSION})"
+                )
             if req.fingerprint_digest != self.fingerprint.digest():
                 try:
                     theirs = LayoutFingerprint(json.loads(req.fingerprint_json))
                     diff = "; ".join(theirs.diff(self.fingerprint)) or "digest differs"
                 except ValueError:
                     diff = "unreadable sender fingerprint"
-                return FingerprintMismatch(f"{req.request_id}: layout fingerprint mismatch (sender != receiver): {diff}")
+                return FingerprintMismatch(
+                    f"{req.request_id}: layout fingerprint mismatch (sender != receiver): {diff}"
+                )
             cfg = self.owner.config
             algo = wire.choose_checksum(list(req.checksums), wire.available(cfg.checksums))
             if algo is None:
-                return ProtocolError(f"{req.request_id}: no common checksum (offered {list(req.checksums)}, "
-                                     f"accepted here {wire.available(cfg.checksums)})")
+                return ProtocolError(
+                    f"{req.request_id}: no common checksum (offered {list(req.checksums)}, "
+                    f"accepted here {wire.available(cfg.checksums)})"
+                )
             if not 4096 <= req.chunk_bytes <= cfg.max_chunk_bytes:
-                return ProtocolError(f"{req.request_id}: chunk_bytes {req.chunk_bytes} outside 4 KiB..{cfg.max_chunk_bytes}")
+                return ProtocolError(
+                    f"{req.request_id}: chunk_bytes {req.chunk_bytes} outside 4 KiB..{cfg.max_chunk_bytes}"
+                )
             try:
                 items = [ItemSpec(i.name, int(i.nbytes), int(i.order)) for i in req.items]
                 manifest = TransferManifest(
-                    request_id=req.request_id, items=tuple(items),
+                    request_id=req.request_id,
+                    items=tuple(items),
                     fingerprint=LayoutFingerprint(json.loads(req.fingerprint_json)),
                     sender_id=req.sender_id,
-                    metadata=json.loads(req.metadata_json) if req.metadata_json else {})
+                    metadata=json.loads(req.metadata_json) if req.metadata_json else {},
+                )
             except ValueError as e:
                 return ProtocolError(f"{req.request_id}: bad manifest: {e}")
             buffers: list[memoryview] = []
@@ -248,7 +278,9 @@ class _Session:
                 except (ValueError, TypeError, KeyError) as e:
                     return ProtocolError(f"{req.request_id}: sink refused item {it.name!r}: {e}")
                 if len(mv) != it.nbytes:
-                    return ProtocolError(f"{req.request_id}: sink buffer for {it.name!r} has {len(mv)} bytes, manifest says {it.nbytes}")
+                    return ProtocolError(
+                        f"{req.request_id}: sink buffer for {it.name!r} has {len(mv)} bytes, manifest says {it.nbytes}"
+                    )
                 buffers.append(mv)
             base = [0] * len(items)
             held = getattr(self.sink, "skip_bytes", None)
@@ -348,7 +380,7 @@ class _ReceiveHandle(ReceiveHandle):
 class GrpcTcpReceiver(TransferReceiver):
     """The receiver: gRPC control server + TCP data listener (+ gRPC data fallback)."""
 
-    def __init__(self, config: Optional[ReceiverConfig] = None) -> None:
+    def __init__(self, config: ReceiverConfig | None = None) -> None:
         self.config = config or ReceiverConfig()
         self.telemetry = ReceiverTelemetry()
         self._lock = threading.Condition()
@@ -361,12 +393,16 @@ class GrpcTcpReceiver(TransferReceiver):
         host, port = split_hostport(self.config.listen)
         self._host = host
         # Kept so close() can shut it down: grpc's server.stop() leaves the pool's threads alive.
-        self._executor = futures.ThreadPoolExecutor(max_workers=self.config.max_workers,
-                                                    thread_name_prefix="prfaas-rx-grpc")
+        self._executor = futures.ThreadPoolExecutor(
+            max_workers=self.config.max_workers, thread_name_prefix="prfaas-rx-grpc"
+        )
         self._server = grpc.server(
             self._executor,
-            options=[("grpc.max_receive_message_length", 128 << 20), ("grpc.max_send_message_length", 128 << 20),
-                     ("grpc.so_reuseport", 0)],
+            options=[
+                ("grpc.max_receive_message_length", 128 << 20),
+                ("grpc.max_send_message_length", 128 << 20),
+                ("grpc.so_reuseport", 0),
+            ],
         )
         self._server.add_generic_rpc_handlers((self._handlers(),))
         bind = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
@@ -376,7 +412,7 @@ class GrpcTcpReceiver(TransferReceiver):
             self._port = self._server.add_insecure_port(bind)
         if self._port == 0:
             raise OSError(f"cannot bind the gRPC control port on {bind}")
-        self._data_sock: Optional[socket.socket] = None
+        self._data_sock: socket.socket | None = None
         self._ssl = tlsmod.server_context(self.config.tls) if self.config.tls is not None else None
         if self.config.enable_tcp_data:
             fam = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -396,7 +432,7 @@ class GrpcTcpReceiver(TransferReceiver):
         return f"{self._host}:{self._port}"
 
     @property
-    def data_endpoint(self) -> Optional[str]:
+    def data_endpoint(self) -> str | None:
         if self.config.advertise_data:
             return self.config.advertise_data
         if self._data_sock is None:
@@ -404,14 +440,15 @@ class GrpcTcpReceiver(TransferReceiver):
         return f"{self._host}:{self._data_sock.getsockname()[1]}"
 
     @property
-    def bound_data_endpoint(self) -> Optional[str]:
+    def bound_data_endpoint(self) -> str | None:
         """Where the data listener really is (``data_endpoint`` may be an advertised proxy)."""
         if self._data_sock is None:
             return None
         return f"{self._host}:{self._data_sock.getsockname()[1]}"
 
-    def expect(self, request_id: str, token: str, fingerprint: LayoutFingerprint, sink: ReceiveSink,
-               deadline_s: float = 60.0) -> ReceiveHandle:
+    def expect(
+        self, request_id: str, token: str, fingerprint: LayoutFingerprint, sink: ReceiveSink, deadline_s: float = 60.0
+    ) -> ReceiveHandle:
         if not request_id:
             raise ValueError("request_id must be non-empty")
         if len(token) < 16:
@@ -465,7 +502,7 @@ class GrpcTcpReceiver(TransferReceiver):
             snap["data_connections"] = len(self._data_conns)
         return snap
 
-    def __enter__(self) -> "GrpcTcpReceiver":
+    def __enter__(self) -> GrpcTcpReceiver:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -479,7 +516,7 @@ class GrpcTcpReceiver(TransferReceiver):
             self._threads.append(t)
         return t
 
-    def _forget(self, s: _Session, err: Optional[TransferError]) -> None:
+    def _forget(self, s: _Session, err: TransferError | None) -> None:
         with self._lock:
             if self._by_request.get(s.request_id) is s:
                 del self._by_request[s.request_id]
@@ -500,22 +537,33 @@ class GrpcTcpReceiver(TransferReceiver):
 
     # -- gRPC control -------------------------------------------------------------------------
     def _handlers(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(SERVICE, {
-            "Open": grpc.unary_stream_rpc_method_handler(
-                self._rpc_open, request_deserializer=pb.OpenRequest.FromString,
-                response_serializer=pb.ReceiverEvent.SerializeToString),
-            "Abort": grpc.unary_unary_rpc_method_handler(
-                self._rpc_abort, request_deserializer=pb.AbortRequest.FromString,
-                response_serializer=pb.AbortReply.SerializeToString),
-            "Status": grpc.unary_unary_rpc_method_handler(
-                self._rpc_status, request_deserializer=pb.StatusRequest.FromString,
-                response_serializer=pb.StatusReply.SerializeToString),
-            "PushData": grpc.stream_unary_rpc_method_handler(
-                self._rpc_push, request_deserializer=pb.DataChunk.FromString,
-                response_serializer=pb.PushSummary.SerializeToString),
-        })
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Open": grpc.unary_stream_rpc_method_handler(
+                    self._rpc_open,
+                    request_deserializer=pb.OpenRequest.FromString,
+                    response_serializer=pb.ReceiverEvent.SerializeToString,
+                ),
+                "Abort": grpc.unary_unary_rpc_method_handler(
+                    self._rpc_abort,
+                    request_deserializer=pb.AbortRequest.FromString,
+                    response_serializer=pb.AbortReply.SerializeToString,
+                ),
+                "Status": grpc.unary_unary_rpc_method_handler(
+                    self._rpc_status,
+                    request_deserializer=pb.StatusRequest.FromString,
+                    response_serializer=pb.StatusReply.SerializeToString,
+                ),
+                "PushData": grpc.stream_unary_rpc_method_handler(
+                    self._rpc_push,
+                    request_deserializer=pb.DataChunk.FromString,
+                    response_serializer=pb.PushSummary.SerializeToString,
+                ),
+            },
+        )
 
-    def _rpc_open(self, req: "pb.OpenRequest", context: grpc.ServicerContext) -> Iterator["pb.ReceiverEvent"]:
+    def _rpc_open(self, req: pb.OpenRequest, context: grpc.ServicerContext) -> Iterator[pb.ReceiverEvent]:
         grace_end = time.monotonic() + self.config.announce_grace_s
         with self._lock:
             while req.request_id not in self._by_request and not self._closed.is_set():
@@ -543,27 +591,40 @@ class GrpcTcpReceiver(TransferReceiver):
             plane = "tcp"
         else:
             plane = "grpc"
-        yield pb.ReceiverEvent(accepted=pb.Accepted(
-            session_key=s.key, data_plane=plane, data_host=host, data_port=port,
-            receiver_id=self.config.receiver_id, checksum=s.checksum_name,
-            skip_bytes=s.base if any(s.base) else [],  # non-zero only for senders offering partial_items
-            max_frame_bytes=self.config.max_chunk_bytes if plane == "tcp" else 0))
+        yield pb.ReceiverEvent(
+            accepted=pb.Accepted(
+                session_key=s.key,
+                data_plane=plane,
+                data_host=host,
+                data_port=port,
+                receiver_id=self.config.receiver_id,
+                checksum=s.checksum_name,
+                skip_bytes=s.base if any(s.base) else [],  # non-zero only for senders offering partial_items
+                max_frame_bytes=self.config.max_chunk_bytes if plane == "tcp" else 0,
+            )
+        )
         s.start()
         yield from self._events(s, context)
 
-    def _events(self, s: _Session, context: grpc.ServicerContext) -> Iterator["pb.ReceiverEvent"]:
+    def _events(self, s: _Session, context: grpc.ServicerContext) -> Iterator[pb.ReceiverEvent]:
         while True:
             with s.cond:
                 s.cond.wait_for(
-                    lambda: s.events or s.state in ("completed", "failed")
-                    or (s.progress_dirty and time.monotonic() - s.last_progress >= 0.01),
-                    timeout=0.01 if s.progress_dirty else 0.5)
+                    lambda: (
+                        s.events
+                        or s.state in ("completed", "failed")
+                        or (s.progress_dirty and time.monotonic() - s.last_progress >= 0.01)
+                    ),
+                    timeout=0.01 if s.progress_dirty else 0.5,
+                )
                 evs, s.events = s.events, []
                 send_progress = s.progress_dirty and time.monotonic() - s.last_progress >= 0.01
                 if send_progress:
                     s.progress_dirty = False
                     s.last_progress = time.monotonic()
-                    prog = pb.ReceiverEvent(progress=pb.ItemProgress(bytes_landed=s.bytes_landed, items_done=s.items_done))
+                    prog = pb.ReceiverEvent(
+                        progress=pb.ItemProgress(bytes_landed=s.bytes_landed, items_done=s.items_done)
+                    )
             for ev in evs:
                 if isinstance(ev, TransferError):
                     context.abort(code_for(ev), str(ev))
@@ -575,7 +636,7 @@ class GrpcTcpReceiver(TransferReceiver):
             if not context.is_active():
                 return
 
-    def _rpc_abort(self, req: "pb.AbortRequest", context: grpc.ServicerContext) -> "pb.AbortReply":
+    def _rpc_abort(self, req: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortReply:
         with self._lock:
             s = self._by_request.get(req.request_id)
         if s is None or not s.key or not hmac.compare_digest(s.key, req.session_key):
@@ -583,16 +644,22 @@ class GrpcTcpReceiver(TransferReceiver):
         s.fail(Aborted(f"{req.request_id}: aborted by sender: {req.reason}"))
         return pb.AbortReply(was_open=True)
 
-    def _rpc_status(self, req: "pb.StatusRequest", context: grpc.ServicerContext) -> "pb.StatusReply":
+    def _rpc_status(self, req: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
         with self._lock:
             s = self._by_request.get(req.request_id)
         if s is None or not s.key or not hmac.compare_digest(s.key, req.session_key):
             context.abort(grpc.StatusCode.NOT_FOUND, f"{req.request_id}: no open session with that key")
         p = s.progress()
-        return pb.StatusReply(state=p["state"], bytes_landed=p["bytes_received"], items_done=p["items_done"],
-                              items_total=p["items_total"], elapsed_s=p["elapsed_s"], error=p["error"] or "")
+        return pb.StatusReply(
+            state=p["state"],
+            bytes_landed=p["bytes_received"],
+            items_done=p["items_done"],
+            items_total=p["items_total"],
+            elapsed_s=p["elapsed_s"],
+            error=p["error"] or "",
+        )
 
-    def _rpc_push(self, it: Iterator["pb.DataChunk"], context: grpc.ServicerContext) -> "pb.PushSummary":
+    def _rpc_push(self, it: Iterator[pb.DataChunk], context: grpc.ServicerContext) -> pb.PushSummary:
         n = b = 0
         for ch in it:
             with self._lock:

@@ -19,8 +19,9 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any
 
 import grpc
 
@@ -51,8 +52,9 @@ _seq = itertools.count()
 
 
 class _SendHandle(SendHandle):
-    def __init__(self, sender: "GrpcTcpSender", endpoint: str, manifest: TransferManifest, token: str,
-                 deadline_s: float) -> None:
+    def __init__(
+        self, sender: GrpcTcpSender, endpoint: str, manifest: TransferManifest, token: str, deadline_s: float
+    ) -> None:
         self.sender = sender
         self.endpoint = endpoint
         self.manifest = manifest
@@ -74,7 +76,7 @@ class _SendHandle(SendHandle):
         #: Accepted.max_frame_bytes capped by ours; one chunk for old receivers, the gRPC plane
         #: and a paced sender (a big frame would be one lump of the pacing budget).
         self.frame_cap = sender.config.chunk_bytes
-        self.peer: Optional[_Peer] = None
+        self.peer: _Peer | None = None
         self.call: Any = None
         self.t0 = time.monotonic()
         # Guarded by the peer's lock once accepted:
@@ -118,14 +120,16 @@ class _SendHandle(SendHandle):
 
     def abort(self, reason: str = "aborted by sender") -> None:
         with self.lock:
-            key, call, state = self.key, self.call, self.state
+            key, state = self.key, self.state
         if state in ("failed", "done"):
             return
         if key:
             try:
                 stub = self.sender._channel(self.endpoint).unary_unary(
-                    f"/{SERVICE}/Abort", request_serializer=pb.AbortRequest.SerializeToString,
-                    response_deserializer=pb.AbortReply.FromString)
+                    f"/{SERVICE}/Abort",
+                    request_serializer=pb.AbortRequest.SerializeToString,
+                    response_deserializer=pb.AbortReply.FromString,
+                )
                 stub(pb.AbortRequest(request_id=self.request_id, session_key=key, reason=reason), timeout=2.0)
             except grpc.RpcError:
                 pass  # the receiver also sees the cancelled stream below
@@ -148,11 +152,11 @@ class _SendHandle(SendHandle):
         if src is None:
             raise Aborted(f"{self.request_id}: released")
         if isinstance(src, memoryview):
-            return contextlib.nullcontext(src[offset:offset + length])
+            return contextlib.nullcontext(src[offset : offset + length])
         assert self.sender.stager is not None
         return self.sender.stager.stage(src, offset, length)
 
-    def accepted(self, acc: "pb.Accepted") -> None:
+    def accepted(self, acc: pb.Accepted) -> None:
         host = acc.data_host or split_hostport(self.endpoint)[0]
         peer = self.sender._peer(acc.data_plane, host, acc.data_port, self.endpoint)
         with self.lock:
@@ -198,7 +202,7 @@ class _SendHandle(SendHandle):
             peer.unregister(self)
         self._finish(None)
 
-    def _finish(self, err: Optional[TransferError]) -> None:
+    def _finish(self, err: TransferError | None) -> None:
         self.data = [None] * len(self.data)
         self.peer = None
         self.call = None
@@ -212,10 +216,10 @@ class _SendHandle(SendHandle):
 class _Link:
     """One data connection of a peer and the thread that feeds it."""
 
-    def __init__(self, peer: "_Peer", lid: int) -> None:
+    def __init__(self, peer: _Peer, lid: int) -> None:
         self.peer = peer
         self.id = lid
-        self.sock: Optional[socket.socket] = None
+        self.sock: socket.socket | None = None
         self.failures = 0
         self.dead = False
         self.thread = threading.Thread(target=self._run, name=f"prfaas-tx-{peer.name}-{lid}", daemon=True)
@@ -296,7 +300,7 @@ class _Link:
         if not self.dead:
             self.peer.closed.wait(0.05 * self.failures)
 
-    def info(self) -> Optional[dict[str, float]]:
+    def info(self) -> dict[str, float] | None:
         s = self.sock
         return tcp_info(s) if s is not None else None
 
@@ -308,8 +312,11 @@ class _GrpcLink(_Link):
         p = self.peer
         opts = _GRPC_OPTS + [("grpc.use_local_subchannel_pool", 1)]
         channel = p.sender._make_channel(p.control_endpoint, opts)
-        push = channel.stream_unary(f"/{SERVICE}/PushData", request_serializer=pb.DataChunk.SerializeToString,
-                                    response_deserializer=pb.PushSummary.FromString)
+        push = channel.stream_unary(
+            f"/{SERVICE}/PushData",
+            request_serializer=pb.DataChunk.SerializeToString,
+            response_deserializer=pb.PushSummary.FromString,
+        )
         try:
             while not p.closed.is_set() and not self.dead:
                 try:
@@ -320,7 +327,7 @@ class _GrpcLink(_Link):
         finally:
             channel.close()
 
-    def _chunks(self) -> Iterator["pb.DataChunk"]:
+    def _chunks(self) -> Iterator[pb.DataChunk]:
         p = self.peer
         while not p.closed.is_set():
             job = p.next_chunk(self.id, 0.25)
@@ -345,7 +352,7 @@ class _GrpcLink(_Link):
 class _Peer:
     """Requests and data links towards one receiver data endpoint."""
 
-    def __init__(self, sender: "GrpcTcpSender", plane: str, host: str, port: int, control_endpoint: str) -> None:
+    def __init__(self, sender: GrpcTcpSender, plane: str, host: str, port: int, control_endpoint: str) -> None:
         self.sender = sender
         self.plane = plane
         self.host, self.port = host, port
@@ -385,7 +392,7 @@ class _Peer:
             h.pending.clear()
             h.sent_on.clear()
 
-    def next_chunk(self, lid: int, timeout: float) -> Optional[tuple[_SendHandle, int, int, int, bool]]:
+    def next_chunk(self, lid: int, timeout: float) -> tuple[_SendHandle, int, int, int, bool] | None:
         """The next frame for link ``lid``: (handle, item, offset, length, resend). A frame is
         one chunk, or consecutive first-time chunks of one item up to the session's frame cap
         and to this link's fair share of the request's queue (so a request still stripes over
@@ -401,8 +408,14 @@ class _Peer:
                         if not resend and h.frame_cap > ln and isinstance(h.data[idx], memoryview):
                             share = len(h.pending) // max(1, sum(1 for lk in self.links if not lk.dead))
                             q = h.pending
-                            while (share > 0 and q and q[0][0] == idx and q[0][1] == off + ln
-                                   and not q[0][3] and ln + q[0][2] <= h.frame_cap):
+                            while (
+                                share > 0
+                                and q
+                                and q[0][0] == idx
+                                and q[0][1] == off + ln
+                                and not q[0][3]
+                                and ln + q[0][2] <= h.frame_cap
+                            ):
                                 _, o, n, _ = q.popleft()
                                 sent_on[o] = lid
                                 ln += n
@@ -438,8 +451,12 @@ class _Peer:
                 h.pending.appendleft((idx, off, min(c, n - off), True))
                 self.cond.notify_all()
         if over:
-            h.fail(ChecksumError(f"{h.request_id}: chunk {idx}@{off} failed its checksum "
-                                 f"{self.sender.config.max_chunk_retries + 1} times"))
+            h.fail(
+                ChecksumError(
+                    f"{h.request_id}: chunk {idx}@{off} failed its checksum "
+                    f"{self.sender.config.max_chunk_retries + 1} times"
+                )
+            )
 
     def link_failed(self, link: _Link, err: Exception) -> None:
         """Requeue whatever that link sent for unconfirmed items on the others."""
@@ -466,8 +483,13 @@ class _Peer:
             inflight = sum(max(0, h.bytes_sent - h.bytes_confirmed) for h in self.requests.values())
             nreq = len(self.requests)
         infos = [i for i in (lk.info() for lk in self.links) if i]
-        d: dict[str, Any] = {"peer": self.name, "queue_chunks": queued, "bytes_in_flight": inflight,
-                             "requests": nreq, "connections": sum(1 for lk in self.links if lk.sock is not None)}
+        d: dict[str, Any] = {
+            "peer": self.name,
+            "queue_chunks": queued,
+            "bytes_in_flight": inflight,
+            "requests": nreq,
+            "connections": sum(1 for lk in self.links if lk.sock is not None),
+        }
         if infos:
             d["rtt_ms"] = sum(i["rtt_ms"] for i in infos) / len(infos)
             d["total_retrans"] = sum(i["total_retrans"] for i in infos)
@@ -490,7 +512,7 @@ class _Peer:
 class GrpcTcpSender(TransferSender):
     """The sender: one instance per process is enough; it pools channels and connections."""
 
-    def __init__(self, config: Optional[SenderConfig] = None, stager: Optional[Stager] = None) -> None:
+    def __init__(self, config: SenderConfig | None = None, stager: Stager | None = None) -> None:
         self.config = config or SenderConfig()
         self.telemetry = SenderTelemetry()
         self.pacer = Pacer(self.config.pacing_gbps, self.config.chunk_bytes)
@@ -504,7 +526,7 @@ class GrpcTcpSender(TransferSender):
         self._stager_default = stager is None
 
     @property
-    def stager(self) -> Optional[Stager]:
+    def stager(self) -> Stager | None:
         if self._stager is None and self._stager_default:
             self._stager_default = False
             try:
@@ -525,8 +547,9 @@ class GrpcTcpSender(TransferSender):
         h = _SendHandle(self, endpoint, manifest, token, deadline_s)
         with self._lock:
             self._handles[h.seq] = h
-        threading.Thread(target=self._control, args=(h,), name=f"prfaas-tx-ctl-{manifest.request_id[:12]}",
-                         daemon=True).start()
+        threading.Thread(
+            target=self._control, args=(h,), name=f"prfaas-tx-ctl-{manifest.request_id[:12]}", daemon=True
+        ).start()
         return h
 
     def close(self) -> None:
@@ -556,7 +579,7 @@ class GrpcTcpSender(TransferSender):
         snap["connections"] = sum(p.live()["connections"] for p in peers)
         return snap
 
-    def __enter__(self) -> "GrpcTcpSender":
+    def __enter__(self) -> GrpcTcpSender:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -593,7 +616,7 @@ class GrpcTcpSender(TransferSender):
                     del self._peers[k]
         peer.closed.set()
 
-    def _forget(self, h: _SendHandle, err: Optional[TransferError]) -> None:
+    def _forget(self, h: _SendHandle, err: TransferError | None) -> None:
         with self._lock:
             self._handles.pop(h.seq, None)
         self.telemetry.finished(time.monotonic() - h.t0, err)
@@ -602,17 +625,25 @@ class GrpcTcpSender(TransferSender):
         m = h.manifest
         planes = ["grpc"] if self.config.data_plane == "grpc" else ["tcp", "grpc"]
         req = pb.OpenRequest(
-            protocol_version=PROTOCOL_VERSION, request_id=m.request_id,
-            sender_id=m.sender_id or self.config.sender_id, fingerprint_json=m.fingerprint.canonical(),
+            protocol_version=PROTOCOL_VERSION,
+            request_id=m.request_id,
+            sender_id=m.sender_id or self.config.sender_id,
+            fingerprint_json=m.fingerprint.canonical(),
             fingerprint_digest=m.fingerprint.digest(),
             items=[pb.ItemSpec(name=i.name, nbytes=i.nbytes, order=i.order) for i in m.items],
-            token=h.token, chunk_bytes=self.config.chunk_bytes, data_planes=planes,
+            token=h.token,
+            chunk_bytes=self.config.chunk_bytes,
+            data_planes=planes,
             metadata_json=json.dumps(dict(m.metadata), default=str) if m.metadata else "",
-            checksums=wire.available(self.config.checksums), partial_items=True)
+            checksums=wire.available(self.config.checksums),
+            partial_items=True,
+        )
         try:
             stream = self._channel(h.endpoint).unary_stream(
-                f"/{SERVICE}/Open", request_serializer=pb.OpenRequest.SerializeToString,
-                response_deserializer=pb.ReceiverEvent.FromString)
+                f"/{SERVICE}/Open",
+                request_serializer=pb.OpenRequest.SerializeToString,
+                response_deserializer=pb.ReceiverEvent.FromString,
+            )
             call = stream(req, timeout=h.deadline_s)
             with h.lock:
                 if h.state != "opening":

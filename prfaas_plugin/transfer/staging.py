@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Callable, Iterator, Optional, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 from prfaas_plugin.transfer.buffers import byte_view, is_device_tensor
 
@@ -46,7 +47,7 @@ class StagingPool:
         return len(self._owners)
 
     @contextlib.contextmanager
-    def slot(self, timeout: Optional[float] = None) -> Iterator[tuple[Any, memoryview]]:
+    def slot(self, timeout: float | None = None) -> Iterator[tuple[Any, memoryview]]:
         with self._cond:
             if not self._cond.wait_for(lambda: self._free, timeout=timeout):
                 raise TimeoutError("no staging slot became free")
@@ -101,8 +102,9 @@ class PooledStager:
             yield view[:length]
 
 
-def torch_pinned_stager(capacity_bytes: int, slot_bytes: int,
-                        wants: Callable[[Any], bool] = is_device_tensor) -> PooledStager:
+def torch_pinned_stager(
+    capacity_bytes: int, slot_bytes: int, wants: Callable[[Any], bool] = is_device_tensor
+) -> PooledStager:
     """The GPU path: pinned uint8 host slots filled by device-to-host copies. ``wants`` may be
     widened (tests route CPU tensors through the very same copy code)."""
     import torch

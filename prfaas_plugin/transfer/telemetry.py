@@ -8,13 +8,14 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any
 
 _TCP_INFO = getattr(socket, "TCP_INFO", 11)
 
 
-def tcp_info(sock: socket.socket) -> Optional[dict[str, float]]:
+def tcp_info(sock: socket.socket) -> dict[str, float] | None:
     """RTT (ms), RTT variance, congestion window and retransmit counters from Linux TCP_INFO;
     None where the platform does not expose it."""
     try:
@@ -110,7 +111,7 @@ class SenderTelemetry:
         with self._lock:
             st.connection_failures += 1
 
-    def finished(self, seconds: float, error: Optional[BaseException]) -> None:
+    def finished(self, seconds: float, error: BaseException | None) -> None:
         with self._lock:
             if error is None:
                 self.requests_ok += 1
@@ -168,7 +169,7 @@ class ReceiverTelemetry:
         with self._lock:
             setattr(self, name, getattr(self, name) + n)
 
-    def session_end(self, error: Optional[BaseException]) -> None:
+    def session_end(self, error: BaseException | None) -> None:
         with self._lock:
             if error is None:
                 self.sessions_ok += 1

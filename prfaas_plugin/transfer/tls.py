@@ -4,14 +4,13 @@ the raw TCP data connections. Same files, same policy on both planes."""
 from __future__ import annotations
 
 import ssl
-from typing import Optional
 
 import grpc
 
 from prfaas_plugin.transfer.config import TlsConfig
 
 
-def _read(path: Optional[str]) -> Optional[bytes]:
+def _read(path: str | None) -> bytes | None:
     if path is None:
         return None
     with open(path, "rb") as f:
@@ -59,7 +58,7 @@ def client_context(tls: TlsConfig) -> ssl.SSLContext:
     return ctx
 
 
-def probe_refusal(endpoint: str, tls: TlsConfig, timeout: float = 2.0) -> Optional[str]:
+def probe_refusal(endpoint: str, tls: TlsConfig, timeout: float = 2.0) -> str | None:
     """Why a TLS peer refuses us, or None if the handshake works.
 
     gRPC only reports "Socket closed" when the server rejects our certificate, which reads like

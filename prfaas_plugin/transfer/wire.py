@@ -20,7 +20,8 @@ from __future__ import annotations
 import socket
 import struct
 import zlib
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 HELLO = b"PKVDATA1"
 _HEADER = struct.Struct("<4sB3x16sIQII")
@@ -64,7 +65,7 @@ def available(names: Sequence[str]) -> list[str]:
     return [n for n in names if n in CHECKSUMS]
 
 
-def choose_checksum(offered: Sequence[str], allowed: Sequence[str]) -> Optional[str]:
+def choose_checksum(offered: Sequence[str], allowed: Sequence[str]) -> str | None:
     """The first of the peer's offers that this side allows and implements (None: no match)."""
     for name in offered or ["crc32"]:
         if name in allowed and name in CHECKSUMS:
@@ -91,7 +92,7 @@ def recv_exact_checksummed(sock: socket.socket, view: memoryview, checksum: Call
         r = sock.recv_into(view[got:], n - got)
         if r == 0:
             raise ConnectionError("peer closed the data connection")
-        value = checksum(view[got:got + r], value)
+        value = checksum(view[got : got + r], value)
         got += r
     return value
 

@@ -8,7 +8,7 @@ validated here once, at manager start, with an error that names the variable.
 from __future__ import annotations
 
 import os
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -34,13 +34,13 @@ class BackendConfig(BaseModel):
     #: Whole-transfer deadline of one request, seconds.
     deadline_s: float = Field(120.0, gt=0)
     #: Prefill: TCP connections per decode peer (None: the transfer engine's default).
-    connections: Optional[int] = Field(None, ge=1, le=64)
+    connections: int | None = Field(None, ge=1, le=64)
     #: Prefill: egress budget in Gbit/s for this rank (None: unpaced).
-    pacing_gbps: Optional[float] = Field(None, gt=0)
+    pacing_gbps: float | None = Field(None, gt=0)
     #: TLS for both roles (PEM paths): this rank's identity, and the CA that verifies the peer.
-    tls_cert: Optional[str] = None
-    tls_key: Optional[str] = None
-    tls_ca: Optional[str] = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
     #: Decode: require prefill client certificates signed by ``tls_ca`` (mutual TLS).
     tls_require_client_cert: bool = False
     #: Prefill: threads that gather pages and hand them to the transfer engine.
@@ -54,15 +54,11 @@ class BackendConfig(BaseModel):
         return v
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "BackendConfig":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> BackendConfig:
         env = os.environ if env is None else env
-        values = {
-            name: env[ENV_PREFIX + name.upper()]
-            for name in cls.model_fields
-            if ENV_PREFIX + name.upper() in env
-        }
+        values = {name: env[ENV_PREFIX + name.upper()] for name in cls.model_fields if ENV_PREFIX + name.upper() in env}
         unknown = sorted(
-            k for k in env if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX):].lower() not in cls.model_fields
+            k for k in env if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX) :].lower() not in cls.model_fields
         )
         if unknown:
             raise ValueError(

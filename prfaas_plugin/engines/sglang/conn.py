@@ -29,11 +29,10 @@ import queue
 import secrets
 import threading
 import time
-from typing import Any, ClassVar, Dict, List, Optional
+from typing import Any, ClassVar
 
 import numpy as np
 import zmq
-
 from sglang.srt.disaggregation.base.conn import KVArgs, KVPoll, KVTransferDestination
 from sglang.srt.disaggregation.common.conn import (
     ABORT_ACK_TAG,
@@ -139,8 +138,8 @@ class _Chunk:
     kv_indices: Any
     index_slice: slice
     is_last: bool
-    aux_index: Optional[int]
-    state_indices: Optional[List[Any]]
+    aux_index: int | None
+    state_indices: list[Any] | None
     wait_event: Any = None
     ready_event: Any = None
 
@@ -148,7 +147,7 @@ class _Chunk:
 class _Outbound:
     """Prefill side of one (room, decode rank) session: turns SGLang's chunks into items."""
 
-    def __init__(self, mgr: "PrfaasKVManager", room: int, dest: _Dest, endpoint: str) -> None:
+    def __init__(self, mgr: PrfaasKVManager, room: int, dest: _Dest, endpoint: str) -> None:
         self.mgr = mgr
         self.room = room
         self.dest = dest
@@ -174,9 +173,7 @@ class _Outbound:
         self.next_group = 0
         self.finished = False
         self._keep: list[Any] = []  # source buffers must outlive the send (zero-copy)
-        self.handle: SendHandle = mgr.transfer_sender.open(
-            endpoint, manifest, meta.token, mgr.config.deadline_s
-        )
+        self.handle: SendHandle = mgr.transfer_sender.open(endpoint, manifest, meta.token, mgr.config.deadline_s)
 
     def add_pages(self, index_slice: slice, kv: np.ndarray) -> None:
         start, stop = index_slice.start, index_slice.stop
@@ -196,11 +193,9 @@ class _Outbound:
                 self._send(kv_item_name(b, self.next_group, count), self.mgr.space.gather(region, pages))
             self.next_group += count
 
-    def finish(self, state_indices: Optional[List[Any]], aux_index: Optional[int]) -> None:
+    def finish(self, state_indices: list[Any] | None, aux_index: int | None) -> None:
         if self.produced != self.num_pages:
-            raise PrfaasBackendError(
-                f"last chunk ended at page {self.produced} of {self.num_pages}"
-            )
+            raise PrfaasBackendError(f"last chunk ended at page {self.produced} of {self.num_pages}")
         for c, count in enumerate(self.state_counts):
             if not count:
                 continue
@@ -249,7 +244,7 @@ class PrfaasKVManager(CommonKVManager):
         args: KVArgs,
         disaggregation_mode: DisaggregationMode,
         server_args: Any,
-        is_mla_backend: Optional[bool] = False,
+        is_mla_backend: bool | None = False,
     ):
         self.config = BackendConfig.from_env()
         super().__init__(args, disaggregation_mode, server_args, is_mla_backend)
@@ -275,7 +270,7 @@ class PrfaasKVManager(CommonKVManager):
             )
         ]
         self._stopped = threading.Event()
-        self._threads: List[threading.Thread] = []
+        self._threads: list[threading.Thread] = []
         self._room_lock = threading.Lock()
         transport = type(self).transport_factory(self.config)
         if disaggregation_mode == DisaggregationMode.PREFILL:
@@ -283,11 +278,11 @@ class PrfaasKVManager(CommonKVManager):
             # the router's first reading is a baseline that loses nothing.
             sent_bytes_counter()
             self.transfer_sender = transport.sender()
-            self.peers: Dict[str, Registration] = {}
-            self.peer_rejections: Dict[str, str] = {}
-            self._outbound: Dict[int, Dict[str, _Outbound]] = {}
+            self.peers: dict[str, Registration] = {}
+            self.peer_rejections: dict[str, str] = {}
+            self._outbound: dict[int, dict[str, _Outbound]] = {}
             self._concluded: set[int] = set()
-            self._queues: List[queue.Queue] = [queue.Queue() for _ in range(self.config.workers)]
+            self._queues: list[queue.Queue] = [queue.Queue() for _ in range(self.config.workers)]
             for i, q in enumerate(self._queues):
                 self._spawn(self._worker, f"prfaas-send-{i}", q)
             self._spawn(self._prefill_control, "prfaas-prefill-control")
@@ -299,7 +294,7 @@ class PrfaasKVManager(CommonKVManager):
             bound_port = int(self.transfer_receiver.endpoint.rsplit(":", 1)[1])
             host = self.config.advertise_host or self.local_ip
             self.transfer_endpoint = f"{host}:{bound_port}"
-            self._inbound: Dict[int, tuple[str, ReceiveHandle]] = {}
+            self._inbound: dict[int, tuple[str, ReceiveHandle]] = {}
             self._spawn(self._decode_control, "prfaas-decode-control")
             self._threads.append(self._start_heartbeat_checker_thread())
 
@@ -315,9 +310,7 @@ class PrfaasKVManager(CommonKVManager):
         if self.defer_decode_allocation:
             problems.append("--disaggregation-decode-allocation-policy prefill_complete")
         if problems:
-            raise PrfaasBackendError(
-                "the prfaas transfer backend does not support " + ", ".join(problems)
-            )
+            raise PrfaasBackendError("the prfaas transfer backend does not support " + ", ".join(problems))
 
     def _spawn(self, target: Any, name: str, *args: Any) -> None:
         t = threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -365,7 +358,7 @@ class PrfaasKVManager(CommonKVManager):
         self.close()
         logger.info("prfaas KV manager torn down (was %s)", self.disaggregation_mode.value)
 
-    def _control_recv(self) -> Optional[List[bytes]]:
+    def _control_recv(self) -> list[bytes] | None:
         try:
             if self.server_socket.poll(200) == 0:
                 return None
@@ -435,14 +428,14 @@ class PrfaasKVManager(CommonKVManager):
             )
             self.update_status(room, KVPoll.WaitingForInput)
 
-    def _peer_problem(self, decode_key: str) -> Optional[str]:
+    def _peer_problem(self, decode_key: str) -> str | None:
         if decode_key in self.peer_rejections:
             return self.peer_rejections[decode_key]
         if decode_key not in self.peers:
             return f"prfaas: decode rank {decode_key} sent metadata before registering"
         return None
 
-    def _on_abort(self, msg: List[bytes]) -> None:
+    def _on_abort(self, msg: list[bytes]) -> None:
         note = AbortNotification.from_zmq(msg)
         if note is None:
             return
@@ -457,12 +450,12 @@ class PrfaasKVManager(CommonKVManager):
         kv_indices: Any,
         index_slice: slice,
         is_last_chunk: bool,
-        aux_index: Optional[int] = None,
-        state_indices: Optional[List] = None,
-        num_kv_tokens: Optional[int] = None,
+        aux_index: int | None = None,
+        state_indices: list | None = None,
+        num_kv_tokens: int | None = None,
         *,
-        wait_event: Optional[object] = None,
-        indices_event: Optional[object] = None,
+        wait_event: object | None = None,
+        indices_event: object | None = None,
         trace_ctx: Any = None,
     ) -> None:
         """Called by ``CommonKVSender.send`` on the scheduler thread after each chunk; the
@@ -477,7 +470,7 @@ class PrfaasKVManager(CommonKVManager):
         # One queue per room keeps a room's chunks in order.
         self._queues[bootstrap_room % len(self._queues)].put(chunk)
 
-    def _worker(self, q: "queue.Queue[Optional[_Chunk]]") -> None:
+    def _worker(self, q: queue.Queue[_Chunk | None]) -> None:
         while True:
             chunk = q.get()
             if chunk is None:
@@ -562,8 +555,7 @@ class PrfaasKVManager(CommonKVManager):
                 n_real > 0
                 and len(outs) == n_real
                 and all(
-                    o.finished and o.handle.done.done() and o.handle.done.exception() is None
-                    for o in outs.values()
+                    o.finished and o.handle.done.done() and o.handle.done.exception() is None for o in outs.values()
                 )
                 and room not in self._concluded
             )
@@ -601,7 +593,7 @@ class PrfaasKVManager(CommonKVManager):
                 o.release()
 
     # -- decode ---------------------------------------------------------------------------------
-    def build_receiver_registration_message(self) -> List[bytes]:
+    def build_receiver_registration_message(self) -> list[bytes]:
         return Registration(
             decode_key=f"{self.local_ip}:{self.rank_port}",
             transfer_endpoint=self.transfer_endpoint,
@@ -635,8 +627,8 @@ class PrfaasKVManager(CommonKVManager):
         self,
         room: int,
         kv_indices: np.ndarray,
-        aux_index: Optional[int],
-        state_indices: Optional[List[Any]],
+        aux_index: int | None,
+        state_indices: list[Any] | None,
     ) -> tuple[str, str]:
         session_id = f"sglang.{room}.{secrets.token_hex(6)}"
         token = secrets.token_urlsafe(24)
@@ -687,14 +679,14 @@ class _RoomSink:
         self,
         mgr: PrfaasKVManager,
         kv_indices: np.ndarray,
-        aux_index: Optional[int],
-        state_indices: Optional[List[Any]],
+        aux_index: int | None,
+        state_indices: list[Any] | None,
     ) -> None:
         self.mgr = mgr
         self.kv = _as_indices(kv_indices)
         self.aux_index = aux_index
         self.states = [None if s is None else _as_indices(s) for s in (state_indices or [])]
-        self._pending: Dict[str, tuple[Region, np.ndarray, memoryview, MemorySpace]] = {}
+        self._pending: dict[str, tuple[Region, np.ndarray, memoryview, MemorySpace]] = {}
         self._lock = threading.Lock()
 
     def _target(self, item: ItemSpec, ref: ItemRef) -> tuple[Region, np.ndarray, MemorySpace]:
@@ -718,8 +710,7 @@ class _RoomSink:
         region, idx, space = self._target(item, parse_item_name(item.name))
         if item.nbytes != idx.size * region.item_len:
             raise ValueError(
-                f"{item.name}: {item.nbytes} bytes announced, destination holds "
-                f"{idx.size} x {region.item_len}"
+                f"{item.name}: {item.nbytes} bytes announced, destination holds {idx.size} x {region.item_len}"
             )
         view, in_place = space.landing(region, idx)
         if not in_place:
@@ -773,9 +764,9 @@ class PrfaasKVReceiver(CommonKVReceiver):
     def send_metadata(
         self,
         kv_indices: Any,
-        aux_index: Optional[int] = None,
-        state_indices: Optional[List] = None,
-        decode_prefix_len: Optional[int] = None,
+        aux_index: int | None = None,
+        state_indices: list | None = None,
+        decode_prefix_len: int | None = None,
         destination: KVTransferDestination = KVTransferDestination.DEVICE,
         device_kv_indices: Any = None,
     ) -> None:
@@ -790,9 +781,7 @@ class PrfaasKVReceiver(CommonKVReceiver):
         if destination != KVTransferDestination.DEVICE or device_kv_indices is not None:
             raise NotImplementedError("the prfaas backend writes device KV destinations only")
         kv = np.asarray(_as_indices(kv_indices), dtype=np.int32)
-        states = tuple(
-            None if s is None else np.asarray(_as_indices(s), dtype=np.int32) for s in (state_indices or [])
-        )
+        states = tuple(None if s is None else np.asarray(_as_indices(s), dtype=np.int32) for s in (state_indices or []))
         session_id, token = self.kv_mgr.expect_room(self.bootstrap_room, kv, aux_index, list(states))
         decode_key = f"{self.kv_mgr.local_ip}:{self.kv_mgr.rank_port}"
         for info in self.bootstrap_infos:

@@ -23,8 +23,9 @@ Two memory spaces:
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -126,9 +127,7 @@ class HostSpace:
         idx = region.check(indices)
         src = np.frombuffer(data, dtype=np.uint8)
         if src.size != idx.size * region.item_len:
-            raise AddressError(
-                f"{region.name}: {src.size} bytes for {idx.size} items of {region.item_len}"
-            )
+            raise AddressError(f"{region.name}: {src.size} bytes for {idx.size} items of {region.item_len}")
         _host_matrix(region)[idx] = src.reshape(idx.size, region.item_len)
 
 
@@ -167,9 +166,7 @@ class CudaSpace:
         return ev
 
     def _matrix(self, region: Region) -> Any:
-        t = self._torch.as_tensor(
-            _CudaBytes(region.ptr, region.capacity * region.item_len), device=self._device
-        )
+        t = self._torch.as_tensor(_CudaBytes(region.ptr, region.capacity * region.item_len), device=self._device)
         return t.view(region.capacity, region.item_len)
 
     def gather(self, region: Region, indices: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -191,9 +188,7 @@ class CudaSpace:
         idx = region.check(indices)
         src = torch.frombuffer(data, dtype=torch.uint8)
         if src.numel() != idx.size * region.item_len:
-            raise AddressError(
-                f"{region.name}: {src.numel()} bytes for {idx.size} items of {region.item_len}"
-            )
+            raise AddressError(f"{region.name}: {src.numel()} bytes for {idx.size} items of {region.item_len}")
         rows = src.view(idx.size, region.item_len).to(self._device, non_blocking=True)
         self._matrix(region).index_copy_(0, torch.from_numpy(idx).to(self._device), rows)
         torch.cuda.current_stream(self._device).synchronize()
@@ -205,6 +200,4 @@ def space_for(device: str) -> MemorySpace:
         return CudaSpace(device)
     if device == "cpu":
         return HostSpace()
-    raise AddressError(
-        f"prfaas transfer backend: device {device!r} is not supported (cpu and cuda are)"
-    )
+    raise AddressError(f"prfaas transfer backend: device {device!r} is not supported (cpu and cuda are)")

@@ -13,13 +13,13 @@ Without ``--enable-metrics`` it stays in memory and costs nothing.
 from __future__ import annotations
 
 import threading
-from typing import Any, Optional
+from typing import Any
 
 #: The name on /metrics is this plus ``_total``.
 SENT_BYTES = "sglang:prfaas_kv_sent_bytes"
 
 _lock = threading.Lock()
-_counter: Optional[Any] = None
+_counter: Any | None = None
 
 
 def sent_bytes_counter() -> Any:

@@ -24,8 +24,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from importlib import metadata
-from typing import Any, Callable
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +56,7 @@ def check_sglang_version(version: str | None, env: dict[str, str] | None = None)
         return version
     if env.get(ALLOW_UNTESTED_ENV) == "1":
         logger.warning(
-            "prfaas SGLang backend: SGLang %s is untested (supported: %s); %s=1 is set, "
-            "registering anyway",
+            "prfaas SGLang backend: SGLang %s is untested (supported: %s); %s=1 is set, registering anyway",
             version,
             ", ".join(sorted(SUPPORTED_SGLANG_VERSIONS)),
             ALLOW_UNTESTED_ENV,

@@ -8,7 +8,8 @@ two endpoints a rank needs: prefill ranks a sender, decode ranks a receiver.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from prfaas_plugin.engines.sglang.config import BackendConfig
 from prfaas_plugin.transfer.api import TransferReceiver, TransferSender
@@ -29,7 +30,7 @@ class EngineTransport:
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
 
-    def _tls(self, server: bool) -> Optional[object]:
+    def _tls(self, server: bool) -> object | None:
         from prfaas_plugin.transfer import TlsConfig
 
         c = self.config
@@ -55,9 +56,7 @@ class EngineTransport:
 
         listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         return GrpcTcpReceiver(
-            ReceiverConfig(
-                listen=listen, data_port=data_port, receiver_id="sglang-decode", tls=self._tls(server=True)
-            )
+            ReceiverConfig(listen=listen, data_port=data_port, receiver_id="sglang-decode", tls=self._tls(server=True))
         )
 
 

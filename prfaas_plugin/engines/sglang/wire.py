@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -86,7 +87,7 @@ class Layout:
         }
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "Layout":
+    def from_json(cls, d: Mapping[str, Any]) -> Layout:
         try:
             return cls(
                 page_size=int(d["page_size"]),
@@ -129,9 +130,7 @@ def plan_items(
     if num_pages < 0 or group <= 0:
         raise ValueError(f"bad plan: num_pages={num_pages}, group={group}")
     if len(state_counts) != len(layout.state_item_lens):
-        raise WireError(
-            f"{len(state_counts)} state index lists for {len(layout.state_item_lens)} components"
-        )
+        raise WireError(f"{len(state_counts)} state index lists for {len(layout.state_item_lens)} components")
     items: list[ItemSpec] = []
     order = 0
     for start in range(0, num_pages, group):
@@ -193,7 +192,7 @@ class Registration:
         return [REG_TAG, json.dumps(body).encode()]
 
     @classmethod
-    def from_frames(cls, frames: Sequence[bytes]) -> "Registration":
+    def from_frames(cls, frames: Sequence[bytes]) -> Registration:
         body = _json_frame(frames, REG_TAG, 2)
         try:
             return cls(
@@ -239,16 +238,13 @@ class Metadata:
         return frames
 
     @classmethod
-    def from_frames(cls, frames: Sequence[bytes]) -> "Metadata":
+    def from_frames(cls, frames: Sequence[bytes]) -> Metadata:
         head = _json_frame(frames, META_TAG, 3)
         try:
             present = [bool(x) for x in head["state_present"]]
             if len(frames) != 3 + len(present):
                 raise WireError(f"metadata has {len(frames)} frames, expected {3 + len(present)}")
-            states = tuple(
-                np.frombuffer(frames[3 + i], dtype=np.int32) if p else None
-                for i, p in enumerate(present)
-            )
+            states = tuple(np.frombuffer(frames[3 + i], dtype=np.int32) if p else None for i, p in enumerate(present))
             aux = head["aux_index"]
             prefix = head["decode_prefix_len"]
             return cls(

@@ -5,7 +5,7 @@ because vLLM builds this class once per role, in different processes."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -36,11 +36,12 @@ class PrfaaSConnector(KVConnectorBase_V1, SupportsHMA):
         else:
             from prfaas_plugin.engines.vllm.worker import WorkerSide
 
-            self._worker = WorkerSide(vllm_config, kv_cache_config, self.opts,
-                                      producer=ktc.is_kv_producer, consumer=ktc.is_kv_consumer)
+            self._worker = WorkerSide(
+                vllm_config, kv_cache_config, self.opts, producer=ktc.is_kv_producer, consumer=ktc.is_kv_consumer
+            )
 
     # ---------------- scheduler side ----------------
-    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[Optional[int], bool]:
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         return self._sched.get_num_new_matched_tokens(request, num_computed_tokens)
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
@@ -56,10 +57,10 @@ class PrfaaSConnector(KVConnectorBase_V1, SupportsHMA):
         super().bind_kv_cache_manager(kv_cache_manager)
         self._sched.bind_kv_cache_manager(kv_cache_manager)
 
-    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, Optional[dict]]:
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
         return self._sched.request_finished(request, (block_ids,))
 
-    def request_finished_all_groups(self, request: Any, block_ids: tuple[list[int], ...]) -> tuple[bool, Optional[dict]]:
+    def request_finished_all_groups(self, request: Any, block_ids: tuple[list[int], ...]) -> tuple[bool, dict | None]:
         return self._sched.request_finished(request, block_ids)
 
     def get_loaded_kv_cache_group_ids(self, request: Any) -> Any:
@@ -84,7 +85,7 @@ class PrfaaSConnector(KVConnectorBase_V1, SupportsHMA):
         self._worker.meta = self._get_connector_metadata()
         self._worker.wait_for_save()
 
-    def get_finished(self, finished_req_ids: set[str]) -> tuple[Optional[set[str]], Optional[set[str]]]:
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         s, r, _ = self._worker.transfer_results(finished_req_ids)
         return s or None, r or None
 
@@ -100,14 +101,19 @@ class PrfaaSConnector(KVConnectorBase_V1, SupportsHMA):
         return self._worker.take_stats() if self._worker is not None else None
 
     @classmethod
-    def build_kv_connector_stats(cls, data: Optional[dict[str, Any]] = None) -> Any:
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> Any:
         from prfaas_plugin.engines.vllm.stats import PrfaaSConnectorStats
 
         return PrfaaSConnectorStats(data=data) if data is not None else PrfaaSConnectorStats()
 
     @classmethod
-    def build_prom_metrics(cls, vllm_config: Any, metric_types: dict, labelnames: list[str],
-                           per_engine_labelvalues: dict[int, list[object]]) -> Any:
+    def build_prom_metrics(
+        cls,
+        vllm_config: Any,
+        metric_types: dict,
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> Any:
         from prfaas_plugin.engines.vllm.stats import PrfaaSPromMetrics
 
         return PrfaaSPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
@@ -115,6 +121,7 @@ class PrfaaSConnector(KVConnectorBase_V1, SupportsHMA):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
+
 
 #: ``kv_connector_module_path`` looks the class up by the ``kv_connector`` name: accept both.
 prfaas = PrfaaSConnector

@@ -10,8 +10,9 @@ every item it is offered. Scheme per group kind:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -43,8 +44,7 @@ def groups_of(kv_cache_config: Any) -> list[GroupInfo]:
         if isinstance(spec, MambaSpec):
             # the state itself, not the page padded to the attention page size: only it is sent
             kind, window = "state", 0
-            page = sum(math.prod(s) * torch.empty(0, dtype=d).element_size()
-                       for s, d in zip(spec.shapes, spec.dtypes))
+            page = sum(math.prod(s) * torch.empty(0, dtype=d).element_size() for s, d in zip(spec.shapes, spec.dtypes))
         elif isinstance(spec, SlidingWindowSpec) or type(spec).__name__ == "SlidingWindowMLASpec":
             kind, window = "swa", int(spec.sliding_window)
         else:
@@ -75,14 +75,23 @@ def parse_item_name(name: str) -> tuple[int, int, int, int, str]:
         raise ValueError(f"unexpected item name {name!r}") from e
 
 
-def fingerprint(groups: Sequence[GroupInfo], parts: dict[str, list[tuple[str, tuple[int, ...]]]],
-                tp_rank: int, tp_size: int, model: str, dtype: str) -> LayoutFingerprint:
+def fingerprint(
+    groups: Sequence[GroupInfo],
+    parts: dict[str, list[tuple[str, tuple[int, ...]]]],
+    tp_rank: int,
+    tp_size: int,
+    model: str,
+    dtype: str,
+) -> LayoutFingerprint:
     """Everything P and D must share; a mismatch is refused at the handshake, naming the field."""
-    fields: dict[str, Any] = {"engine": "vllm", "model": model, "dtype": dtype,
-                              "tp_size": tp_size, "tp_rank": tp_rank}
+    fields: dict[str, Any] = {"engine": "vllm", "model": model, "dtype": dtype, "tp_size": tp_size, "tp_rank": tp_rank}
     for g in groups:
-        fields[f"group{g.index}"] = {"kind": g.kind, "block_size": g.block_size, "window": g.window,
-                                     "layers": list(g.layer_names)}
+        fields[f"group{g.index}"] = {
+            "kind": g.kind,
+            "block_size": g.block_size,
+            "window": g.window,
+            "layers": list(g.layer_names),
+        }
     for layer, ps in sorted(parts.items()):
         fields[f"layer:{layer}"] = [f"{dt}{list(shape)}" for dt, shape in ps]
     return LayoutFingerprint(fields)

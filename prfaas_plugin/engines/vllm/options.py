@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -22,15 +23,15 @@ class Options(BaseModel):
     data_port: int = Field(default=0, ge=0, lt=65536)
     #: consumer: the data-plane ``host:port`` producers should dial when it differs from the bound
     #: one (NAT, a load balancer or a proxy in between); tp_rank is added to the port
-    advertise_data: Optional[str] = None
+    advertise_data: str | None = None
     #: producer: data connections per receiver (striping width; 4 fill a 2 Gbit/s, 20 ms link)
     connections: int = Field(default=4, ge=1, le=64)
     #: producer: egress budget in Gbit/s for this instance's transfers (None = unpaced)
-    pacing_gbps: Optional[float] = Field(default=None, gt=0)
+    pacing_gbps: float | None = Field(default=None, gt=0)
 
     @field_validator("listen", "advertise_data")
     @classmethod
-    def _hostport(cls, v: Optional[str]) -> Optional[str]:
+    def _hostport(cls, v: str | None) -> str | None:
         if v is None:
             return v
         host, _, port = v.rpartition(":")
@@ -39,5 +40,5 @@ class Options(BaseModel):
         return v
 
     @classmethod
-    def from_extra(cls, extra: Mapping[str, Any] | None) -> "Options":
+    def from_extra(cls, extra: Mapping[str, Any] | None) -> Options:
         return cls(**dict(extra or {}))

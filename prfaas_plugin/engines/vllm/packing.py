@@ -7,7 +7,7 @@ connector. A cache tensor may hold its block index in dim 0 ([blocks, ...]) or d
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -22,8 +22,9 @@ def pack(cache: torch.Tensor, block_dim: int, block_ids: Sequence[int]) -> torch
     return out
 
 
-def unpack(cache: torch.Tensor, block_dim: int, block_ids: Sequence[int], flat: torch.Tensor,
-           skip_before: int = 0) -> None:
+def unpack(
+    cache: torch.Tensor, block_dim: int, block_ids: Sequence[int], flat: torch.Tensor, skip_before: int = 0
+) -> None:
     """Scatter ``flat`` (bytes of len(block_ids) blocks) into ``cache``; the first ``skip_before``
     blocks are not written (the consumer already holds them from its prefix cache)."""
     shape = list(cache.shape)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any
 
 PROTOCOL_VERSION = 1
 
@@ -21,7 +22,7 @@ class RequestParams:
     decode_endpoint: str = ""
 
 
-def parse(raw: Optional[Mapping[str, Any]]) -> Optional[RequestParams]:
+def parse(raw: Mapping[str, Any] | None) -> RequestParams | None:
     """``None`` for requests that are not PrfaaS transfers; raise BadParams naming the bad field."""
     if not raw or "prfaas_version" not in raw:
         return None

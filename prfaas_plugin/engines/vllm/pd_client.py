@@ -32,14 +32,22 @@ def transfer_params(decode_endpoint: str, deadline_s: float = 60.0) -> tuple[dic
     return ({**common, "role": "producer", "decode_endpoint": decode_endpoint}, {**common, "role": "consumer"})
 
 
-async def complete_pd(client: httpx.AsyncClient, producer_url: str, consumer_url: str, decode_endpoint: str,
-                      body: dict[str, Any], deadline_s: float = 60.0) -> PDResult:
+async def complete_pd(
+    client: httpx.AsyncClient,
+    producer_url: str,
+    consumer_url: str,
+    decode_endpoint: str,
+    body: dict[str, Any],
+    deadline_s: float = 60.0,
+) -> PDResult:
     """One completion prefilled on the producer and decoded on the consumer."""
     p_params, c_params = transfer_params(decode_endpoint, deadline_s)
     p_body = {**body, "max_tokens": 1, "stream": False, "kv_transfer_params": p_params}
     c_body = {**body, "kv_transfer_params": c_params}
-    rp, rc = await asyncio.gather(client.post(f"{producer_url}/v1/completions", json=p_body),
-                                  client.post(f"{consumer_url}/v1/completions", json=c_body))
+    rp, rc = await asyncio.gather(
+        client.post(f"{producer_url}/v1/completions", json=p_body),
+        client.post(f"{consumer_url}/v1/completions", json=c_body),
+    )
     rc.raise_for_status()
     # a failed producer is not fatal: the consumer recomputed; its outcome is still reported
     return PDResult(rc.json(), rp.json() if rp.status_code == 200 else {"error": rp.text})

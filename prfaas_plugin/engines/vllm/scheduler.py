@@ -9,7 +9,7 @@ attention-only models as well keeps one code path and costs one token of compute
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any
 
 from prfaas_plugin.engines.vllm import layout
 from prfaas_plugin.engines.vllm.meta import PrfaaSMetadata, Transfer
@@ -32,7 +32,7 @@ class SchedulerSide:
     def bind_kv_cache_manager(self, mgr: Any) -> None:
         self._kv_manager = mgr
 
-    def _params_of(self, request: Any) -> Optional[RequestParams]:
+    def _params_of(self, request: Any) -> RequestParams | None:
         rid = request.request_id
         if rid not in self._params:
             try:
@@ -70,8 +70,14 @@ class SchedulerSide:
             return
         num_total = request.num_prompt_tokens - 1
         self._pending_loads[request.request_id] = Transfer(
-            request.request_id, p.transfer_id, p.token, p.deadline_s, num_total,
-            tuple(list(b) for b in blocks.get_block_ids()), num_local_tokens=num_total - num_external)
+            request.request_id,
+            p.transfer_id,
+            p.token,
+            p.deadline_s,
+            num_total,
+            tuple(list(b) for b in blocks.get_block_ids()),
+            num_local_tokens=num_total - num_external,
+        )
         self._loaded.add(request.request_id)
 
     def build_connector_meta(self, so: Any) -> PrfaaSMetadata:
@@ -94,7 +100,7 @@ class SchedulerSide:
             meta.sends.append(t)
         return meta
 
-    def _request(self, so: Any, rid: str) -> Optional[tuple[int, int]]:
+    def _request(self, so: Any, rid: str) -> tuple[int, int] | None:
         for r in so.scheduled_new_reqs:
             if r.req_id == rid:
                 return r.num_computed_tokens, len(r.prompt_token_ids or ())
@@ -112,7 +118,7 @@ class SchedulerSide:
             total += (end - first) * g.page_bytes * len(g.layer_names)
         return total
 
-    def request_finished(self, request: Any, block_ids: tuple[list[int], ...]) -> tuple[bool, Optional[dict]]:
+    def request_finished(self, request: Any, block_ids: tuple[list[int], ...]) -> tuple[bool, dict | None]:
         rid = request.request_id
         p = self._params.pop(rid, None)
         self._loaded.discard(rid)
@@ -122,7 +128,16 @@ class SchedulerSide:
         if p is None or p.role != "producer":
             return False, None
         if t is None:
-            return False, {"prfaas_version": 1, "transfer_id": p.transfer_id, "status": "failed",
-                           "error": "request finished before its prefill completed"}
-        return True, {"prfaas_version": 1, "transfer_id": p.transfer_id, "status": "sent",
-                      "num_tokens": t.num_tokens, "bytes": self.predicted_bytes(t)}
+            return False, {
+                "prfaas_version": 1,
+                "transfer_id": p.transfer_id,
+                "status": "failed",
+                "error": "request finished before its prefill completed",
+            }
+        return True, {
+            "prfaas_version": 1,
+            "transfer_id": p.transfer_id,
+            "status": "sent",
+            "num_tokens": t.num_tokens,
+            "bytes": self.predicted_bytes(t),
+        }

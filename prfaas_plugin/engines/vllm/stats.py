@@ -46,7 +46,7 @@ class PrfaaSConnectorStats(KVConnectorStats):
     def record_send_failure(self, error: str) -> None:
         self.data["send_failures"].append(error)
 
-    def clone_and_reset(self) -> "PrfaaSConnectorStats":
+    def clone_and_reset(self) -> PrfaaSConnectorStats:
         out = PrfaaSConnectorStats(data={k: list(v) for k, v in self.data.items()})
         self.reset()
         return out
@@ -78,25 +78,35 @@ class PrfaaSConnectorStats(KVConnectorStats):
 class PrfaaSPromMetrics(KVConnectorPromMetrics):
     """``vllm:prfaas_*`` series on the instance's ``/metrics``, one child per engine."""
 
-    def __init__(self, vllm_config: Any, metric_types: dict, labelnames: list[str],
-                 per_engine_labelvalues: dict[int, list[object]]) -> None:
+    def __init__(
+        self,
+        vllm_config: Any,
+        metric_types: dict,
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> None:
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
         def counter(name: str, doc: str) -> dict[int, Any]:
-            return create_metric_per_engine(self._counter_cls(name=name, documentation=doc, labelnames=labelnames),
-                                            per_engine_labelvalues)
+            return create_metric_per_engine(
+                self._counter_cls(name=name, documentation=doc, labelnames=labelnames), per_engine_labelvalues
+            )
 
         self.loads = counter("vllm:prfaas_kv_loads", "KV loads received over the prfaas connector")
         self.load_bytes = counter("vllm:prfaas_kv_received_bytes", "KV bytes received over the prfaas connector")
-        self.load_failures = counter("vllm:prfaas_kv_load_failures",
-                                     "KV loads that failed or timed out; the decode side recomputed the prefill")
+        self.load_failures = counter(
+            "vllm:prfaas_kv_load_failures", "KV loads that failed or timed out; the decode side recomputed the prefill"
+        )
         self.sent_bytes = counter("vllm:prfaas_kv_sent_bytes", "KV bytes the receiver confirmed (producer side)")
-        self.send_failures = counter("vllm:prfaas_kv_send_failures",
-                                     "Producer transfers that failed; their blocks were freed")
-        hist = self._histogram_cls(name="vllm:prfaas_kv_load_seconds",
-                                   documentation="Time from announcing a KV load to its last byte landing",
-                                   buckets=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60],
-                                   labelnames=labelnames)
+        self.send_failures = counter(
+            "vllm:prfaas_kv_send_failures", "Producer transfers that failed; their blocks were freed"
+        )
+        hist = self._histogram_cls(
+            name="vllm:prfaas_kv_load_seconds",
+            documentation="Time from announcing a KV load to its last byte landing",
+            buckets=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60],
+            labelnames=labelnames,
+        )
         self.load_seconds = create_metric_per_engine(hist, per_engine_labelvalues)
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -39,7 +39,7 @@ log = logging.getLogger("vllm.prfaas")  # child of vLLM's logger: same handlers 
 class _Sink:
     """Receives one request's items straight into a staging buffer, then its blocks."""
 
-    def __init__(self, w: "WorkerSide", t: Transfer) -> None:
+    def __init__(self, w: WorkerSide, t: Transfer) -> None:
         self.w, self.t = w, t
         self.staged: dict[str, torch.Tensor] = {}
 
@@ -69,7 +69,7 @@ class _Sink:
     def item_done(self, item: ItemSpec) -> None:
         g, first, count, part, lname = layout.parse_item_name(item.name)
         cache, bdim = self.w.part(lname, part)
-        ids = self.t.block_ids[g][first:first + count]
+        ids = self.t.block_ids[g][first : first + count]
         packing.unpack(cache, bdim, ids, self.staged.pop(item.name), skip_before=self._held_blocks(g, first, count))
 
 
@@ -82,8 +82,8 @@ class WorkerSide:
         self.producer, self.consumer = producer, consumer
         self.parts: dict[str, list[tuple[torch.Tensor, int]]] = {}
         self.fp: Any = None
-        self.receiver: Optional[GrpcTcpReceiver] = None
-        self.sender: Optional[GrpcTcpSender] = None
+        self.receiver: GrpcTcpReceiver | None = None
+        self.sender: GrpcTcpSender | None = None
         self.meta = PrfaaSMetadata()
         self._sends: dict[str, tuple[Any, Transfer, set[str], list[torch.Tensor]]] = {}
         self._send_futs: dict[str, Future] = {}
@@ -106,11 +106,18 @@ class WorkerSide:
                 parts.append((x, bdim))
             self.parts[name] = parts
         pc = self.cfg.parallel_config
-        shapes = {n: [(str(x.dtype), tuple(s for i, s in enumerate(x.shape) if i != b)) for x, b in ps]
-                  for n, ps in self.parts.items()}
-        self.fp = layout.fingerprint(self.groups, shapes, tp_rank=getattr(pc, "rank", 0) % max(1, pc.tensor_parallel_size),
-                                     tp_size=pc.tensor_parallel_size, model=self.opts.model_id or self.cfg.model_config.model.rstrip("/").rsplit("/", 1)[-1],
-                                     dtype=str(self.cfg.cache_config.cache_dtype))
+        shapes = {
+            n: [(str(x.dtype), tuple(s for i, s in enumerate(x.shape) if i != b)) for x, b in ps]
+            for n, ps in self.parts.items()
+        }
+        self.fp = layout.fingerprint(
+            self.groups,
+            shapes,
+            tp_rank=getattr(pc, "rank", 0) % max(1, pc.tensor_parallel_size),
+            tp_size=pc.tensor_parallel_size,
+            model=self.opts.model_id or self.cfg.model_config.model.rstrip("/").rsplit("/", 1)[-1],
+            dtype=str(self.cfg.cache_config.cache_dtype),
+        )
         if self.consumer:
             rank = self.fp.fields["tp_rank"]
             host, _, port = self.opts.listen.rpartition(":")
@@ -118,15 +125,27 @@ class WorkerSide:
             if self.opts.advertise_data:
                 a_host, _, a_port = self.opts.advertise_data.rpartition(":")
                 advertise = f"{a_host}:{int(a_port) + rank}"
-            self.receiver = GrpcTcpReceiver(ReceiverConfig(
-                listen=f"{host}:{int(port) + rank}", data_port=self.opts.data_port + rank if self.opts.data_port else 0,
-                advertise_data=advertise))
-            log.info("prfaas: receiver listening on %s (data plane %s%s)", self.receiver.endpoint,
-                     self.receiver.bound_data_endpoint, f", advertised as {advertise}" if advertise else "")
+            self.receiver = GrpcTcpReceiver(
+                ReceiverConfig(
+                    listen=f"{host}:{int(port) + rank}",
+                    data_port=self.opts.data_port + rank if self.opts.data_port else 0,
+                    advertise_data=advertise,
+                )
+            )
+            log.info(
+                "prfaas: receiver listening on %s (data plane %s%s)",
+                self.receiver.endpoint,
+                self.receiver.bound_data_endpoint,
+                f", advertised as {advertise}" if advertise else "",
+            )
         if self.producer:
-            self.sender = GrpcTcpSender(SenderConfig(sender_id=f"vllm-{self.cfg.kv_transfer_config.engine_id}",
-                                                     connections=self.opts.connections,
-                                                     pacing_gbps=self.opts.pacing_gbps))
+            self.sender = GrpcTcpSender(
+                SenderConfig(
+                    sender_id=f"vllm-{self.cfg.kv_transfer_config.engine_id}",
+                    connections=self.opts.connections,
+                    pacing_gbps=self.opts.pacing_gbps,
+                )
+            )
 
     def part(self, layer: str, i: int) -> tuple[torch.Tensor, int]:
         try:
@@ -142,8 +161,13 @@ class WorkerSide:
             first, end = layout.block_range(g, t.num_tokens, len(t.block_ids[g.index]))
             for lname in g.layer_names:
                 for pi, (x, bdim) in enumerate(self.parts.get(lname, ())):
-                    items.append(ItemSpec(layout.item_name(g.index, first, end - first, lname, pi),
-                                          (end - first) * packing.block_bytes(x, bdim), order))
+                    items.append(
+                        ItemSpec(
+                            layout.item_name(g.index, first, end - first, lname, pi),
+                            (end - first) * packing.block_bytes(x, bdim),
+                            order,
+                        )
+                    )
                     order += 1
         return items
 
@@ -236,23 +260,33 @@ class WorkerSide:
             if err is None:
                 m, p = h.done.result(), h.progress()
                 self.stats.record_load(p["bytes_received"], time.monotonic() - started)
-                log.info("prfaas: loaded transfer %s for request %s: %d bytes in %d items "
-                         "(%d more bytes of %d prefix tokens already cached here were not sent)",
-                         t.transfer_id, rid, p["bytes_received"], len(m.items), p["bytes_skipped"],
-                         t.num_local_tokens)
+                log.info(
+                    "prfaas: loaded transfer %s for request %s: %d bytes in %d items "
+                    "(%d more bytes of %d prefix tokens already cached here were not sent)",
+                    t.transfer_id,
+                    rid,
+                    p["bytes_received"],
+                    len(m.items),
+                    p["bytes_skipped"],
+                    t.num_local_tokens,
+                )
                 continue
             failed.add(rid)
             self.stats.record_load_failure(type(err).__name__)
             if len(self.groups) == 1:  # vLLM takes block-level errors for single-group models only;
                 # with several groups (hybrid/SWA) failed_recving alone makes it recompute the request
                 self._load_errors.update(b for b in t.block_ids[0] if b)
-            log.warning("prfaas: KV load for request %s failed (%s: %s); decode recomputes the prefill locally",
-                        rid, type(err).__name__, err)
+            log.warning(
+                "prfaas: KV load for request %s failed (%s: %s); decode recomputes the prefill locally",
+                rid,
+                type(err).__name__,
+                err,
+            )
         # the scheduler only reports finished ids once; keep those not yet matched to a send
         self._sched_finished &= set(self._sends) | set(self._send_futs) | {t.req_id for t in self.meta.sends}
         return sending, recving, failed
 
-    def take_stats(self) -> Optional[PrfaaSConnectorStats]:
+    def take_stats(self) -> PrfaaSConnectorStats | None:
         """This interval's transfers for vLLM's stats channel, or None when nothing happened."""
         return None if self.stats.is_empty() else self.stats.clone_and_reset()
 

@@ -91,9 +91,7 @@ def sugar_to_config(
     """The ``--kv-transfer-config`` dict the shorthand flags stand for, or None when none is given."""
     if connector is None:
         given = [
-            flag
-            for flag, value in (("--kv-role", role), ("--kv-listen", listen), ("--kv-extra", extras))
-            if value
+            flag for flag, value in (("--kv-role", role), ("--kv-listen", listen), ("--kv-extra", extras)) if value
         ]
         if given:
             raise SugarError(f"{given[0]} needs --kv-connector NAME (it configures that connector)")
@@ -102,8 +100,7 @@ def sugar_to_config(
         raise SugarError("--kv-connector needs a connector name, e.g. --kv-connector prfaas")
     if role is None:
         raise SugarError(
-            "--kv-connector needs --kv-role producer|consumer|both "
-            "(vLLM requires a role for every KV connector)"
+            "--kv-connector needs --kv-role producer|consumer|both (vLLM requires a role for every KV connector)"
         )
     if role not in ROLES:
         raise SugarError(f"--kv-role must be one of {', '.join(ROLES)}, got {role!r}")

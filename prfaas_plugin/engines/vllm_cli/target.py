@@ -110,8 +110,7 @@ def require_tested(patch: PatchFile, version: str) -> Tested:
     if tested is None:
         raise VllmCliError(
             f"vLLM {version} is not a version the {patch.patch_id} patch was tested against "
-            f"(tested: {', '.join(patch.tested_versions)}). Refusing to modify {patch.target}. "
-            + LONG_FORM_HINT
+            f"(tested: {', '.join(patch.tested_versions)}). Refusing to modify {patch.target}. " + LONG_FORM_HINT
         )
     return tested
 
