@@ -46,7 +46,7 @@ from prfaas_plugin.router.gcpace import GcPacer
 from prfaas_plugin.router.instances import Fleet, Instance
 from prfaas_plugin.router.metrics import RouterMetrics
 from prfaas_plugin.router.pd_bodies import sglang_bodies, vllm_bodies
-from prfaas_plugin.router.policy import Decision, NoInstance, decide
+from prfaas_plugin.router.policy import Decision, NoInstance, bandwidth_mode, decide, prfaas_overloaded
 from prfaas_plugin.router.prefix_index import PrefixIndex
 from prfaas_plugin.router.rebalance import SplitApplier
 from prfaas_plugin.router.threshold import ThresholdController
@@ -290,10 +290,7 @@ class Router:
             m.split.labels("decode").set(self.controller.advice.n_decode)
 
     def bandwidth_mode(self) -> str:
-        mode = self.cfg.bandwidth_mode
-        if mode != "auto":
-            return mode
-        return "abundant" if self.controller.utilisation() < self.cfg.threshold.egress_low / 2 else "scarce"
+        return bandwidth_mode(self.cfg.bandwidth_mode, self.controller.utilisation(), self.cfg.threshold.egress_low)
 
     # -- request handling -------------------------------------------------------------------------
     def _validate(self, body: Any, chat: bool) -> None:
@@ -494,10 +491,7 @@ class Router:
         return await self._two_phase(path, body, d, rec, tokens, stream, headers, arrived)
 
     def _prfaas_overloaded(self) -> bool:
-        remote = [i for i in self.fleet.of_kind("prfaas") if i.routable]
-        if not remote:
-            return False
-        return all(i.inflight >= self.cfg.threshold.queue_high for i in remote)
+        return prfaas_overloaded(self.fleet.of_kind("prfaas"), self.cfg.threshold.queue_high)
 
     def _remember(self, rec: Record) -> None:
         self.records[rec.request_id] = rec

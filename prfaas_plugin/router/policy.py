@@ -82,3 +82,18 @@ def decide(
         return Decision("local", None, prefill, l_total, l_prefix, l_uncached, threshold, bandwidth_mode, reason)
     decode = min(decoders, key=lambda i: (i.inflight, i.url))
     return Decision("local", prefill, decode, l_total, l_prefix, l_uncached, threshold, bandwidth_mode, reason)
+
+
+def prfaas_overloaded(remote: Sequence[Instance], queue_high: int) -> bool:
+    """True when every routable PrfaaS instance has ``queue_high`` or more requests open: the
+    request then stays local even above t (the short-term loop raises t meanwhile)."""
+    routable = [i for i in remote if i.routable]
+    return bool(routable) and all(i.inflight >= queue_high for i in routable)
+
+
+def bandwidth_mode(configured: str, utilisation: float, egress_low: float) -> str:
+    """``configured`` unless it is ``auto``: then abundant while the link is used below half
+    its low mark, scarce otherwise."""
+    if configured != "auto":
+        return configured
+    return "abundant" if utilisation < egress_low / 2 else "scarce"
