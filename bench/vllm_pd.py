@@ -96,7 +96,7 @@ def start(sup: Supervisor, model: Path, ktc_p: dict, ktc_d: dict, env_p: dict, e
 
 
 def run_prfaas(model: Path, logs: Path, texts: list[str]) -> dict:
-    from prfaas_plugin.engines.vllm.pd_client import transfer_params
+    from prfaas_plugin.protocol.requests import transfer_params
 
     rx = free_port()
     out: dict = {"ttft": [], "bytes": [], "outputs": [], "reference": []}

@@ -833,22 +833,23 @@ def test_recent_share_matches_a_recount_of_its_window() -> None:
 
 # -- egress from the producers' own counters -------------------------------------------------------
 def test_counter_total_sums_every_label_set_and_ignores_look_alikes() -> None:
-    from prfaas_plugin.router.egress import VLLM_SENT_BYTES as SENT_BYTES
+    from prfaas_plugin.protocol.metrics import SGLANG_KV_SENT_BYTES, VLLM_KV_SENT_BYTES
     from prfaas_plugin.router.egress import counter_total, sent_bytes_total
 
+    SENT_BYTES, base = VLLM_KV_SENT_BYTES.exposed, VLLM_KV_SENT_BYTES.name
     text = (
-        "# HELP vllm:prfaas_kv_sent_bytes_total KV bytes\n# TYPE vllm:prfaas_kv_sent_bytes_total counter\n"
-        'vllm:prfaas_kv_sent_bytes_total{engine="0",model_name="a}b"} 1.5e6\n'
-        'vllm:prfaas_kv_sent_bytes_total{engine="1",model_name="m"} 2500000.0\n'
-        'vllm:prfaas_kv_sent_bytes_created{engine="0"} 1.7e9\n'
-        "vllm:prfaas_kv_sent_bytes_totalish 99\n"
+        f"# HELP {SENT_BYTES} KV bytes\n# TYPE {SENT_BYTES} counter\n"
+        f'{SENT_BYTES}{{engine="0",model_name="a}}b"}} 1.5e6\n'
+        f'{SENT_BYTES}{{engine="1",model_name="m"}} 2500000.0\n'
+        f'{base}_created{{engine="0"}} 1.7e9\n'
+        f"{SENT_BYTES}ish 99\n"
         "vllm:num_requests_running 3\n"
     )
     assert counter_total(text, SENT_BYTES) == 4.0e6
-    assert counter_total("vllm:prfaas_kv_sent_bytes_total 7 1700000000000\n", SENT_BYTES) == 7.0
+    assert counter_total(f"{SENT_BYTES} 7 1700000000000\n", SENT_BYTES) == 7.0
     assert counter_total("vllm:num_requests_running 3\n", SENT_BYTES) is None
     assert sent_bytes_total(text) == 4.0e6
-    assert sent_bytes_total('sglang:prfaas_kv_sent_bytes_total{tp_rank="0"} 5.0\n') == 5.0
+    assert sent_bytes_total(f'{SGLANG_KV_SENT_BYTES.exposed}{{tp_rank="0"}} 5.0\n') == 5.0
     assert sent_bytes_total("sglang:num_running_reqs 3\n") is None
 
 
@@ -863,10 +864,10 @@ def test_sglang_backends_counter_reaches_the_router_through_prometheus_multiproc
 
     from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
-    from prfaas_plugin.engines.sglang.metrics import SENT_BYTES
-    from prfaas_plugin.router.egress import SGLANG_SENT_BYTES, sent_bytes_total
+    from prfaas_plugin.protocol.metrics import SGLANG_KV_SENT_BYTES
+    from prfaas_plugin.router.egress import SENT_BYTES, sent_bytes_total
 
-    assert SENT_BYTES + "_total" == SGLANG_SENT_BYTES
+    assert SGLANG_KV_SENT_BYTES.exposed in SENT_BYTES
     rank = (
         "from prfaas_plugin.engines.sglang.metrics import counted_bytes, record_sent\n"
         "import sys\n"

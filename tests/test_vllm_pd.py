@@ -146,7 +146,8 @@ def test_shared_prefix_cached_on_consumer(pair):
 def test_failed_transfer_recomputes_and_frees_blocks(pair):
     """P pushes with a forged token, so D's receiver refuses the session (deterministic, unlike a
     deadline race): D recomputes locally with the same output, and both instances free every block."""
-    from prfaas_plugin.engines.vllm.pd_client import PDResult, transfer_params
+    from prfaas_plugin.engines.vllm.pd_client import PDResult
+    from prfaas_plugin.protocol.requests import transfer_params
 
     p0, c0 = _settled_usage(pair.producer, 0.0), _settled_usage(pair.consumer, 0.0)
     failures0 = metric(pair.consumer, "vllm:prfaas_kv_load_failures_total")

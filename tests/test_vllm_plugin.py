@@ -47,14 +47,15 @@ def test_module_path_resolves_both_names():
     ],
 )
 def test_bad_params_name_the_field(raw, needle):
-    from prfaas_plugin.engines.vllm.params import BadParams, parse
+    from prfaas_plugin.protocol.requests import BadParams
+    from prfaas_plugin.protocol.requests import parse_params as parse
 
     with pytest.raises(BadParams, match=needle):
         parse(raw)
 
 
 def test_non_prfaas_params_are_plain_requests():
-    from prfaas_plugin.engines.vllm.params import parse
+    from prfaas_plugin.protocol.requests import parse_params as parse
 
     assert parse(None) is None and parse({"do_remote_prefill": True}) is None
 

@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from prfaas_plugin.protocol.requests import sglang_bodies, vllm_bodies
 from prfaas_plugin.router.asgi import (
     ClientGone,
     Receive,
@@ -45,7 +46,6 @@ from prfaas_plugin.router.egress import SENT_BYTES, EgressMeter, sent_bytes_tota
 from prfaas_plugin.router.gcpace import GcPacer
 from prfaas_plugin.router.instances import Fleet, Instance
 from prfaas_plugin.router.metrics import RouterMetrics
-from prfaas_plugin.router.pd_bodies import sglang_bodies, vllm_bodies
 from prfaas_plugin.router.policy import Decision, NoInstance, bandwidth_mode, decide, prfaas_overloaded
 from prfaas_plugin.router.prefix_index import PrefixIndex
 from prfaas_plugin.router.rebalance import SplitApplier

@@ -15,10 +15,10 @@ profile).
 
 from __future__ import annotations
 
-VLLM_SENT_BYTES = "vllm:prfaas_kv_sent_bytes_total"
-#: The SGLang backend's twin (engines/sglang/metrics.py; on /metrics with ``--enable-metrics``).
-SGLANG_SENT_BYTES = "sglang:prfaas_kv_sent_bytes_total"
-SENT_BYTES = (VLLM_SENT_BYTES, SGLANG_SENT_BYTES)
+from prfaas_plugin.protocol import metrics as M
+
+#: The producers' confirmed-bytes counters as they appear on /metrics (vLLM first).
+SENT_BYTES = tuple(m.exposed for m in M.SENT_BYTES)
 
 
 def counter_total(text: str, name: str) -> float | None:

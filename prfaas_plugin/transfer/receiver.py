@@ -21,6 +21,8 @@ from typing import Any
 
 import grpc
 
+from prfaas_plugin.protocol.transfer import GRPC_SERVICE as SERVICE
+from prfaas_plugin.protocol.transfer import TRANSFER_PROTOCOL_VERSION as PROTOCOL_VERSION
 from prfaas_plugin.transfer import tls as tlsmod
 from prfaas_plugin.transfer import wire
 from prfaas_plugin.transfer._gen import transfer_pb2 as pb
@@ -45,8 +47,6 @@ from prfaas_plugin.transfer.config import ReceiverConfig, split_hostport
 from prfaas_plugin.transfer.errors import code_for
 from prfaas_plugin.transfer.telemetry import ReceiverTelemetry
 
-PROTOCOL_VERSION = 1
-SERVICE = "prfaas.v1.Transfer"
 _EMPTY, _RECEIVING, _LANDED = 0, 1, 2
 
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import grpc
 
+from prfaas_plugin.protocol.transfer import GRPC_SERVICE as SERVICE
+from prfaas_plugin.protocol.transfer import TRANSFER_PROTOCOL_VERSION as PROTOCOL_VERSION
 from prfaas_plugin.transfer import tls as tlsmod
 from prfaas_plugin.transfer import wire
 from prfaas_plugin.transfer._gen import transfer_pb2 as pb
@@ -43,7 +45,6 @@ from prfaas_plugin.transfer.buffers import byte_view, is_device_tensor
 from prfaas_plugin.transfer.config import SenderConfig, split_hostport
 from prfaas_plugin.transfer.errors import from_rpc_error
 from prfaas_plugin.transfer.pacing import Pacer
-from prfaas_plugin.transfer.receiver import PROTOCOL_VERSION, SERVICE
 from prfaas_plugin.transfer.staging import Stager, torch_pinned_stager
 from prfaas_plugin.transfer.telemetry import SenderTelemetry, tcp_info
 

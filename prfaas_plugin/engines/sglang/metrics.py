@@ -15,8 +15,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-#: The name on /metrics is this plus ``_total``.
-SENT_BYTES = "sglang:prfaas_kv_sent_bytes"
+from prfaas_plugin.protocol.metrics import SGLANG_KV_SENT_BYTES
 
 _lock = threading.Lock()
 _counter: Any | None = None
@@ -32,7 +31,7 @@ def sent_bytes_counter() -> Any:
         if _counter is None:
             from prometheus_client import Counter
 
-            _counter = Counter(SENT_BYTES, "KV bytes the PrfaaS receivers confirmed (prefill side)", registry=None)
+            _counter = Counter(SGLANG_KV_SENT_BYTES.name, SGLANG_KV_SENT_BYTES.help, registry=None)
         return _counter
 
 
@@ -45,6 +44,6 @@ def counted_bytes() -> float:
     """This process's count (the tests read it; /metrics reads the counter itself)."""
     for metric in sent_bytes_counter().collect():
         for sample in metric.samples:
-            if sample.name == SENT_BYTES + "_total":
+            if sample.name == SGLANG_KV_SENT_BYTES.exposed:
                 return float(sample.value)
     return 0.0

@@ -5,11 +5,12 @@ is returned, the producer's outcome (``kv_transfer_params``) is returned alongsi
 from __future__ import annotations
 
 import asyncio
-import secrets
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+
+from prfaas_plugin.protocol.requests import transfer_params
 
 
 @dataclass
@@ -24,12 +25,6 @@ class PDResult:
     @property
     def transfer(self) -> dict[str, Any]:
         return self.producer.get("kv_transfer_params") or {}
-
-
-def transfer_params(decode_endpoint: str, deadline_s: float = 60.0) -> tuple[dict, dict]:
-    tid, tok = secrets.token_hex(16), secrets.token_urlsafe(24)
-    common = {"prfaas_version": 1, "transfer_id": tid, "token": tok, "deadline_s": deadline_s}
-    return ({**common, "role": "producer", "decode_endpoint": decode_endpoint}, {**common, "role": "consumer"})
 
 
 async def complete_pd(

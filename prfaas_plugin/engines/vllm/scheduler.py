@@ -13,7 +13,7 @@ from typing import Any
 
 from prfaas_plugin.engines.vllm import layout
 from prfaas_plugin.engines.vllm.meta import PrfaaSMetadata, Transfer
-from prfaas_plugin.engines.vllm.params import BadParams, RequestParams, parse
+from prfaas_plugin.protocol.requests import BadParams, RequestParams, outcome_params, parse_params
 
 log = logging.getLogger("vllm.prfaas")  # child of vLLM's logger: same handlers and format
 
@@ -36,7 +36,7 @@ class SchedulerSide:
         rid = request.request_id
         if rid not in self._params:
             try:
-                p = parse(request.kv_transfer_params)
+                p = parse_params(request.kv_transfer_params)
             except BadParams as e:
                 log.error("prfaas: request %s has malformed kv_transfer_params (%s); served locally", rid, e)
                 p = None
@@ -128,16 +128,5 @@ class SchedulerSide:
         if p is None or p.role != "producer":
             return False, None
         if t is None:
-            return False, {
-                "prfaas_version": 1,
-                "transfer_id": p.transfer_id,
-                "status": "failed",
-                "error": "request finished before its prefill completed",
-            }
-        return True, {
-            "prfaas_version": 1,
-            "transfer_id": p.transfer_id,
-            "status": "sent",
-            "num_tokens": t.num_tokens,
-            "bytes": self.predicted_bytes(t),
-        }
+            return False, outcome_params(p.transfer_id, False, error="request finished before its prefill completed")
+        return True, outcome_params(p.transfer_id, True, t.num_tokens, self.predicted_bytes(t))

@@ -17,6 +17,9 @@ from typing import Any
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 from vllm.v1.metrics.utils import create_metric_per_engine
 
+from prfaas_plugin.protocol import metrics as M
+from prfaas_plugin.protocol.metrics import MetricSpec
+
 _KEYS = ("load_bytes", "load_seconds", "load_failures", "sent_bytes", "send_failures")
 
 
@@ -87,23 +90,20 @@ class PrfaaSPromMetrics(KVConnectorPromMetrics):
     ) -> None:
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
-        def counter(name: str, doc: str) -> dict[int, Any]:
+        def counter(spec: MetricSpec) -> dict[int, Any]:
             return create_metric_per_engine(
-                self._counter_cls(name=name, documentation=doc, labelnames=labelnames), per_engine_labelvalues
+                self._counter_cls(name=spec.name, documentation=spec.help, labelnames=labelnames),
+                per_engine_labelvalues,
             )
 
-        self.loads = counter("vllm:prfaas_kv_loads", "KV loads received over the prfaas connector")
-        self.load_bytes = counter("vllm:prfaas_kv_received_bytes", "KV bytes received over the prfaas connector")
-        self.load_failures = counter(
-            "vllm:prfaas_kv_load_failures", "KV loads that failed or timed out; the decode side recomputed the prefill"
-        )
-        self.sent_bytes = counter("vllm:prfaas_kv_sent_bytes", "KV bytes the receiver confirmed (producer side)")
-        self.send_failures = counter(
-            "vllm:prfaas_kv_send_failures", "Producer transfers that failed; their blocks were freed"
-        )
+        self.loads = counter(M.VLLM_KV_LOADS)
+        self.load_bytes = counter(M.VLLM_KV_RECEIVED_BYTES)
+        self.load_failures = counter(M.VLLM_KV_LOAD_FAILURES)
+        self.sent_bytes = counter(M.VLLM_KV_SENT_BYTES)
+        self.send_failures = counter(M.VLLM_KV_SEND_FAILURES)
         hist = self._histogram_cls(
-            name="vllm:prfaas_kv_load_seconds",
-            documentation="Time from announcing a KV load to its last byte landing",
+            name=M.VLLM_KV_LOAD_SECONDS.name,
+            documentation=M.VLLM_KV_LOAD_SECONDS.help,
             buckets=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60],
             labelnames=labelnames,
         )
