@@ -820,7 +820,7 @@ def test_router_command_freezes_its_start_up_heap_before_serving(tmp_path, monke
 def test_recent_share_matches_a_recount_of_its_window() -> None:
     import random
 
-    from prfaas_plugin.router.app import RecentShare
+    from prfaas_plugin.router.records import RecentShare
 
     rng = random.Random(7)
     share, seen = RecentShare(16, "prfaas"), []

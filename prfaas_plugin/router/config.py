@@ -193,11 +193,15 @@ class RouterConfig(_Strict):
         urls = [i.url for c in self.clusters for i in c.prefill + c.decode + c.both]
         if len(set(urls)) != len(urls):
             raise ValueError("an instance url appears twice")
-        if self.threshold.apply_split and self.engine != "sglang":
+        from prfaas_plugin.router.pd import PROTOCOLS  # pd.py imports instances.py, which imports this
+
+        pd = PROTOCOLS[self.engine]
+        if self.threshold.apply_split and not pd.switches_roles:
             raise ValueError(
-                "threshold.apply_split needs engine: sglang (vLLM cannot switch an instance's role at run time)"
+                f"threshold.apply_split needs engine: {' or '.join(e for e, p in PROTOCOLS.items() if p.switches_roles)}"
+                f" ({self.engine} instances cannot switch roles at run time)"
             )
-        if self.engine == "vllm":
+        if pd.needs_kv_endpoint:
             for c in self.clusters:
                 for inst in c.decode + c.both:
                     if inst.kv_endpoint is None:

@@ -1,0 +1,401 @@
+"""One placed request, carried out: relay a local request, or run the producer and the consumer
+of a disaggregated one, falling back to local prefill when the producer fails.
+
+- local on an instance that prefills and decodes: proxy the request unchanged;
+- otherwise: send the producer request and the consumer request *at the same time* (the
+  consumer must expect the KV before the first layer is pushed) and stream the consumer's answer
+  back. If the producer fails before the consumer answers, the consumer request is cancelled and
+  the request is served by local prefill (pd.py says per engine how): the client sees no error.
+
+Every request's hold on an instance is a :class:`~prfaas_plugin.router.lease.Lease`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from prfaas_plugin.protocol.requests import producer_outcome
+from prfaas_plugin.router.asgi import Reply
+from prfaas_plugin.router.config import RouterConfig
+from prfaas_plugin.router.egress import EgressMeter
+from prfaas_plugin.router.instances import Fleet, Instance
+from prfaas_plugin.router.lease import Lease
+from prfaas_plugin.router.metrics import RouterMetrics
+from prfaas_plugin.router.pd import PDProtocol
+from prfaas_plugin.router.policy import Decision
+from prfaas_plugin.router.prefix_index import PrefixIndex
+from prfaas_plugin.router.records import Record
+from prfaas_plugin.router.replies import error_reply
+from prfaas_plugin.router.threshold import ThresholdController
+from prfaas_plugin.router.upstream import Stream, Unreachable, Upstream, UpstreamError
+
+log = logging.getLogger("prfaas.router")
+
+
+@dataclass
+class ProducerResult:
+    ok: bool
+    kv_bytes: int = 0
+    error: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class Opened:
+    """An upstream answer whose status line arrived, and the hold on its instance."""
+
+    resp: Stream
+    lease: Lease
+
+    async def discard(self) -> None:
+        await self.resp.aclose()
+        self.lease.release()
+
+
+class Flow:
+    def __init__(
+        self,
+        cfg: RouterConfig,
+        client: Upstream,
+        fleet: Fleet,
+        index: PrefixIndex,
+        controller: ThresholdController,
+        egress: EgressMeter,
+        metrics: RouterMetrics,
+        pd: PDProtocol,
+    ) -> None:
+        self.cfg, self.client, self.fleet, self.index = cfg, client, fleet, index
+        self.controller, self.egress, self.metrics, self.pd = controller, egress, metrics, pd
+
+    # -- entry ------------------------------------------------------------------------------------
+    async def run(
+        self, path: str, body: dict, d: Decision, rec: Record, tokens: list[int], stream: bool, arrived: float
+    ) -> Reply:
+        headers = {
+            "x-request-id": rec.request_id,
+            "x-prfaas-route": d.route,
+            "x-prfaas-uncached-tokens": str(d.l_uncached),
+            "x-prfaas-threshold": f"{d.threshold:.0f}",
+        }
+        if d.prefill is None:
+            op = await self.open(d.decode, path, body)
+            if op.resp.status_code == 200:
+                self.index.record(d.decode.url, tokens)
+            return await self.relay(op, rec, headers, arrived, stream)
+        return await self._two_phase(path, body, d, rec, tokens, stream, headers, arrived)
+
+    # -- producer + consumer ------------------------------------------------------------------------
+    async def _two_phase(
+        self,
+        path: str,
+        body: dict,
+        d: Decision,
+        rec: Record,
+        tokens: list[int],
+        stream: bool,
+        headers: dict,
+        arrived: float,
+    ) -> Reply:
+        assert d.prefill is not None
+        prod_body, cons_body, rec.transfer_id = self.pd.bodies(body, d.prefill, d.decode)
+        prod_task = asyncio.create_task(self._produce(d.prefill, path, prod_body))
+        pending: list[asyncio.Task[Any]] = []
+        op: Opened | None = None
+        consumer_handled = False  # its answer is ours to close, or was closed already
+        try:
+            cons_task = asyncio.create_task(self.open(d.decode, path, cons_body))
+            pending.append(cons_task)
+            got = await _unless_producer_fails(cons_task, prod_task)
+            consumer_handled = True
+            if got is _PRODUCER_FAILED:
+                return await self._fallback(path, body, d, rec, prod_task.result(), stream, headers, arrived)
+            op = got
+            first: bytes | None = None
+            chunks: AsyncIterator[bytes] | None = None
+            if stream and op.resp.status_code == 200:
+                # A streaming answer has its status line at once; its first chunk only comes
+                # after the KV landed. A producer failure before that still falls back cleanly.
+                chunks = op.resp.aiter_raw()
+                first_task = asyncio.create_task(_next_chunk(chunks))
+                pending.append(first_task)
+                got = await _unless_producer_fails(first_task, prod_task)
+                if got is _PRODUCER_FAILED:
+                    await op.discard()
+                    op = None
+                    return await self._fallback(path, body, d, rec, prod_task.result(), stream, headers, arrived)
+                first = got
+            elif op.resp.status_code != 200 and (
+                self.pd.decode_error_is_transfer_failure() or (prod_task.done() and not prod_task.result().ok)
+            ):
+                # Nothing reached the client yet: the same fallback as a failed producer.
+                if not prod_task.done():
+                    prod_task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await prod_task
+                prod = (
+                    prod_task.result()
+                    if prod_task.done() and not prod_task.cancelled()
+                    else ProducerResult(False, error="cancelled")
+                )
+                if prod.ok:
+                    prod = ProducerResult(False, error=f"decode HTTP {op.resp.status_code}", seconds=prod.seconds)
+                await op.resp.aread()
+                await op.discard()
+                op = None
+                return await self._fallback(path, body, d, rec, prod, stream, headers, arrived)
+        except BaseException:
+            prod_task.cancel()
+            for task in pending:
+                task.cancel()
+            if (
+                not consumer_handled
+                and pending
+                and pending[0].done()
+                and not pending[0].cancelled()
+                and pending[0].exception() is None
+            ):
+                op = pending[0].result()  # cancelled as the consumer's answer came: close it too
+            if op is not None:
+                await op.discard()
+            raise
+        self._finish_producer_later(prod_task, d, rec, tokens)
+        return await self.relay(op, rec, headers, arrived, stream, first=first, chunks=chunks)
+
+    def _finish_producer_later(
+        self, prod_task: asyncio.Task[ProducerResult], d: Decision, rec: Record, tokens: list[int]
+    ) -> None:
+        def _done(task: asyncio.Task[ProducerResult]) -> None:
+            if task.cancelled():
+                return
+            res = task.result()
+            rec.prefill_s = res.seconds
+            rec.kv_bytes = res.kv_bytes
+            rec.transfer_status = "sent" if res.ok else f"failed: {res.error}"
+            self.metrics.ttft.labels(d.route, "prefill").observe(res.seconds)
+            if res.ok and d.prefill is not None:
+                if d.route == "prfaas" and not self.egress.measured(d.prefill.url):
+                    # No counter to read on that producer: what it reported, or, from producers
+                    # that report nothing (SGLang), an estimate of what crossed the link.
+                    nbytes = res.kv_bytes
+                    if nbytes <= 0:
+                        nbytes = rec.kv_bytes_estimated = self.estimated_kv_bytes(d, tokens)
+                        self.metrics.egress_estimated.inc(nbytes)
+                    self.controller.record_egress(nbytes)
+                self.index.record(d.prefill.url, tokens)
+                self.index.record(d.decode.url, tokens)
+                self.metrics.kv_bytes.labels(d.route).inc(res.kv_bytes)
+
+        if prod_task.done():
+            _done(prod_task)
+        else:
+            prod_task.add_done_callback(_done)
+
+    def estimated_kv_bytes(self, d: Decision, tokens: list[int]) -> int:
+        """KV bytes a transfer to ``d.decode`` carried: the prompt beyond the prefix that decode
+        instance holds (not ``d.l_uncached``: in abundant mode that is counted against the
+        PrfaaS side's cache, and the decode was picked by load). Call before this request's own
+        tokens are recorded for the decode."""
+        held = self.index.longest_prefix(tokens, [d.decode.url])[0] if tokens else 0
+        return self.controller.predicted_kv_bytes(max(0, d.l_total - held))
+
+    async def _produce(self, inst: Instance, path: str, body: dict) -> ProducerResult:
+        t0 = time.monotonic()
+        with Lease(inst, self.metrics.queue):
+            try:
+                status, parsed, text = await self.client.post_json(
+                    f"{inst.url}{path}", body, self.cfg.timeouts.prefill_s
+                )
+            except UpstreamError as exc:
+                if isinstance(exc, Unreachable):
+                    inst.healthy, inst.last_error = False, f"unreachable: {exc}"
+                return ProducerResult(False, error=f"{type(exc).__name__}: {exc}", seconds=time.monotonic() - t0)
+            if status != 200:
+                return ProducerResult(
+                    False, error=f"producer HTTP {status}: {text[:200]}", seconds=time.monotonic() - t0
+                )
+            out = producer_outcome(parsed)
+            return ProducerResult(out.ok, out.kv_bytes, out.error, time.monotonic() - t0)
+
+    # -- fallback ------------------------------------------------------------------------------------
+    async def _fallback(
+        self,
+        path: str,
+        body: dict,
+        d: Decision,
+        rec: Record,
+        prod: ProducerResult,
+        stream: bool,
+        headers: dict,
+        arrived: float,
+    ) -> Reply:
+        reason = "prfaas failed" if d.route == "prfaas" else "local producer failed"
+        rec.fallback = f"{reason}: {prod.error}"
+        rec.transfer_status = f"failed: {prod.error}"
+        self.metrics.fallbacks.labels(reason).inc()
+        headers = {**headers, "x-prfaas-fallback": reason}
+        if not self.pd.decode_prefills_alone(d.decode):
+            # The decode instance cannot prefill on its own: pair it with a local prefill
+            # instance of its cluster (another one than the prefill that just failed).
+            local = [
+                i
+                for i in self.fleet.in_cluster(d.decode.cluster)
+                if i.can_prefill and i.routable and i is not d.prefill
+            ]
+            if not local:
+                return error_reply(
+                    502,
+                    f"prefill failed ({prod.error}) and cluster {d.decode.cluster!r} has no other "
+                    "prefill instance to retry on",
+                    "upstream_error",
+                )
+            again = Decision(
+                "local",
+                min(local, key=lambda i: i.inflight),
+                d.decode,
+                d.l_total,
+                d.l_prefix,
+                d.l_uncached,
+                d.threshold,
+                d.bandwidth_mode,
+                reason,
+            )
+            assert again.prefill is not None
+            log.warning(
+                "request_id=%s falling back to local prefill %s -> %s: %s",
+                rec.request_id,
+                again.prefill.url,
+                d.decode.url,
+                prod.error,
+            )
+            prod_body, cons_body, rec.transfer_id = self.pd.bodies(body, again.prefill, d.decode)
+            prod_task = asyncio.create_task(self._produce(again.prefill, path, prod_body))
+            try:
+                op = await self.open(d.decode, path, cons_body)
+            except BaseException:
+                prod_task.cancel()
+                raise
+            self._finish_producer_later(prod_task, again, rec, [])
+            return await self.relay(op, rec, headers, arrived, stream)
+        log.warning("request_id=%s falling back to local prefill on %s: %s", rec.request_id, d.decode.url, prod.error)
+        op = await self.open(d.decode, path, body)
+        return await self.relay(op, rec, headers, arrived, stream)
+
+    # -- HTTP plumbing -----------------------------------------------------------------------------
+    async def open(self, inst: Instance, path: str, body: dict) -> Opened:
+        """Send a request and return once the status line arrived (the body streams later)."""
+        lease = Lease(inst, self.metrics.queue)
+        try:
+            return Opened(await self.client.open(f"{inst.url}{path}", body), lease)
+        except BaseException:
+            lease.release()
+            raise
+
+    async def relay(
+        self,
+        op: Opened,
+        rec: Record,
+        headers: dict,
+        arrived: float,
+        stream: bool,
+        first: bytes | None = None,
+        chunks: AsyncIterator[bytes] | None = None,
+    ) -> Reply:
+        """Pass the upstream answer through; account TTFT, load and the outcome."""
+        resp = op.resp
+        rec.status = resp.status_code
+        out_headers = {**headers, "content-type": resp.headers.get("content-type", "application/json")}
+
+        def close_accounting(outcome: str) -> None:
+            op.lease.release(served=True)
+            rec.total_s = time.monotonic() - arrived
+            self.metrics.requests.labels(rec.route, outcome).inc()
+
+        if not stream or resp.status_code != 200:
+            try:
+                content = await resp.aread()
+            except BaseException:
+                await op.discard()  # the caller counts the outcome (upstream error, client gone)
+                raise
+            await resp.aclose()
+            rec.ttft_s = time.monotonic() - arrived
+            self.overhead(rec, resp, arrived, resp.done_at)
+            close_accounting("ok" if resp.status_code == 200 else f"http_{resp.status_code}")
+            self.metrics.ttft.labels(rec.route, "total").observe(rec.ttft_s)
+            return Reply(resp.status_code, out_headers, content)
+
+        it = chunks if chunks is not None else resp.aiter_raw()
+
+        async def body_iter() -> AsyncIterator[bytes]:
+            outcome = "ok"
+            try:
+                if first is not None:
+                    rec.ttft_s = time.monotonic() - arrived
+                    self.metrics.ttft.labels(rec.route, "total").observe(rec.ttft_s)
+                    yield first
+                    self.overhead(rec, resp, arrived, resp.first_body_at)  # resumed once it was written
+                async for chunk in it:
+                    if rec.ttft_s is None:
+                        rec.ttft_s = time.monotonic() - arrived
+                        self.metrics.ttft.labels(rec.route, "total").observe(rec.ttft_s)
+                        yield chunk
+                        self.overhead(rec, resp, arrived, resp.first_body_at)
+                    else:
+                        yield chunk
+            except asyncio.CancelledError:
+                outcome = "client_disconnected"
+                rec.error = "client disconnected"
+                raise
+            except UpstreamError as exc:
+                outcome = "upstream_error"
+                rec.error = f"{type(exc).__name__}: {exc}"
+            finally:
+                await resp.aclose()  # closing the upstream stream makes vLLM abort the request
+                close_accounting(outcome)
+
+        return Reply(200, out_headers, stream=body_iter())
+
+    def overhead(self, rec: Record, resp: Stream, arrived: float, answer_at: float) -> None:
+        """Record the router's own time in this request's time to first byte: arrival to the
+        upstream request written (less the time spent opening connections), plus the answer's
+        first bytes (``answer_at``) to their relay (a whole answer: to the reply handed to the
+        server). What it leaves out is the instance's time and the network's. Requests that
+        fell back or were re-placed are left out: their time before the answering request
+        includes a failed producer or an unreachable instance."""
+        if rec.fallback is not None or rec.rerouted or not answer_at or not resp.sent_at:
+            return
+        rec.overhead_s = (resp.sent_at - arrived - resp.connect_wait_s) + (time.monotonic() - answer_at)
+        self.metrics.overhead.labels(rec.route).observe(rec.overhead_s)
+
+
+_PRODUCER_FAILED = object()
+
+
+async def _next_chunk(chunks: AsyncIterator[bytes]) -> bytes | None:
+    try:
+        return await chunks.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def _unless_producer_fails(task: asyncio.Task[Any], prod_task: asyncio.Task[ProducerResult]) -> Any:
+    """``task``'s result, or ``_PRODUCER_FAILED`` (``task`` cancelled) if the producer failed
+    first. An upstream answer that ``task`` opened before the cancel is discarded (closed, and
+    its lease released)."""
+    done, _ = await asyncio.wait({task, prod_task}, return_when=asyncio.FIRST_COMPLETED)
+    if task not in done and not prod_task.result().ok:
+        task.cancel()
+        await asyncio.wait((task,))  # not ``await task``: a cancellation of ours must propagate
+        if not task.cancelled() and task.exception() is None:
+            made = task.result()
+            if isinstance(made, Opened):
+                await made.discard()
+            elif isinstance(made, Stream):
+                await made.aclose()
+        return _PRODUCER_FAILED
+    return await task
