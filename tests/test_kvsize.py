@@ -11,16 +11,13 @@ from click.testing import CliRunner
 from prfaas_plugin.cli import main
 from prfaas_plugin.kvsize import ConfigError, LayerKind, ModelKV
 
-MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
+#: Real models' configs (their config.json, as published), kept in the repository.
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 MIB = 2**20
 
 
 def _model(name: str, **kw) -> ModelKV:
-    path = MODELS / name
-    if not path.exists():
-        pytest.skip(f"{path} not present (shared/ lies beside the checkout)")
-    return ModelKV.from_file(path, **kw)
+    return ModelKV.from_file(CONFIGS / name, **kw)
 
 
 # -- each layer kind, hand-computed ------------------------------------------------------------

@@ -9,10 +9,8 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from router_helpers import FakeBackend, build_tokenizer, words
+from router_helpers import FakeBackend, words
 from test_router import MODEL, RunningRouter, _cfg
-
-from prfaas_plugin.router.tokenize import PromptTokenizer
 
 _scalars = st.one_of(
     st.none(),
@@ -61,8 +59,8 @@ _bodies = st.one_of(
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory):
-    tok = PromptTokenizer(str(build_tokenizer(tmp_path_factory.mktemp("tok"))))
+def live(tiny_tokenizer):
+    tok = tiny_tokenizer
     p = FakeBackend("prefill").start()
     d = FakeBackend("both").start()
     r = RunningRouter(_cfg(p, d, max_prompt_tokens=250), tok)

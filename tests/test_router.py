@@ -21,8 +21,8 @@ MODEL = "tiny"
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory) -> PromptTokenizer:
-    return PromptTokenizer(str(build_tokenizer(tmp_path_factory.mktemp("tok"))))
+def tokenizer(tiny_tokenizer) -> PromptTokenizer:
+    return tiny_tokenizer
 
 
 def _cfg(p: FakeBackend | None, d: FakeBackend, tokenizer_dir: str = "/unused", **kw) -> RouterConfig:

@@ -32,12 +32,12 @@ LONG = [f"{head} {_BODY * 2}" for head in ("PrfaaS", "The planner", "A router", 
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, tiny_models_dir):
     from prfaas_plugin.demo.tiny_models import build
     from prfaas_plugin.router.config import RouterConfig
     from prfaas_plugin.router.tokenize import PromptTokenizer
 
-    model = build("tiny-qwen3next", tmp_path_factory.getbasetemp() / "models")
+    model = build("tiny-qwen3next", tiny_models_dir)
     data_port = free_port()
     with (
         FaultProxy(upstream=("127.0.0.1", data_port)) as proxy,

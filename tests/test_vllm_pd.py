@@ -27,10 +27,10 @@ PROMPT = (
 
 
 @pytest.fixture(scope="module", params=MODELS)
-def pair(request, tmp_path_factory):
+def pair(request, tmp_path_factory, tiny_models_dir):
     from prfaas_plugin.demo.tiny_models import build
 
-    model = build(request.param, tmp_path_factory.getbasetemp() / "models")
+    model = build(request.param, tiny_models_dir)
     # The consumer's data plane is reached through a fault proxy (forwarding untouched unless a
     # test arms it), exercising the connector's data_port/advertise_data options on the way.
     data_port = free_port()

@@ -155,7 +155,7 @@ def _planner_config(
         "link": {"gbps": link_gbit},
         "search": {"threshold_step": 8},
     }
-    yaml.SafeDumper.ignore_aliases = lambda *_a: True  # type: ignore[method-assign]
+    yaml.SafeDumper.ignore_aliases = lambda *_a: True
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 _CORPUS = [
     "PrfaaS moves the KV cache of long prompts from a prefill cluster to decode instances.",
@@ -66,7 +67,7 @@ def _qwen3():
 def _qwen3next():
     from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
 
-    cfg = Qwen3NextConfig(
+    cfg = Qwen3NextConfig(  # type: ignore[call-arg]  # transformers types its **kwargs per version
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=4,
@@ -111,7 +112,7 @@ def _gemma3():
 def _dsv3_mla():
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    cfg = DeepseekV3Config(
+    cfg = DeepseekV3Config(  # type: ignore[call-arg]  # transformers types its **kwargs per version
         hidden_size=128,
         intermediate_size=256,
         moe_intermediate_size=64,
@@ -134,7 +135,7 @@ def _dsv3_mla():
     return DeepseekV3ForCausalLM(cfg)
 
 
-BUILDERS: dict[str, Callable[[], object]] = {
+BUILDERS: dict[str, Callable[[], Any]] = {
     "tiny-qwen3": _qwen3,
     "tiny-qwen3next": _qwen3next,
     "tiny-gemma3": _gemma3,

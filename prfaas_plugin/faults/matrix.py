@@ -165,13 +165,13 @@ class _Sink:
     def buffer_for(self, item: ItemSpec) -> memoryview:
         arr = np.empty(item.nbytes, dtype=np.uint8)
         self.arrays[item.name] = arr
-        return memoryview(arr)
+        return memoryview(arr.data)
 
     def item_done(self, item: ItemSpec) -> None:
         pass
 
 
-def _start(rx, tx, rid, items, payload, deadline_s):  # type: ignore[no-untyped-def]
+def _start(rx, tx, rid, items, payload, deadline_s):
     tok = secrets.token_urlsafe(24)
     sink = _Sink()
     rh = rx.expect(rid, tok, FINGERPRINT, sink, deadline_s=deadline_s)
@@ -181,7 +181,7 @@ def _start(rx, tx, rid, items, payload, deadline_s):  # type: ignore[no-untyped-
     return rid, sink, rh, sh
 
 
-def _outcome(rh, sh, sink, payload, deadline_s, res: CaseResult) -> str:  # type: ignore[no-untyped-def]
+def _outcome(rh, sh, sink, payload, deadline_s, res: CaseResult) -> str:
     errors = []
     grace = deadline_s + 5.0  # the engine must resolve both futures by its own deadline
     for fut in (sh.done, rh.done):

@@ -227,7 +227,7 @@ def _gemma_or_gqa(cfg: Config, kv: int, st: int, conv: int) -> list[LayerCache]:
     for i in range(n):
         t = types[i] if types else "full_attention"
         if t == "sliding_attention":
-            out.append(LayerCache(i, LayerKind.SLIDING, token_bytes=tok, window=int(window), family="swa"))
+            out.append(LayerCache(i, LayerKind.SLIDING, token_bytes=tok, window=int(window or 0), family="swa"))
         else:
             out.append(LayerCache(i, LayerKind.FULL, token_bytes=tok, family="gqa"))
     return out

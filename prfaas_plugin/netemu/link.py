@@ -140,9 +140,9 @@ class EmulatedLink:
 
     def _build(self) -> None:
         s = self.spec
-        for ns in self._namespaces():
-            _run(["ip", "netns", "add", ns])
-            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        for name in self._namespaces():
+            _run(["ip", "netns", "add", name])
+            _run(["ip", "-n", name, "link", "set", "lo", "up"])
         for dev, ns, addr in ((self._dev_a, self.ns_a, self.addr_a), (self._dev_b, self.ns_b, self.addr_b)):
             self._fds.append(open_tun(dev))
             ip = ["ip"] if ns is None else ["ip", "-n", ns]

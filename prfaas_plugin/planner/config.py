@@ -168,7 +168,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> tu
     return cfg, Path(path).parent
 
 
-def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     cur: Any = raw
     for k in keys[:-1]:

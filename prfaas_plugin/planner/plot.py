@@ -23,7 +23,10 @@ def write_plots(result: PlanResult, out_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     ts_k = [t / 1000 for t in c["t"]]
     cap = max(c["lambda_t"]) * 2.2
-    clip = lambda ys: [min(y, cap) for y in ys]  # noqa: E731 - the 1/p branches diverge at the ends
+
+    def clip(ys: list[float]) -> list[float]:  # the 1/p branches diverge at the ends
+        return [min(y, cap) for y in ys]
+
     ax.plot(ts_k, clip(c["prfaas_over_p"]), color="tab:red", lw=1.4, label=r"$\Theta_{prfaas}/p$")
     ax.plot(ts_k, clip(c["pdp_over_1mp"]), color="tab:blue", lw=1.4, label=r"$\Theta_{pd\text{-}p}/(1-p)$")
     ax.plot(ts_k, c["theta_pd_d"], color="tab:green", lw=1.2, ls=":", label=r"$\Theta_{pd\text{-}d}$")

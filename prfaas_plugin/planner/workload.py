@@ -17,8 +17,11 @@ import numpy as np
 
 
 class LengthDistribution(Protocol):
-    lo: float
-    hi: float
+    @property
+    def lo(self) -> float: ...
+
+    @property
+    def hi(self) -> float: ...
 
     def split(self, t: float) -> tuple[float, float, float]:
         """(p, l_long, l_short) for threshold t. l_long (l_short) is nan when p == 0 (p == 1)."""

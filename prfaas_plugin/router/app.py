@@ -53,7 +53,7 @@ class RouterApp:
                     reply.headers["allow"] = "POST"
                     await send_reply(reply, send)
                 return
-        await self.admin(scope, receive, send)
+        await self.admin(scope, receive, send)  # type: ignore[arg-type]  # ASGI dicts are mutable mappings
 
 
 def create_app(cfg: RouterConfig, tokenizer: PromptTokenizer | None = None) -> RouterApp:

@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
-from prfaas_plugin.router.config import RouterConfig
+from prfaas_plugin.router.config import InstanceSpec, RouterConfig
 from prfaas_plugin.router.upstream import Unreachable, Upstream, UpstreamError
 
 log = logging.getLogger("prfaas.router")
@@ -53,7 +53,12 @@ class Fleet:
     def from_config(cls, cfg: RouterConfig) -> Fleet:
         out = []
         for c in cfg.clusters:
-            for role, specs in (("prefill", c.prefill), ("decode", c.decode), ("both", c.both)):
+            by_role: tuple[tuple[Role, list[InstanceSpec]], ...] = (
+                ("prefill", c.prefill),
+                ("decode", c.decode),
+                ("both", c.both),
+            )
+            for role, specs in by_role:
                 for s in specs:
                     out.append(
                         Instance(
@@ -62,7 +67,7 @@ class Fleet:
                             c.kind,
                             role,
                             s.kv_endpoint,
-                            s.kv_events,  # type: ignore[arg-type]
+                            s.kv_events,
                             s.name or s.url,
                             s.bootstrap_port,
                         )

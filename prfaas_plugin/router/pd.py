@@ -27,6 +27,9 @@ class PDProtocol(ABC):
     #: Instances can switch between prefill and decode at run time (``threshold.apply_split``).
     switches_roles: bool = False
 
+    def __init__(self, transfer_deadline_s: float) -> None:
+        self.transfer_deadline_s = transfer_deadline_s
+
     @abstractmethod
     def bodies(self, body: dict[str, Any], prefill: Instance, decode: Instance) -> tuple[dict, dict, str]:
         """(producer body, consumer body, transfer id as recorded)."""
@@ -44,9 +47,6 @@ class VllmPD(PDProtocol):
     engine = "vllm"
     needs_kv_endpoint = True
 
-    def __init__(self, transfer_deadline_s: float) -> None:
-        self.transfer_deadline_s = transfer_deadline_s
-
     def bodies(self, body: dict[str, Any], prefill: Instance, decode: Instance) -> tuple[dict, dict, str]:
         if decode.kv_endpoint is None:
             raise ValueError(f"decode instance {decode.url} has no kv_endpoint for the prfaas connector")
@@ -62,9 +62,6 @@ class VllmPD(PDProtocol):
 class SglangPD(PDProtocol):
     engine = "sglang"
     switches_roles = True
-
-    def __init__(self, transfer_deadline_s: float = 0.0) -> None:
-        pass  # SGLang's bootstrap protocol carries no deadline
 
     def bodies(self, body: dict[str, Any], prefill: Instance, decode: Instance) -> tuple[dict, dict, str]:
         prod, cons, room = sglang_bodies(body, prefill.url, prefill.bootstrap_port)

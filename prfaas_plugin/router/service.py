@@ -179,7 +179,7 @@ class Router:
                 gone.cancel()
 
     async def handle(
-        self, raw: bytes, gone: asyncio.Future[None], path: str, chat: bool, rid: str, arrived: float
+        self, raw: bytes, gone: asyncio.Future[Any], path: str, chat: bool, rid: str, arrived: float
     ) -> Reply:
         """The answer to one request; ``gone`` completes if the client leaves meanwhile."""
         try:

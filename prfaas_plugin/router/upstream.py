@@ -57,7 +57,7 @@ class _Dropped(UpstreamError):
 class Headers(dict):
     """Response headers, names lower-cased; ``get`` takes any case."""
 
-    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, name: str, default: Any = None) -> Any:
         return dict.get(self, name.lower(), default)
 
     def __getitem__(self, name: str) -> str:

@@ -101,13 +101,14 @@ class PrfaaSPromMetrics(KVConnectorPromMetrics):
         self.load_failures = counter(M.VLLM_KV_LOAD_FAILURES)
         self.sent_bytes = counter(M.VLLM_KV_SENT_BYTES)
         self.send_failures = counter(M.VLLM_KV_SEND_FAILURES)
-        hist = self._histogram_cls(
+        histogram_cls: Any = self._histogram_cls  # vLLM types it as a union of metric classes
+        hist = histogram_cls(
             name=M.VLLM_KV_LOAD_SECONDS.name,
             documentation=M.VLLM_KV_LOAD_SECONDS.help,
             buckets=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60],
             labelnames=labelnames,
         )
-        self.load_seconds = create_metric_per_engine(hist, per_engine_labelvalues)
+        self.load_seconds: dict[int, Any] = create_metric_per_engine(hist, per_engine_labelvalues)
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         d = transfer_stats_data

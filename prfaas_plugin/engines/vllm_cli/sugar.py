@@ -188,7 +188,7 @@ def add_kv_connector_sugar(parser: argparse.ArgumentParser) -> argparse.Argument
 
     # An instance attribute, so only this parser changes, and both paths into it see it:
     # ArgumentParser.parse_args (the api_server module) and the subparser action (`vllm serve`).
-    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
+    parser.parse_known_args = parse_known_args  # type: ignore[method-assign,assignment]
     return parser
 
 

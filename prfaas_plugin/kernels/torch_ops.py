@@ -68,7 +68,7 @@ _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
-def _for_each_layer(count: int, nbytes: int, copy: Callable[[int], None]) -> None:
+def _for_each_layer(count: int, nbytes: int, copy: Callable[[int], object]) -> None:
     """Run ``copy(i)`` for every (layer, K/V) slice ``i``: on the calling thread, or split over
     ``torch.get_num_threads()`` pool threads when the work is large. torch releases the GIL
     inside each copy, so the layers' memcpys run on several cores at once, which is what a

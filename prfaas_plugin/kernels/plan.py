@@ -123,7 +123,7 @@ def row_offsets(caches: Sequence[torch.Tensor], layout: PagedLayout, idx: torch.
     in buffer order ``[layer, outer, block]``: the descriptor table of the single launch."""
     base = caches[0].data_ptr()
     isz = layout.itemsize
-    layer_outer = []
+    layer_outer: list[int] = []
     for t in caches:
         lo = t.data_ptr() - base
         layer_outer.extend(lo + o for o in outer_offsets_bytes(t, layout))

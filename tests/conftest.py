@@ -1,0 +1,30 @@
+"""Fixtures shared across test files. Each builds something once per test session that several
+files use; file-specific fixtures stay in their files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The word-level tokenizer the router tests' fake engines speak (router_helpers.py)."""
+    from router_helpers import build_tokenizer
+
+    return build_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_dir: Path):  # -> PromptTokenizer (imported lazily: it pulls tokenizers)
+    from prfaas_plugin.router.tokenize import PromptTokenizer
+
+    return PromptTokenizer(str(tiny_tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the tiny random-weight models are built (prfaas_plugin/demo/tiny_models.py); one
+    folder per session so every vLLM test that serves a tiny model builds it once."""
+    return tmp_path_factory.getbasetemp() / "models"
