@@ -42,6 +42,7 @@ from vllm_helpers import (
 )
 
 from prfaas_plugin.faults.proxy import FaultKind, FaultPlan, FaultProxy
+from prfaas_plugin.protocol import metrics as M
 
 BODY = (
     "moves the KV cache of long prompts from a compute-dense prefill cluster to bandwidth-rich decode "
@@ -279,7 +280,7 @@ def main() -> None:
                 if args.only and args.only not in case.name:
                     continue
                 rows.append(run_case(case, pair, router, str(model), args.requests, print))
-            failures_d = metric(pair.consumer, "vllm:prfaas_kv_load_failures_total")
+            failures_d = metric(pair.consumer, M.VLLM_KV_LOAD_FAILURES.exposed)
         finally:
             router.stop()
     lines = [

@@ -22,6 +22,8 @@ import aiohttp
 import httpx
 import yaml
 
+from prfaas_plugin.protocol import metrics as M
+
 try:  # the client shares a core with the fake backends: the cheaper loop keeps its own queueing low
     import uvloop
 
@@ -527,7 +529,7 @@ def main() -> None:
     table += (
         "\n\nThe interleaved row again, three more rounds of 10 s, with the CPU time the hypervisor took "
         "from this VM meanwhile (/proc/stat steal, both vCPUs), and the router's own share of the routed "
-        "requests' time to first byte as its metric prfaas_router_overhead_seconds counts it (arrival in the app "
+        f"requests' time to first byte as its metric {M.ROUTER_OVERHEAD.name} counts it (arrival in the app "
         "to the upstream request written, plus the first answer bytes to their relay; the rest of 'added' is "
         "the extra hop through the kernel and the scheduler of this 2-vCPU host):\n\n"
         "| round | host CPU steal ms | failed | direct p50 / p99 ms | via router p50 / p99 ms | added p50 / p99 ms "

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from router_helpers import FakeBackend, RunningRouter, build_tokenizer, words
 
+from prfaas_plugin.protocol import metrics as M
 from prfaas_plugin.router.config import RouterConfig, RouterConfigError, load_router_config
 from prfaas_plugin.router.tokenize import PromptTokenizer
 
@@ -158,7 +159,7 @@ def test_producer_http_failure_falls_back_to_local_without_client_error(tokenize
         assert "echo" in resp.text and ("[DONE]" in resp.text) == stream
         assert "kv_transfer_params" not in d.seen[-1].body  # re-sent as a plain local request
         assert r.router.records[resp.headers["x-request-id"]].fallback.startswith("prfaas failed")
-        assert 'prfaas_router_fallbacks_total{reason="prfaas failed"} 1.0' in httpx.get(r.url + "/metrics").text
+        assert f'{M.ROUTER_FALLBACKS.exposed}{{reason="prfaas failed"}} 1.0' in httpx.get(r.url + "/metrics").text
     finally:
         r.stop()
         p.stop()
@@ -371,7 +372,7 @@ def test_auto_threshold_follows_planner_rises_under_egress_and_settles(tokenizer
         assert snap["mode"] == "auto" and snap["timeline"]
         split = httpx.get(r.url + "/admin/split").json()["advice"]
         assert split["n_prefill"] + split["n_decode"] == 2
-        assert "prfaas_router_split_recommendation" in httpx.get(r.url + "/metrics").text
+        assert M.ROUTER_SPLIT.exposed in httpx.get(r.url + "/metrics").text
     finally:
         r.stop()
         p.stop()
@@ -428,12 +429,13 @@ def test_metrics_health_and_records(fleet) -> None:
     r.post("/v1/completions", _completion(10))
     r.post("/v1/completions", _completion(100, start=40))
     m = httpx.get(r.url + "/metrics").text
-    assert 'prfaas_router_decisions_total{reason="uncached length within threshold",route="local"}' in m
-    assert 'prfaas_router_decisions_total{reason="uncached length above threshold",route="prfaas"}' in m
-    assert "prfaas_router_threshold_tokens 40.0" in m
-    assert "prfaas_router_ttft_seconds_bucket" in m
+    decisions = M.ROUTER_DECISIONS.exposed
+    assert f'{decisions}{{reason="uncached length within threshold",route="local"}}' in m
+    assert f'{decisions}{{reason="uncached length above threshold",route="prfaas"}}' in m
+    assert f"{M.ROUTER_THRESHOLD.name} 40.0" in m
+    assert f"{M.ROUTER_TTFT.name}_bucket" in m
     # Garbage collection on the router's clock is on by default (router/gcpace.py).
-    young = re.search(r'prfaas_router_gc_collections\{generation="0"\} (\S+)', m)
+    young = re.search(M.ROUTER_GC_COLLECTIONS.name + r'\{generation="0"\} (\S+)', m)
     assert young is not None and float(young.group(1)) > 0
     assert r.router._serving == 0  # every answered request left the count (the pacer idles at 0)
     assert httpx.get(r.url + "/health").status_code == 200
@@ -720,7 +722,7 @@ def test_split_advice_is_applied_by_draining_then_switching_one_instance(tokeniz
             assert (s.body["bootstrap_host"], s.body["bootstrap_port"]) == ("127.0.0.1", 8998)
         split = httpx.get(r.url + "/admin/split").json()
         assert split["applying"] and split["switches"][-1]["outcome"] == "switched"
-        assert 'prfaas_router_role_switches_total{outcome="switched"} 1.0' in httpx.get(r.url + "/metrics").text
+        assert f'{M.ROUTER_ROLE_SWITCHES.exposed}{{outcome="switched"}} 1.0' in httpx.get(r.url + "/metrics").text
     finally:
         r.stop()
         p.stop()
@@ -963,7 +965,7 @@ def test_a_producer_reporting_no_bytes_is_estimated_from_its_uncached_length(tok
         uncached = int(got.headers["x-prfaas-uncached-tokens"])
         window_bytes = lambda: r.router.controller.egress_gbps() * 1e9 / 8 * 30  # noqa: E731
         assert _eventually(lambda: abs(window_bytes() - 500 * uncached) < 1, 5), (window_bytes(), uncached)
-        assert f"prfaas_router_egress_estimated_bytes_total {float(500 * uncached)}" in r.get("/metrics").text
+        assert f"{M.ROUTER_EGRESS_ESTIMATED.exposed} {float(500 * uncached)}" in r.get("/metrics").text
         assert r.router.records[got.headers["x-request-id"]].kv_bytes_estimated == 500 * uncached
         # The same prompt, longer: the decode instance holds the first part, only the rest crosses.
         again = r.post("/v1/completions", _completion(200))
@@ -1016,7 +1018,7 @@ def test_the_router_measures_its_own_share_of_the_time_to_first_byte(tokenizer) 
             assert rec["ttft_s"] >= 0.3, rec
             assert 0 < rec["overhead_s"] < 0.1, rec
         m = httpx.get(r.url + "/metrics").text
-        assert 'prfaas_router_overhead_seconds_count{route="local"} 2.0' in m
+        assert f'{M.ROUTER_OVERHEAD.name}_count{{route="local"}} 2.0' in m
     finally:
         r.stop()
         d.stop()

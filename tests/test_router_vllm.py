@@ -18,6 +18,7 @@ from router_helpers import RunningRouter
 from vllm_helpers import Supervisor, free_port, metric, requires_vllm, settles, start_pair, wait_metric
 
 from prfaas_plugin.faults.proxy import FaultKind, FaultPlan, FaultProxy
+from prfaas_plugin.protocol import metrics as M
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, requires_vllm, pytest.mark.timeout(900)]
 
@@ -113,14 +114,12 @@ def test_mixed_workload_through_the_openai_client_equals_single_instance(stack):
             assert rec["transfer_status"] == "sent" and rec["kv_bytes"] > 0, rec
         assert text == _reference(pair.producer, "/v1/completions", {"prompt": prompt}), prompt
     # The short-term loop's egress comes from the producer's own counter of confirmed bytes.
-    sent = wait_metric(pair.producer, "vllm:prfaas_kv_sent_bytes_total", lambda v: v > 0)
+    sent = wait_metric(pair.producer, M.VLLM_KV_SENT_BYTES.exposed, lambda v: v > 0)
     assert sent > 0
     from prfaas_plugin.faults.matrix import until
 
     assert until(
-        lambda: (
-            router.router.egress.last.get(pair.producer) == metric(pair.producer, "vllm:prfaas_kv_sent_bytes_total")
-        ),
+        lambda: router.router.egress.last.get(pair.producer) == metric(pair.producer, M.VLLM_KV_SENT_BYTES.exposed),
         15,
     ), (router.router.egress.last, sent)
 
@@ -153,7 +152,7 @@ def test_streaming_and_chat_through_the_openai_client(stack):
     remote = [
         line
         for line in metrics.splitlines()
-        if line.startswith("prfaas_router_decisions_total{") and 'route="prfaas"' in line
+        if line.startswith(M.ROUTER_DECISIONS.exposed + "{") and 'route="prfaas"' in line
     ]
     assert remote and sum(float(line.rsplit(" ", 1)[1]) for line in remote) >= 3, metrics[:2000]
 
@@ -166,7 +165,7 @@ def test_transfer_stalled_mid_way_through_the_router_still_answers_exactly(stack
     pair, router, model = stack
     usage = "vllm:kv_cache_usage_perc"
     p0, c0 = settles(pair.producer, usage, 0.0), settles(pair.consumer, usage, 0.0)
-    failures0 = metric(pair.consumer, "vllm:prfaas_kv_load_failures_total")
+    failures0 = metric(pair.consumer, M.VLLM_KV_LOAD_FAILURES.exposed)
     prompt = "Stalled on the way: " + _BODY * 2
     ref = _reference(pair.producer, "/v1/completions", {"prompt": prompt})
     client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", timeout=600, max_retries=0)
@@ -179,7 +178,7 @@ def test_transfer_stalled_mid_way_through_the_router_still_answers_exactly(stack
         pair.proxy.set_fault(FaultPlan())
     assert raw.headers["x-prfaas-route"] == "prfaas"
     assert raw.parse().choices[0].text == ref
-    assert settles(pair.consumer, "vllm:prfaas_kv_load_failures_total", failures0 + 1) == failures0 + 1
+    assert settles(pair.consumer, M.VLLM_KV_LOAD_FAILURES.exposed, failures0 + 1) == failures0 + 1
     assert settles(pair.producer, usage, p0) == p0, "producer leaked blocks"
     assert settles(pair.consumer, usage, c0) == c0, "consumer leaked blocks"
 
@@ -196,7 +195,7 @@ def test_decode_instance_restarted_during_a_transfer(stack):
     pair, router, model = stack
     usage = "vllm:kv_cache_usage_perc"
     p0 = settles(pair.producer, usage, 0.0)
-    send_failures0 = metric(pair.producer, "vllm:prfaas_kv_send_failures_total")
+    send_failures0 = metric(pair.producer, M.VLLM_KV_SEND_FAILURES.exposed)
     prompt = "Restarted mid-way: " + _BODY * 2
     ref = _reference(pair.producer, "/v1/completions", {"prompt": prompt})
     up0 = pair.proxy.stats.bytes_up
@@ -229,7 +228,7 @@ def test_decode_instance_restarted_during_a_transfer(stack):
 
     # The producer's lease (transfer_deadline_s) frees what it held for the dead receiver.
     assert settles(pair.producer, usage, p0) == p0, "producer leaked blocks"
-    assert settles(pair.producer, "vllm:prfaas_kv_send_failures_total", send_failures0 + 1) == send_failures0 + 1
+    assert settles(pair.producer, M.VLLM_KV_SEND_FAILURES.exposed, send_failures0 + 1) == send_failures0 + 1
 
     pair.sup.start("consumer", argv, env=server_env(1))
     pair.sup.wait_healthy("consumer", f"{pair.consumer}/health", 600)

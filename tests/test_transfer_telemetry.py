@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from transfer_helpers import FP, ArraySink, manifest, pair, random_items, token
 
+from prfaas_plugin.protocol import metrics as M
 from prfaas_plugin.transfer import ReceiverConfig, SenderConfig
 from prfaas_plugin.transfer.metrics import TransferCollector
 
@@ -48,12 +49,12 @@ def test_stats_and_prometheus_after_transfers():
         assert rs["bytes_landed"] == total and rs["sessions_ok"] == 3
 
         s = _samples(reg)
-        assert s[("prfaas_transfer_peer_confirmed_bytes_total", (("peer", peer),))] == total
-        assert s[("prfaas_transfer_peer_bytes_in_flight", (("peer", peer),))] == 0
-        assert s[("prfaas_transfer_send_requests_total", (("outcome", "ok"),))] == 3
-        assert s[("prfaas_transfer_receiver_bytes_landed_total", ())] == total
-        assert s[("prfaas_transfer_receive_sessions_total", (("outcome", "ok"),))] == 3
-        assert ("prfaas_transfer_peer_tcp_rtt_ms", (("peer", peer),)) in s
+        assert s[(M.T_PEER_CONFIRMED.exposed, (("peer", peer),))] == total
+        assert s[(M.T_PEER_IN_FLIGHT.exposed, (("peer", peer),))] == 0
+        assert s[(M.T_SEND_REQUESTS.exposed, (("outcome", "ok"),))] == 3
+        assert s[(M.T_RX_LANDED.exposed, ())] == total
+        assert s[(M.T_RX_SESSIONS.exposed, (("outcome", "ok"),))] == 3
+        assert (M.T_PEER_RTT.exposed, (("peer", peer),)) in s
     finally:
         tx.close()
         rx.close()
@@ -67,7 +68,7 @@ def test_failures_are_counted_by_type():
         items, _ = random_items(np.random.default_rng(0), {"L0": 10})
         sh = tx.open(rx.endpoint, manifest("nobody", items), token())
         sh.done.exception(timeout=10)
-        assert _samples(reg)[("prfaas_transfer_send_requests_total", (("outcome", "AuthError"),))] == 1
+        assert _samples(reg)[(M.T_SEND_REQUESTS.exposed, (("outcome", "AuthError"),))] == 1
     finally:
         tx.close()
         rx.close()

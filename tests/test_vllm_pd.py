@@ -15,6 +15,7 @@ import pytest
 from vllm_helpers import Supervisor, complete, free_port, metric, requires_vllm, start_pair, wait_metric
 
 from prfaas_plugin.faults.proxy import FaultKind, FaultPlan, FaultProxy
+from prfaas_plugin.protocol import metrics as M
 
 # the first test of each model also pays for starting its pair (60-400 s on a loaded 2-core box)
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, requires_vllm, pytest.mark.timeout(900)]
@@ -78,7 +79,7 @@ def _received_bytes(pair, transfer_id: str) -> int:
 
 
 def test_pd_equals_single_instance_and_bytes_match_layout(pair):
-    received0 = metric(pair.consumer, "vllm:prfaas_kv_received_bytes_total")
+    received0 = metric(pair.consumer, M.VLLM_KV_RECEIVED_BYTES.exposed)
     ref = complete(pair.producer, PROMPT)
     res = _pd(pair, PROMPT)
     xfer = res.transfer
@@ -90,7 +91,7 @@ def test_pd_equals_single_instance_and_bytes_match_layout(pair):
     assert wire == xfer["bytes"]
     assert res.text == ref, f"P/D output differs from single instance:\n{res.text!r}\n{ref!r}"
     # the connector's own series on vLLM's /metrics (served by the API server, fed by the worker)
-    got = _metric_reaches(pair.consumer, "vllm:prfaas_kv_received_bytes_total", received0 + wire)
+    got = _metric_reaches(pair.consumer, M.VLLM_KV_RECEIVED_BYTES.exposed, received0 + wire)
     assert got == received0 + wire, (got, received0, wire)
 
 
@@ -150,7 +151,7 @@ def test_failed_transfer_recomputes_and_frees_blocks(pair):
     from prfaas_plugin.protocol.requests import transfer_params
 
     p0, c0 = _settled_usage(pair.producer, 0.0), _settled_usage(pair.consumer, 0.0)
-    failures0 = metric(pair.consumer, "vllm:prfaas_kv_load_failures_total")
+    failures0 = metric(pair.consumer, M.VLLM_KV_LOAD_FAILURES.exposed)
     prompt = PROMPT * 2
     ref = complete(pair.producer, prompt)
     p_params, c_params = transfer_params(pair.decode_endpoint, deadline_s=10)
@@ -171,7 +172,7 @@ def test_failed_transfer_recomputes_and_frees_blocks(pair):
     assert res.text == ref
     log = pair.sup.children["consumer"].log_path.read_text(errors="replace")
     assert "decode recomputes the prefill locally" in log
-    assert _metric_reaches(pair.consumer, "vllm:prfaas_kv_load_failures_total", failures0 + 1) == failures0 + 1
+    assert _metric_reaches(pair.consumer, M.VLLM_KV_LOAD_FAILURES.exposed, failures0 + 1) == failures0 + 1
     assert _settled_usage(pair.producer, p0) == p0, "producer leaked blocks"
     assert _settled_usage(pair.consumer, c0) == c0, "consumer leaked blocks"
 
@@ -195,7 +196,7 @@ def test_connections_reset_mid_transfer_are_resent_on_fresh_ones(pair):
     and resends the unconfirmed chunks; the transfer completes and the output is exact."""
     prompt = "Connections reset in the middle. " + PROMPT * 4
     ref = complete(pair.producer, prompt)
-    failures0 = metric(pair.consumer, "vllm:prfaas_kv_load_failures_total")
+    failures0 = metric(pair.consumer, M.VLLM_KV_LOAD_FAILURES.exposed)
     # 4 KiB into this transfer every open data connection is reset (a middlebox restarting)
     res, resets = _armed(
         pair, FaultPlan(FaultKind.RESET, after_bytes=4096, per_connection=False, once=True), prompt, deadline_s=60
@@ -204,7 +205,7 @@ def test_connections_reset_mid_transfer_are_resent_on_fresh_ones(pair):
     assert res.transfer.get("status") == "sent", res.transfer
     assert res.text == ref
     assert _received_bytes(pair, res.transfer["transfer_id"]) == res.transfer["bytes"]  # D loaded it all
-    assert metric(pair.consumer, "vllm:prfaas_kv_load_failures_total") == failures0
+    assert metric(pair.consumer, M.VLLM_KV_LOAD_FAILURES.exposed) == failures0
 
 
 def test_transfer_stalled_mid_way_recomputes_and_frees_blocks(pair):
@@ -213,17 +214,15 @@ def test_transfer_stalled_mid_way_recomputes_and_frees_blocks(pair):
     failure on /metrics, both instances free every block, and once the path heals the next
     transfer goes through."""
     p0, c0 = _settled_usage(pair.producer, 0.0), _settled_usage(pair.consumer, 0.0)
-    failures0 = metric(pair.consumer, "vllm:prfaas_kv_load_failures_total")
-    send_failures0 = metric(pair.producer, "vllm:prfaas_kv_send_failures_total")
+    failures0 = metric(pair.consumer, M.VLLM_KV_LOAD_FAILURES.exposed)
+    send_failures0 = metric(pair.producer, M.VLLM_KV_SEND_FAILURES.exposed)
     prompt = "The path stalls in the middle. " + PROMPT * 4
     ref = complete(pair.producer, prompt)
     # 4 KiB of this transfer cross, then nothing on any connection, old or new
     res, _ = _armed(pair, FaultPlan(FaultKind.BLACKHOLE, after_bytes=4096, per_connection=False), prompt, deadline_s=5)
     assert res.text == ref
-    assert _metric_reaches(pair.consumer, "vllm:prfaas_kv_load_failures_total", failures0 + 1) == failures0 + 1
-    assert (
-        _metric_reaches(pair.producer, "vllm:prfaas_kv_send_failures_total", send_failures0 + 1) == send_failures0 + 1
-    )
+    assert _metric_reaches(pair.consumer, M.VLLM_KV_LOAD_FAILURES.exposed, failures0 + 1) == failures0 + 1
+    assert _metric_reaches(pair.producer, M.VLLM_KV_SEND_FAILURES.exposed, send_failures0 + 1) == send_failures0 + 1
     assert _settled_usage(pair.producer, p0) == p0, "producer leaked blocks"
     assert _settled_usage(pair.consumer, c0) == c0, "consumer leaked blocks"
 

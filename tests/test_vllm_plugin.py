@@ -7,6 +7,8 @@ import importlib.metadata as md
 import pytest
 from vllm_helpers import requires_vllm
 
+from prfaas_plugin.protocol import metrics as M
+
 pytestmark = [pytest.mark.vllm, requires_vllm]
 
 
@@ -143,8 +145,8 @@ def test_connector_stats_survive_vllms_round_trip_and_feed_prometheus():
     )
     prom.observe(merged.to_dict(), 0)
     value = lambda n: reg.get_sample_value(n, {"model_name": "m", "engine": "0"})  # noqa: E731
-    assert value("vllm:prfaas_kv_received_bytes_total") == 1500
-    assert value("vllm:prfaas_kv_loads_total") == 2
-    assert value("vllm:prfaas_kv_load_failures_total") == 1
-    assert value("vllm:prfaas_kv_sent_bytes_total") == 3000
-    assert value("vllm:prfaas_kv_load_seconds_count") == 2
+    assert value(M.VLLM_KV_RECEIVED_BYTES.exposed) == 1500
+    assert value(M.VLLM_KV_LOADS.exposed) == 2
+    assert value(M.VLLM_KV_LOAD_FAILURES.exposed) == 1
+    assert value(M.VLLM_KV_SENT_BYTES.exposed) == 3000
+    assert value(M.VLLM_KV_LOAD_SECONDS.name + "_count") == 2
