@@ -37,8 +37,8 @@ def command(config: Path, host: str, port: int, log_level: str) -> None:
 def freeze_startup_heap() -> None:
     """Exempt what start-up built (transformers, the tokenizer, FastAPI, pydantic models: a
     few hundred thousand long-lived objects) from the cyclic garbage collector. Without this
-    every full collection walks them all: in bench/router.py at 200 concurrent streams those
-    collections paused the event loop for 100-250 ms each, which was most of the router's p99.
+    every full collection walks them all and pauses the event loop for far longer than a
+    request takes.
     Objects created while serving are collected as usual."""
     gc.collect()
     gc.freeze()

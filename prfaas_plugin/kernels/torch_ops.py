@@ -47,7 +47,7 @@ def one_intraop_thread() -> Iterator[None]:
 
     Each copy is a few MB; splitting it over OpenMP threads buys nothing (one core saturates
     memory bandwidth for memcpy-class work) and on a loaded host the fork/join barriers of
-    hundreds of calls cost 5-8x (measured in transfer.md section 6 and bench/kernels.py).
+    hundreds of calls cost several times the copies (bench/kernels.py shows it).
     With torch's OpenMP backend the setting is per calling thread."""
     n = torch.get_num_threads()
     if n == 1:

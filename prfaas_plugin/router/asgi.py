@@ -1,10 +1,9 @@
 """The router's hot path as plain ASGI: the two completion endpoints, without FastAPI.
 
-Why: every request and every streamed token goes through here. Behind FastAPI/Starlette a
-20-token stream cost a bare relay ~3.0-3.3 ms of CPU (routing, dependency solving, two
-middleware wrappers per ``send``, an anyio task group per streaming response); the same relay
-on plain ASGI cost ~2.1-2.3 ms (uvicorn + aiohttp on both, same host, measured side by side). The
-admin, health and metrics endpoints stay on FastAPI, where convenience matters more.
+Why: every request and every streamed token goes through here, and behind FastAPI/Starlette each
+pays for routing, dependency solving, two middleware wrappers per ``send`` and an anyio task
+group per streaming response -- about a third more CPU per relayed stream. The admin, health
+and metrics endpoints stay on FastAPI, where convenience matters more.
 
 Handlers return a :class:`Reply`; :func:`send_reply` writes it. One :func:`client_gone` watcher
 per request (started once its body is read) covers both the work and a streamed answer: a

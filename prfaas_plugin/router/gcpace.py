@@ -4,10 +4,8 @@ Why: CPython starts a young collection when *allocations minus deallocations* of
 objects pass 700. A router in steady state frees about as many objects (those of streams that
 just ended, by then promoted to older generations) as it allocates (those of new streams), so
 that count hardly moves; meanwhile the youngest generation keeps every object created since the
-last collection, and the collection that finally comes walks all of them. Measured in
-bench/router.py's 200-stream load (gc.callbacks, process CPU time): young collections over
-14,000-19,000 objects taking 5-14 ms, about ten per 6 s, each stalling every stream the router
-relays; they were most of its p99 there.
+last collection, and the collection that finally comes walks all of them -- tens of thousands
+of objects under load, milliseconds during which every stream the router relays stalls.
 
 Here the young generation is collected every ``young_every_s`` (a few hundred objects, well
 under a millisecond), the middle one every ``middle_every`` young collections (objects that
@@ -19,8 +17,7 @@ all of this (cli/router.py).
 While it runs, CPython's own trigger never starts a *full* collection: each explicit middle
 collection counts towards the oldest generation's trigger (10 by default), and with the start-up
 heap frozen the "enough survivors" test compares against a small heap, so the automatic collector
-walked the whole heap up to once a second under load, at random moments (5-23 ms each in
-bench/router.py's 200-stream load, each found nothing to free). The pacer's own full
+would walk the whole heap up to once a second under load, at random moments, finding nothing. The pacer's own full
 collection on its interval replaces it; the young and middle triggers stay as they were.
 
 An idle router (no request open) makes almost no objects, so it collects only every

@@ -136,9 +136,9 @@ class Router:
 
     # -- one request ------------------------------------------------------------------------------
     async def _tokenize(self, body_bytes: int, fn: Callable[..., list[int]], *args: Any) -> list[int]:
-        """Short prompts are tokenised on the event loop: handing a ~50 us job to a worker
-        thread costs more than the job, and under load each hand-off waits for the GIL (up to
-        its 5 ms switch interval). Long prompts (milliseconds of work) go to a thread so the
+        """Short prompts are tokenised on the event loop: handing a job of tens of microseconds
+        to a worker thread costs more than the job, and under load each hand-off waits for the
+        GIL (up to its switch interval). Long prompts (milliseconds of work) go to a thread so the
         loop keeps relaying the other streams."""
         if body_bytes <= INLINE_TOKENIZE_BYTES:
             return fn(*args)
@@ -156,7 +156,7 @@ class Router:
             self._serving -= 1
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, path: str, chat: bool, arrived: float) -> None:
-        rid = header(scope, b"x-request-id") or os.urandom(16).hex()  # as uuid4().hex, 4x cheaper
+        rid = header(scope, b"x-request-id") or os.urandom(16).hex()  # as unique as uuid4().hex, cheaper
         try:
             raw = await read_body(receive)
         except ClientGone:

@@ -23,9 +23,8 @@ class PromptTokenizer:
         except Exception as exc:
             raise ValueError(f"cannot load the tokenizer from {path!r}: {exc}") from None
         # A fast tokenizer's Rust object gives the same ids as ``tok.encode`` (the wrapper only
-        # adds Python bookkeeping around the same call): ~10 us instead of ~36 us for a short
-        # prompt, which is most of the router's tokenising cost (tests/test_router_tokenize.py
-        # checks the two agree).
+        # adds Python bookkeeping around the same call, several times the cost of the encode for
+        # a short prompt); tests/test_router_tokenize.py checks the two agree.
         rust = getattr(self.tok, "_tokenizer", None) if getattr(self.tok, "is_fast", False) else None
         self._encode = rust.encode if rust is not None and hasattr(rust, "encode") else None
 

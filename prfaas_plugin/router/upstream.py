@@ -2,11 +2,9 @@
 
 Why not a general client: every streamed token the router relays crosses this code, and at 200
 concurrent decoding streams the router's CPU per request sets its added latency (it queues
-behind the other streams' chunks). With aiohttp a 20-token stream cost the router ~3.0 ms of CPU
-(its request set-up and the StreamReader path each chunk takes); on this module ~2.2 ms (the same
-server side and load, bench/router.py's open loop with the router on its own core, in separate
-runs minutes apart on the same host).
-httpx was dropped earlier for the same reason (its pool scanned every connection per request).
+behind the other streams' chunks). A general client's per-request set-up and per-chunk reader
+path cost about a third more CPU than this module (bench/router.py). httpx's pool also scanned
+every connection per request.
 What an engine connection needs is small: POST or GET with a JSON body, a status line and
 headers, a body read whole or chunk by chunk, reuse of idle connections, and *closing a request
 early* -- dropping the connection is how vLLM and SGLang learn to abort a request.
