@@ -101,10 +101,13 @@ def main() -> None:
             head_name: f"http://127.0.0.1:{a_port}/v1/completions",
             base_sha: f"http://127.0.0.1:{b_port}/v1/completions",
         }
-        targets = list(urls.values())
         n = int(args.rate * args.seconds)
 
-        def arrivals(tag: str) -> list[tuple[str, dict]]:
+        def arrivals(tag: str, rnd: int = 0) -> list[tuple[str, dict]]:
+            # Which router's request follows the direct one alternates between rounds, so neither
+            # always arrives first on their shared core.
+            a, b = urls[head_name], urls[base_sha]
+            targets = [urls["direct"], a, b] if rnd % 2 == 0 else [urls["direct"], b, a]
             return [
                 (
                     targets[k % 3],
@@ -125,7 +128,7 @@ def main() -> None:
             ttfb: dict[str, list[float]] = {}
             errors = Errors()
             since = time.time() + 1.0
-            _run(_open_loop(arrivals(f"round{rnd}"), args.rate, errors, ttfb, skip=int(args.rate)))
+            _run(_open_loop(arrivals(f"round{rnd}", rnd), args.rate, errors, ttfb, skip=int(args.rate)))
             until = time.time()
             direct = [x * 1e3 for x in ttfb.get(urls["direct"], [])]
             row = [str(rnd + 1), f"{_pct(direct, 0.5):.1f} / {_pct(direct, 0.99):.1f}"]
