@@ -33,13 +33,6 @@ class Supervised:
     popen: subprocess.Popen[bytes]
     started_at: float = field(default_factory=time.monotonic)
 
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "<no log>"
-        return "\n".join(text.splitlines()[-lines:])
-
     def failure_report(self, first: int = 40, last: int = 30) -> str:
         """What to show when the process failed: the *first* error block of its log (vLLM's
         engine core prints the root cause long before the API server's last lines, which only

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -96,7 +96,3 @@ def grow_to(base: str, target: int, count_tokens: Callable[[str], int], rng: ran
     while len(words) > 1 and count_tokens(" ".join(words[:-1])) >= target:
         words.pop()
     return " ".join(words)
-
-
-def prompt_lengths(prompts: Sequence[DemoPrompt], count_tokens: Callable[[str], int]) -> list[int]:
-    return [count_tokens(p.text) for p in prompts]
