@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -25,6 +26,8 @@ from prfaas_plugin.engines.vllm.options import Options
 from prfaas_plugin.engines.vllm.stats import PrfaaSConnectorStats
 from prfaas_plugin.transfer import (
     ItemSpec,
+    ReceiveHandle,
+    SendHandle,
     TransferError,
     TransferManifest,
     TransferReceiver,
@@ -78,6 +81,27 @@ class _Sink(StagedSink[torch.Tensor]):
         packing.unpack(cache, bdim, ids, staged, skip_before=self._held_blocks(g, first, count))
 
 
+@dataclass
+class _Send:
+    """A producer transfer in flight: its handle, the layers already sent, and the packed
+    buffers the handle reads from (kept until ``done``)."""
+
+    handle: SendHandle
+    transfer: Transfer
+    sent_layers: set[str] = field(default_factory=set)
+    buffers: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class _Load:
+    """A consumer load announced to the receiver (``started``: monotonic seconds)."""
+
+    done: Future[TransferManifest]
+    transfer: Transfer
+    started: float
+    handle: ReceiveHandle | None = None  # None when it failed before reaching a receiver
+
+
 class WorkerSide:
     #: Builds the transfer endpoints from the options; tests inject another implementation of the
     #: transfer contract (the loopback fabric, a fault proxy).
@@ -94,9 +118,9 @@ class WorkerSide:
         self.receiver: TransferReceiver | None = None
         self.sender: TransferSender | None = None
         self.meta = PrfaaSMetadata()
-        self._sends: dict[str, tuple[Any, Transfer, set[str], list[torch.Tensor]]] = {}
-        self._send_futs: dict[str, Future] = {}
-        self._loads: dict[str, tuple[Any, Transfer, float]] = {}  # handle, transfer, announced at
+        self._sends: dict[str, _Send] = {}
+        self._send_futs: dict[str, Future[None]] = {}
+        self._loads: dict[str, _Load] = {}
         self._sched_finished: set[str] = set()
         self._load_errors: set[int] = set()
         self._lock = threading.Lock()
@@ -179,16 +203,17 @@ class WorkerSide:
             assert self.sender is not None, "a kv_consumer-only instance cannot produce"
             manifest = TransferManifest(t.transfer_id, tuple(self._items(t)), self.fp, sender_id="vllm")
             h = self.sender.open(t.endpoint, manifest, t.token, deadline_s=t.deadline_s)
-            self._sends[t.req_id] = (h, t, set(), [])
+            self._sends[t.req_id] = _Send(h, t)
         except Exception as e:  # never pin blocks: report the request as done (failed) at once
             log.error("prfaas: cannot open transfer %s for %s: %s", t.transfer_id, t.req_id, e)
             self.stats.record_send_failure(type(e).__name__)
-            f: Future = Future()
+            f: Future[None] = Future()
             f.set_exception(e)
             self._send_futs[t.req_id] = f
 
     def _send_layer(self, rid: str, lname: str) -> None:
-        h, t, sent, keep = self._sends[rid]
+        st = self._sends[rid]
+        h, t, sent, keep = st.handle, st.transfer, st.sent_layers, st.buffers
         if lname in sent or lname not in self.group_of:
             return
         sent.add(lname)
@@ -223,19 +248,19 @@ class WorkerSide:
         for t in self.meta.loads:
             if self.receiver is None:
                 log.error("prfaas: request %s asks for a load but this instance is not a consumer", t.req_id)
-                f: Future = Future()
+                f: Future[TransferManifest] = Future()
                 f.set_exception(RuntimeError("not a kv_consumer"))
-                self._loads[t.req_id] = (_Done(f), t, time.monotonic())
+                self._loads[t.req_id] = _Load(f, t, time.monotonic())
                 continue
             h = self.receiver.expect(t.transfer_id, t.token, self.fp, _Sink(self, t), deadline_s=t.deadline_s)
-            self._loads[t.req_id] = (h, t, time.monotonic())
+            self._loads[t.req_id] = _Load(h.done, t, time.monotonic(), h)
 
     # -- completion ----------------------------------------------------------------------------
     def transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
         self._sched_finished |= set(finished_req_ids)
         sending: set[str] = set()
         for rid in list(self._sends):
-            h, t, _, _ = self._sends[rid]
+            h = self._sends[rid].handle
             if h.done.done():
                 self._send_futs[rid] = h.done
                 del self._sends[rid]  # drops the packed buffers: the receiver has them
@@ -252,15 +277,17 @@ class WorkerSide:
                 sending.add(rid)
         recving, failed = set(), set()
         for rid in list(self._loads):
-            h, t, started = self._loads[rid]
-            if not h.done.done():
+            ld = self._loads[rid]
+            t = ld.transfer
+            if not ld.done.done():
                 continue
             del self._loads[rid]
             recving.add(rid)
-            err = h.done.exception()
+            err = ld.done.exception()
             if err is None:
-                m, p = h.done.result(), {"bytes_received": 0, "bytes_skipped": 0, **h.progress()}
-                self.stats.record_load(p["bytes_received"], time.monotonic() - started)
+                m = ld.done.result()
+                p = {"bytes_received": 0, "bytes_skipped": 0, **(ld.handle.progress() if ld.handle else {})}
+                self.stats.record_load(p["bytes_received"], time.monotonic() - ld.started)
                 log.info(
                     "prfaas: loaded transfer %s for request %s: %d bytes in %d items "
                     "(%d more bytes of %d prefix tokens already cached here were not sent)",
@@ -296,17 +323,12 @@ class WorkerSide:
         return out
 
     def shutdown(self) -> None:
-        for h, *_ in self._sends.values():
-            h.abort("vLLM shutting down")
-        for h, *_ in self._loads.values():
-            if hasattr(h, "abort"):
-                h.abort("vLLM shutting down")
+        for st in self._sends.values():
+            st.handle.abort("vLLM shutting down")
+        for ld in self._loads.values():
+            if ld.handle is not None:
+                ld.handle.abort("vLLM shutting down")
         if self.sender:
             self.sender.close()
         if self.receiver:
             self.receiver.close()
-
-
-class _Done:
-    def __init__(self, f: Future) -> None:
-        self.done = f
