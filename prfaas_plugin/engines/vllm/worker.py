@@ -158,9 +158,9 @@ class WorkerSide:
             advertise = None
             if self.opts.advertise_data:
                 a_host, _, a_port = self.opts.advertise_data.rpartition(":")
-                advertise = join_hostport(a_host.strip("[]"), int(a_port) + rank)
+                advertise = join_hostport(a_host.strip("[]"), rank_port(int(a_port), rank))
             self.receiver = transport.receiver(
-                host.strip("[]"), int(port) + rank, rank_port(self.opts.data_port, rank), advertise
+                host.strip("[]"), rank_port(int(port), rank), rank_port(self.opts.data_port, rank), advertise
             )
             log.info(
                 "prfaas: receiver listening on %s (data plane %s%s%s)",
