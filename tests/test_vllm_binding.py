@@ -1,6 +1,6 @@
 """The vLLM connector's worker halves bound to the transfer core through ``transfer.binding``:
 a producer and a consumer ``WorkerSide`` move a request's KV blocks on the injected loopback
-fabric and on the real engine with TLS and mutual TLS; a wrong session token or an untrusted
+fabric, through the fault proxy, and on the real engine with TLS and mutual TLS; a wrong session token or an untrusted
 certificate is refused and the consumer reports the load as failed (decode recomputes).
 
 vLLM's configs are neighbours here (small stand-ins with the fields the worker reads); the
@@ -23,8 +23,10 @@ from prfaas_plugin.engines.vllm import layout
 from prfaas_plugin.engines.vllm.meta import Transfer
 from prfaas_plugin.engines.vllm.options import Options
 from prfaas_plugin.engines.vllm.worker import WorkerSide
-from prfaas_plugin.transfer import GrpcTcpReceiver
-from prfaas_plugin.transfer.binding import EngineTransport, ItemNameError, rank_port
+from prfaas_plugin.faults import FaultKind, FaultPlan, FaultProxy
+from prfaas_plugin.transfer import GrpcTcpReceiver, TransferReceiver, TransferSender
+from prfaas_plugin.transfer.binding import EndpointSpec, EngineTransport, ItemNameError, rank_port
+from prfaas_plugin.transfer.config import split_hostport
 
 TOKEN = "session-token-0123456789abcdef"
 BLOCK, NUM_BLOCKS, LAYERS = 4, 16, ("model.layers.0.attn", "model.layers.1.attn")
@@ -115,6 +117,47 @@ def test_connector_wrong_token_is_refused_on_the_fabric(fabric):
     )
     assert failed == {"r1"}
     assert not _same_blocks(p_cache, d_cache)
+
+
+class _ProxiedTransport:
+    """The real engine with the consumer's data plane reached through a fault proxy (advertised
+    to producers, as a middlebox would be)."""
+
+    def __init__(self, spec: EndpointSpec, proxy: FaultProxy) -> None:
+        self.inner, self.proxy = EngineTransport(spec), proxy
+
+    def sender(self) -> TransferSender:
+        return self.inner.sender()
+
+    def receiver(self, host: str, port: int, data_port: int = 0, advertise_data: str | None = None) -> TransferReceiver:
+        rx = self.inner.receiver(host, port, data_port, advertise_data=self.proxy.endpoint)
+        self.proxy.upstream = split_hostport(rx.bound_data_endpoint)
+        return rx
+
+
+@pytest.fixture
+def proxy():
+    with FaultProxy(("127.0.0.1", 9)) as p:
+        old = WorkerSide.transport_factory
+        WorkerSide.transport_factory = staticmethod(lambda spec: _ProxiedTransport(spec, p))
+        try:
+            yield p
+        finally:
+            WorkerSide.transport_factory = old
+
+
+def test_connector_through_the_fault_proxy(proxy):
+    failed, p_cache, d_cache, _ = _move(Options(), Options(listen="127.0.0.1:0"))
+    assert not failed and _same_blocks(p_cache, d_cache)
+    assert proxy.stats.bytes_up > 0  # the data plane really crossed the proxy
+
+
+def test_connector_load_fails_when_the_proxy_resets_the_data_plane(proxy):
+    proxy.set_fault(FaultPlan(FaultKind.RESET, after_bytes=0, per_connection=False))
+    failed, p_cache, d_cache, _ = _move(Options(), Options(listen="127.0.0.1:0"), deadline_s=5)
+    assert failed == {"r1"}
+    assert not _same_blocks(p_cache, d_cache)
+    assert proxy.stats.resets > 0
 
 
 @pytest.fixture(scope="module")
