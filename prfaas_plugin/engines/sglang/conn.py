@@ -677,7 +677,17 @@ class PrfaasKVManager(CommonKVManager):
                 self.drop_inbound(room, f"prefill {failed_bootstrap_addr} is unreachable")
 
 
-class _RoomSink(StagedSink[tuple[Region, np.ndarray, memoryview, MemorySpace]]):
+@dataclasses.dataclass(frozen=True)
+class _Landing:
+    """An item that landed in a staging view (the destination is not host-addressable)."""
+
+    region: Region
+    indices: np.ndarray
+    view: memoryview
+    space: MemorySpace
+
+
+class _RoomSink(StagedSink[_Landing]):
     """Decode side of one request: where each item the prefill announces lands."""
 
     def __init__(
@@ -710,18 +720,17 @@ class _RoomSink(StagedSink[tuple[Region, np.ndarray, memoryview, MemorySpace]]):
             raise ValueError(f"{item.name}: no such metadata buffer")
         return m.aux_regions[ref.a], np.array([self.aux_index], dtype=np.int64), m.host
 
-    def land(self, item: ItemSpec) -> tuple[memoryview, tuple[Region, np.ndarray, memoryview, MemorySpace] | None]:
+    def land(self, item: ItemSpec) -> tuple[memoryview, _Landing | None]:
         region, idx, space = self._target(item, parse_item_name(item.name))
         if item.nbytes != idx.size * region.item_len:
             raise ValueError(
                 f"{item.name}: {item.nbytes} bytes announced, destination holds {idx.size} x {region.item_len}"
             )
         view, in_place = space.landing(region, idx)
-        return view, None if in_place else (region, idx, view, space)
+        return view, None if in_place else _Landing(region, idx, view, space)
 
-    def commit(self, item: ItemSpec, staged: tuple[Region, np.ndarray, memoryview, MemorySpace]) -> None:
-        region, idx, view, space = staged
-        space.scatter(region, idx, view)
+    def commit(self, item: ItemSpec, staged: _Landing) -> None:
+        staged.space.scatter(staged.region, staged.indices, staged.view)
 
 
 class PrfaasKVSender(CommonKVSender):
