@@ -28,7 +28,7 @@ pytestmark = [
 os.environ.setdefault("SGLANG_HOST_IP", "127.0.0.1")
 os.environ.setdefault("PRFAAS_SGLANG_LISTEN_HOST", "127.0.0.1")
 
-from sglang_helpers import LoopbackFabric
+from loopback_fabric import LoopbackFabric
 
 from prfaas_plugin.demo.ports import free_port as _free_port
 

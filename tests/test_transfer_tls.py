@@ -3,19 +3,11 @@ Certificates are generated at test time with ``cryptography``."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 cryptography = pytest.importorskip("cryptography")
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-from transfer_helpers import FP, ArraySink, manifest, random_items, token
+from transfer_helpers import FP, ArraySink, make_pki, manifest, random_items, token
 
 from prfaas_plugin.transfer import (
     AuthError,
@@ -28,57 +20,9 @@ from prfaas_plugin.transfer import (
 )
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _cert(subject: str, key, issuer_name: x509.Name, issuer_key, *, ca: bool, server: bool = False):
-    now = datetime.datetime.now(datetime.timezone.utc)
-    b = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if server:
-        b = b.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-    return b.sign(issuer_key, hashes.SHA256())
-
-
-def _write(d: Path, stem: str, cert, key) -> tuple[str, str]:
-    c, k = d / f"{stem}.crt", d / f"{stem}.key"
-    c.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    k.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return str(c), str(k)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pki")
-    out = {}
-    for ca_name in ("ca", "rogue-ca"):
-        k = ec.generate_private_key(ec.SECP256R1())
-        out[ca_name] = (_cert(ca_name, k, _name(ca_name), k, ca=True), k)
-        out[ca_name + ".paths"] = _write(d, ca_name, *out[ca_name])
-    ca, ca_key = out["ca"]
-    rogue, rogue_key = out["rogue-ca"]
-    for stem, issuer, ikey, server in (
-        ("server", ca, ca_key, True),
-        ("client", ca, ca_key, False),
-        ("rogue-client", rogue, rogue_key, False),
-    ):
-        k = ec.generate_private_key(ec.SECP256R1())
-        out[stem] = _write(d, stem, _cert(stem, k, issuer.subject, ikey, ca=False, server=server), k)
-    return out
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def _roundtrip(rx: GrpcTcpReceiver, tx: GrpcTcpSender, rid: str):

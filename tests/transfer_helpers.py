@@ -3,8 +3,11 @@ a receiver/sender pair on loopback."""
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import secrets
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -156,3 +159,70 @@ def proxied_pair(mutate, tx: SenderConfig | None = None, **rxkw: Any):
     rx = GrpcTcpReceiver(ReceiverConfig(advertise_data=proxy.address, **rxkw))
     proxy.upstream = split_hostport(rx.bound_data_endpoint)
     return proxy, rx, GrpcTcpSender(tx or SenderConfig(chunk_bytes=64 << 10, connections=2))
+
+
+# ----------------------------------------------------------------------------------------------
+# A test PKI: a CA, a rogue CA, a server certificate (localhost, 127.0.0.1), a client certificate
+# from the CA and one from the rogue CA. Generated with ``cryptography`` at test time.
+# ----------------------------------------------------------------------------------------------
+def _name(cn: str):
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _cert(subject: str, key, issuer_name, issuer_key, *, ca: bool, server: bool = False):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if server:
+        b = b.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+    return b.sign(issuer_key, hashes.SHA256())
+
+
+def _write(d: Path, stem: str, cert, key) -> tuple[str, str]:
+    from cryptography.hazmat.primitives import serialization
+
+    c, k = d / f"{stem}.crt", d / f"{stem}.key"
+    c.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    k.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return str(c), str(k)
+
+
+def make_pki(d: Path) -> dict:
+    """Paths (cert, key) by stem ("server", "client", "rogue-client", "ca.paths", "rogue-ca.paths")."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    d = Path(d)
+    out = {}
+    for ca_name in ("ca", "rogue-ca"):
+        k = ec.generate_private_key(ec.SECP256R1())
+        out[ca_name] = (_cert(ca_name, k, _name(ca_name), k, ca=True), k)
+        out[ca_name + ".paths"] = _write(d, ca_name, *out[ca_name])
+    ca, ca_key = out["ca"]
+    rogue, rogue_key = out["rogue-ca"]
+    for stem, issuer, ikey, server in (
+        ("server", ca, ca_key, True),
+        ("client", ca, ca_key, False),
+        ("rogue-client", rogue, rogue_key, False),
+    ):
+        k = ec.generate_private_key(ec.SECP256R1())
+        out[stem] = _write(d, stem, _cert(stem, k, issuer.subject, ikey, ca=False, server=server), k)
+    return out

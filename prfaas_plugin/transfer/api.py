@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -227,7 +227,3 @@ class TransferSender(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
-
-
-Callback = Callable[[str], None]
-Items = Sequence[ItemSpec]

@@ -32,7 +32,7 @@ def byte_view(obj: Any, *, writable: bool = False) -> memoryview:
         arr = np.asarray(obj)
         if not arr.flags.c_contiguous:
             raise ValueError("array is not C-contiguous; pack it first")
-        mv = memoryview(arr.reshape(-1).view(np.uint8))
+        mv = arr.reshape(-1).view(np.uint8).data
     else:
         mv = memoryview(obj)
     if not mv.contiguous:

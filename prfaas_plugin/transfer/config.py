@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 #: Striping unit. 1 MiB keeps a chunk inside L2 on both sides, so the checksum pass right after
 #: ``recv_into``/before ``send`` reads hot cache lines; larger chunks gave no loopback gain.
@@ -103,7 +104,7 @@ class SenderConfig:
     staging_bytes: int = 64 << 20
     #: Per-chunk checksums offered, preferred first; unavailable ones are skipped.
     checksums: tuple[str, ...] = ("crc32c", "crc32")
-    labels: dict = field(default_factory=dict)
+    labels: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 1 <= self.connections <= 64:

@@ -44,7 +44,8 @@ def from_rpc_error(err: grpc.RpcError, what: str) -> TransferError:
     details = (err.details() if hasattr(err, "details") else None) or str(err)
     if code == grpc.StatusCode.UNAVAILABLE and _looks_like_tls_refusal(details):
         return AuthError(f"{what}: TLS handshake refused: {details}")
-    cls = _FROM_CODE.get(code, PeerGone if code == grpc.StatusCode.UNAVAILABLE else ProtocolError)
+    fallback = PeerGone if code == grpc.StatusCode.UNAVAILABLE else ProtocolError
+    cls = fallback if code is None else _FROM_CODE.get(code, fallback)
     # Receiver-side errors already name the request; do not say it twice.
     return cls(details if details.startswith(f"{what}:") else f"{what}: {details}")
 

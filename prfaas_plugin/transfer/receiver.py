@@ -8,6 +8,7 @@ memory is bounded by what the adapter hands out."""
 from __future__ import annotations
 
 import collections
+import enum
 import hmac
 import json
 import secrets
@@ -47,7 +48,27 @@ from prfaas_plugin.transfer.config import ReceiverConfig, split_hostport
 from prfaas_plugin.transfer.errors import code_for
 from prfaas_plugin.transfer.telemetry import ReceiverTelemetry
 
-_EMPTY, _RECEIVING, _LANDED = 0, 1, 2
+
+class ChunkState(enum.IntEnum):
+    """Per chunk of an item, kept in a bytearray (one byte per chunk)."""
+
+    EMPTY = 0
+    RECEIVING = 1  # a frame is being read into it
+    LANDED = 2  # bytes in place and checksum passed
+
+
+class SessionState(enum.Enum):
+    """Life of one receive session: announced (by ``expect``) -> open (the sender's Open was
+    accepted) -> completed, or failed from either."""
+
+    ANNOUNCED = "announced"
+    OPEN = "open"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+    @property
+    def finished(self) -> bool:
+        return self in (SessionState.COMPLETED, SessionState.FAILED)
 
 
 class _Session:
@@ -70,7 +91,7 @@ class _Session:
         self.t0 = time.monotonic()
         self.deadline = self.t0 + deadline_s
         self.cond = threading.Condition()
-        self.state = "announced"
+        self.state = SessionState.ANNOUNCED
         self.key = b""
         self.error: TransferError | None = None
         self.manifest: TransferManifest | None = None
@@ -122,11 +143,11 @@ class _Session:
         """The slice to receive a frame into, or None to drain it (late, duplicate or failed
         session). A frame is one chunk or, with ``multi`` (TCP plane), consecutive chunks."""
         with self.cond:
-            if self.state != "open":
+            if self.state is not SessionState.OPEN:
                 return None
             first, last = self._chunk_range(item, offset, length, multi)
             states = self.chunk_state[item]
-            fresh = [i for i in range(first, last) if states[i] == _EMPTY]
+            fresh = [i for i in range(first, last) if states[i] == ChunkState.EMPTY]
             if len(fresh) != last - first:
                 self.owner.telemetry.bump("duplicate_chunks")
                 if fresh:
@@ -143,7 +164,7 @@ class _Session:
                     self.cond.notify_all()
                 return None
             for i in range(first, last):
-                states[i] = _RECEIVING
+                states[i] = ChunkState.RECEIVING
             self.active += 1
             self.active_socks[sock] += 1
             return self.buffers[item][offset : offset + length]
@@ -158,14 +179,14 @@ class _Session:
             self.active_socks[sock] -= 1
             if self.active_socks[sock] <= 0:
                 del self.active_socks[sock]
-            if self.state != "open":
+            if self.state is not SessionState.OPEN:
                 self.cond.notify_all()  # fail() may be waiting for the last writer
                 return
             first, last = self._span(item, offset, length)
             states = self.chunk_state[item]
             if ok:
                 for i in range(first, last):
-                    states[i] = _LANDED
+                    states[i] = ChunkState.LANDED
                 self.bytes_landed += length
                 self.chunks_left[item] -= last - first
                 item_complete = self.chunks_left[item] == 0
@@ -176,7 +197,7 @@ class _Session:
                     self.cond.notify_all()
             else:
                 for i in range(first, last):
-                    states[i] = _EMPTY
+                    states[i] = ChunkState.EMPTY
                 if ok is False:
                     self.checksum_failures += 1
                     if self.checksum_failures > self.owner.config.max_checksum_failures:
@@ -214,7 +235,7 @@ class _Session:
             self.fail(ProtocolError(f"{self.request_id}: item_done({self.items[item].name}) raised {e!r}"))
             return
         with self.cond:
-            if self.state != "open":
+            if self.state is not SessionState.OPEN:
                 return
             self.items_done += 1
             self.events.append(pb.ReceiverEvent(item_done=pb.ItemDone(item=item, bytes_landed=self.bytes_landed)))
@@ -228,7 +249,7 @@ class _Session:
     def open(self, req: pb.OpenRequest) -> TransferError | None:
         """Validate an Open against the announcement; returns the error that refuses it."""
         with self.cond:
-            if self.state != "announced":
+            if self.state is not SessionState.ANNOUNCED:
                 return AuthError(f"{req.request_id}: session already opened or finished (tokens are single-use)")
             if not hmac.compare_digest(req.token.encode(), self.token.encode()):
                 self.owner.telemetry.bump("auth_refusals")
@@ -298,7 +319,7 @@ class _Session:
             self.chunks_left = list(nchunks)
             self.callbacks_left = len(items)
             self.key = secrets.token_bytes(16)
-            self.state = "open"
+            self.state = SessionState.OPEN
         return None
 
     def start(self) -> None:
@@ -311,9 +332,9 @@ class _Session:
 
     def _complete(self) -> None:
         with self.cond:
-            if self.state != "open":
+            if self.state is not SessionState.OPEN:
                 return
-            self.state = "completed"
+            self.state = SessionState.COMPLETED
             elapsed = time.monotonic() - self.t0
             self.events.append(pb.ReceiverEvent(completed=pb.Completed(bytes=self.bytes_landed, seconds=elapsed)))
             self._release_locked()
@@ -323,9 +344,9 @@ class _Session:
 
     def fail(self, err: TransferError) -> None:
         with self.cond:
-            if self.state in ("completed", "failed"):
+            if self.state.finished:
                 return
-            self.state = "failed"
+            self.state = SessionState.FAILED
             self.error = err
             self.events.append(err)
             # Unblock readers stuck mid-chunk on this session (a stalled sender); their
@@ -351,7 +372,7 @@ class _Session:
     def progress(self) -> dict[str, Any]:
         with self.cond:
             return {
-                "state": self.state,
+                "state": self.state.value,
                 "bytes_received": self.bytes_landed,
                 "bytes_skipped": sum(self.base),
                 "items_done": self.items_done,
@@ -533,7 +554,7 @@ class GrpcTcpReceiver(TransferReceiver):
             with self._lock:
                 late = [s for s in self._by_request.values() if s.deadline <= now]
             for s in late:
-                s.fail(TransferTimeout(f"{s.request_id}: deadline passed in state {s.state!r}"))
+                s.fail(TransferTimeout(f"{s.request_id}: deadline passed in state {s.state.value!r}"))
 
     # -- gRPC control -------------------------------------------------------------------------
     def _handlers(self) -> grpc.GenericRpcHandler:
@@ -577,7 +598,7 @@ class GrpcTcpReceiver(TransferReceiver):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{req.request_id}: no such session is expected here")
         err = s.open(req)
         if err is not None:
-            if not (isinstance(err, AuthError) and s.state != "announced"):
+            if not (isinstance(err, AuthError) and s.state is not SessionState.ANNOUNCED):
                 s.fail(err)  # a wrong token or layout ends the session on both sides
             context.abort(code_for(err), str(err))
         with self._lock:
@@ -612,7 +633,7 @@ class GrpcTcpReceiver(TransferReceiver):
                 s.cond.wait_for(
                     lambda: (
                         s.events
-                        or s.state in ("completed", "failed")
+                        or s.state.finished
                         or (s.progress_dirty and time.monotonic() - s.last_progress >= 0.01)
                     ),
                     timeout=0.01 if s.progress_dirty else 0.5,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import enum
 import itertools
 import json
 import select
@@ -21,6 +22,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -52,6 +54,40 @@ _GRPC_OPTS = [("grpc.max_send_message_length", 128 << 20), ("grpc.max_receive_me
 _seq = itertools.count()
 
 
+class SendState(enum.Enum):
+    """Life of one send session: opening -> open -> done, or failed from either."""
+
+    OPENING = "opening"  # Open sent, waiting for the receiver's Accepted
+    OPEN = "open"  # accepted: chunks flow
+    FAILED = "failed"
+    DONE = "done"
+
+    @property
+    def finished(self) -> bool:
+        return self in (SendState.FAILED, SendState.DONE)
+
+
+@dataclass(frozen=True, slots=True)
+class _Chunk:
+    """A queued byte range of one item; ``resend`` after a checksum failure or a dead link."""
+
+    item: int
+    offset: int
+    length: int
+    resend: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Frame:
+    """What a link sends next: one chunk, or consecutive first-time chunks of one item."""
+
+    handle: _SendHandle
+    item: int
+    offset: int
+    length: int
+    resend: bool
+
+
 class _SendHandle(SendHandle):
     def __init__(
         self, sender: GrpcTcpSender, endpoint: str, manifest: TransferManifest, token: str, deadline_s: float
@@ -67,7 +103,7 @@ class _SendHandle(SendHandle):
         self.done.set_running_or_notify_cancel()
         self.index = {it.name: i for i, it in enumerate(manifest.items)}
         self.lock = threading.Lock()
-        self.state = "opening"
+        self.state = SendState.OPENING
         self.data: list[Any] = [None] * len(manifest.items)
         #: per item, the leading bytes the receiver already holds (Accepted.skip_bytes): not sent
         self.base: list[int] = [0] * len(manifest.items)
@@ -81,7 +117,7 @@ class _SendHandle(SendHandle):
         self.call: Any = None
         self.t0 = time.monotonic()
         # Guarded by the peer's lock once accepted:
-        self.pending: collections.deque[tuple[int, int, int, bool]] = collections.deque()
+        self.pending: collections.deque[_Chunk] = collections.deque()
         self.sent_on: dict[int, dict[int, int]] = {}
         self.retries: collections.Counter[tuple[int, int]] = collections.Counter()
         self.items_confirmed: set[int] = set()
@@ -110,19 +146,21 @@ class _SendHandle(SendHandle):
         if nbytes != item.nbytes:
             raise ValueError(f"{self.request_id}: item {name!r} has {nbytes} bytes, manifest says {item.nbytes}")
         with self.lock:
-            if self.state in ("failed", "done"):
+            if self.state.finished:
                 exc = self.done.exception() if self.done.done() else None
-                raise exc if isinstance(exc, TransferError) else Aborted(f"{self.request_id}: session is {self.state}")
+                if isinstance(exc, TransferError):
+                    raise exc
+                raise Aborted(f"{self.request_id}: session is {self.state.value}")
             if self.data[idx] is not None:
                 raise ValueError(f"{self.request_id}: item {name!r} was already sent")
             self.data[idx] = src
-            if self.state == "open" and self.peer is not None:
+            if self.state is SendState.OPEN and self.peer is not None:
                 self.peer.enqueue(self, [idx])
 
     def abort(self, reason: str = "aborted by sender") -> None:
         with self.lock:
             key, state = self.key, self.state
-        if state in ("failed", "done"):
+        if state.finished:
             return
         if key:
             try:
@@ -138,7 +176,7 @@ class _SendHandle(SendHandle):
 
     def progress(self) -> Mapping[str, Any]:
         return {
-            "state": self.state,
+            "state": self.state.value,
             "bytes_sent": self.bytes_sent,
             "bytes_confirmed": self.bytes_confirmed,
             "bytes_skipped": sum(self.base),
@@ -161,7 +199,7 @@ class _SendHandle(SendHandle):
         host = acc.data_host or split_hostport(self.endpoint)[0]
         peer = self.sender._peer(acc.data_plane, host, acc.data_port, self.endpoint)
         with self.lock:
-            if self.state != "opening":
+            if self.state is not SendState.OPENING:
                 return
             self.key = acc.session_key
             algo = acc.checksum or "crc32"
@@ -178,14 +216,14 @@ class _SendHandle(SendHandle):
                 cap = min(cfg.frame_bytes, int(acc.max_frame_bytes))
                 self.frame_cap = max(cfg.chunk_bytes, cap - cap % cfg.chunk_bytes)
             self.peer = peer
-            self.state = "open"
+            self.state = SendState.OPEN
             peer.register(self, [i for i, d in enumerate(self.data) if d is not None])
 
     def fail(self, err: TransferError) -> None:
         with self.lock:
-            if self.state in ("failed", "done"):
+            if self.state.finished:
                 return
-            self.state = "failed"
+            self.state = SendState.FAILED
             peer, call = self.peer, self.call
         if peer is not None:
             peer.unregister(self)
@@ -195,9 +233,9 @@ class _SendHandle(SendHandle):
 
     def complete(self) -> None:
         with self.lock:
-            if self.state != "open":
+            if self.state is not SendState.OPEN:
                 return
-            self.state = "done"
+            self.state = SendState.DONE
             peer = self.peer
         if peer is not None:
             peer.unregister(self)
@@ -252,13 +290,13 @@ class _Link:
                 if self._peer_closed():
                     self._failed(ConnectionError("receiver closed the data connection"))
                 continue
-            h, idx, off, ln, resend = job
+            h, idx, off, ln = job.handle, job.item, job.offset, job.length
             try:
                 with h.payload(idx, off, ln) as view:
                     hdr = wire.pack_header(h.key, idx, off, ln, h.checksum(view))
                     p.sender.pacer.consume(len(hdr) + ln, p.closed)
                     wire.send_frame(self.sock, hdr, view, use_sendmsg)
-                p.sent(h, ln, resend)
+                p.sent(h, ln, job.resend)
             except TransferError:
                 continue  # the request was released meanwhile; nothing to send
             except (OSError, ValueError) as e:
@@ -324,7 +362,7 @@ class _GrpcLink(_Link):
                     push(self._chunks())
                     self.failures = 0
                 except grpc.RpcError as e:
-                    self._failed(e)  # type: ignore[arg-type]
+                    self._failed(e)
         finally:
             channel.close()
 
@@ -336,7 +374,7 @@ class _GrpcLink(_Link):
                 if self._peer_closed():
                     self._failed(ConnectionError("receiver closed the data connection"))
                 continue
-            h, idx, off, ln, resend = job
+            h, idx, off, ln = job.handle, job.item, job.offset, job.length
             try:
                 with h.payload(idx, off, ln) as view:
                     data = bytes(view)  # grpcio only sends bytes: the one copy of this path
@@ -347,7 +385,7 @@ class _GrpcLink(_Link):
                 continue
             p.sender.pacer.consume(ln, p.closed)
             yield pb.DataChunk(session_key=h.key, item=idx, offset=off, crc32=h.checksum(data), data=data)
-            p.sent(h, ln, resend)
+            p.sent(h, ln, job.resend)
 
 
 class _Peer:
@@ -367,10 +405,10 @@ class _Peer:
         for link in self.links:
             link.thread.start()
 
-    def _chunks_of(self, h: _SendHandle, idx: int) -> Iterator[tuple[int, int, int, bool]]:
+    def _chunks_of(self, h: _SendHandle, idx: int) -> Iterator[_Chunk]:
         n, c = h.manifest.items[idx].nbytes, h.sender.config.chunk_bytes
         for off in range(h.base[idx], n, c):
-            yield (idx, off, min(c, n - off), False)
+            yield _Chunk(idx, off, min(c, n - off))
 
     def register(self, h: _SendHandle, ready: list[int]) -> None:
         with self.cond:
@@ -393,8 +431,8 @@ class _Peer:
             h.pending.clear()
             h.sent_on.clear()
 
-    def next_chunk(self, lid: int, timeout: float) -> tuple[_SendHandle, int, int, int, bool] | None:
-        """The next frame for link ``lid``: (handle, item, offset, length, resend). A frame is
+    def next_chunk(self, lid: int, timeout: float) -> _Frame | None:
+        """The next frame for link ``lid``, or None after ``timeout``. A frame is
         one chunk, or consecutive first-time chunks of one item up to the session's frame cap
         and to this link's fair share of the request's queue (so a request still stripes over
         every link, and a big frame never leaves the other links idle)."""
@@ -403,7 +441,8 @@ class _Peer:
             while not self.closed.is_set():
                 for h in self.requests.values():  # insertion order = open order = priority
                     if h.pending:
-                        idx, off, ln, resend = h.pending.popleft()
+                        first = h.pending.popleft()
+                        idx, off, ln, resend = first.item, first.offset, first.length, first.resend
                         sent_on = h.sent_on.setdefault(idx, {})
                         sent_on[off] = lid
                         if not resend and h.frame_cap > ln and isinstance(h.data[idx], memoryview):
@@ -412,16 +451,16 @@ class _Peer:
                             while (
                                 share > 0
                                 and q
-                                and q[0][0] == idx
-                                and q[0][1] == off + ln
-                                and not q[0][3]
-                                and ln + q[0][2] <= h.frame_cap
+                                and q[0].item == idx
+                                and q[0].offset == off + ln
+                                and not q[0].resend
+                                and ln + q[0].length <= h.frame_cap
                             ):
-                                _, o, n, _ = q.popleft()
-                                sent_on[o] = lid
-                                ln += n
+                                nxt = q.popleft()
+                                sent_on[nxt.offset] = lid
+                                ln += nxt.length
                                 share -= 1
-                        return h, idx, off, ln, resend
+                        return _Frame(h, idx, off, ln, resend)
                 left = end - time.monotonic()
                 if left <= 0:
                     return None
@@ -449,7 +488,7 @@ class _Peer:
             over = h.retries[(idx, off)] > self.sender.config.max_chunk_retries
             if not over:
                 n, c = h.manifest.items[idx].nbytes, self.sender.config.chunk_bytes
-                h.pending.appendleft((idx, off, min(c, n - off), True))
+                h.pending.appendleft(_Chunk(idx, off, min(c, n - off), resend=True))
                 self.cond.notify_all()
         if over:
             h.fail(
@@ -469,7 +508,7 @@ class _Peer:
                     for off, lid in list(offs.items()):
                         if lid == link.id:
                             del offs[off]
-                            h.pending.appendleft((idx, off, min(c, n - off), True))
+                            h.pending.appendleft(_Chunk(idx, off, min(c, n - off), resend=True))
             all_dead = all(lk.dead for lk in self.links)
             victims = list(self.requests.values()) if all_dead else []
             self.cond.notify_all()
@@ -647,7 +686,7 @@ class GrpcTcpSender(TransferSender):
             )
             call = stream(req, timeout=h.deadline_s)
             with h.lock:
-                if h.state != "opening":
+                if h.state is not SendState.OPENING:
                     call.cancel()
                     return
                 h.call = call

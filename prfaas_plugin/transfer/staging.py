@@ -121,6 +121,6 @@ def torch_pinned_stager(
             torch.cuda.current_stream(flat.device).synchronize()
 
     def nbytes(t: Any) -> int:
-        return t.numel() * t.element_size()
+        return int(t.numel() * t.element_size())
 
     return PooledStager(StagingPool(capacity_bytes, slot_bytes, alloc), copy, wants, nbytes)

@@ -10,18 +10,20 @@ import grpc
 from prfaas_plugin.transfer.config import TlsConfig
 
 
-def _read(path: str | None) -> bytes | None:
-    if path is None:
-        return None
+def _read_file(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
+
+
+def _read(path: str | None) -> bytes | None:
+    return None if path is None else _read_file(path)
 
 
 def grpc_server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
     if tls.cert_file is None or tls.key_file is None:
         raise ValueError("receiver TLS needs cert_file and key_file")
     return grpc.ssl_server_credentials(
-        [(_read(tls.key_file), _read(tls.cert_file))],
+        [(_read_file(tls.key_file), _read_file(tls.cert_file))],
         root_certificates=_read(tls.ca_file) if tls.require_client_cert else None,
         require_client_auth=tls.require_client_cert,
     )

@@ -46,18 +46,20 @@ def crc32(view: Any, value: int = 0) -> int:
     return zlib.crc32(view, value) & 0xFFFFFFFF
 
 
+def _no_checksum(view: Any, value: int = 0) -> int:
+    return 0
+
+
+CHECKSUMS: dict[str, Callable[[Any], int]] = {"crc32": crc32}
 try:
     from crc32c import crc32c as _crc32c
 except ImportError:  # optional: zlib's CRC-32 is always there
-    _crc32c = None
-
-CHECKSUMS: dict[str, Callable[[Any], int]] = {"crc32": crc32}
-if _crc32c is not None:
+    pass
+else:
     CHECKSUMS["crc32c"] = _crc32c
 #: "none" exists for diagnostics only (bench/transfer.py measures what checksumming costs);
 #: both sides must opt in to it explicitly.
-CHECKSUMS["none"] = lambda view, value=0: 0
-DEFAULT_CHECKSUMS = ("crc32c", "crc32")
+CHECKSUMS["none"] = _no_checksum
 
 
 def available(names: Sequence[str]) -> list[str]:

@@ -50,8 +50,10 @@ from prfaas_plugin.engines.sglang.memory import CudaSpace, HostSpace, MemorySpac
 from prfaas_plugin.engines.sglang.metrics import record_sent, sent_bytes_counter
 from prfaas_plugin.engines.sglang.transport import TransportFactory, engine_transport
 from prfaas_plugin.engines.sglang.wire import (
+    AUX_NAME,
     META_TAG,
     REG_TAG,
+    ST_NAME,
     STATUS_TAG,
     ItemRef,
     Layout,
@@ -69,6 +71,7 @@ from prfaas_plugin.transfer.api import (
     SendHandle,
     TransferManifest,
 )
+from prfaas_plugin.transfer.binding import StagedSink, rank_port
 
 logger = logging.getLogger(__name__)
 
@@ -210,12 +213,12 @@ class _Outbound:
                 )
             for t, region in enumerate(self.mgr.state_regions[c]):
                 if region.item_len > 0 and region.nbytes > 0:
-                    self._send(f"st.{c}.{t}", self.mgr.space.gather(region, idx))
+                    self._send(ST_NAME.encode(c, t), self.mgr.space.gather(region, idx))
         if aux_index is None:
             raise PrfaasBackendError("last chunk without a metadata buffer index")
         for j, region in enumerate(self.mgr.aux_regions):
             # A copy: the row is tiny, and the slot returns to SGLang's allocator on failure.
-            self._send(f"aux.{j}", np.array(self.mgr.host.gather(region, [aux_index]), copy=True))
+            self._send(AUX_NAME.encode(j), np.array(self.mgr.host.gather(region, [aux_index]), copy=True))
         self.finished = True
 
     def _send(self, name: str, data: Any) -> None:
@@ -237,7 +240,7 @@ class PrfaasKVManager(CommonKVManager):
     #: everything this manager owns, so the new one starts clean (same ports included).
     supports_role_switch: ClassVar[bool] = True
     #: Builds the transfer endpoints; tests may point it at another implementation.
-    transport_factory: ClassVar[TransportFactory] = staticmethod(engine_transport)
+    transport_factory: ClassVar[TransportFactory[BackendConfig]] = staticmethod(engine_transport)
 
     def __init__(
         self,
@@ -288,9 +291,11 @@ class PrfaasKVManager(CommonKVManager):
             self._spawn(self._prefill_control, "prfaas-prefill-control")
         else:
             rank = int(args.engine_rank)
-            port = self.config.listen_port + rank if self.config.listen_port else 0
-            data_port = self.config.data_port + rank if self.config.data_port else 0
-            self.transfer_receiver = transport.receiver(self.config.listen_host, port, data_port)
+            self.transfer_receiver = transport.receiver(
+                self.config.listen_host,
+                rank_port(self.config.listen_port, rank),
+                rank_port(self.config.data_port, rank),
+            )
             bound_port = int(self.transfer_receiver.endpoint.rsplit(":", 1)[1])
             host = self.config.advertise_host or self.local_ip
             self.transfer_endpoint = f"{host}:{bound_port}"
@@ -672,7 +677,17 @@ class PrfaasKVManager(CommonKVManager):
                 self.drop_inbound(room, f"prefill {failed_bootstrap_addr} is unreachable")
 
 
-class _RoomSink:
+@dataclasses.dataclass(frozen=True)
+class _Landing:
+    """An item that landed in a staging view (the destination is not host-addressable)."""
+
+    region: Region
+    indices: np.ndarray
+    view: memoryview
+    space: MemorySpace
+
+
+class _RoomSink(StagedSink[_Landing]):
     """Decode side of one request: where each item the prefill announces lands."""
 
     def __init__(
@@ -682,12 +697,11 @@ class _RoomSink:
         aux_index: int | None,
         state_indices: list[Any] | None,
     ) -> None:
+        super().__init__()
         self.mgr = mgr
         self.kv = _as_indices(kv_indices)
         self.aux_index = aux_index
         self.states = [None if s is None else _as_indices(s) for s in (state_indices or [])]
-        self._pending: dict[str, tuple[Region, np.ndarray, memoryview, MemorySpace]] = {}
-        self._lock = threading.Lock()
 
     def _target(self, item: ItemSpec, ref: ItemRef) -> tuple[Region, np.ndarray, MemorySpace]:
         m = self.mgr
@@ -706,24 +720,17 @@ class _RoomSink:
             raise ValueError(f"{item.name}: no such metadata buffer")
         return m.aux_regions[ref.a], np.array([self.aux_index], dtype=np.int64), m.host
 
-    def buffer_for(self, item: ItemSpec) -> memoryview:
+    def land(self, item: ItemSpec) -> tuple[memoryview, _Landing | None]:
         region, idx, space = self._target(item, parse_item_name(item.name))
         if item.nbytes != idx.size * region.item_len:
             raise ValueError(
                 f"{item.name}: {item.nbytes} bytes announced, destination holds {idx.size} x {region.item_len}"
             )
         view, in_place = space.landing(region, idx)
-        if not in_place:
-            with self._lock:
-                self._pending[item.name] = (region, idx, view, space)
-        return view
+        return view, None if in_place else _Landing(region, idx, view, space)
 
-    def item_done(self, item: ItemSpec) -> None:
-        with self._lock:
-            entry = self._pending.pop(item.name, None)
-        if entry is not None:
-            region, idx, view, space = entry
-            space.scatter(region, idx, view)
+    def commit(self, item: ItemSpec, staged: _Landing) -> None:
+        staged.space.scatter(staged.region, staged.indices, staged.view)
 
 
 class PrfaasKVSender(CommonKVSender):

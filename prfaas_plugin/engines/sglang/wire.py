@@ -18,7 +18,6 @@ vanish, small enough that a group is sent as soon as the prefill chunk that comp
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from prfaas_plugin.transfer.api import ItemSpec, LayoutFingerprint
+from prfaas_plugin.transfer.binding import ItemNameCodec, ItemNameError
 
 #: Bumped on any change of item naming or message layout; part of the fingerprint.
 WIRE_VERSION = 1
@@ -34,9 +34,10 @@ REG_TAG = b"PRFAAS_REG"
 META_TAG = b"PRFAAS_META"
 STATUS_TAG = b"PRFAAS_STATUS"
 
-_KV = re.compile(r"^kv\.(\d+)\.(\d+)\.(\d+)$")
-_ST = re.compile(r"^st\.(\d+)\.(\d+)$")
-_AUX = re.compile(r"^aux\.(\d+)$")
+#: ``kv.<buffer>.<first page position>.<pages>``, ``st.<component>.<tensor>``, ``aux.<buffer>``
+KV_NAME = ItemNameCodec("kv", ("", "", ""))
+ST_NAME = ItemNameCodec("st", ("", ""))
+AUX_NAME = ItemNameCodec("aux", ("",))
 
 
 class WireError(ValueError):
@@ -115,7 +116,7 @@ def group_pages(num_pages: int, kv_item_lens: Sequence[int], target_bytes: int) 
 
 
 def kv_item_name(buf: int, start: int, count: int) -> str:
-    return f"kv.{buf}.{start}.{count}"
+    return KV_NAME.encode(buf, start, count)
 
 
 def plan_items(
@@ -143,9 +144,9 @@ def plan_items(
             continue
         for t, item_len in enumerate(lens):
             if item_len > 0:
-                items.append(ItemSpec(f"st.{c}.{t}", count * item_len, order))
+                items.append(ItemSpec(ST_NAME.encode(c, t), count * item_len, order))
     for j, item_len in enumerate(layout.aux_item_lens):
-        items.append(ItemSpec(f"aux.{j}", item_len, order + 1))
+        items.append(ItemSpec(AUX_NAME.encode(j), item_len, order + 1))
     return tuple(items)
 
 
@@ -160,12 +161,13 @@ class ItemRef:
 
 
 def parse_item_name(name: str) -> ItemRef:
-    if m := _KV.match(name):
-        return ItemRef("kv", int(m[1]), int(m[2]), int(m[3]))
-    if m := _ST.match(name):
-        return ItemRef("st", int(m[1]), int(m[2]))
-    if m := _AUX.match(name):
-        return ItemRef("aux", int(m[1]))
+    for kind, codec in (("kv", KV_NAME), ("st", ST_NAME), ("aux", AUX_NAME)):
+        if name.startswith(kind + "."):
+            try:
+                values, _ = codec.decode(name)
+            except ItemNameError:
+                break
+            return ItemRef(kind, *values)
     raise WireError(f"unknown item name {name!r}")
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from prfaas_plugin.transfer import LayoutFingerprint
+from prfaas_plugin.transfer.binding import ItemNameCodec
 
 
 def cdiv(a: int, b: int) -> int:
@@ -63,16 +64,18 @@ def block_range(g: GroupInfo, num_tokens: int, num_blocks_held: int) -> tuple[in
     return 0, end
 
 
+#: ``g<group>.b<first block>.n<blocks>.p<part>.<layer name>``
+ITEM_NAME = ItemNameCodec("", ("g", "b", "n", "p"), tail=True)
+
+
 def item_name(g: int, first: int, count: int, layer: str, part: int) -> str:
-    return f"g{g}.b{first}.n{count}.p{part}.{layer}"
+    return ITEM_NAME.encode(g, first, count, part, tail=layer)
 
 
 def parse_item_name(name: str) -> tuple[int, int, int, int, str]:
-    try:
-        g, b, n, p, layer = name.split(".", 4)
-        return int(g[1:]), int(b[1:]), int(n[1:]), int(p[1:]), layer
-    except ValueError as e:  # wrong shape of name: refuse the item
-        raise ValueError(f"unexpected item name {name!r}") from e
+    """(group, first block, blocks, part, layer); ItemNameError (a ValueError) refuses the item."""
+    (g, b, n, p), layer = ITEM_NAME.decode(name)
+    return g, b, n, p, layer
 
 
 def fingerprint(

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from prfaas_plugin.transfer.binding import EndpointSpec, TlsOptions
 
 
 class Options(BaseModel):
@@ -28,6 +30,15 @@ class Options(BaseModel):
     connections: int = Field(default=4, ge=1, le=64)
     #: producer: egress budget in Gbit/s for this instance's transfers (None = unpaced)
     pacing_gbps: float | None = Field(default=None, gt=0)
+    #: TLS for both roles and both planes (PEM paths; same names and defaults as the SGLang
+    #: backend's ``PRFAAS_SGLANG_TLS_*``): this instance's identity (the receiver's server
+    #: certificate; the producer's client certificate for mTLS) and the CA that verifies the peer.
+    #: TLS is on when ``tls_cert`` or ``tls_ca`` is set; both sides must agree.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    #: consumer: require producer client certificates signed by ``tls_ca`` (mutual TLS)
+    tls_require_client_cert: bool = False
 
     @field_validator("listen", "advertise_data")
     @classmethod
@@ -38,6 +49,24 @@ class Options(BaseModel):
         if not host or not port.isdigit() or not 0 <= int(port) < 65536:
             raise ValueError(f"must be 'host:port', got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> Options:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_require_client_cert and not self.tls_ca:
+            raise ValueError("tls_require_client_cert needs tls_ca to verify producers")
+        return self
+
+    def endpoint_spec(self, engine_id: str) -> EndpointSpec:
+        """What this instance's transfer endpoints are built from (ports per rank aside)."""
+        return EndpointSpec(
+            sender_id=f"vllm-{engine_id}",
+            receiver_id=f"vllm-{engine_id}",
+            tls=TlsOptions(self.tls_cert, self.tls_key, self.tls_ca, self.tls_require_client_cert),
+            connections=self.connections,
+            pacing_gbps=self.pacing_gbps,
+        )
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any] | None) -> Options:

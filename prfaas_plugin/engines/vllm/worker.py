@@ -15,7 +15,8 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 
@@ -24,37 +25,44 @@ from prfaas_plugin.engines.vllm.meta import PrfaaSMetadata, Transfer
 from prfaas_plugin.engines.vllm.options import Options
 from prfaas_plugin.engines.vllm.stats import PrfaaSConnectorStats
 from prfaas_plugin.transfer import (
-    GrpcTcpReceiver,
-    GrpcTcpSender,
     ItemSpec,
-    ReceiverConfig,
-    SenderConfig,
+    ReceiveHandle,
+    SendHandle,
     TransferError,
     TransferManifest,
+    TransferReceiver,
+    TransferSender,
+)
+from prfaas_plugin.transfer.binding import (
+    EndpointSpec,
+    EngineTransport,
+    StagedSink,
+    TransportFactory,
+    join_hostport,
+    rank_port,
 )
 
 log = logging.getLogger("vllm.prfaas")  # child of vLLM's logger: same handlers and format
 
 
-class _Sink:
-    """Receives one request's items straight into a staging buffer, then its blocks."""
+class _Sink(StagedSink[torch.Tensor]):
+    """Receives one request's items into staging buffers, then scatters each into its blocks."""
 
     def __init__(self, w: WorkerSide, t: Transfer) -> None:
+        super().__init__()
         self.w, self.t = w, t
-        self.staged: dict[str, torch.Tensor] = {}
 
-    def buffer_for(self, item: ItemSpec) -> memoryview:
+    def land(self, item: ItemSpec) -> tuple[memoryview, torch.Tensor]:
         g, first, count, part, lname = layout.parse_item_name(item.name)
         cache, bdim = self.w.part(lname, part)
         if count * packing.block_bytes(cache, bdim) != item.nbytes or g >= len(self.t.block_ids):
             raise ValueError(f"item {item.name}: {item.nbytes} bytes does not fit the local layout")
         buf = torch.empty(item.nbytes, dtype=torch.uint8)
-        self.staged[item.name] = buf
-        return memoryview(buf.numpy())
+        return memoryview(buf.numpy()), buf
 
     def _held_blocks(self, g: int, first: int, count: int) -> int:
         """Leading blocks of an item that this instance's prefix cache already filled: they are
-        neither sent (skip_bytes) nor written (item_done). A recurrent state is never held: it
+        neither sent (skip_bytes) nor written (commit). A recurrent state is never held: it
         is the state after the whole prompt."""
         grp = self.w.groups[g]
         if grp.kind == "state":
@@ -66,14 +74,39 @@ class _Sink:
         cache, bdim = self.w.part(lname, part)
         return self._held_blocks(g, first, count) * packing.block_bytes(cache, bdim)
 
-    def item_done(self, item: ItemSpec) -> None:
+    def commit(self, item: ItemSpec, staged: torch.Tensor) -> None:
         g, first, count, part, lname = layout.parse_item_name(item.name)
         cache, bdim = self.w.part(lname, part)
         ids = self.t.block_ids[g][first : first + count]
-        packing.unpack(cache, bdim, ids, self.staged.pop(item.name), skip_before=self._held_blocks(g, first, count))
+        packing.unpack(cache, bdim, ids, staged, skip_before=self._held_blocks(g, first, count))
+
+
+@dataclass
+class _Send:
+    """A producer transfer in flight: its handle, the layers already sent, and the packed
+    buffers the handle reads from (kept until ``done``)."""
+
+    handle: SendHandle
+    transfer: Transfer
+    sent_layers: set[str] = field(default_factory=set)
+    buffers: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class _Load:
+    """A consumer load announced to the receiver (``started``: monotonic seconds)."""
+
+    done: Future[TransferManifest]
+    transfer: Transfer
+    started: float
+    handle: ReceiveHandle | None = None  # None when it failed before reaching a receiver
 
 
 class WorkerSide:
+    #: Builds the transfer endpoints from the options; tests inject another implementation of the
+    #: transfer contract (the loopback fabric, a fault proxy).
+    transport_factory: ClassVar[TransportFactory[EndpointSpec]] = staticmethod(EngineTransport)
+
     def __init__(self, vllm_config: Any, kv_cache_config: Any, opts: Options, producer: bool, consumer: bool) -> None:
         self.cfg, self.opts = vllm_config, opts
         self.kv_cache_config = kv_cache_config
@@ -82,12 +115,12 @@ class WorkerSide:
         self.producer, self.consumer = producer, consumer
         self.parts: dict[str, list[tuple[torch.Tensor, int]]] = {}
         self.fp: Any = None
-        self.receiver: GrpcTcpReceiver | None = None
-        self.sender: GrpcTcpSender | None = None
+        self.receiver: TransferReceiver | None = None
+        self.sender: TransferSender | None = None
         self.meta = PrfaaSMetadata()
-        self._sends: dict[str, tuple[Any, Transfer, set[str], list[torch.Tensor]]] = {}
-        self._send_futs: dict[str, Future] = {}
-        self._loads: dict[str, tuple[Any, Transfer, float]] = {}  # handle, transfer, announced at
+        self._sends: dict[str, _Send] = {}
+        self._send_futs: dict[str, Future[None]] = {}
+        self._loads: dict[str, _Load] = {}
         self._sched_finished: set[str] = set()
         self._load_errors: set[int] = set()
         self._lock = threading.Lock()
@@ -118,34 +151,26 @@ class WorkerSide:
             model=self.opts.model_id or self.cfg.model_config.model.rstrip("/").rsplit("/", 1)[-1],
             dtype=str(self.cfg.cache_config.cache_dtype),
         )
+        transport = type(self).transport_factory(self.opts.endpoint_spec(self.cfg.kv_transfer_config.engine_id))
         if self.consumer:
             rank = self.fp.fields["tp_rank"]
             host, _, port = self.opts.listen.rpartition(":")
             advertise = None
             if self.opts.advertise_data:
                 a_host, _, a_port = self.opts.advertise_data.rpartition(":")
-                advertise = f"{a_host}:{int(a_port) + rank}"
-            self.receiver = GrpcTcpReceiver(
-                ReceiverConfig(
-                    listen=f"{host}:{int(port) + rank}",
-                    data_port=self.opts.data_port + rank if self.opts.data_port else 0,
-                    advertise_data=advertise,
-                )
+                advertise = join_hostport(a_host.strip("[]"), rank_port(int(a_port), rank))
+            self.receiver = transport.receiver(
+                host.strip("[]"), rank_port(int(port), rank), rank_port(self.opts.data_port, rank), advertise
             )
             log.info(
-                "prfaas: receiver listening on %s (data plane %s%s)",
+                "prfaas: receiver listening on %s (data plane %s%s%s)",
                 self.receiver.endpoint,
-                self.receiver.bound_data_endpoint,
+                getattr(self.receiver, "bound_data_endpoint", "n/a"),
                 f", advertised as {advertise}" if advertise else "",
+                ", TLS" if self.opts.tls_cert or self.opts.tls_ca else "",
             )
         if self.producer:
-            self.sender = GrpcTcpSender(
-                SenderConfig(
-                    sender_id=f"vllm-{self.cfg.kv_transfer_config.engine_id}",
-                    connections=self.opts.connections,
-                    pacing_gbps=self.opts.pacing_gbps,
-                )
-            )
+            self.sender = transport.sender()
 
     def part(self, layer: str, i: int) -> tuple[torch.Tensor, int]:
         try:
@@ -178,16 +203,17 @@ class WorkerSide:
             assert self.sender is not None, "a kv_consumer-only instance cannot produce"
             manifest = TransferManifest(t.transfer_id, tuple(self._items(t)), self.fp, sender_id="vllm")
             h = self.sender.open(t.endpoint, manifest, t.token, deadline_s=t.deadline_s)
-            self._sends[t.req_id] = (h, t, set(), [])
+            self._sends[t.req_id] = _Send(h, t)
         except Exception as e:  # never pin blocks: report the request as done (failed) at once
             log.error("prfaas: cannot open transfer %s for %s: %s", t.transfer_id, t.req_id, e)
             self.stats.record_send_failure(type(e).__name__)
-            f: Future = Future()
+            f: Future[None] = Future()
             f.set_exception(e)
             self._send_futs[t.req_id] = f
 
     def _send_layer(self, rid: str, lname: str) -> None:
-        h, t, sent, keep = self._sends[rid]
+        st = self._sends[rid]
+        h, t, sent, keep = st.handle, st.transfer, st.sent_layers, st.buffers
         if lname in sent or lname not in self.group_of:
             return
         sent.add(lname)
@@ -222,24 +248,24 @@ class WorkerSide:
         for t in self.meta.loads:
             if self.receiver is None:
                 log.error("prfaas: request %s asks for a load but this instance is not a consumer", t.req_id)
-                f: Future = Future()
+                f: Future[TransferManifest] = Future()
                 f.set_exception(RuntimeError("not a kv_consumer"))
-                self._loads[t.req_id] = (_Done(f), t, time.monotonic())
+                self._loads[t.req_id] = _Load(f, t, time.monotonic())
                 continue
             h = self.receiver.expect(t.transfer_id, t.token, self.fp, _Sink(self, t), deadline_s=t.deadline_s)
-            self._loads[t.req_id] = (h, t, time.monotonic())
+            self._loads[t.req_id] = _Load(h.done, t, time.monotonic(), h)
 
     # -- completion ----------------------------------------------------------------------------
     def transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
         self._sched_finished |= set(finished_req_ids)
         sending: set[str] = set()
         for rid in list(self._sends):
-            h, t, _, _ = self._sends[rid]
+            h = self._sends[rid].handle
             if h.done.done():
                 self._send_futs[rid] = h.done
                 del self._sends[rid]  # drops the packed buffers: the receiver has them
                 if h.done.exception() is None:  # what crossed: less than the manifest when D held a prefix
-                    self.stats.record_sent(h.progress()["bytes_confirmed"])
+                    self.stats.record_sent(h.progress().get("bytes_confirmed", 0))
                 else:
                     self.stats.record_send_failure(type(h.done.exception()).__name__)
         for rid in list(self._send_futs):
@@ -251,15 +277,17 @@ class WorkerSide:
                 sending.add(rid)
         recving, failed = set(), set()
         for rid in list(self._loads):
-            h, t, started = self._loads[rid]
-            if not h.done.done():
+            ld = self._loads[rid]
+            t = ld.transfer
+            if not ld.done.done():
                 continue
             del self._loads[rid]
             recving.add(rid)
-            err = h.done.exception()
+            err = ld.done.exception()
             if err is None:
-                m, p = h.done.result(), h.progress()
-                self.stats.record_load(p["bytes_received"], time.monotonic() - started)
+                m = ld.done.result()
+                p = {"bytes_received": 0, "bytes_skipped": 0, **(ld.handle.progress() if ld.handle else {})}
+                self.stats.record_load(p["bytes_received"], time.monotonic() - ld.started)
                 log.info(
                     "prfaas: loaded transfer %s for request %s: %d bytes in %d items "
                     "(%d more bytes of %d prefix tokens already cached here were not sent)",
@@ -295,17 +323,12 @@ class WorkerSide:
         return out
 
     def shutdown(self) -> None:
-        for h, *_ in self._sends.values():
-            h.abort("vLLM shutting down")
-        for h, *_ in self._loads.values():
-            if hasattr(h, "abort"):
-                h.abort("vLLM shutting down")
+        for st in self._sends.values():
+            st.handle.abort("vLLM shutting down")
+        for ld in self._loads.values():
+            if ld.handle is not None:
+                ld.handle.abort("vLLM shutting down")
         if self.sender:
             self.sender.close()
         if self.receiver:
             self.receiver.close()
-
-
-class _Done:
-    def __init__(self, f: Future) -> None:
-        self.done = f

@@ -1,7 +1,8 @@
-"""Helpers for the SGLang backend tests.
+"""An in-process transfer fabric for the engine adapters' tests.
 
-``LoopbackFabric`` is an in-process implementation of ``prfaas_plugin.transfer.api`` (the
-transfer engine is a neighbour of the SGLang backend, not the component under test). It keeps
+``LoopbackFabric`` is an in-process implementation of ``prfaas_plugin.transfer.api`` and of the
+``Transport`` of ``prfaas_plugin.transfer.binding`` (the transfer engine is a neighbour of the
+vLLM connector and the SGLang backend, not the component under test). It keeps
 the contract's rules that the backend relies on: only expected sessions with the right token
 and fingerprint are accepted, ``send`` is asynchronous, every item is delivered into the
 receiver's sink, both ``done`` futures resolve (with a ``TransferError`` on failure), and
@@ -176,11 +177,11 @@ class LoopbackFabric:
         self._q: queue.Queue[tuple[_Session, str, memoryview]] = queue.Queue()
         threading.Thread(target=self._deliver_loop, daemon=True).start()
 
-    # Transport protocol of prfaas_plugin.engines.sglang.transport
+    # Transport protocol of prfaas_plugin.transfer.binding
     def sender(self) -> TransferSender:
         return _Sender(self)
 
-    def receiver(self, host: str, port: int, data_port: int = 0) -> TransferReceiver:
+    def receiver(self, host: str, port: int, data_port: int = 0, advertise_data: str | None = None) -> TransferReceiver:
         return _Receiver(self, host, port)
 
     def _deliver_loop(self) -> None:

@@ -1,0 +1,124 @@
+"""``prfaas_plugin.transfer.binding``: the item-name codec, ports per rank, TLS options and the
+staged sink that both engine adapters use."""
+
+from __future__ import annotations
+
+import pytest
+
+from prfaas_plugin.transfer import ItemSpec
+from prfaas_plugin.transfer.binding import (
+    EndpointSpec,
+    EngineTransport,
+    ItemNameCodec,
+    ItemNameError,
+    StagedSink,
+    TlsOptions,
+    join_hostport,
+    rank_port,
+)
+from prfaas_plugin.transfer.receiver import GrpcTcpReceiver
+from prfaas_plugin.transfer.sender import GrpcTcpSender
+
+
+def test_codec_with_head_round_trips_and_refuses_other_shapes():
+    kv = ItemNameCodec("kv", ("", "", ""))
+    assert kv.encode(3, 128, 64) == "kv.3.128.64"
+    assert kv.decode("kv.3.128.64") == ((3, 128, 64), "")
+    for bad in ("kv.3.128", "kv.3.128.64.1", "st.3.128.64", "kv.3.x.64", "kv.3.-1.64", "kv.3.١.64", "kv..1.2"):
+        assert not kv.matches(bad), bad
+        with pytest.raises(ItemNameError):
+            kv.decode(bad)
+
+
+def test_codec_with_labels_and_a_dotted_tail():
+    c = ItemNameCodec("", ("g", "b"), tail=True)
+    assert c.encode(1, 16, tail="model.layers.0.attn") == "g1.b16.model.layers.0.attn"
+    assert c.decode("g1.b16.model.layers.0.attn") == ((1, 16), "model.layers.0.attn")
+    for bad in ("g1.b16", "g1.b16.", "b1.g16.L", "g1.16.L", "gx.b1.L"):
+        with pytest.raises(ItemNameError):
+            c.decode(bad)
+
+
+def test_codec_refuses_bad_values():
+    c = ItemNameCodec("st", ("", ""))
+    with pytest.raises(ItemNameError, match="2 fields"):
+        c.encode(1)
+    with pytest.raises(ItemNameError, match=">= 0"):
+        c.encode(1, -2)
+    with pytest.raises(ItemNameError, match="no tail"):
+        c.encode(1, 2, tail="x")
+    with pytest.raises(ItemNameError, match="tail is required"):
+        ItemNameCodec("", ("g",), tail=True).encode(1)
+
+
+def test_rank_ports_and_hostports():
+    assert [rank_port(15600, r) for r in range(3)] == [15600, 15601, 15602]
+    assert rank_port(0, 5) == 0  # any free port, per rank
+    with pytest.raises(ValueError):
+        rank_port(-1, 0)
+    with pytest.raises(ValueError, match="past 65535"):
+        rank_port(65530, 6)
+    assert join_hostport("::1", 5) == "[::1]:5"
+    assert join_hostport("10.0.0.1", 5) == "10.0.0.1:5"
+
+
+def test_tls_options_per_role():
+    assert TlsOptions().config(server=True) is None
+    o = TlsOptions(cert="c.pem", key="k.pem", ca="ca.pem", require_client_cert=True)
+    assert o.config(server=True).require_client_cert
+    client = o.config(server=False)
+    assert not client.require_client_cert and client.ca_file == "ca.pem" and client.cert_file == "c.pem"
+    assert TlsOptions(ca="ca.pem").config(server=False).cert_file is None
+    with pytest.raises(ValueError, match="go together"):
+        TlsOptions(cert="c.pem").config(server=True)
+
+
+def test_engine_transport_builds_the_configured_endpoints():
+    t = EngineTransport(EndpointSpec(sender_id="s1", receiver_id="r1", connections=3, pacing_gbps=2.0))
+    rx = t.receiver("127.0.0.1", 0)
+    tx = t.sender()
+    try:
+        assert isinstance(rx, GrpcTcpReceiver) and rx.config.receiver_id == "r1" and rx.config.tls is None
+        assert isinstance(tx, GrpcTcpSender)
+        assert (tx.config.sender_id, tx.config.connections, tx.config.pacing_gbps) == ("s1", 3, 2.0)
+    finally:
+        tx.close()
+        rx.close()
+
+
+class _Sink(StagedSink[bytearray]):
+    """Items named "direct.*" land in place; the others in a staging copy committed at the end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dest: dict[str, bytearray] = {}
+        self.commits: list[str] = []
+
+    def land(self, item: ItemSpec) -> tuple[memoryview, bytearray | None]:
+        if item.nbytes > 8:
+            raise ValueError("too big")
+        if item.name.startswith("direct."):
+            self.dest[item.name] = bytearray(item.nbytes)
+            return memoryview(self.dest[item.name]), None
+        staged = bytearray(item.nbytes)
+        return memoryview(staged), staged
+
+    def commit(self, item: ItemSpec, staged: bytearray) -> None:
+        self.commits.append(item.name)
+        self.dest[item.name] = bytearray(staged)
+
+
+def test_staged_sink_commits_staged_items_once_and_leaves_in_place_ones():
+    sink = _Sink()
+    a, b = ItemSpec("direct.a", 4), ItemSpec("staged.b", 4)
+    va, vb = sink.buffer_for(a), sink.buffer_for(b)
+    va[:] = b"aaaa"
+    vb[:] = b"bbbb"
+    assert "staged.b" not in sink.dest  # not before the item is complete
+    sink.item_done(a)
+    sink.item_done(b)
+    sink.item_done(b)  # a repeated completion commits nothing more
+    assert sink.commits == ["staged.b"]
+    assert sink.dest == {"direct.a": bytearray(b"aaaa"), "staged.b": bytearray(b"bbbb")}
+    with pytest.raises(ValueError, match="too big"):
+        sink.buffer_for(ItemSpec("staged.c", 9))
