@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,6 +47,18 @@ from prfaas_plugin.router.upstream import Unreachable, Upstream, UpstreamError
 from prfaas_plugin.router.validate import parse_body, validate_completion
 
 log = logging.getLogger("prfaas.router")
+
+#: A client's own X-Request-Id is kept if it looks like an id; anything else (control bytes,
+#: kilobytes of text) would be echoed into response headers and log lines, so it is replaced.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def request_id(scope: Scope) -> str:
+    rid = header(scope, b"x-request-id")
+    if rid is not None and _REQUEST_ID.fullmatch(rid):
+        return rid
+    return os.urandom(16).hex()  # as uuid4().hex, 4x cheaper
+
 
 #: Request bodies up to this size are tokenised inline on the event loop (see Router._tokenize).
 INLINE_TOKENIZE_BYTES = 8 << 10
@@ -161,7 +174,7 @@ class Router:
     async def passthrough(self, scope: Scope, receive: Receive, send: Send, method: bytes) -> None:
         """``/tokenize``, ``/detokenize``, ``/version``: an engine's own answer, from a healthy
         local instance (the model and tokenizer are the same everywhere)."""
-        rid = header(scope, b"x-request-id") or os.urandom(16).hex()
+        rid = request_id(scope)
         body = None
         try:
             if method == b"POST":
@@ -199,7 +212,7 @@ class Router:
         await send_reply(reply, send)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, path: str, chat: bool, arrived: float) -> None:
-        rid = header(scope, b"x-request-id") or os.urandom(16).hex()  # as uuid4().hex, 4x cheaper
+        rid = request_id(scope)
         try:
             raw = await read_body(scope, receive, self.cfg.body_limit)
         except ClientGone:
