@@ -43,6 +43,13 @@ ran: dict[str, int] = {"bodies": 0, "raw": 0, "admin": 0}
 statuses: collections.Counter[int] = collections.Counter()
 
 
+class Target(tuple):
+    """(router, producer, consumer, client), with a short repr for Hypothesis' failure reports."""
+
+    def __repr__(self) -> str:
+        return "<router under fuzz>"
+
+
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
     tok = PromptTokenizer(str(build_tokenizer(tmp_path_factory.mktemp("tok"))))
@@ -65,7 +72,7 @@ def target(tmp_path_factory):
     )
     r = RunningRouter(cfg, tok)
     client = httpx.Client(base_url=r.url, timeout=20)
-    yield r, p, d, client
+    yield Target((r, p, d, client))
     client.close()
     r.stop()
     p.stop()
