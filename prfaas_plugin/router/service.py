@@ -187,7 +187,9 @@ class Router:
         except ClientGone:
             return
         except BodyTooLarge as exc:
-            await send_reply(error_reply(413, str(exc), request_id=rid), send)
+            reply = error_reply(413, f"{exc} (router config: max_body_bytes)", request_id=rid)
+            reply.headers["connection"] = "close"  # the rest of the body is not read
+            await send_reply(reply, send)
             return
         except ClientError as exc:
             await send_reply(error_reply(exc.status, exc.message, exc.code), send)
