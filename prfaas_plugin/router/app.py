@@ -12,16 +12,20 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prfaas_plugin.router.asgi import Receive, Scope, Send, send_reply
 from prfaas_plugin.router.config import RouterConfig
-from prfaas_plugin.router.replies import error_reply, error_response
+from prfaas_plugin.router.replies import error_reply, error_response, router_fault
 from prfaas_plugin.router.service import Router
 from prfaas_plugin.router.tokenize import PromptTokenizer
 
@@ -33,6 +37,8 @@ class RouterApp:
     endpoint and the lifespan on FastAPI."""
 
     COMPLETIONS = {"/v1/completions": False, "/v1/chat/completions": True}  # path -> chat
+    #: Passed to a healthy instance as they are: path -> method.
+    PASSTHROUGH = {"/tokenize": "POST", "/detokenize": "POST", "/version": "GET"}
 
     def __init__(self, router: Router, admin: FastAPI) -> None:
         self.router = router
@@ -44,14 +50,22 @@ class RouterApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            chat = self.COMPLETIONS.get(scope["path"])
-            if chat is not None:
-                if scope["method"] == "POST":
-                    await self.router.serve(scope, receive, send, scope["path"], chat)
-                else:
-                    reply = error_reply(405, f"{scope['method']} is not allowed here; send POST")
-                    reply.headers["allow"] = "POST"
+            refused = self.router.auth.check(scope)  # before any of the body is read
+            if refused is not None:
+                await send_reply(refused, send)
+                return
+            path = scope["path"]
+            chat = self.COMPLETIONS.get(path)
+            method = "POST" if chat is not None else self.PASSTHROUGH.get(path)
+            if method is not None:
+                if scope["method"] != method:
+                    reply = error_reply(405, f"{scope['method']} is not allowed here; send {method}")
+                    reply.headers["allow"] = method
                     await send_reply(reply, send)
+                elif chat is not None:
+                    await self.router.serve(scope, receive, send, path, chat)
+                else:
+                    await self.router.passthrough(scope, receive, send, method.encode())
                 return
         await self.admin(scope, receive, send)  # type: ignore[arg-type]  # ASGI dicts are mutable mappings
 
@@ -67,7 +81,7 @@ def create_app(cfg: RouterConfig, tokenizer: PromptTokenizer | None = None) -> R
         finally:
             await router.stop()
 
-    app = FastAPI(title="prfaas router", lifespan=lifespan)
+    app = FastAPI(title="prfaas router", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.router = router
 
     @app.get("/v1/models")
@@ -99,14 +113,17 @@ def create_app(cfg: RouterConfig, tokenizer: PromptTokenizer | None = None) -> R
 
     @app.put("/admin/threshold")
     async def put_threshold(request: Request) -> Response:
+        top = cfg.threshold.max_tokens
         try:
-            body = await request.json()
-            tokens = float(body["threshold_tokens"])
-            if tokens < 0:
+            body = json.loads(await request.body())
+            tokens = body["threshold_tokens"]
+            if not isinstance(tokens, (int, float)) or isinstance(tokens, bool):
+                raise TypeError
+            if not (math.isfinite(tokens) and 0 <= tokens <= top):
                 raise ValueError
-        except (ValueError, KeyError, TypeError, json.JSONDecodeError):
-            return error_response(400, 'send {"threshold_tokens": <number >= 0>}')
-        router.controller.set_fixed(tokens)
+        except (ValueError, KeyError, TypeError, RecursionError):  # JSONDecodeError, UnicodeDecodeError too
+            return error_response(400, f'send {{"threshold_tokens": <a number from 0 to {top:g}>}}')
+        router.controller.set_fixed(float(tokens))
         return JSONResponse(router.controller.snapshot())
 
     @app.get("/admin/split")
@@ -121,12 +138,23 @@ def create_app(cfg: RouterConfig, tokenizer: PromptTokenizer | None = None) -> R
         }
 
     @app.get("/admin/requests")
-    async def requests_(limit: int = 100) -> dict:
+    async def requests_(limit: int = Query(100, ge=1, le=10_000)) -> dict:
         return {"requests": [r.as_dict() for r in router.records.last(limit)]}
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+        return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> Response:
+        where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return error_response(400, f"invalid request: {where}")
+
     @app.exception_handler(Exception)
-    async def _unhandled(_request: Request, exc: Exception) -> Response:  # pragma: no cover - last resort
-        log.exception("unhandled router error: %s", exc)
-        return error_response(502, f"upstream or router failure: {type(exc).__name__}", "upstream_error")
+    async def _unhandled(request: Request, exc: Exception) -> Response:  # pragma: no cover - last resort
+        rid = request.headers.get("x-request-id") or os.urandom(16).hex()
+        log.exception("request_id=%s: unhandled router error: %s", rid, exc)
+        reply = router_fault(rid, exc)
+        return Response(reply.body, status_code=500, media_type="application/json")
 
     return RouterApp(router, app)

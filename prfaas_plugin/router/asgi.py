@@ -29,6 +29,14 @@ class ClientGone(Exception):
     """The client disconnected before its request body arrived whole."""
 
 
+class BodyTooLarge(Exception):
+    """The request body is over the limit (by its Content-Length, or while it was read)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body is over the limit of {limit} bytes")
+        self.limit = limit
+
+
 @dataclass
 class Reply:
     status: int
@@ -54,13 +62,24 @@ def header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def read_body(receive: Receive) -> bytes:
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The request body, or :class:`BodyTooLarge` as soon as it is known to exceed ``limit``
+    bytes: from its Content-Length before reading any of it, else as the chunks add up (a
+    chunked body), so an oversized body is never held whole nor parsed."""
+    declared = header(scope, b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(limit)
     parts: list[bytes] = []
+    size = 0
     while True:
         msg = await receive()
         if msg["type"] == "http.disconnect":
             raise ClientGone()
-        parts.append(msg.get("body", b""))
+        chunk = msg.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(limit)
+        parts.append(chunk)
         if not msg.get("more_body", False):
             return parts[0] if len(parts) == 1 else b"".join(parts)
 

@@ -10,6 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from prfaas_plugin.yamlconfig import load_yaml_model
 
+#: Bytes of JSON one prompt token can take: a token id list spends up to 8 ("1234567,"), text
+#: escaped as ``\uXXXX`` 6 per character and a token is often several characters.
+BODY_BYTES_PER_TOKEN = 16
+
 
 class RouterConfigError(ValueError):
     pass
@@ -161,6 +165,48 @@ class GcSpec(_Strict):
     idle_every_s: float = Field(default=1.0, gt=0)
 
 
+class KeySource(_Strict):
+    """Where API keys come from; the keys of all three sources are accepted (router/auth.py reads
+    them at start, so a rotated file or variable takes effect on restart)."""
+
+    #: Keys written in the config itself.
+    keys: list[str] = Field(default_factory=list)
+    #: A file with one key per line (blank lines and lines starting with ``#`` are skipped);
+    #: relative to the config file.
+    file: str | None = None
+    #: An environment variable holding one key, or several separated by commas.
+    env: str | None = None
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.keys or self.file or self.env)
+
+
+class AuthSpec(_Strict):
+    """Who may use the router (docs/router.md, "Authentication").
+
+    ``api_keys`` unset: the OpenAI endpoints are open, as vLLM's are without ``--api-key``.
+    ``admin_keys`` unset: ``/admin/*`` answers loopback clients only."""
+
+    #: Keys clients send as ``Authorization: Bearer <key>`` on the OpenAI endpoints.
+    api_keys: KeySource = KeySource()
+    #: Keys for ``/admin/*`` (they work on the OpenAI endpoints too); a user key there gets 403.
+    admin_keys: KeySource = KeySource()
+    #: Also require a key (user or admin) on ``/health`` and ``/metrics``.
+    protect_health: bool = False
+    protect_metrics: bool = False
+    #: The key the router sends the engines (their ``--api-key``); exactly one key.
+    upstream_api_key: KeySource = KeySource()
+
+    @model_validator(mode="after")
+    def _protect(self) -> AuthSpec:
+        if (self.protect_health or self.protect_metrics) and not (
+            self.api_keys.configured or self.admin_keys.configured
+        ):
+            raise ValueError("auth.protect_health/protect_metrics need auth.api_keys or auth.admin_keys")
+        return self
+
+
 class RouterConfig(_Strict):
     #: Model name served on /v1/models (requests naming another model get a 404).
     model: str
@@ -178,10 +224,20 @@ class RouterConfig(_Strict):
     #: transfer deadline the router asks for (kv_transfer_params.deadline_s)
     transfer_deadline_s: float = Field(default=60.0, gt=0)
     max_prompt_tokens: int = Field(default=1 << 20, gt=0)
+    #: Largest request body accepted (larger ones get 413 before they are parsed). Unset:
+    #: ``BODY_BYTES_PER_TOKEN`` per ``max_prompt_tokens`` plus 1 MiB for the other fields.
+    max_body_bytes: int | None = Field(default=None, gt=0)
+    auth: AuthSpec = AuthSpec()
     threshold: ThresholdSpec = ThresholdSpec()
     timeouts: TimeoutSpec = TimeoutSpec()
     gc: GcSpec = GcSpec()
     clusters: list[ClusterSpec] = Field(min_length=1)
+
+    @property
+    def body_limit(self) -> int:
+        if self.max_body_bytes is not None:
+            return self.max_body_bytes
+        return self.max_prompt_tokens * BODY_BYTES_PER_TOKEN + (1 << 20)
 
     @model_validator(mode="after")
     def _clusters(self) -> RouterConfig:
@@ -218,6 +274,9 @@ def load_router_config(path: str | Path) -> RouterConfig:
     # Relative paths are relative to the config file.
     if not Path(cfg.tokenizer).is_absolute():
         cfg.tokenizer = str((base / cfg.tokenizer).resolve())
+    for src in (cfg.auth.api_keys, cfg.auth.admin_keys, cfg.auth.upstream_api_key):
+        if src.file and not Path(src.file).is_absolute():
+            src.file = str((base / src.file).resolve())
     if cfg.threshold.planner and not Path(cfg.threshold.planner).is_absolute():
         cfg.threshold.planner = str((base / cfg.threshold.planner).resolve())
     return cfg

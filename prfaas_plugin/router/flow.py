@@ -27,7 +27,7 @@ from prfaas_plugin.router.egress import EgressMeter
 from prfaas_plugin.router.instances import Fleet, Instance
 from prfaas_plugin.router.lease import Lease
 from prfaas_plugin.router.metrics import RouterMetrics
-from prfaas_plugin.router.pd import PDProtocol
+from prfaas_plugin.router.pd import PDProtocol, fans_out, warmup_body
 from prfaas_plugin.router.policy import Decision
 from prfaas_plugin.router.prefix_index import PrefixIndex
 from prfaas_plugin.router.records import Record
@@ -88,7 +88,35 @@ class Flow:
             if op.resp.status_code == 200:
                 self.index.record(d.decode.url, tokens)
             return await self.relay(op, rec, headers, arrived, stream)
+        if fans_out(body) and self.pd.decode_prefills_alone(d.decode):
+            return await self._prefill_then_fan_out(path, body, d, rec, tokens, stream, headers, arrived)
         return await self._two_phase(path, body, d, rec, tokens, stream, headers, arrived)
+
+    async def _prefill_then_fan_out(
+        self,
+        path: str,
+        body: dict,
+        d: Decision,
+        rec: Record,
+        tokens: list[int],
+        stream: bool,
+        headers: dict,
+        arrived: float,
+    ) -> Reply:
+        """``n`` > 1 on a disaggregated route: prefill once, then let the decode instance fan out.
+
+        The KV of one sample cannot be pushed into n requests (each of vLLM's n child requests
+        would wait for a transfer of its own). So the prompt is first carried over as a one-token
+        request (the usual producer + consumer, fallback included), which leaves its KV in the
+        decode instance's prefix cache; then the client's own request goes to that instance,
+        which finds the prompt cached and samples n answers from it. If the cache lost the blocks
+        meanwhile, the decode instance recomputes them: slower, still correct."""
+        warm = await self._two_phase(path, warmup_body(body), d, rec, tokens, False, headers, arrived, account=False)
+        if warm.status != 200:
+            return warm  # the decode instance refused the request: its answer is the client's
+        headers = {**headers, "x-prfaas-fan-out": "after-prefill"}
+        op = await self.open(d.decode, path, body)
+        return await self.relay(op, rec, headers, arrived, stream)
 
     # -- producer + consumer ------------------------------------------------------------------------
     async def _two_phase(
@@ -101,6 +129,7 @@ class Flow:
         stream: bool,
         headers: dict,
         arrived: float,
+        account: bool = True,
     ) -> Reply:
         assert d.prefill is not None
         prod_body, cons_body, rec.transfer_id = self.pd.bodies(body, d.prefill, d.decode)
@@ -114,7 +143,7 @@ class Flow:
             got = await _unless_producer_fails(cons_task, prod_task)
             consumer_handled = True
             if got is _PRODUCER_FAILED:
-                return await self._fallback(path, body, d, rec, prod_task.result(), stream, headers, arrived)
+                return await self._fallback(path, body, d, rec, prod_task.result(), stream, headers, arrived, account)
             op = got
             first: bytes | None = None
             chunks: AsyncIterator[bytes] | None = None
@@ -128,7 +157,9 @@ class Flow:
                 if got is _PRODUCER_FAILED:
                     await op.discard()
                     op = None
-                    return await self._fallback(path, body, d, rec, prod_task.result(), stream, headers, arrived)
+                    return await self._fallback(
+                        path, body, d, rec, prod_task.result(), stream, headers, arrived, account
+                    )
                 first = got
             elif op.resp.status_code != 200 and (
                 self.pd.decode_error_is_transfer_failure() or (prod_task.done() and not prod_task.result().ok)
@@ -148,7 +179,7 @@ class Flow:
                 await op.resp.aread()
                 await op.discard()
                 op = None
-                return await self._fallback(path, body, d, rec, prod, stream, headers, arrived)
+                return await self._fallback(path, body, d, rec, prod, stream, headers, arrived, account)
         except BaseException:
             prod_task.cancel()
             for task in pending:
@@ -165,7 +196,7 @@ class Flow:
                 await op.discard()
             raise
         self._finish_producer_later(prod_task, d, rec, tokens)
-        return await self.relay(op, rec, headers, arrived, stream, first=first, chunks=chunks)
+        return await self.relay(op, rec, headers, arrived, stream, first=first, chunks=chunks, account=account)
 
     def _finish_producer_later(
         self, prod_task: asyncio.Task[ProducerResult], d: Decision, rec: Record, tokens: list[int]
@@ -233,6 +264,7 @@ class Flow:
         stream: bool,
         headers: dict,
         arrived: float,
+        account: bool = True,
     ) -> Reply:
         reason = "prfaas failed" if d.route == "prfaas" else "local producer failed"
         rec.fallback = f"{reason}: {prod.error}"
@@ -281,10 +313,10 @@ class Flow:
                 prod_task.cancel()
                 raise
             self._finish_producer_later(prod_task, again, rec, [])
-            return await self.relay(op, rec, headers, arrived, stream)
+            return await self.relay(op, rec, headers, arrived, stream, account=account)
         log.warning("request_id=%s falling back to local prefill on %s: %s", rec.request_id, d.decode.url, prod.error)
         op = await self.open(d.decode, path, body)
-        return await self.relay(op, rec, headers, arrived, stream)
+        return await self.relay(op, rec, headers, arrived, stream, account=account)
 
     # -- HTTP plumbing -----------------------------------------------------------------------------
     async def open(self, inst: Instance, path: str, body: dict) -> Opened:
@@ -305,9 +337,17 @@ class Flow:
         stream: bool,
         first: bytes | None = None,
         chunks: AsyncIterator[bytes] | None = None,
+        account: bool = True,
     ) -> Reply:
-        """Pass the upstream answer through; account TTFT, load and the outcome."""
+        """Pass the upstream answer through; account TTFT, load and the outcome (``account``
+        False: an intermediate answer the client never sees, read whole and only released)."""
         resp = op.resp
+        if not account:
+            try:
+                content = await resp.aread()
+            finally:
+                await op.discard()
+            return Reply(resp.status_code, {**headers, "content-type": resp.headers.get("content-type", "")}, content)
         rec.status = resp.status_code
         out_headers = {**headers, "content-type": resp.headers.get("content-type", "application/json")}
 

@@ -15,11 +15,24 @@ class ClientError(Exception):
         self.status, self.message, self.code = status, message, code
 
 
-def error_reply(status: int, message: str, code: str = "invalid_request_error") -> Reply:
-    return json_reply({"error": {"message": message, "type": code, "code": status}}, status)
+def error_reply(status: int, message: str, code: str = "invalid_request_error", request_id: str | None = None) -> Reply:
+    err: dict = {"message": message, "type": code, "code": status}
+    if request_id is not None:
+        err["request_id"] = request_id
+    return json_reply({"error": err}, status)
 
 
-def error_response(status: int, message: str, code: str = "invalid_request_error") -> Response:
-    """``error_reply`` for the FastAPI (admin) endpoints."""
-    reply = error_reply(status, message, code)
+def router_fault(request_id: str, exc: BaseException) -> Reply:
+    """The router's own failure (a bug, not the client's nor an instance's): 500, with the
+    request id the log line carries so the two can be matched."""
+    return error_reply(
+        500, f"internal router error ({type(exc).__name__}); request id {request_id}", "internal_error", request_id
+    )
+
+
+def error_response(
+    status: int, message: str, code: str = "invalid_request_error", request_id: str | None = None
+) -> Response:
+    """``error_reply`` for the FastAPI endpoints."""
+    reply = error_reply(status, message, code, request_id)
     return Response(reply.body, status_code=status, media_type=reply.headers["content-type"])

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from prfaas_plugin.router.asgi import (
+    BodyTooLarge,
     ClientGone,
     Receive,
     Reply,
@@ -24,6 +27,7 @@ from prfaas_plugin.router.asgi import (
     read_body,
     send_reply,
 )
+from prfaas_plugin.router.auth import Auth
 from prfaas_plugin.router.config import RouterConfig
 from prfaas_plugin.router.egress import EgressMeter
 from prfaas_plugin.router.flow import Flow
@@ -31,12 +35,12 @@ from prfaas_plugin.router.gcpace import GcPacer
 from prfaas_plugin.router.instances import Fleet
 from prfaas_plugin.router.loops import ControlLoops
 from prfaas_plugin.router.metrics import RouterMetrics
-from prfaas_plugin.router.pd import pd_protocol
+from prfaas_plugin.router.pd import needs_prompt_logprobs, pd_protocol
 from prfaas_plugin.router.policy import Decision, NoInstance, bandwidth_mode, decide, prfaas_overloaded
 from prfaas_plugin.router.prefix_index import PrefixIndex
 from prfaas_plugin.router.rebalance import SplitApplier
 from prfaas_plugin.router.records import RecentShare, Record, RecordBook
-from prfaas_plugin.router.replies import ClientError, error_reply
+from prfaas_plugin.router.replies import ClientError, error_reply, router_fault
 from prfaas_plugin.router.threshold import ThresholdController
 from prfaas_plugin.router.tokenize import PromptError, PromptTokenizer
 from prfaas_plugin.router.upstream import Unreachable, Upstream, UpstreamError
@@ -44,7 +48,18 @@ from prfaas_plugin.router.validate import parse_body, validate_completion
 
 log = logging.getLogger("prfaas.router")
 
-MAX_BODY_BYTES = 64 << 20
+#: A client's own X-Request-Id is kept if it looks like an id; anything else (control bytes,
+#: kilobytes of text) would be echoed into response headers and log lines, so it is replaced.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def request_id(scope: Scope) -> str:
+    rid = header(scope, b"x-request-id")
+    if rid is not None and _REQUEST_ID.fullmatch(rid):
+        return rid
+    return os.urandom(16).hex()  # as uuid4().hex, 4x cheaper
+
+
 #: Request bodies up to this size are tokenised inline on the event loop (see Router._tokenize).
 INLINE_TOKENIZE_BYTES = 8 << 10
 
@@ -60,6 +75,7 @@ class Router:
     client: Upstream | None = None
 
     def __post_init__(self) -> None:
+        self.auth = Auth(self.cfg.auth)  # reads the keys: a missing file or variable fails here
         self.fleet = Fleet.from_config(self.cfg)
         self.index = PrefixIndex(self.cfg.block_size)
         self.controller = ThresholdController(self.cfg.threshold, self.cfg.link_gbps)
@@ -89,7 +105,7 @@ class Router:
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         t = self.cfg.timeouts
-        self.client = Upstream(t.connect_s, t.request_s, t.keepalive_s)
+        self.client = Upstream(t.connect_s, t.request_s, t.keepalive_s, self.auth.upstream_key)
         await self.client.start()
         self.flow = Flow(
             self.cfg, self.client, self.fleet, self.index, self.controller, self.egress, self.metrics, self.pd
@@ -155,11 +171,58 @@ class Router:
         finally:
             self._serving -= 1
 
-    async def _serve(self, scope: Scope, receive: Receive, send: Send, path: str, chat: bool, arrived: float) -> None:
-        rid = header(scope, b"x-request-id") or os.urandom(16).hex()  # as unique as uuid4().hex, cheaper
+    async def passthrough(self, scope: Scope, receive: Receive, send: Send, method: bytes) -> None:
+        """``/tokenize``, ``/detokenize``, ``/version``: an engine's own answer, from a healthy
+        local instance (the model and tokenizer are the same everywhere)."""
+        rid = request_id(scope)
+        body = None
         try:
-            raw = await read_body(receive)
+            if method == b"POST":
+                raw = await read_body(scope, receive, self.cfg.body_limit)
+                body = parse_body(raw)
+                if not isinstance(body, dict):
+                    raise ClientError(400, "the request body must be a JSON object")
+                if "model" in body and body["model"] != self.cfg.model:
+                    raise ClientError(404, f"the model {body['model']!r} does not exist", "model_not_found")
         except ClientGone:
+            return
+        except BodyTooLarge as exc:
+            reply = error_reply(413, f"{exc} (router config: max_body_bytes)", request_id=rid)
+            reply.headers["connection"] = "close"  # the rest of the body is not read
+            await send_reply(reply, send)
+            return
+        except ClientError as exc:
+            await send_reply(error_reply(exc.status, exc.message, exc.code), send)
+            return
+        candidates = sorted(
+            (i for i in self.fleet.instances if i.routable),
+            key=lambda i: (i.cluster_kind != "local", i.inflight),
+        )
+        if not candidates:
+            await send_reply(error_reply(503, "no healthy instance", "service_unavailable"), send)
+            return
+        inst = candidates[0]
+        assert self.client is not None
+        try:
+            status, headers, content = await self.client.call(
+                method, f"{inst.url}{scope['path']}", body, self.cfg.timeouts.connect_s + 30
+            )
+        except UpstreamError as exc:
+            reply = error_reply(502, f"instance {inst.url} failed: {exc}", "upstream_error", rid)
+        else:
+            reply = Reply(status, {"content-type": headers.get("content-type", "application/json")}, content)
+        await send_reply(reply, send)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, path: str, chat: bool, arrived: float) -> None:
+        rid = request_id(scope)
+        try:
+            raw = await read_body(scope, receive, self.cfg.body_limit)
+        except ClientGone:
+            return
+        except BodyTooLarge as exc:
+            reply = error_reply(413, f"{exc} (router config: max_body_bytes)", "invalid_request_error", rid)
+            reply.headers["connection"] = "close"  # the rest of the body is not read
+            await send_reply(reply, send)
             return
         # One watcher for the client leaving, for the request's whole life: while the work runs
         # (handle) and while its answer streams (send_reply).
@@ -169,7 +232,7 @@ class Router:
                 reply = await self.handle(raw, gone, path, chat, rid, arrived)
             except Exception as exc:
                 log.exception("request_id=%s: unhandled router error: %s", rid, exc)
-                reply = error_reply(502, f"upstream or router failure: {type(exc).__name__}", "upstream_error")
+                reply = router_fault(rid, exc)
             await send_reply(reply, send, gone)
         finally:
             if gone.done():
@@ -183,7 +246,7 @@ class Router:
     ) -> Reply:
         """The answer to one request; ``gone`` completes if the client leaves meanwhile."""
         try:
-            body = validate_completion(parse_body(raw, MAX_BODY_BYTES), chat, self.cfg.model)
+            body = validate_completion(parse_body(raw), chat, self.cfg.model)
             if chat:
                 tokens = await self._tokenize(len(raw), self.tokenizer.chat_tokens, body["messages"], body)
             else:
@@ -226,6 +289,9 @@ class Router:
                 )
             except NoInstance as exc:
                 return error_reply(503, str(exc), "service_unavailable")
+            if d.prefill is not None and needs_prompt_logprobs(body) and self.pd.decode_prefills_alone(d.decode):
+                # Pushed KV carries no logprobs: the answering instance computes the prompt.
+                d = dataclasses.replace(d, route="local", prefill=None, reason="prompt logprobs")
             rec = self._record(path, d, rid, stream, arrived, overloaded, attempt)
             try:
                 return await self.flow.run(path, body, d, rec, tokens, stream, arrived)

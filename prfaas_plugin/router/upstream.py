@@ -353,8 +353,14 @@ def _abandon(task: asyncio.Task[tuple[asyncio.BaseTransport, _Connection]]) -> N
 
 
 class Upstream:
-    def __init__(self, connect_s: float, request_s: float, keepalive_s: float = 4.0) -> None:
+    def __init__(
+        self, connect_s: float, request_s: float, keepalive_s: float = 4.0, api_key: str | None = None
+    ) -> None:
         self.connect_s, self.request_s, self.keepalive_s = connect_s, request_s, keepalive_s
+        #: The header lines after the request line and Host: the engines' --api-key, if any.
+        self._fixed = b"User-Agent: " + _USER_AGENT + b"\r\n"
+        if api_key is not None:
+            self._fixed += b"Authorization: Bearer " + api_key.encode("ascii") + b"\r\n"
         self._pool: _Pool | None = None
         self._tls: ssl.SSLContext | None = None
 
@@ -399,16 +405,15 @@ class Upstream:
         assert self._pool is not None, "Upstream.start() was not called"
         origin, line_and_host, url = _target(url)
         if body is None:
-            request = method + b" " + line_and_host + b"User-Agent: " + _USER_AGENT + b"\r\n\r\n"
+            request = method + b" " + line_and_host + self._fixed + b"\r\n"
         else:
             payload = json.dumps(body).encode()
             request = (
                 method
                 + b" "
                 + line_and_host
-                + b"User-Agent: "
-                + _USER_AGENT
-                + b"\r\nContent-Type: application/json\r\nContent-Length: "
+                + self._fixed
+                + b"Content-Type: application/json\r\nContent-Length: "
                 + str(len(payload)).encode()
                 + b"\r\n\r\n"
                 + payload
@@ -463,6 +468,16 @@ class Upstream:
         except json.JSONDecodeError:
             parsed = None
         return s.status_code, parsed, text
+
+    async def call(
+        self, method: bytes, url: str, body: dict[str, Any] | None, timeout_s: float
+    ) -> tuple[int, Headers, bytes]:
+        """(status, headers, body) of a request read to the end, bytes as they came."""
+        s = await self._send(method, url, body, timeout_s)
+        try:
+            return s.status_code, s.headers, await s.aread()
+        finally:
+            await s.aclose()
 
     async def get_text(self, url: str, timeout_s: float) -> tuple[int, str]:
         """(status, body) of a GET read to the end; undecodable bytes become U+FFFD."""
