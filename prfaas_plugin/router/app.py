@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from prfaas_plugin.router.asgi import Receive, Scope, Send, send_reply
 from prfaas_plugin.router.config import RouterConfig
+from prfaas_plugin.router.replica_admin import install as install_replica_admin
 from prfaas_plugin.router.replies import error_reply, error_response
 from prfaas_plugin.router.service import Router
 from prfaas_plugin.router.tokenize import PromptTokenizer
@@ -123,6 +124,8 @@ def create_app(cfg: RouterConfig, tokenizer: PromptTokenizer | None = None) -> R
     @app.get("/admin/requests")
     async def requests_(limit: int = 100) -> dict:
         return {"requests": [r.as_dict() for r in router.records.last(limit)]}
+
+    install_replica_admin(app, router)
 
     @app.exception_handler(Exception)
     async def _unhandled(_request: Request, exc: Exception) -> Response:  # pragma: no cover - last resort

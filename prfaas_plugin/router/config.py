@@ -161,6 +161,26 @@ class GcSpec(_Strict):
     idle_every_s: float = Field(default=1.0, gt=0)
 
 
+class ReplicaSpec(_Strict):
+    """Running several router replicas behind one Service (docs/router-replicas.md)."""
+
+    #: Where the prefix index comes from. ``both``: the instances' KV events (``kv_events``) and
+    #: this replica's own record of what it routed; ``events``: the KV events alone, so every
+    #: replica holds the same index (instances without ``kv_events`` then show no prefixes);
+    #: ``own``: this replica's record alone (one router, or the contrast in the tests).
+    prefix_source: Literal["both", "events", "own"] = "both"
+    #: How often each instance's running + waiting requests are read from its /metrics (vLLM's
+    #: ``vllm:num_requests_running``/``_waiting``, SGLang's ``sglang:num_running_reqs``/
+    #: ``num_queue_reqs``); placement and the PrfaaS queue then count the whole fleet's requests,
+    #: not only this replica's. 0: never (this replica's own open requests alone).
+    load_scrape_s: float = Field(default=0.0, ge=0)
+    #: A reading older than this is ignored (the instance counts its own open requests only).
+    load_stale_s: float = Field(default=10.0, gt=0)
+    #: SIGTERM: stop accepting, let open requests finish for up to this long, then cut them
+    #: (their upstream requests are closed, so the engines abort them) and exit.
+    drain_grace_s: float = Field(default=30.0, ge=0)
+
+
 class RouterConfig(_Strict):
     #: Model name served on /v1/models (requests naming another model get a 404).
     model: str
@@ -181,6 +201,7 @@ class RouterConfig(_Strict):
     threshold: ThresholdSpec = ThresholdSpec()
     timeouts: TimeoutSpec = TimeoutSpec()
     gc: GcSpec = GcSpec()
+    replicas: ReplicaSpec = ReplicaSpec()
     clusters: list[ClusterSpec] = Field(min_length=1)
 
     @model_validator(mode="after")

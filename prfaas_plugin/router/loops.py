@@ -8,6 +8,7 @@ import logging
 
 from prfaas_plugin.router.config import RouterConfig
 from prfaas_plugin.router.egress import SENT_BYTES, EgressMeter, sent_bytes_total
+from prfaas_plugin.router.engine_load import read_load
 from prfaas_plugin.router.gcpace import GcPacer
 from prfaas_plugin.router.instances import Fleet, Instance
 from prfaas_plugin.router.metrics import RouterMetrics
@@ -40,6 +41,8 @@ class ControlLoops:
         spawn.append(asyncio.create_task(self._threshold_loop()))
         if self.cfg.threshold.egress_scrape_s > 0:
             spawn.append(asyncio.create_task(self._egress_loop(client)))
+        if self.cfg.replicas.load_scrape_s > 0:
+            spawn.append(asyncio.create_task(self._load_loop(client)))
         if self.cfg.threshold.apply_split:
             th, t = self.cfg.threshold, self.cfg.timeouts
             self.splitter = SplitApplier(client, self.index, th.split_cooldown_s, th.drain_timeout_s, t.prefill_s)
@@ -93,6 +96,18 @@ class ControlLoops:
         delta = self.egress.update(inst.url, value)
         if delta > 0:
             self.controller.record_egress(delta)
+
+    async def _load_loop(self, client: Upstream) -> None:
+        """Read every instance's own queue gauges (router/engine_load.py says why)."""
+        every = self.cfg.replicas.load_scrape_s
+        while True:
+            await self.read_loads(client, max(every, 1.0))
+            await asyncio.sleep(every)
+
+    async def read_loads(self, client: Upstream, timeout_s: float) -> None:
+        await asyncio.gather(*(read_load(client, i, timeout_s) for i in self.fleet.instances))
+        for inst in self.fleet.instances:
+            self.metrics.instance_load.labels(inst.cluster, inst.url).set(inst.load)
 
     async def _threshold_loop(self) -> None:
         while True:

@@ -61,7 +61,7 @@ class Router:
 
     def __post_init__(self) -> None:
         self.fleet = Fleet.from_config(self.cfg)
-        self.index = PrefixIndex(self.cfg.block_size)
+        self.index = PrefixIndex(self.cfg.block_size, own_record=self.cfg.replicas.prefix_source != "events")
         self.controller = ThresholdController(self.cfg.threshold, self.cfg.link_gbps)
         self.metrics = RouterMetrics()
         self.records = RecordBook()
@@ -116,7 +116,7 @@ class Router:
 
     def _start_event_feeds(self) -> None:
         feeds = [i for i in self.fleet.instances if i.kv_events]
-        if not feeds:
+        if not feeds or self.cfg.replicas.prefix_source == "own":
             return
         try:
             import msgspec  # noqa: F401
@@ -219,11 +219,8 @@ class Router:
         # again (at most once per instance): a dead PrfaaS cluster sends work local.
         assert self.flow is not None
         for attempt in range(len(self.fleet.instances) + 1):
-            overloaded = prfaas_overloaded(self.fleet.of_kind("prfaas"), self.cfg.threshold.queue_high)
             try:
-                d = decide(
-                    tokens, self.fleet, self.index, self.controller.t, self.bandwidth_mode(), exclude_prfaas=overloaded
-                )
+                d, overloaded = self.place(tokens)
             except NoInstance as exc:
                 return error_reply(503, str(exc), "service_unavailable")
             rec = self._record(path, d, rid, stream, arrived, overloaded, attempt)
@@ -241,6 +238,13 @@ class Router:
                 self.metrics.requests.labels(d.route, "upstream_error").inc()
                 return error_reply(502, f"instance {d.decode.url} failed: {exc}", "upstream_error")
         return error_reply(503, "no reachable instance", "service_unavailable")
+
+    def place(self, tokens: list[int]) -> tuple[Decision, bool]:
+        """The decision for ``tokens`` now, and whether the PrfaaS side counted as overloaded
+        (no side effects: ``/admin/decide`` asks it too)."""
+        overloaded = prfaas_overloaded(self.fleet.of_kind("prfaas"), self.cfg.threshold.queue_high)
+        d = decide(tokens, self.fleet, self.index, self.controller.t, self.bandwidth_mode(), exclude_prfaas=overloaded)
+        return d, overloaded
 
     def _record(
         self, path: str, d: Decision, rid: str, stream: bool, arrived: float, overloaded: bool, rerouted: int
