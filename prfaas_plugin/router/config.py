@@ -164,6 +164,16 @@ class GcSpec(_Strict):
 class ReplicaSpec(_Strict):
     """Running several router replicas behind one Service (docs/router-replicas.md)."""
 
+    @field_validator("peers")
+    @classmethod
+    def _peers(cls, v: list[str]) -> list[str]:
+        return [_check_url(u) for u in v]
+
+    @field_validator("peers_dns")
+    @classmethod
+    def _peers_dns(cls, v: str | None) -> str | None:
+        return None if v is None else _check_hostport(v)
+
     #: Where the prefix index comes from. ``both``: the instances' KV events (``kv_events``) and
     #: this replica's own record of what it routed; ``events``: the KV events alone, so every
     #: replica holds the same index (instances without ``kv_events`` then show no prefixes);
@@ -176,6 +186,14 @@ class ReplicaSpec(_Strict):
     load_scrape_s: float = Field(default=0.0, ge=0)
     #: A reading older than this is ignored (the instance counts its own open requests only).
     load_stale_s: float = Field(default=10.0, gt=0)
+    #: The other replicas, whose recent uncached lengths join this replica's own in the planner's
+    #: re-optimisation of t* (router/peers.py says why): base URLs (``http://10.0.0.7:8000``),
+    #: and/or ``peers_dns``: a ``host:port`` whose every address is a replica (a Kubernetes
+    #: headless Service), resolved each round. A replica finds itself among them and skips it.
+    peers: list[str] = Field(default_factory=list)
+    peers_dns: str | None = None
+    #: How often the peers' lengths are read (and how old a peer's copy may get before it is dropped: 3x).
+    peers_every_s: float = Field(default=5.0, gt=0)
     #: SIGTERM: stop accepting, let open requests finish for up to this long, then cut them
     #: (their upstream requests are closed, so the engines abort them) and exit.
     drain_grace_s: float = Field(default=30.0, ge=0)

@@ -12,6 +12,7 @@ from prfaas_plugin.router.engine_load import read_load
 from prfaas_plugin.router.gcpace import GcPacer
 from prfaas_plugin.router.instances import Fleet, Instance
 from prfaas_plugin.router.metrics import RouterMetrics
+from prfaas_plugin.router.peers import new_replica_id, peers_loop
 from prfaas_plugin.router.prefix_index import PrefixIndex
 from prfaas_plugin.router.rebalance import SplitApplier
 from prfaas_plugin.router.threshold import ThresholdController
@@ -34,6 +35,7 @@ class ControlLoops:
         self.cfg, self.fleet, self.index, self.controller, self.egress = cfg, fleet, index, controller, egress
         self.metrics, self.gc_pacer = metrics, gc_pacer
         self.splitter: SplitApplier | None = None
+        self.replica_id = new_replica_id()  # among the router replicas (peers.py)
 
     def start(self, client: Upstream, spawn: list[asyncio.Task[None]]) -> None:
         """Start every loop the config asks for; their tasks are appended to ``spawn``."""
@@ -43,6 +45,8 @@ class ControlLoops:
             spawn.append(asyncio.create_task(self._egress_loop(client)))
         if self.cfg.replicas.load_scrape_s > 0:
             spawn.append(asyncio.create_task(self._load_loop(client)))
+        if self.cfg.threshold.mode == "auto" and (self.cfg.replicas.peers or self.cfg.replicas.peers_dns):
+            spawn.append(asyncio.create_task(peers_loop(client, self.cfg.replicas, self.controller, self.replica_id)))
         if self.cfg.threshold.apply_split:
             th, t = self.cfg.threshold, self.cfg.timeouts
             self.splitter = SplitApplier(client, self.index, th.split_cooldown_s, th.drain_timeout_s, t.prefill_s)

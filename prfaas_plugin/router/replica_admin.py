@@ -3,6 +3,8 @@
 - ``POST /admin/decide``: where this replica would place a completion request now (route and
   instances), without sending it. Comparing two replicas' answers for the same body shows
   whether they agree; the replica tests measure agreement with it.
+- ``GET /admin/lengths``: this replica's recent uncached lengths, which its peers merge into
+  their re-optimisation of t* (peers.py).
 - ``GET /admin/instances``: each instance's health, this replica's open requests, the engine's
   reported queue and the load placement uses.
 - ``POST /admin/instances/drain``: take an instance out of routing (``{"url": ..., "drain":
@@ -58,6 +60,10 @@ def install(app: FastAPI, router: Router) -> None:
                 "reason": d.reason,
             }
         )
+
+    @app.get("/admin/lengths")
+    async def lengths() -> dict:
+        return {"replica": router.loops.replica_id, "lengths": router.controller.recent_lengths()}
 
     @app.get("/admin/instances")
     async def instances() -> dict:

@@ -1,0 +1,363 @@
+"""Several router replicas behind one Service (docs/router-replicas.md): they agree on each
+request's placement and on t because both come from what the engines report (KV events, queue
+gauges, transfer counters), not from each replica's own share of the traffic; a replica that
+dies loses only its own requests, and SIGTERM drains."""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+from replica_helpers import EngineFake, RouterProcess, events_applied, subscribers_ready
+from router_helpers import FakeBackend, RunningRouter, words
+from test_router import _planner_yaml
+
+from prfaas_plugin.demo.ports import free_port
+from prfaas_plugin.faults.matrix import until
+from prfaas_plugin.router.config import RouterConfig
+
+pytest.importorskip("vllm")  # the fakes publish vLLM's own KV-event classes
+MODEL = "tiny"
+
+
+def _raw(remote: list[FakeBackend], local: list[FakeBackend], tokenizer_dir: str, **kw) -> dict:
+    def spec(e: FakeBackend, consumer: bool) -> dict:
+        s: dict = {"url": e.url}
+        if isinstance(e, EngineFake):
+            s["kv_events"] = e.events_endpoint
+        if consumer:
+            s["kv_endpoint"] = "127.0.0.1:15600"
+        return s
+
+    raw = {
+        "model": MODEL,
+        "tokenizer": tokenizer_dir,
+        "block_size": 4,
+        "clusters": [
+            {"name": "remote", "kind": "prfaas", "prefill": [spec(e, False) for e in remote]},
+            {"name": "local", "kind": "local", "both": [spec(e, True) for e in local]},
+        ],
+        "threshold": {"mode": "fixed", "tokens": 40},
+        "bandwidth_mode": "scarce",
+        "timeouts": {"health_every_s": 0.5, "prefill_s": 10},
+    }
+    raw.update(kw)
+    return raw
+
+
+@pytest.fixture
+def engines(tiny_tokenizer):
+    remote = [EngineFake("prefill", tokenizer=tiny_tokenizer).start() for _ in range(2)]
+    local = [EngineFake("both", tokenizer=tiny_tokenizer).start() for _ in range(2)]
+    yield remote, local
+    for e in remote + local:
+        e.stop()
+
+
+def _completion(text: str, **kw) -> dict:
+    return {"model": MODEL, "prompt": text, "max_tokens": 4, **kw}
+
+
+def _sessions(n_sessions: int, turns: int) -> list[str]:
+    """Multi-turn conversations interleaved round by round: turn k of session s is its first
+    48 + 24k words (each turn extends the last, like a chat history)."""
+    out = []
+    for k in range(turns):
+        for s in range(n_sessions):
+            out.append(words(48 + 24 * k, start=37 * s))
+    return out
+
+
+def _agreement(tiny_tokenizer, tiny_tokenizer_dir, engines, prefix_source: str) -> tuple[float, int]:
+    """Send the interleaved workload alternately through two replicas; before each request ask
+    both where they would place it. Returns (share of warmed requests they agree on, count)."""
+    remote, local = engines
+    every = 0.1 if prefix_source == "events" else 0
+    replicas = {"prefix_source": prefix_source, "load_scrape_s": every}
+    cfg = RouterConfig.model_validate(_raw(remote, local, str(tiny_tokenizer_dir), replicas=replicas))
+    routers = [RunningRouter(cfg, tiny_tokenizer), RunningRouter(cfg, tiny_tokenizer)]
+    try:
+        inner = [r.router for r in routers]
+        if prefix_source == "events":
+            subscribers_ready(inner, remote + local)
+        prompts = _sessions(n_sessions=5, turns=6)
+        agree = counted = 0
+        for i, prompt in enumerate(prompts):
+            if i == 10:
+                # Traffic the routers do not see lands on local[0]: replicas that read the engines'
+                # queues both steer new sessions' decode away from it.
+                local[0].extra_running = 5
+                if every:
+                    assert until(lambda: all(r.fleet.instances[2].load >= 5 for r in inner), 10)
+            body = _completion(prompt)
+            answers = [r.post("/admin/decide", body).json() for r in routers]
+            picks = [(a["route"], a["prefill"], a["decode"]) for a in answers]
+            if i >= 5:  # warmed: every session has been seen once
+                counted += 1
+                agree += picks[0] == picks[1]
+            resp = routers[i % 2].post("/v1/completions", body)
+            assert resp.status_code == 200, resp.text
+            if prefix_source == "events":
+                events_applied(inner, remote + local)
+        return agree / counted, counted
+    finally:
+        for r in routers:
+            r.stop()
+        local[0].extra_running = 0
+
+
+def test_two_replicas_fed_by_the_engines_agree_on_placements(tiny_tokenizer, tiny_tokenizer_dir, engines) -> None:
+    share, n = _agreement(tiny_tokenizer, tiny_tokenizer_dir, engines, "events")
+    print(f"events: the replicas agree on {share:.0%} of {n} warmed requests")
+    assert n == 25
+    assert share >= 0.95, share
+
+
+def test_replicas_on_their_own_records_disagree(tiny_tokenizer, tiny_tokenizer_dir, engines) -> None:
+    """The contrast: each replica knows only the prefixes it routed, so the next turn of a
+    conversation looks uncached to the replica that did not serve the last one."""
+    share, n = _agreement(tiny_tokenizer, tiny_tokenizer_dir, engines, "own")
+    print(f"own records: the replicas agree on {share:.0%} of {n} warmed requests")
+    assert n == 25
+    assert share < 0.5, share
+
+
+def test_engine_load_counts_the_whole_fleet_and_goes_stale(tiny_tokenizer, tiny_tokenizer_dir, engines) -> None:
+    remote, local = engines
+    replicas = {"load_scrape_s": 0.1, "load_stale_s": 0.5}
+    cfg = RouterConfig.model_validate(_raw(remote, local, str(tiny_tokenizer_dir), replicas=replicas))
+    r = RunningRouter(cfg, tiny_tokenizer)
+    try:
+        inst = r.router.fleet.instances[2]
+        assert inst.url == local[0].url
+        local[0].extra_running, local[0].extra_waiting = 2, 3
+        assert until(lambda: inst.load == 5, 10)
+        # the least loaded decoder is now local[1]; a long request decodes there
+        d = r.post("/admin/decide", _completion(words(80))).json()
+        assert d["route"] == "prfaas" and d["decode"] == local[1].url
+        listed = {i["url"]: i for i in r.get("/admin/instances").json()["instances"]}
+        assert listed[local[0].url]["reported"] == 5
+        # an engine that stops answering /metrics: its reading goes stale, own requests count
+        local[0].stop()
+        assert until(lambda: inst.load == inst.inflight == 0, 10)
+    finally:
+        r.stop()
+
+
+def test_queue_gauges_parse_for_both_engines() -> None:
+    from prfaas_plugin.protocol import metrics as M
+    from prfaas_plugin.router.engine_load import engine_queue
+
+    v = f'{M.ENGINE_VLLM_RUNNING.exposed}{{engine="0"}} 3\n{M.ENGINE_VLLM_RUNNING.exposed}{{engine="1"}} 1\n'
+    v += f'{M.ENGINE_VLLM_WAITING.exposed}{{engine="0"}} 2\n'
+    assert engine_queue(v) == 6
+    s = f'{M.ENGINE_SGLANG_RUNNING.exposed}{{tp_rank="0"}} 4\n{M.ENGINE_SGLANG_WAITING.exposed}{{tp_rank="0"}} 7\n'
+    assert engine_queue(s) == 11
+    assert engine_queue("# nothing here\nother_metric 5\n") is None
+
+
+def test_draining_an_instance_through_the_admin_api(tiny_tokenizer, tiny_tokenizer_dir, engines) -> None:
+    remote, local = engines
+    cfg = RouterConfig.model_validate(_raw(remote, local, str(tiny_tokenizer_dir)))
+    r = RunningRouter(cfg, tiny_tokenizer)
+    first, other = sorted(local, key=lambda e: e.url)  # on equal load the first url is picked
+    try:
+        assert r.post("/admin/decide", _completion(words(8))).json()["decode"] == first.url
+        out = r.post("/admin/instances/drain", {"url": first.url, "drain": True})
+        assert out.status_code == 200 and out.json()["draining"] is True
+        for i in range(3):
+            resp = r.post("/v1/completions", _completion(words(8, start=50 * i)))
+            assert resp.status_code == 200
+        assert not first.seen and len(other.seen) == 3
+        r.post("/admin/instances/drain", {"url": first.url, "drain": False})
+        assert r.post("/admin/decide", _completion(words(8, start=170))).json()["decode"] == first.url
+        assert r.post("/admin/instances/drain", {"url": "http://nowhere:1"}).status_code == 404
+        assert r.post("/admin/instances/drain", {"drain": True}).status_code == 400
+        assert r.post("/admin/instances/drain", {"url": first.url, "drain": "yes"}).status_code == 400
+    finally:
+        r.stop()
+
+
+def test_replicas_thresholds_converge(tiny_tokenizer, tiny_tokenizer_dir, engines, tmp_path: Path) -> None:
+    """Auto mode: each replica re-optimises t on the lengths of its own half of the traffic and
+    raises or relaxes it on the PrfaaS queue the engines report; after the workload and after a
+    queue surge passes, both settle within 5% of each other."""
+    remote, local = engines
+    th = {
+        "mode": "auto",
+        "tokens": 40,
+        "planner": str(_planner_yaml(tmp_path)),
+        "min_samples": 16,
+        "window": 256,
+        "reoptimize_every_s": 0.2,
+        "queue_high": 8,
+        "queue_low": 2,
+        "step": 0.3,
+        "max_tokens": 400,
+    }
+    ports = [free_port(), free_port()]
+    routers = []
+    for i in range(2):
+        peers = [f"http://127.0.0.1:{p}" for p in ports]  # itself included: a replica skips itself
+        replicas = {"load_scrape_s": 0.1, "peers": peers, "peers_every_s": 0.2}
+        cfg = RouterConfig.model_validate(_raw(remote, local, str(tiny_tokenizer_dir), threshold=th, replicas=replicas))
+        routers.append(RunningRouter(cfg, tiny_tokenizer, port=ports[i]))
+    try:
+        ctls = [r.router.controller for r in routers]
+        rng = random.Random(7)
+        for i in range(120):
+            n = min(190, max(4, int(rng.lognormvariate(4.0, 0.8))))
+            resp = routers[i % 2].post("/v1/completions", _completion(words(n, start=rng.randrange(200))))
+            assert resp.status_code == 200, resp.text
+
+        def settled() -> bool:
+            return all(c.advice is not None and c.advice.samples == 120 and c.t == c.t_star for c in ctls)
+
+        assert until(settled, 15), [c.snapshot() for c in ctls]
+        t0, t1 = (c.t for c in ctls)
+        assert abs(t0 - t1) <= 0.05 * max(t0, t1), (t0, t1)
+        # a queue surge on the PrfaaS engines that neither replica sent: both raise t to the cap ...
+        for e in remote:
+            e.extra_waiting = 10
+        assert until(lambda: all(c.t == 400 for c in ctls), 15), [c.t for c in ctls]
+        # ... and both relax back once it drains
+        for e in remote:
+            e.extra_waiting = 0
+        assert until(lambda: all(c.t == c.t_star for c in ctls), 15), [c.t for c in ctls]
+        t0, t1 = (c.t for c in ctls)
+        assert abs(t0 - t1) <= 0.05 * max(t0, t1), (t0, t1)
+    finally:
+        for r in routers:
+            r.stop()
+        for e in remote:
+            e.extra_waiting = 0
+
+
+# -- replicas as processes: kill one, drain one ---------------------------------------------------
+def _stream(url: str, body: dict, out: dict, key: str) -> None:
+    """One streamed completion; records "done" (the [DONE] line arrived) or the error's type."""
+    try:
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as resp:
+            text = "".join(resp.iter_text())
+        out[key] = "done" if resp.status_code == 200 and "[DONE]" in text else f"http {resp.status_code}"
+    except httpx.TimeoutException as exc:
+        out[key] = f"hung: {type(exc).__name__}"
+    except httpx.HTTPError as exc:
+        out[key] = f"error: {type(exc).__name__}"
+
+
+def _all_closed(engines: list[FakeBackend]) -> bool:
+    return all(e.open_requests == 0 for e in engines)
+
+
+def test_killing_a_replica_loses_only_its_own_requests(tiny_tokenizer_dir, tmp_path: Path) -> None:
+    remote = [FakeBackend("prefill", prefill_delay_s=0.8).start()]
+    local = [FakeBackend("both", decode_delay_s=1.5).start() for _ in range(2)]
+    engines = remote + local
+    raw = _raw(remote, local, str(tiny_tokenizer_dir), replicas={"load_scrape_s": 0.2})
+    a, b = RouterProcess(raw, tmp_path, "a"), RouterProcess(raw, tmp_path, "b")
+    try:
+        out: dict[str, str] = {}
+        threads = []
+        for i in range(8):  # half long (a remote prefill and a transfer in flight), half short
+            body = _completion(words(80 if i % 2 else 8, start=i), stream=True)
+            for name, rep in (("a", a), ("b", b)):
+                t = threading.Thread(target=_stream, args=(rep.url, body, out, f"{name}{i}"))
+                t.start()
+                threads.append(t)
+        # every request has reached an engine: 16 decodes open, 8 producers in flight or done
+        assert until(lambda: sum(len(e.seen) for e in local) == 16 and len(remote[0].seen) == 8, 20), (
+            [len(e.seen) for e in engines],
+            out,
+        )
+        a.signal(signal.SIGKILL)
+        for t in threads:
+            t.join(timeout=40)
+            assert not t.is_alive(), "a client hung"
+        assert all(out[f"b{i}"] == "done" for i in range(8)), out
+        lost = [k for k in out if k.startswith("a") and out[k] != "done"]
+        assert lost, "the kill cut none of the dead replica's requests"
+        assert not any(v.startswith("hung") for v in out.values()), out
+        assert all(v == "done" or v.startswith("error") for v in out.values()), out
+        # the engines were left with nothing open (the kill closed the dead replica's sockets, so
+        # they aborted its requests: no decode waiting on KV, no producer holding blocks) ...
+        assert until(lambda: _all_closed(engines), 10), [e.open_requests for e in engines]
+        assert any(s.aborted for e in engines for s in e.seen), "the kill cut nothing in flight"
+        # ... and the clients' retries through the Service reach the survivor and succeed
+        retry: dict[str, str] = {}
+        for k, v in out.items():
+            if v != "done":
+                i = int(k[1:])
+                _stream(b.url, _completion(words(80 if i % 2 else 8, start=i), stream=True), retry, k)
+        assert retry and all(v == "done" for v in retry.values()), retry
+    finally:
+        a.stop()
+        b.stop()
+        for e in engines:
+            e.stop()
+
+
+def test_sigterm_finishes_open_requests_then_exits(tiny_tokenizer_dir, tmp_path: Path) -> None:
+    local = [FakeBackend("both", decode_delay_s=1.5)]
+    local[0].start()
+    raw = _raw([], local, str(tiny_tokenizer_dir), replicas={"drain_grace_s": 20})
+    raw["clusters"] = raw["clusters"][1:]
+    rep = RouterProcess(raw, tmp_path, "r")
+    try:
+        out: dict[str, str] = {}
+        threads = [
+            threading.Thread(target=_stream, args=(rep.url, _completion(words(8), stream=True), out, str(i)))
+            for i in range(3)
+        ]
+        for t in threads:
+            t.start()
+        assert until(lambda: local[0].open_requests == 3, 10)
+        rep.signal(signal.SIGTERM)
+        # it stops accepting at once ...
+        assert until(lambda: _refused(rep.url), 10), "a draining router still accepts connections"
+        for t in threads:
+            t.join(timeout=30)
+        # ... and the requests it had finish
+        assert out == {"0": "done", "1": "done", "2": "done"}, out
+        # uvicorn re-raises the signal once it has shut down (the exit a supervisor expects)
+        assert rep.proc.wait(timeout=20) in (0, -signal.SIGTERM)
+    finally:
+        rep.stop()
+        local[0].stop()
+
+
+def test_sigterm_past_the_grace_period_cuts_requests_cleanly(tiny_tokenizer_dir, tmp_path: Path) -> None:
+    local = [FakeBackend("both", decode_delay_s=30)]
+    local[0].start()
+    raw = _raw([], local, str(tiny_tokenizer_dir), replicas={"drain_grace_s": 0.5})
+    raw["clusters"] = raw["clusters"][1:]
+    rep = RouterProcess(raw, tmp_path, "r")
+    try:
+        out: dict[str, str] = {}
+        t = threading.Thread(target=_stream, args=(rep.url, _completion(words(8), stream=True), out, "0"))
+        t.start()
+        assert until(lambda: local[0].open_requests == 1, 10)
+        rep.signal(signal.SIGTERM)
+        t.join(timeout=30)
+        assert not t.is_alive() and out["0"] != "done" and not out["0"].startswith("hung"), out
+        # uvicorn re-raises the signal once it has shut down (the exit a supervisor expects)
+        assert rep.proc.wait(timeout=20) in (0, -signal.SIGTERM)
+        assert until(lambda: local[0].open_requests == 0, 10), "the engine kept a request the router dropped"
+        assert local[0].seen[0].aborted
+    finally:
+        rep.stop()
+        local[0].stop()
+
+
+def _refused(url: str) -> bool:
+    try:
+        httpx.get(url + "/health", timeout=1)
+    except httpx.ConnectError:
+        return True
+    except httpx.HTTPError:
+        return False
+    return False
