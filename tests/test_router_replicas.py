@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import signal
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -361,3 +362,45 @@ def _refused(url: str) -> bool:
     except httpx.HTTPError:
         return False
     return False
+
+
+def test_load_adds_requests_opened_since_the_reading_and_never_undercounts_own() -> None:
+    from prometheus_client import CollectorRegistry, Gauge
+
+    from prfaas_plugin.router.instances import Instance
+    from prfaas_plugin.router.lease import Lease
+
+    gauge = Gauge("g", "g", ("cluster", "instance"), registry=CollectorRegistry())
+    inst = Instance("http://a", "local", "local", "both")
+    before = Lease(inst, gauge)  # opened before the reading: the engine's count includes it
+    inst.set_reported(4, time.monotonic())
+    assert inst.load == 4
+    after = [Lease(inst, gauge), Lease(inst, gauge)]  # opened since: not in the reading yet
+    assert inst.load == 6
+    before.release()
+    assert inst.load == 6  # the reading still counts it until the next one
+    after[0].release()
+    assert inst.load == 5
+    inst.set_reported(0, time.monotonic())
+    assert inst.load == 1 == inst.inflight  # a low reading never hides this replica's own requests
+    inst.set_reported(3, time.monotonic() - 60)
+    assert inst.load == 1  # stale: own requests only
+    after[1].release()
+    assert inst.inflight == 0 and inst.opened_since_report == 0
+
+
+def test_replica_config_errors_are_clear() -> None:
+    base = {
+        "model": MODEL,
+        "tokenizer": "/t",
+        "clusters": [{"name": "l", "kind": "local", "both": [{"url": "http://a"}]}],
+    }
+    for replicas, msg in (
+        ({"peers": ["10.0.0.7:8000"]}, "http"),
+        ({"peers_dns": "router-headless"}, "host:port"),
+        ({"prefix_source": "redis"}, "prefix_source"),
+        ({"load_scrape_s": -1}, "load_scrape_s"),
+        ({"peer": []}, "peer"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            RouterConfig.model_validate({**base, "replicas": replicas})
