@@ -156,8 +156,13 @@ class RouterProcess:
         cmd += ["router", "--config", str(path), "--port", str(self.port)]
         cmd += ["--host", "127.0.0.1", "--log-level", "warning"]
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self._log_path = tmp / f"{name}.log"
+
+    def wait_up(self) -> RouterProcess:
+        """Wait until it serves /health (start several, then wait: their start-ups overlap)."""
         ok = until(self._up, 90, 0.2) and self.proc.poll() is None
-        assert ok, f"router {name} did not start: {(tmp / f'{name}.log').read_text()[-2000:]}"
+        assert ok, f"router did not start: {self._log_path.read_text()[-2000:]}"
+        return self
 
     @property
     def url(self) -> str:

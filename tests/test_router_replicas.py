@@ -6,14 +6,11 @@ dies loses only its own requests, and SIGTERM drains."""
 from __future__ import annotations
 
 import random
-import signal
-import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
-from replica_helpers import EngineFake, RouterProcess, events_applied, subscribers_ready
+from replica_helpers import EngineFake, events_applied, subscribers_ready
 from router_helpers import FakeBackend, RunningRouter, words
 from test_router import _planner_yaml
 
@@ -236,132 +233,6 @@ def test_replicas_thresholds_converge(tiny_tokenizer, tiny_tokenizer_dir, engine
             r.stop()
         for e in remote:
             e.extra_waiting = 0
-
-
-# -- replicas as processes: kill one, drain one ---------------------------------------------------
-def _stream(url: str, body: dict, out: dict, key: str) -> None:
-    """One streamed completion; records "done" (the [DONE] line arrived) or the error's type."""
-    try:
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as resp:
-            text = "".join(resp.iter_text())
-        out[key] = "done" if resp.status_code == 200 and "[DONE]" in text else f"http {resp.status_code}"
-    except httpx.TimeoutException as exc:
-        out[key] = f"hung: {type(exc).__name__}"
-    except httpx.HTTPError as exc:
-        out[key] = f"error: {type(exc).__name__}"
-
-
-def _all_closed(engines: list[FakeBackend]) -> bool:
-    return all(e.open_requests == 0 for e in engines)
-
-
-def test_killing_a_replica_loses_only_its_own_requests(tiny_tokenizer_dir, tmp_path: Path) -> None:
-    remote = [FakeBackend("prefill", prefill_delay_s=0.8).start()]
-    local = [FakeBackend("both", decode_delay_s=1.5).start() for _ in range(2)]
-    engines = remote + local
-    raw = _raw(remote, local, str(tiny_tokenizer_dir), replicas={"load_scrape_s": 0.2})
-    a, b = RouterProcess(raw, tmp_path, "a"), RouterProcess(raw, tmp_path, "b")
-    try:
-        out: dict[str, str] = {}
-        threads = []
-        for i in range(8):  # half long (a remote prefill and a transfer in flight), half short
-            body = _completion(words(80 if i % 2 else 8, start=i), stream=True)
-            for name, rep in (("a", a), ("b", b)):
-                t = threading.Thread(target=_stream, args=(rep.url, body, out, f"{name}{i}"))
-                t.start()
-                threads.append(t)
-        # every request has reached an engine: 16 decodes open, 8 producers in flight or done
-        assert until(lambda: sum(len(e.seen) for e in local) == 16 and len(remote[0].seen) == 8, 20), (
-            [len(e.seen) for e in engines],
-            out,
-        )
-        a.signal(signal.SIGKILL)
-        for t in threads:
-            t.join(timeout=40)
-            assert not t.is_alive(), "a client hung"
-        assert all(out[f"b{i}"] == "done" for i in range(8)), out
-        lost = [k for k in out if k.startswith("a") and out[k] != "done"]
-        assert lost, "the kill cut none of the dead replica's requests"
-        assert not any(v.startswith("hung") for v in out.values()), out
-        assert all(v == "done" or v.startswith("error") for v in out.values()), out
-        # the engines were left with nothing open (the kill closed the dead replica's sockets, so
-        # they aborted its requests: no decode waiting on KV, no producer holding blocks) ...
-        assert until(lambda: _all_closed(engines), 10), [e.open_requests for e in engines]
-        assert any(s.aborted for e in engines for s in e.seen), "the kill cut nothing in flight"
-        # ... and the clients' retries through the Service reach the survivor and succeed
-        retry: dict[str, str] = {}
-        for k, v in out.items():
-            if v != "done":
-                i = int(k[1:])
-                _stream(b.url, _completion(words(80 if i % 2 else 8, start=i), stream=True), retry, k)
-        assert retry and all(v == "done" for v in retry.values()), retry
-    finally:
-        a.stop()
-        b.stop()
-        for e in engines:
-            e.stop()
-
-
-def test_sigterm_finishes_open_requests_then_exits(tiny_tokenizer_dir, tmp_path: Path) -> None:
-    local = [FakeBackend("both", decode_delay_s=1.5)]
-    local[0].start()
-    raw = _raw([], local, str(tiny_tokenizer_dir), replicas={"drain_grace_s": 20})
-    raw["clusters"] = raw["clusters"][1:]
-    rep = RouterProcess(raw, tmp_path, "r")
-    try:
-        out: dict[str, str] = {}
-        threads = [
-            threading.Thread(target=_stream, args=(rep.url, _completion(words(8), stream=True), out, str(i)))
-            for i in range(3)
-        ]
-        for t in threads:
-            t.start()
-        assert until(lambda: local[0].open_requests == 3, 10)
-        rep.signal(signal.SIGTERM)
-        # it stops accepting at once ...
-        assert until(lambda: _refused(rep.url), 10), "a draining router still accepts connections"
-        for t in threads:
-            t.join(timeout=30)
-        # ... and the requests it had finish
-        assert out == {"0": "done", "1": "done", "2": "done"}, out
-        # uvicorn re-raises the signal once it has shut down (the exit a supervisor expects)
-        assert rep.proc.wait(timeout=20) in (0, -signal.SIGTERM)
-    finally:
-        rep.stop()
-        local[0].stop()
-
-
-def test_sigterm_past_the_grace_period_cuts_requests_cleanly(tiny_tokenizer_dir, tmp_path: Path) -> None:
-    local = [FakeBackend("both", decode_delay_s=30)]
-    local[0].start()
-    raw = _raw([], local, str(tiny_tokenizer_dir), replicas={"drain_grace_s": 0.5})
-    raw["clusters"] = raw["clusters"][1:]
-    rep = RouterProcess(raw, tmp_path, "r")
-    try:
-        out: dict[str, str] = {}
-        t = threading.Thread(target=_stream, args=(rep.url, _completion(words(8), stream=True), out, "0"))
-        t.start()
-        assert until(lambda: local[0].open_requests == 1, 10)
-        rep.signal(signal.SIGTERM)
-        t.join(timeout=30)
-        assert not t.is_alive() and out["0"] != "done" and not out["0"].startswith("hung"), out
-        # uvicorn re-raises the signal once it has shut down (the exit a supervisor expects)
-        assert rep.proc.wait(timeout=20) in (0, -signal.SIGTERM)
-        assert until(lambda: local[0].open_requests == 0, 10), "the engine kept a request the router dropped"
-        assert local[0].seen[0].aborted
-    finally:
-        rep.stop()
-        local[0].stop()
-
-
-def _refused(url: str) -> bool:
-    try:
-        httpx.get(url + "/health", timeout=1)
-    except httpx.ConnectError:
-        return True
-    except httpx.HTTPError:
-        return False
-    return False
 
 
 def test_load_adds_requests_opened_since_the_reading_and_never_undercounts_own() -> None:
