@@ -5,8 +5,8 @@ counters) and the PrfaaS queue (the engines' own gauges, router/engine_load.py) 
 for every replica, but the lengths that the planner re-optimises t* on are each replica's own
 requests. Each share is a random sample of the same traffic, so the replicas' t* estimates
 converge as their windows grow -- slowly: the planner's optimum sits on a flat throughput
-curve, and with 512-length windows two halves of one workload still gave optima 15% apart in
-tests. So each replica reads its peers' windows (``GET /admin/lengths``) every
+curve, so small differences between two samples of one workload move it far (docs/router-replicas.md
+gives an example). So each replica reads its peers' windows (``GET /admin/lengths``) every
 ``replicas.peers_every_s`` and re-optimises on the union, which every replica then shares: the
 same samples give the same t*.
 
