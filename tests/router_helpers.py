@@ -256,9 +256,9 @@ class FakeBackend:
 
 
 class RunningRouter:
-    def __init__(self, cfg: RouterConfig, tokenizer: PromptTokenizer) -> None:
+    def __init__(self, cfg: RouterConfig, tokenizer: PromptTokenizer, port: int | None = None) -> None:
         self.app = create_app(cfg, tokenizer)
-        self.port = free_port()
+        self.port = port or free_port()
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

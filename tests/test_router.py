@@ -845,14 +845,14 @@ def test_counter_total_sums_every_label_set_and_ignores_look_alikes() -> None:
         f'{SENT_BYTES}{{engine="1",model_name="m"}} 2500000.0\n'
         f'{base}_created{{engine="0"}} 1.7e9\n'
         f"{SENT_BYTES}ish 99\n"
-        "vllm:num_requests_running 3\n"
+        f"{M.ENGINE_VLLM_RUNNING.exposed} 3\n"
     )
     assert counter_total(text, SENT_BYTES) == 4.0e6
     assert counter_total(f"{SENT_BYTES} 7 1700000000000\n", SENT_BYTES) == 7.0
-    assert counter_total("vllm:num_requests_running 3\n", SENT_BYTES) is None
+    assert counter_total(f"{M.ENGINE_VLLM_RUNNING.exposed} 3\n", SENT_BYTES) is None
     assert sent_bytes_total(text) == 4.0e6
     assert sent_bytes_total(f'{SGLANG_KV_SENT_BYTES.exposed}{{tp_rank="0"}} 5.0\n') == 5.0
-    assert sent_bytes_total("sglang:num_running_reqs 3\n") is None
+    assert sent_bytes_total(f"{M.ENGINE_SGLANG_RUNNING.exposed} 3\n") is None
 
 
 def test_sglang_backends_counter_reaches_the_router_through_prometheus_multiprocess_mode(tmp_path) -> None:

@@ -31,7 +31,17 @@ def command(config: Path, host: str, port: int, log_level: str) -> None:
     except (RouterConfigError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     freeze_startup_heap()
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30)
+    # SIGTERM (or Ctrl-C): uvicorn stops accepting at once, lets open requests finish for up to
+    # replicas.drain_grace_s, then cancels them (the router closes their upstream requests, so
+    # the engines abort them and free their blocks) and runs the lifespan's shutdown.
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_keep_alive=30,
+        timeout_graceful_shutdown=cfg.replicas.drain_grace_s,
+    )
 
 
 def freeze_startup_heap() -> None:

@@ -84,6 +84,13 @@ ROUTER_GC_COLLECTIONS = _g(
     "prfaas_router_gc_collections", "Paced garbage collections made (router.gc), by generation", "generation"
 )
 ROUTER_GC_LONGEST = _g("prfaas_router_gc_longest_seconds", "Longest paced garbage collection so far")
+ROUTER_INSTANCE_LOAD = _g(
+    "prfaas_router_instance_load",
+    "Requests on an instance as placement sees it: the engine's reported running + waiting (replicas.load_scrape_s) "
+    "plus what this replica opened there since, never below this replica's own open requests",
+    "cluster",
+    "instance",
+)
 
 ROUTER = (
     ROUTER_REQUESTS,
@@ -105,6 +112,7 @@ ROUTER = (
     ROUTER_INSTANCE_HEALTHY,
     ROUTER_GC_COLLECTIONS,
     ROUTER_GC_LONGEST,
+    ROUTER_INSTANCE_LOAD,
 )
 
 # -- the vLLM connector (engines/vllm/stats.py), on vLLM's /metrics -----------------------------
@@ -191,4 +199,17 @@ TRANSFER = (
     T_RX_GOODPUT,
 )
 
-ALL = ROUTER + VLLM + SGLANG + TRANSFER
+# -- read from the engines (not exported by this project) -------------------------------------------
+# The engines' own queue gauges, which every router replica reads to agree on instance load
+# (router/engine_load.py): vLLM's scheduler stats and SGLang's with --enable-metrics.
+ENGINE_VLLM_RUNNING = _g("vllm:num_requests_running", "vLLM: requests in model execution batches")
+ENGINE_VLLM_WAITING = _g("vllm:num_requests_waiting", "vLLM: requests waiting to be processed")
+ENGINE_SGLANG_RUNNING = _g("sglang:num_running_reqs", "SGLang: running requests")
+ENGINE_SGLANG_WAITING = _g("sglang:num_queue_reqs", "SGLang: requests in the waiting queue")
+
+#: (running, waiting) per engine, in the order the router tries them.
+ENGINE_QUEUE = ((ENGINE_VLLM_RUNNING, ENGINE_VLLM_WAITING), (ENGINE_SGLANG_RUNNING, ENGINE_SGLANG_WAITING))
+
+READ_FROM_ENGINES = (ENGINE_VLLM_RUNNING, ENGINE_VLLM_WAITING, ENGINE_SGLANG_RUNNING, ENGINE_SGLANG_WAITING)
+
+ALL = ROUTER + VLLM + SGLANG + TRANSFER + READ_FROM_ENGINES

@@ -52,6 +52,7 @@ def render() -> str:
         ("vLLM connector (the instance's `/metrics`)", M.VLLM),
         ("SGLang backend (SGLang's `/metrics` with `--enable-metrics`)", M.SGLANG),
         ("transfer engine (`TransferCollector`)", M.TRANSFER),
+        ("read from the engines by the router (`replicas.load_scrape_s`; not exported here)", M.READ_FROM_ENGINES),
     ):
         rows = [(f"`{s.exposed}`", s.kind, ", ".join(s.labels) or "-", s.help) for s in specs]
         lines += [f"**{title}**", "", *_table(("name", "type", "labels", "meaning"), rows), ""]

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prfaas_plugin.router.asgi import Receive, Scope, Send, send_reply
 from prfaas_plugin.router.config import RouterConfig
+from prfaas_plugin.router.replica_admin import install as install_replica_admin
 from prfaas_plugin.router.replies import error_reply, error_response, router_fault
 from prfaas_plugin.router.service import Router
 from prfaas_plugin.router.tokenize import PromptTokenizer
@@ -149,6 +150,8 @@ def create_app(cfg: RouterConfig, tokenizer: PromptTokenizer | None = None) -> R
     async def _invalid(_request: Request, exc: RequestValidationError) -> Response:
         where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         return error_response(400, f"invalid request: {where}")
+
+    install_replica_admin(app, router)
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception) -> Response:  # pragma: no cover - last resort

@@ -78,6 +78,9 @@ class Auth:
         #: The key the router sends every engine, or None.
         self.upstream_key: str | None = upstream[0] if upstream else None
         self._any = self.user + self.admin
+        #: The key this replica sends its peers' ``/admin/lengths`` (replicas share one config, so
+        #: their admin keys): the first admin key, or None (then peers answer loopback callers only).
+        self.peer_key: str | None = self.admin[0].decode() if self.admin else None
 
     @staticmethod
     def _token(scope: Scope) -> bytes | None:

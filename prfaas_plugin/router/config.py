@@ -3,8 +3,10 @@ clusters are errors that name the field (see examples/router/clusters.yaml)."""
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -207,6 +209,44 @@ class AuthSpec(_Strict):
         return self
 
 
+class ReplicaSpec(_Strict):
+    """Running several router replicas behind one Service (docs/router-replicas.md)."""
+
+    @field_validator("peers")
+    @classmethod
+    def _peers(cls, v: list[str]) -> list[str]:
+        return [_check_url(u) for u in v]
+
+    @field_validator("peers_dns")
+    @classmethod
+    def _peers_dns(cls, v: str | None) -> str | None:
+        return None if v is None else _check_hostport(v)
+
+    #: Where the prefix index comes from. ``both``: the instances' KV events (``kv_events``) and
+    #: this replica's own record of what it routed; ``events``: the KV events alone, so every
+    #: replica holds the same index (instances without ``kv_events`` then show no prefixes);
+    #: ``own``: this replica's record alone (one router, or the contrast in the tests).
+    prefix_source: Literal["both", "events", "own"] = "both"
+    #: How often each instance's running + waiting requests are read from its /metrics (vLLM's
+    #: ``vllm:num_requests_running``/``_waiting``, SGLang's ``sglang:num_running_reqs``/
+    #: ``num_queue_reqs``); placement and the PrfaaS queue then count the whole fleet's requests,
+    #: not only this replica's. 0: never (this replica's own open requests alone).
+    load_scrape_s: float = Field(default=0.0, ge=0)
+    #: A reading older than this is ignored (the instance counts its own open requests only).
+    load_stale_s: float = Field(default=10.0, gt=0)
+    #: The other replicas, whose recent uncached lengths join this replica's own in the planner's
+    #: re-optimisation of t* (router/peers.py says why): base URLs (``http://10.0.0.7:8000``),
+    #: and/or ``peers_dns``: a ``host:port`` whose every address is a replica (a Kubernetes
+    #: headless Service), resolved each round. A replica finds itself among them and skips it.
+    peers: list[str] = Field(default_factory=list)
+    peers_dns: str | None = None
+    #: How often the peers' lengths are read (and how old a peer's copy may get before it is dropped: 3x).
+    peers_every_s: float = Field(default=5.0, gt=0)
+    #: SIGTERM: stop accepting, let open requests finish for up to this long, then cut them
+    #: (their upstream requests are closed, so the engines abort them) and exit.
+    drain_grace_s: float = Field(default=30.0, ge=0)
+
+
 class RouterConfig(_Strict):
     #: Model name served on /v1/models (requests naming another model get a 404).
     model: str
@@ -231,6 +271,7 @@ class RouterConfig(_Strict):
     threshold: ThresholdSpec = ThresholdSpec()
     timeouts: TimeoutSpec = TimeoutSpec()
     gc: GcSpec = GcSpec()
+    replicas: ReplicaSpec = ReplicaSpec()
     clusters: list[ClusterSpec] = Field(min_length=1)
 
     @property
@@ -265,7 +306,24 @@ class RouterConfig(_Strict):
                             f"cluster {c.name!r}: decoding instance {inst.url} needs kv_endpoint "
                             f"(its prfaas transfer receiver)"
                         )
+        r = self.replicas
+        remote_peers = [u for u in r.peers if not _is_loopback_url(u)]
+        if (remote_peers or r.peers_dns) and not self.auth.admin_keys.configured:
+            raise ValueError(
+                "replicas.peers/peers_dns on other hosts need auth.admin_keys: replicas read each other's "
+                "/admin/lengths, which answers loopback clients only without admin keys"
+            )
         return self
+
+
+def _is_loopback_url(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def load_router_config(path: str | Path) -> RouterConfig:

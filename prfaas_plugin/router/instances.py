@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -30,7 +31,38 @@ class Instance:
     slow_probes: int = 0  # consecutive health probes that timed out or were cut
     inflight: int = 0  # requests the router has open on it (its queue depth, as the router sees it)
     served: int = 0
-    draining: bool = False  # taken out of routing while its role is being switched
+    draining: bool = False  # taken out of routing (a role switch, or an operator: /admin/instances)
+    #: The engine's own running + waiting requests at its last reading (router/engine_load.py);
+    #: None: never read, or it exports no queue gauges.
+    reported: int | None = None
+    reported_at: float = 0.0
+    report_stale_s: float = 10.0
+    report_gen: int = 0  # bumped at each reading: a lease taken before it is already counted in it
+    opened_since_report: int = 0  # requests this replica opened since the last reading, still open
+
+    def set_reported(self, value: int, now: float) -> None:
+        self.reported, self.reported_at = value, now
+        self.report_gen += 1
+        self.opened_since_report = 0
+
+    def opened(self) -> int:
+        """A lease was taken; returns the reading generation to hand back to :meth:`closed`."""
+        self.inflight += 1
+        self.opened_since_report += 1
+        return self.report_gen
+
+    def closed(self, gen: int) -> None:
+        self.inflight -= 1
+        if gen == self.report_gen:
+            self.opened_since_report -= 1
+
+    @property
+    def load(self) -> int:
+        """Requests on the instance as placement counts them: the engine's fresh reading plus
+        what this replica opened since, never below this replica's own open requests."""
+        if self.reported is None or time.monotonic() - self.reported_at > self.report_stale_s:
+            return self.inflight
+        return max(self.inflight, self.reported + self.opened_since_report)
 
     @property
     def routable(self) -> bool:
@@ -70,6 +102,7 @@ class Fleet:
                             s.kv_events,
                             s.name or s.url,
                             s.bootstrap_port,
+                            report_stale_s=cfg.replicas.load_stale_s,
                         )
                     )
         return cls(out)
@@ -81,7 +114,7 @@ class Fleet:
         return [i for i in self.instances if i.cluster_kind == kind]
 
     def queue_depth(self, kind: str) -> int:
-        return sum(i.inflight for i in self.of_kind(kind))
+        return sum(i.load for i in self.of_kind(kind))
 
     async def check_health(self, client: Upstream, timeout_s: float, slow_limit: int = 1) -> None:
         """Probe every instance's /health. A refused connection or a non-200 status marks an
@@ -122,6 +155,8 @@ class Fleet:
                 "healthy": i.healthy,
                 "error": i.last_error,
                 "inflight": i.inflight,
+                "load": i.load,
+                "reported": i.reported,
                 "draining": i.draining,
             }
             for i in self.instances

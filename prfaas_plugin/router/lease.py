@@ -23,7 +23,7 @@ class Lease:
         self.inst = inst
         self._gauge = gauge.labels(inst.cluster, inst.url)
         self.released = False
-        inst.inflight += 1
+        self._gen = inst.opened()
         self._gauge.set(inst.inflight)
 
     def release(self, served: bool = False) -> None:
@@ -31,7 +31,7 @@ class Lease:
         if self.released:
             return
         self.released = True
-        self.inst.inflight -= 1
+        self.inst.closed(self._gen)
         if served:
             self.inst.served += 1
         self._gauge.set(self.inst.inflight)

@@ -8,9 +8,11 @@ import logging
 
 from prfaas_plugin.router.config import RouterConfig
 from prfaas_plugin.router.egress import SENT_BYTES, EgressMeter, sent_bytes_total
+from prfaas_plugin.router.engine_load import read_load
 from prfaas_plugin.router.gcpace import GcPacer
 from prfaas_plugin.router.instances import Fleet, Instance
 from prfaas_plugin.router.metrics import RouterMetrics
+from prfaas_plugin.router.peers import new_replica_id, peers_loop
 from prfaas_plugin.router.prefix_index import PrefixIndex
 from prfaas_plugin.router.rebalance import SplitApplier
 from prfaas_plugin.router.threshold import ThresholdController
@@ -33,13 +35,21 @@ class ControlLoops:
         self.cfg, self.fleet, self.index, self.controller, self.egress = cfg, fleet, index, controller, egress
         self.metrics, self.gc_pacer = metrics, gc_pacer
         self.splitter: SplitApplier | None = None
+        self.replica_id = new_replica_id()  # among the router replicas (peers.py)
 
-    def start(self, client: Upstream, spawn: list[asyncio.Task[None]]) -> None:
-        """Start every loop the config asks for; their tasks are appended to ``spawn``."""
+    def start(self, client: Upstream, peer_client: Upstream, spawn: list[asyncio.Task[None]]) -> None:
+        """Start every loop the config asks for; their tasks are appended to ``spawn``. ``client``
+        talks to the engines, ``peer_client`` to the other router replicas."""
         spawn.append(asyncio.create_task(self._health_loop(client)))
         spawn.append(asyncio.create_task(self._threshold_loop()))
         if self.cfg.threshold.egress_scrape_s > 0:
             spawn.append(asyncio.create_task(self._egress_loop(client)))
+        if self.cfg.replicas.load_scrape_s > 0:
+            spawn.append(asyncio.create_task(self._load_loop(client)))
+        if self.cfg.threshold.mode == "auto" and (self.cfg.replicas.peers or self.cfg.replicas.peers_dns):
+            spawn.append(
+                asyncio.create_task(peers_loop(peer_client, self.cfg.replicas, self.controller, self.replica_id))
+            )
         if self.cfg.threshold.apply_split:
             th, t = self.cfg.threshold, self.cfg.timeouts
             self.splitter = SplitApplier(client, self.index, th.split_cooldown_s, th.drain_timeout_s, t.prefill_s)
@@ -93,6 +103,18 @@ class ControlLoops:
         delta = self.egress.update(inst.url, value)
         if delta > 0:
             self.controller.record_egress(delta)
+
+    async def _load_loop(self, client: Upstream) -> None:
+        """Read every instance's own queue gauges (router/engine_load.py says why)."""
+        every = self.cfg.replicas.load_scrape_s
+        while True:
+            await self.read_loads(client, max(every, 1.0))
+            await asyncio.sleep(every)
+
+    async def read_loads(self, client: Upstream, timeout_s: float) -> None:
+        await asyncio.gather(*(read_load(client, i, timeout_s) for i in self.fleet.instances))
+        for inst in self.fleet.instances:
+            self.metrics.instance_load.labels(inst.cluster, inst.url).set(inst.load)
 
     async def _threshold_loop(self) -> None:
         while True:

@@ -45,3 +45,4 @@ class RouterMetrics:
         self.healthy = gauge(M.ROUTER_INSTANCE_HEALTHY)
         self.gc_collections = gauge(M.ROUTER_GC_COLLECTIONS)
         self.gc_longest = gauge(M.ROUTER_GC_LONGEST)
+        self.instance_load = gauge(M.ROUTER_INSTANCE_LOAD)

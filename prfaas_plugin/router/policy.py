@@ -4,7 +4,8 @@ l = l_total - l_prefix; l > t goes to the PrfaaS cluster, otherwise it stays loc
 - bandwidth scarce: each cluster's cache is judged on its own: l_prefix is the *local* cluster's
   prefix (a prefix cached only on the PrfaaS side does not make a request cheap to keep local);
 - bandwidth abundant: l_prefix is the longest prefix anywhere.
-Inside a cluster the instance holding the prefix wins, then the least loaded one.
+Inside a cluster the instance holding the prefix wins, then the least loaded one (``Instance.load``:
+the engine's own queue where it is read, so several router replicas pick alike).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def _pick(cands: Sequence[Instance], holder: str | None) -> Instance:
     for c in cands:
         if c.url == holder:
             return c
-    return min(cands, key=lambda i: (i.inflight, i.url))
+    return min(cands, key=lambda i: (i.load, i.url))
 
 
 def decide(
@@ -67,7 +68,7 @@ def decide(
     if l_uncached > threshold and remote:
         reason = "uncached length above threshold"
         prefill = _pick(remote, remote_holder)
-        decode = min(decoders, key=lambda i: (i.inflight, i.url))
+        decode = min(decoders, key=lambda i: (i.load, i.url))
         return Decision("prfaas", prefill, decode, l_total, l_prefix, l_uncached, threshold, bandwidth_mode, reason)
     if l_uncached > threshold:
         reason = "prfaas unavailable"
@@ -80,7 +81,7 @@ def decide(
     prefill = _pick(local_prefillers, local_holder)
     if prefill.can_decode:
         return Decision("local", None, prefill, l_total, l_prefix, l_uncached, threshold, bandwidth_mode, reason)
-    decode = min(decoders, key=lambda i: (i.inflight, i.url))
+    decode = min(decoders, key=lambda i: (i.load, i.url))
     return Decision("local", prefill, decode, l_total, l_prefix, l_uncached, threshold, bandwidth_mode, reason)
 
 
@@ -88,7 +89,7 @@ def prfaas_overloaded(remote: Sequence[Instance], queue_high: int) -> bool:
     """True when every routable PrfaaS instance has ``queue_high`` or more requests open: the
     request then stays local even above t (the short-term loop raises t meanwhile)."""
     routable = [i for i in remote if i.routable]
-    return bool(routable) and all(i.inflight >= queue_high for i in routable)
+    return bool(routable) and all(i.load >= queue_high for i in routable)
 
 
 def bandwidth_mode(configured: str, utilisation: float, egress_low: float) -> str:

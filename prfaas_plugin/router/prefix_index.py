@@ -29,10 +29,14 @@ def block_keys(tokens: Sequence[int], block_size: int) -> list[bytes]:
 
 
 class PrefixIndex:
-    def __init__(self, block_size: int, capacity: int = 1_000_000) -> None:
+    def __init__(self, block_size: int, capacity: int = 1_000_000, own_record: bool = True) -> None:
         if block_size < 1:
             raise ValueError("block_size must be >= 1")
         self.block_size = block_size
+        #: False: :meth:`record` is ignored and the KV events alone feed the index, so router
+        #: replicas that see different shares of the traffic hold the same index
+        #: (``replicas.prefix_source: events``).
+        self.own_record = own_record
         self.capacity = capacity
         self._holders: OrderedDict[bytes, set[str]] = OrderedDict()
         # instance -> engine block hash -> our key (to apply BlockRemoved events)
@@ -45,6 +49,8 @@ class PrefixIndex:
     # -- feeds --------------------------------------------------------------------------------
     def record(self, instance: str, tokens: Sequence[int]) -> None:
         """``instance`` computed ``tokens``: their full blocks are now cached there."""
+        if not self.own_record:
+            return
         self._add(instance, block_keys(tokens, self.block_size))
 
     def _add(self, instance: str, keys: Iterable[bytes]) -> None:

@@ -73,11 +73,12 @@ class Router:
     controller: ThresholdController = field(init=False)
     metrics: RouterMetrics = field(init=False)
     client: Upstream | None = None
+    peer_client: Upstream | None = None  # to the other router replicas (their /admin/lengths)
 
     def __post_init__(self) -> None:
         self.auth = Auth(self.cfg.auth)  # reads the keys: a missing file or variable fails here
         self.fleet = Fleet.from_config(self.cfg)
-        self.index = PrefixIndex(self.cfg.block_size)
+        self.index = PrefixIndex(self.cfg.block_size, own_record=self.cfg.replicas.prefix_source != "events")
         self.controller = ThresholdController(self.cfg.threshold, self.cfg.link_gbps)
         self.metrics = RouterMetrics()
         self.records = RecordBook()
@@ -115,7 +116,10 @@ class Router:
             if not inst.healthy:
                 log.warning("at start, instance %s (%s) is unreachable: %s", inst.url, inst.cluster, inst.last_error)
         self._start_event_feeds()
-        self.loops.start(self.client, self._tasks)
+        # Peers are other routers, not engines: they take this router's admin key, not the engines' key.
+        self.peer_client = Upstream(t.connect_s, t.request_s, t.keepalive_s, self.auth.peer_key)
+        await self.peer_client.start()
+        self.loops.start(self.client, self.peer_client, self._tasks)
         if self.gc_pacer is not None:
             self._tasks.append(asyncio.create_task(self.gc_pacer.run(lambda: self._serving == 0)))
 
@@ -127,12 +131,13 @@ class Router:
                 await task
         for sub in self._subscribers:
             sub.stop()
-        if self.client is not None:
-            await self.client.close()
+        for client in (self.client, self.peer_client):
+            if client is not None:
+                await client.close()
 
     def _start_event_feeds(self) -> None:
         feeds = [i for i in self.fleet.instances if i.kv_events]
-        if not feeds:
+        if not feeds or self.cfg.replicas.prefix_source == "own":
             return
         try:
             import msgspec  # noqa: F401
@@ -282,11 +287,8 @@ class Router:
         # again (at most once per instance): a dead PrfaaS cluster sends work local.
         assert self.flow is not None
         for attempt in range(len(self.fleet.instances) + 1):
-            overloaded = prfaas_overloaded(self.fleet.of_kind("prfaas"), self.cfg.threshold.queue_high)
             try:
-                d = decide(
-                    tokens, self.fleet, self.index, self.controller.t, self.bandwidth_mode(), exclude_prfaas=overloaded
-                )
+                d, overloaded = self.place(tokens)
             except NoInstance as exc:
                 return error_reply(503, str(exc), "service_unavailable")
             if d.prefill is not None and needs_prompt_logprobs(body) and self.pd.decode_prefills_alone(d.decode):
@@ -307,6 +309,13 @@ class Router:
                 self.metrics.requests.labels(d.route, "upstream_error").inc()
                 return error_reply(502, f"instance {d.decode.url} failed: {exc}", "upstream_error")
         return error_reply(503, "no reachable instance", "service_unavailable")
+
+    def place(self, tokens: list[int]) -> tuple[Decision, bool]:
+        """The decision for ``tokens`` now, and whether the PrfaaS side counted as overloaded
+        (no side effects: ``/admin/decide`` asks it too)."""
+        overloaded = prfaas_overloaded(self.fleet.of_kind("prfaas"), self.cfg.threshold.queue_high)
+        d = decide(tokens, self.fleet, self.index, self.controller.t, self.bandwidth_mode(), exclude_prfaas=overloaded)
+        return d, overloaded
 
     def _record(
         self, path: str, d: Decision, rid: str, stream: bool, arrived: float, overloaded: bool, rerouted: int

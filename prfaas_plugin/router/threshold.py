@@ -49,6 +49,8 @@ class ThresholdController:
         self.egress_window_s = self.spec.egress_window_s
         self.t = self.t_star = float(self.spec.tokens)
         self._lengths: collections.deque[int] = collections.deque(maxlen=self.spec.window)
+        #: Other router replicas' recent lengths by peer (router/peers.py): (their window, read at).
+        self.peer_lengths: dict[str, tuple[list[int], float]] = {}
         self._egress: collections.deque[tuple[float, int]] = collections.deque()
         self._lock = threading.Lock()
         self._last_opt = 0.0
@@ -68,6 +70,11 @@ class ThresholdController:
     def observe_length(self, uncached_tokens: int) -> None:
         with self._lock:
             self._lengths.append(int(uncached_tokens))
+
+    def recent_lengths(self) -> list[int]:
+        """This replica's own window of observed lengths (what its peers read)."""
+        with self._lock:
+            return list(self._lengths)
 
     def record_egress(self, nbytes: int, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
@@ -125,6 +132,8 @@ class ThresholdController:
 
         with self._lock:
             samples = list(self._lengths)
+            for peer in self.peer_lengths.values():
+                samples += peer[0]
         if self._planner is None or len(samples) < self.spec.min_samples:
             return
         try:
