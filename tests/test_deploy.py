@@ -19,6 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from click.testing import CliRunner
+from vllm_helpers import requires_vllm
 
 from prfaas_plugin.cli.plan import command as plan_command
 from prfaas_plugin.engines.vllm.options import Options
@@ -450,6 +451,51 @@ def test_values_reach_the_manifests(rendered):
         ],
     }
     assert cidrs == {"dc1": values["network"]["dc2PrefillCidr"], "dc2": values["network"]["dc1RouterCidr"]}
+
+
+def engine_argv(dcs: dict[str, list[dict]], role: str) -> list[str]:
+    """The container's args after Kubernetes' $(VAR) expansion (env values and ConfigMap keys)."""
+    objs = dcs[ROLE_DC[role]]
+    env = {}
+    for name, e in _env(_container(_workload(dcs, role))).items():
+        ref = e.get("valueFrom", {}).get("configMapKeyRef")
+        env[name] = e["value"] if "value" in e else _configmap_data(objs, ref)
+    return [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in _container(_workload(dcs, role))["args"]]
+
+
+@pytest.fixture(scope="module")
+def vllm_serve_parser():
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser())
+
+
+@pytest.mark.vllm
+@requires_vllm
+@pytest.mark.parametrize("role", ENGINE_ROLES)
+def test_engine_args_parse_as_vllm_serve_reads_them(rendered, vllm_serve_parser, role):
+    """What `vllm serve` receives, after expansion, through vLLM's own parser: a misspelt flag or a
+    --kv-transfer-config that is not a KVTransferConfig stops here, not at pod start."""
+    c = _container(_workload(rendered, role))
+    assert c["command"] == ["vllm", "serve"]
+    ns = vllm_serve_parser.parse_args(engine_argv(rendered, role))
+    values = yaml.safe_load((OVERLAY / "values" / "values.yaml").read_text())["spec"]["model"]
+    assert ns.model_tag == values["path"] and ns.served_model_name == [values["servedName"]]
+    assert ns.kv_transfer_config.kv_connector == "prfaas" and ns.kv_transfer_config.kv_role == KV_ROLE[role]
+    Options.from_extra(ns.kv_transfer_config.kv_connector_extra_config)
+    assert ns.port == HTTP_PORT and ns.tensor_parallel_size == c["resources"]["limits"]["nvidia.com/gpu"]
+    assert (ns.kv_events_config is not None) == (role == "pd-prefill")
+    if role == "pd-prefill":
+        assert ns.kv_events_config.enable_kv_cache_events and ns.kv_events_config.endpoint == "tcp://*:5557"
+
+
+@pytest.mark.vllm
+@requires_vllm
+def test_a_misspelt_vllm_flag_fails(rendered, vllm_serve_parser):
+    dcs = _broken(rendered, "pd-decode", lambda w, _: _container(w)["args"].append("--tensor-paralel-size=8"))
+    with pytest.raises(SystemExit):
+        vllm_serve_parser.parse_args(engine_argv(dcs, "pd-decode"))
 
 
 # -- deliberately broken manifests fail -----------------------------------------------------------
