@@ -42,6 +42,32 @@ def summary_table(r: PlanResult) -> str:
     return "\n".join(lines)
 
 
+def plan_values(r: PlanResult) -> str:
+    """The plan's instance counts as the kustomize values object that deploy/overlays/*/values/
+    reads (plan.yaml there): kustomize copies each count into its StatefulSet's replicas."""
+    d = r.to_dict()
+    return (
+        "# Written by `prfaas plan --config planner.yaml --emit-values plan.yaml`: the instance counts of\n"
+        "# the plan (docs/planner.md). Re-run it when the profiles or the workload change.\n"
+        + yaml.safe_dump(
+            {
+                "apiVersion": "prfaas.local/v1alpha1",
+                "kind": "PlanValues",
+                "metadata": {"name": "plan", "annotations": {"config.kubernetes.io/local-config": "true"}},
+                "spec": {
+                    "replicas": {
+                        "prfaasPrefill": int(d["n_prfaas"]),
+                        "pdPrefill": int(d["n_pd_prefill"]),
+                        "pdDecode": int(d["n_pd_decode"]),
+                    },
+                    "thresholdTokens": int(round(d["threshold_tokens"])),
+                },
+            },
+            sort_keys=False,
+        )
+    )
+
+
 def _parse_sweep(spec: str) -> tuple[str, list]:
     key, sep, values = spec.partition("=")
     if not sep or not key or not values:
@@ -61,9 +87,18 @@ def _parse_sweep(spec: str) -> tuple[str, list]:
     metavar="KEY=V1,V2,...",
     help="re-plan for each value of one config key (e.g. profiles.h20.compute_ratio=2.5,3.1)",
 )
-def command(config: Path, as_json: bool, plot_dir: Path | None, sweep: str | None) -> None:
+@click.option(
+    "--emit-values",
+    "values_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="also write the instance counts as deploy values (deploy/overlays/*/values/plan.yaml)",
+)
+def command(config: Path, as_json: bool, plot_dir: Path | None, sweep: str | None, values_file: Path | None) -> None:
     """Optimal threshold t, P/D split, per-stage throughput, Lambda_max and egress (paper Eqs. 1-8),
     with the homogeneous and naive heterogeneous baselines."""
+    if sweep and values_file is not None:
+        raise click.UsageError("--emit-values writes one plan's counts; it cannot be used with --sweep")
     try:
         if sweep:
             key, values = _parse_sweep(sweep)
@@ -91,6 +126,9 @@ def command(config: Path, as_json: bool, plot_dir: Path | None, sweep: str | Non
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
         click.echo(summary_table(result))
+    if values_file is not None:
+        values_file.write_text(plan_values(result))
+        click.echo(f"wrote {values_file}", err=as_json)
     if plot_dir is not None:
         from prfaas_plugin.planner.plot import write_plots
 
