@@ -128,9 +128,22 @@ def parse_simulation(cfg: PlannerConfig, source: str = "config") -> SimulationSp
 def load_simulation(
     path: str | Path, overrides: dict[str, Any] | None = None
 ) -> tuple[PlannerConfig, SimulationSpec, Path]:
-    """The planner config and its ``simulation:`` section (defaults when absent)."""
+    """The planner config and its ``simulation:`` section (defaults when absent). Overrides of
+    ``simulation.*`` keys may add keys the file leaves at their defaults; others must exist."""
+    sim_over = {k: v for k, v in (overrides or {}).items() if k.startswith("simulation.")}
+    plan_over = {k: v for k, v in (overrides or {}).items() if k not in sim_over}
     try:
-        cfg, base = load_config(path, overrides)
+        cfg, base = load_config(path, plan_over)
     except PlannerConfigError as exc:
         raise SimConfigError(str(exc)) from None
+    raw: dict[str, Any] = dict(cfg.simulation or {})
+    for dotted, value in sim_over.items():
+        cur = raw
+        keys = dotted.split(".")[1:]
+        for k in keys[:-1]:
+            nxt = cur.get(k)
+            cur[k] = nxt = dict(nxt) if isinstance(nxt, dict) else {}
+            cur = nxt
+        cur[keys[-1]] = value
+    cfg = cfg.model_copy(update={"simulation": raw})
     return cfg, parse_simulation(cfg, str(path)), base

@@ -16,11 +16,10 @@ import simpy
 
 from prfaas_plugin.planner.config import PlannerConfig
 from prfaas_plugin.planner.profile import Profile
+from prfaas_plugin.router import policy, rebalance
 from prfaas_plugin.router.config import ThresholdSpec
 from prfaas_plugin.router.instances import Fleet, Instance
-from prfaas_plugin.router.policy import bandwidth_mode, decide, prfaas_overloaded
 from prfaas_plugin.router.prefix_index import PrefixIndex
-from prfaas_plugin.router.rebalance import plan_switch
 from prfaas_plugin.router.threshold import ThresholdController
 from prfaas_plugin.sim.config import SimulationSpec
 from prfaas_plugin.sim.link import SharedLink
@@ -54,6 +53,8 @@ class DeploymentResult:
     throughput_rps: float
     egress_gbps: float
     offload_share: float
+    #: of the measured requests' prompt tokens, the share the router found cached (l_prefix)
+    cached_share: float
     ttft: np.ndarray
     ttft_by_route: dict[str, np.ndarray]
     series: dict[str, list[float]]
@@ -81,6 +82,7 @@ class DeploymentResult:
             "throughput_rps": self.throughput_rps,
             "egress_gbps": self.egress_gbps,
             "offload_share": self.offload_share,
+            "cached_share": self.cached_share,
             "ttft": stats(self.ttft),
             "ttft_by_route": {k: stats(v) for k, v in self.ttft_by_route.items()},
             "switches": self.switches,
@@ -136,6 +138,7 @@ class _Sim:
         # per request: arrival, route (1 = prfaas), first token time, done time
         n = len(requests)
         self.route = np.zeros(n, dtype=np.int8)
+        self.cached = np.zeros(n)
         self.first = np.full(n, np.nan)
         self.done = np.full(n, np.nan)
         nb = int(np.ceil(sim.duration_s / sim.bin_s))
@@ -153,9 +156,11 @@ class _Sim:
 
     def _route(self, req: SimRequest):
         now = self.env.now
-        overloaded = self.dep.control != "all" and prfaas_overloaded(self.fleet.of_kind("prfaas"), self.sim.queue_high)
-        mode = bandwidth_mode(self.sim.bandwidth_mode, self.ctl.utilisation(now), self.ctl.spec.egress_low)
-        d = decide(req.prompt, self.fleet, self.index, self._threshold(), mode, exclude_prfaas=overloaded)
+        overloaded = self.dep.control != "all" and policy.prfaas_overloaded(
+            self.fleet.of_kind("prfaas"), self.sim.queue_high
+        )
+        mode = policy.bandwidth_mode(self.sim.bandwidth_mode, self.ctl.utilisation(now), self.ctl.spec.egress_low)
+        d = policy.decide(req.prompt, self.fleet, self.index, self._threshold(), mode, exclude_prfaas=overloaded)
         self.ctl.observe_length(d.l_uncached)
         return d
 
@@ -173,6 +178,7 @@ class _Sim:
         b = min(int(env.now / self.sim.bin_s), len(self.routed) - 1)
         self.routed[b, int(remote)] += 1
         self.route[req.rid] = int(remote)
+        self.cached[req.rid] = d.l_prefix
         prefill = d.prefill or d.decode
         prefill.inflight += 1
         if d.prefill is not None:
@@ -225,7 +231,7 @@ class _Sim:
             advice = self.ctl.advice
             if advice is None or self.env.now - last < self.ctl.spec.split_cooldown_s:
                 continue
-            plan = plan_switch(advice, self.fleet)
+            plan = rebalance.plan_switch(advice, self.fleet)
             if plan is None:
                 continue
             last = self.env.now
@@ -288,6 +294,10 @@ class _Sim:
             throughput_rps=float(done_in.sum() / win),
             egress_gbps=sent / win / 1e9,
             offload_share=float(self.route[measured].mean()) if n_meas else 0.0,
+            cached_share=float(
+                self.cached[measured].sum()
+                / max(1, sum(len(r.prompt) for r, m in zip(self.requests, measured, strict=True) if m))
+            ),
             ttft=ttft,
             ttft_by_route={"prfaas": ttft[routes == 1], "local": ttft[routes == 0]},
             series=series,
