@@ -93,6 +93,10 @@ class SimulationSpec(_Strict):
     #: Granularity of the simulated prefix cache (tokens per block of the router's PrefixIndex).
     block_tokens: int = Field(default=1024, ge=1)
     link_trace: list[LinkPoint] = Field(default_factory=list)
+    #: Round trip of the cross-datacenter link, paid once by every offloaded request.
+    link_rtt_ms: float = Field(default=0.0, ge=0)
+    #: Where the online controller starts (default: the planner's t, as a warm router would).
+    start_threshold: float | None = Field(default=None, ge=0)
     #: Intra-datacenter prefill -> decode hop (RDMA), per transfer, overlapped layer-wise.
     local_hop_gbps: float = Field(default=400.0, gt=0)
     #: Router ``threshold.queue_high``: with every PrfaaS instance this deep, long requests stay

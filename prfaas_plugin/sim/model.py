@@ -40,6 +40,7 @@ class Deployment:
     #: starting at ``threshold``; "all": every prefill remote (naive heterogeneous).
     control: Literal["fixed", "online", "all", "none"]
     threshold: float
+    n_both: int = 0  # local instances that prefill and decode (the demo's single local engine)
 
 
 @dataclass
@@ -110,6 +111,7 @@ class _Sim:
         insts = [Instance(f"prfaas-{i}", "prfaas", "prfaas", "prefill") for i in range(dep.n_prfaas)]
         insts += [Instance(f"local-p{i}", "local", "local", "prefill") for i in range(dep.n_prefill)]
         insts += [Instance(f"local-d{i}", "local", "local", "decode") for i in range(dep.n_decode)]
+        insts += [Instance(f"local-b{i}", "local", "local", "both") for i in range(dep.n_both)]
         self.fleet = Fleet(insts)
         self.index = PrefixIndex(sim.block_tokens)
         self.prefill_q = {i.url: simpy.Resource(self.env, 1) for i in insts}
@@ -118,7 +120,7 @@ class _Sim:
         c = sim.controller
         spec = ThresholdSpec(
             mode="auto" if dep.control == "online" else "fixed",
-            tokens=max(dep.threshold, 0.0),
+            tokens=max(dep.threshold, 0.0) if sim.start_threshold is None else sim.start_threshold,
             planner="<simulation config>",
             window=c.window,
             min_samples=c.min_samples,
@@ -197,6 +199,9 @@ class _Sim:
         if remote:
             yield sent
             self.ctl.record_egress(int(kv_bytes), env.now)
+            if self.sim.link_rtt_ms:
+                # the prefill request crossed the link one way, the KV's completion the other
+                yield env.timeout(self.sim.link_rtt_ms / 1000)
         elif d.prefill is not None:
             hop = kv_bytes * 8 / (self.sim.local_hop_gbps * 1e9) - t_p  # layer-wise: overlapped
             if hop > 0:
