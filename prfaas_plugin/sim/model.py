@@ -57,6 +57,7 @@ class DeploymentResult:
     #: of the measured requests' prompt tokens, the share the router found cached (l_prefix)
     cached_share: float
     ttft: np.ndarray
+    ttft_arrival: np.ndarray  # arrival time of each entry of ``ttft``
     ttft_by_route: dict[str, np.ndarray]
     series: dict[str, list[float]]
     threshold_timeline: list[tuple[float, float, str]]
@@ -211,8 +212,16 @@ class _Sim:
             self.index.record(d.decode.url, req.prompt)
         with self.decode_q[d.decode.url].request() as slot:
             yield slot
-            self.first[req.rid] = env.now + self.t_decode
-            yield env.timeout(self.t_decode * self.out_tokens)
+            if d.decode.role == "both":
+                # one engine: its first decode step waits for the prefill it is running
+                with self.prefill_q[d.decode.url].request() as turn:
+                    yield turn
+                    yield env.timeout(self.t_decode)
+                self.first[req.rid] = env.now
+                yield env.timeout(self.t_decode * (self.out_tokens - 1))
+            else:
+                self.first[req.rid] = env.now + self.t_decode
+                yield env.timeout(self.t_decode * self.out_tokens)
         d.decode.inflight -= 1
         self.done[req.rid] = env.now
 
@@ -304,6 +313,7 @@ class _Sim:
                 / max(1, sum(len(r.prompt) for r, m in zip(self.requests, measured, strict=True) if m))
             ),
             ttft=ttft,
+            ttft_arrival=arr[ttft_ok],
             ttft_by_route={"prfaas": ttft[routes == 1], "local": ttft[routes == 0]},
             series=series,
             threshold_timeline=list(self.ctl.timeline),
