@@ -150,3 +150,51 @@ def test_the_planner_ignores_the_simulation_section():
 
     cfg, _ = load_config(CASE)
     assert cfg.simulation is not None
+
+
+@pytest.mark.parametrize(
+    ("arrivals", "rate"),
+    [
+        ({"kind": "poisson", "rate": 4.0}, 4.0),
+        ({"kind": "gamma", "rate": 4.0, "cv": 3.0}, 4.0),
+        ({"kind": "onoff", "rate": 4.0, "on_s": 10, "off_s": 30}, 1.0),
+        ({"kind": "poisson", "rate": 1.0, "changes": [{"at_s": 0, "duration_s": 500, "factor": 3}]}, 2.0),
+    ],
+)
+def test_arrival_processes(arrivals, rate):
+    from prfaas_plugin.sim.config import ArrivalSpec
+    from prfaas_plugin.sim.workload import arrival_times
+
+    times = np.array(arrival_times(ArrivalSpec(**arrivals), 1000.0, np.random.default_rng(3)))
+    assert len(times) / 1000.0 == pytest.approx(rate, rel=0.12)
+    assert np.all(np.diff(times) >= 0)
+    if arrivals["kind"] == "onoff":
+        assert np.all(times % 40 < 10)
+
+
+def test_cli_reports_a_bad_config(tmp_path):
+    from click.testing import CliRunner
+
+    from prfaas_plugin.cli.simulate import command
+
+    res = CliRunner().invoke(command, [str(_write(tmp_path, {"arrivals": {"kind": "poisson", "rate": 0}}))])
+    assert res.exit_code == 1
+    assert "simulation.arrivals.rate" in res.output
+
+
+def test_cli_writes_summary_and_plots(tmp_path):
+    from click.testing import CliRunner
+
+    from prfaas_plugin.cli.simulate import command
+
+    cfg = _write(tmp_path, {"duration_s": 120, "warmup_s": 20, "deployments": ["prfaas_pd", "naive"]})
+    res = CliRunner().invoke(command, [str(cfg), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert set(data["deployments"]) == {"prfaas_pd", "naive"}
+    assert {p.name for p in (tmp_path / "o").glob("*.png")} == {
+        "ttft_cdf.png",
+        "egress.png",
+        "offload_threshold.png",
+        "queues.png",
+    }
