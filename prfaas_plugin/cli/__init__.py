@@ -17,6 +17,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "kv-size": ("prfaas_plugin.cli.kv_size", "Per-token and fixed KV bytes of a model, and its KV throughput."),
     "plan": ("prfaas_plugin.cli.plan", "Threshold, P/D split and throughput from the PrfaaS model (Eqs. 1-8)."),
     "router": ("prfaas_plugin.cli.router", "Run the PrfaaS global router (OpenAI-compatible HTTP front)."),
+    "simulate": ("prfaas_plugin.cli.simulate", "Discrete-event simulation of the deployments (TTFT, egress, bursts)."),
     "demo": ("prfaas_plugin.cli.demo", "Run the whole PrfaaS deployment locally on CPU."),
     "bench": ("prfaas_plugin.cli.bench", "Run a benchmark from bench/ and append it to BENCHMARKS.md."),
     "vllm-cli": ("prfaas_plugin.cli.vllm_cli", "Install or remove the `vllm serve --kv-connector` sugar."),

@@ -100,6 +100,8 @@ class PlannerConfig(_Strict):
     link: LinkSpec
     search: SearchSpec = SearchSpec()
     notes: str = ""
+    #: ``prfaas simulate``'s section (validated by prfaas_plugin.sim.config); the planner ignores it.
+    simulation: dict[str, Any] | None = None
 
     def profile(self, name: str, _seen: tuple[str, ...] = ()) -> Profile:
         if name not in self.profiles:

@@ -17,6 +17,7 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,10 @@ class ThresholdController:
     t_star: float = field(init=False)
     timeline: list[tuple[float, float, str]] = field(default_factory=list)
     advice: SplitAdvice | None = None
+    #: The time source: the router's monotonic clock, or a simulator's (prfaas_plugin.sim).
+    clock: Callable[[], float] = time.monotonic
+    #: ``auto``: the planner config already loaded (the simulator's), instead of ``spec.planner``.
+    planner_config: Any = None
 
     def __post_init__(self) -> None:
         self.egress_window_s = self.spec.egress_window_s
@@ -55,12 +60,11 @@ class ThresholdController:
         self._lock = threading.Lock()
         self._last_opt = 0.0
         self._planner = None
-        self._t0 = time.monotonic()
+        self._t0 = self.clock()
         if self.spec.mode == "auto":
             from prfaas_plugin.planner import load_config
 
-            cfg, base = load_config(self.spec.planner or "")
-            self._planner = cfg
+            self._planner = self.planner_config or load_config(self.spec.planner or "")[0]
         self._kv_profile = None
         if self.spec.kv_bytes_per_token is None and self._planner is not None:
             self._kv_profile = self._planner.profile(self._planner.deployment.prfaas_profile)
@@ -77,7 +81,7 @@ class ThresholdController:
             return list(self._lengths)
 
     def record_egress(self, nbytes: int, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         with self._lock:
             self._egress.append((now, int(nbytes)))
 
@@ -93,7 +97,7 @@ class ThresholdController:
         return 0
 
     def egress_gbps(self, now: float | None = None) -> float:
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         with self._lock:
             while self._egress and self._egress[0][0] < now - self.egress_window_s:
                 self._egress.popleft()
@@ -106,7 +110,7 @@ class ThresholdController:
     # -- the loops ------------------------------------------------------------------------------
     def tick(self, prfaas_queue: int, now: float | None = None) -> float:
         """One step of both loops; returns the threshold to use."""
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         if self.spec.mode == "fixed":
             return self.t
         if now - self._last_opt >= self.spec.reoptimize_every_s:
@@ -157,7 +161,7 @@ class ThresholdController:
             self._mark(f"re-optimised on {len(samples)} observed lengths")
 
     def _mark(self, reason: str) -> None:
-        self.timeline.append((round(time.monotonic() - self._t0, 3), self.t, reason))
+        self.timeline.append((round(self.clock() - self._t0, 3), self.t, reason))
         if len(self.timeline) > 10_000:
             del self.timeline[: len(self.timeline) - 10_000]
         log.info("threshold t=%.0f (%s)", self.t, reason)

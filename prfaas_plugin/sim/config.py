@@ -1,0 +1,153 @@
+"""The ``simulation:`` section of a planner YAML (the planner ignores it), validated strictly: an
+unknown key, a negative rate or a link trace whose time runs backwards is an error naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from prfaas_plugin.planner.config import PlannerConfig, PlannerConfigError, load_config
+
+
+class SimConfigError(ValueError):
+    """A simulation config that cannot be used; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RateChange(_Strict):
+    """Multiply the arrival rate by ``factor`` during [at_s, at_s + duration_s) (a burst or a lull)."""
+
+    at_s: float = Field(ge=0)
+    duration_s: float = Field(gt=0)
+    factor: float = Field(gt=0)
+
+
+class ArrivalSpec(_Strict):
+    #: poisson: exponential gaps; gamma: gaps with coefficient of variation ``cv`` (cv > 1 is
+    #: bursty); onoff: Poisson at ``rate`` for ``on_s``, then silence for ``off_s``; trace: replay
+    #: ``trace`` (JSONL: t, prompt_tokens, optional cached_tokens and prefix).
+    kind: Literal["poisson", "gamma", "onoff", "trace"] = "poisson"
+    rate: float | None = Field(default=None, gt=0)
+    cv: float = Field(default=1.0, gt=0)
+    on_s: float = Field(default=60.0, gt=0)
+    off_s: float = Field(default=60.0, ge=0)
+    trace: str | None = None
+    changes: list[RateChange] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _need(self) -> ArrivalSpec:
+        if self.kind == "trace":
+            if not self.trace:
+                raise ValueError("kind 'trace' needs arrivals.trace (a JSONL file)")
+        elif self.rate is None:
+            raise ValueError(f"kind {self.kind!r} needs arrivals.rate (requests per second, > 0)")
+        return self
+
+
+class PrefixSpec(_Strict):
+    """Shared documents: a ``share`` of requests start with one of ``documents`` documents of
+    ``doc_tokens`` tokens picked by a Zipf law of exponent ``zipf_s`` (0 = uniform); the rest of
+    their prompt is drawn from the workload's length distribution."""
+
+    share: float = Field(default=0.0, ge=0, le=1)
+    documents: int = Field(default=100, ge=1)
+    doc_tokens: int = Field(default=16384, ge=1)
+    zipf_s: float = Field(default=1.0, ge=0)
+
+
+class LinkPoint(_Strict):
+    """From ``at_s`` on, the cross-datacenter link gives this deployment ``gbps`` (a dip, or what a
+    second tenant leaves)."""
+
+    at_s: float = Field(ge=0)
+    gbps: float = Field(gt=0)
+
+
+class ControllerSpec(_Strict):
+    """Settings of the router's ThresholdSpec for the ``online`` variants (router/config.py)."""
+
+    reoptimize_every_s: float = Field(default=30.0, gt=0)
+    window: int = Field(default=512, ge=8)
+    min_samples: int = Field(default=32, ge=1)
+    egress_high: float = Field(default=0.85, gt=0, le=1.5)
+    egress_low: float = Field(default=0.6, gt=0, le=1.5)
+    queue_low: int = Field(default=4, ge=0)
+    step: float = Field(default=0.15, gt=0, lt=1)
+    egress_window_s: float = Field(default=10.0, gt=0)
+    apply_split: bool = True
+    split_cooldown_s: float = Field(default=300.0, gt=0)
+
+
+class SimulationSpec(_Strict):
+    duration_s: float = Field(default=3600.0, gt=0)
+    #: Requests arriving before this are simulated but left out of every statistic.
+    warmup_s: float = Field(default=300.0, ge=0)
+    seed: int = 0
+    arrivals: ArrivalSpec = ArrivalSpec(rate=1.0)
+    prefix: PrefixSpec = PrefixSpec()
+    #: Granularity of the simulated prefix cache (tokens per block of the router's PrefixIndex).
+    block_tokens: int = Field(default=1024, ge=1)
+    link_trace: list[LinkPoint] = Field(default_factory=list)
+    #: Round trip of the cross-datacenter link, paid once by every offloaded request.
+    link_rtt_ms: float = Field(default=0.0, ge=0)
+    #: Where the online controller starts (default: the planner's t, as a warm router would).
+    start_threshold: float | None = Field(default=None, ge=0)
+    #: Intra-datacenter prefill -> decode hop (RDMA), per transfer, overlapped layer-wise.
+    local_hop_gbps: float = Field(default=400.0, gt=0)
+    #: Router ``threshold.queue_high``: with every PrfaaS instance this deep, long requests stay
+    #: local (policy.prfaas_overloaded). Applies to the fixed-t variants too, as in the router.
+    queue_high: int = Field(default=16, ge=1)
+    bandwidth_mode: Literal["auto", "scarce", "abundant"] = "auto"
+    controller: ControllerSpec = ControllerSpec()
+    deployments: list[Literal["prfaas_pd", "prfaas_pd_online", "homogeneous", "naive"]] = Field(
+        default_factory=lambda: ["prfaas_pd", "prfaas_pd_online", "homogeneous", "naive"], min_length=1
+    )
+    #: Seconds per bin of the time series (egress, threshold, offload share, queue depths).
+    bin_s: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> SimulationSpec:
+        if self.warmup_s >= self.duration_s:
+            raise ValueError(f"warmup_s ({self.warmup_s}) must be below duration_s ({self.duration_s})")
+        for i in range(1, len(self.link_trace)):
+            a, b = self.link_trace[i - 1].at_s, self.link_trace[i].at_s
+            if b <= a:
+                raise ValueError(f"link_trace[{i}].at_s: time runs backwards ({b} after {a})")
+        return self
+
+
+def parse_simulation(cfg: PlannerConfig, source: str = "config") -> SimulationSpec:
+    try:
+        return SimulationSpec.model_validate(cfg.simulation or {})
+    except ValidationError as exc:
+        lines = [f"simulation.{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise SimConfigError(f"{source}: invalid simulation section:\n  " + "\n  ".join(lines)) from None
+
+
+def load_simulation(
+    path: str | Path, overrides: dict[str, Any] | None = None
+) -> tuple[PlannerConfig, SimulationSpec, Path]:
+    """The planner config and its ``simulation:`` section (defaults when absent). Overrides of
+    ``simulation.*`` keys may add keys the file leaves at their defaults; others must exist."""
+    sim_over = {k: v for k, v in (overrides or {}).items() if k.startswith("simulation.")}
+    plan_over = {k: v for k, v in (overrides or {}).items() if k not in sim_over}
+    try:
+        cfg, base = load_config(path, plan_over)
+    except PlannerConfigError as exc:
+        raise SimConfigError(str(exc)) from None
+    raw: dict[str, Any] = dict(cfg.simulation or {})
+    for dotted, value in sim_over.items():
+        cur = raw
+        keys = dotted.split(".")[1:]
+        for k in keys[:-1]:
+            nxt = cur.get(k)
+            cur[k] = nxt = dict(nxt) if isinstance(nxt, dict) else {}
+            cur = nxt
+        cur[keys[-1]] = value
+    cfg = cfg.model_copy(update={"simulation": raw})
+    return cfg, parse_simulation(cfg, str(path)), base

@@ -1,0 +1,341 @@
+"""One deployment in SimPy. Every decision is the router's own code on the simulated clock:
+``policy.decide`` (routing by uncached length, cache-aware placement), ``policy.prfaas_overloaded``
+and ``policy.bandwidth_mode``, ``threshold.ThresholdController`` (both loops) and
+``rebalance.plan_switch`` (the long-term P/D split), over ``instances.Fleet`` and
+``prefix_index.PrefixIndex``. The simulator supplies only what the engines and the network do:
+FCFS prefill per instance with the planner profile's T_prefill, the KV transfer (sim/link.py for
+the cross-datacenter link, an RDMA hop locally) and continuous-batching decode."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import simpy
+
+from prfaas_plugin.planner.config import PlannerConfig
+from prfaas_plugin.planner.profile import Profile
+from prfaas_plugin.router import policy, rebalance
+from prfaas_plugin.router.config import ThresholdSpec
+from prfaas_plugin.router.instances import Fleet, Instance
+from prfaas_plugin.router.prefix_index import PrefixIndex
+from prfaas_plugin.router.threshold import ThresholdController
+from prfaas_plugin.sim.config import SimulationSpec
+from prfaas_plugin.sim.link import SharedLink
+from prfaas_plugin.sim.workload import SimRequest
+
+MIB = 1 << 20
+TICK_S = 0.5  # the router's threshold loop period (router/app.py _threshold_loop)
+SPLIT_POLL_S = 1.0  # the router's split loop period (router/app.py _split_loop)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    name: str
+    n_prfaas: int
+    n_prefill: int  # local prefill instances
+    n_decode: int
+    #: "fixed": t pinned at ``threshold``; "online": the router's ThresholdController in auto mode
+    #: starting at ``threshold``; "all": every prefill remote (naive heterogeneous).
+    control: Literal["fixed", "online", "all", "none"]
+    threshold: float
+    n_both: int = 0  # local instances that prefill and decode (the demo's single local engine)
+
+
+@dataclass
+class DeploymentResult:
+    name: str
+    deployment: Deployment
+    measured_s: float
+    arrivals: int
+    completed: int
+    unfinished: int
+    throughput_rps: float
+    egress_gbps: float
+    offload_share: float
+    #: of the measured requests' prompt tokens, the share the router found cached (l_prefix)
+    cached_share: float
+    ttft: np.ndarray
+    ttft_arrival: np.ndarray  # arrival time of each entry of ``ttft``
+    ttft_by_route: dict[str, np.ndarray]
+    series: dict[str, list[float]]
+    threshold_timeline: list[tuple[float, float, str]]
+    switches: list[dict] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        def stats(x: np.ndarray) -> dict:
+            if len(x) == 0:
+                return {"n": 0}
+            return {
+                "n": int(len(x)),
+                "mean_s": float(np.mean(x)),
+                "p50_s": float(np.percentile(x, 50)),
+                "p90_s": float(np.percentile(x, 90)),
+                "p99_s": float(np.percentile(x, 99)),
+            }
+
+        return {
+            "deployment": self.deployment.__dict__,
+            "measured_s": self.measured_s,
+            "arrivals": self.arrivals,
+            "completed": self.completed,
+            "unfinished": self.unfinished,
+            "throughput_rps": self.throughput_rps,
+            "egress_gbps": self.egress_gbps,
+            "offload_share": self.offload_share,
+            "cached_share": self.cached_share,
+            "ttft": stats(self.ttft),
+            "ttft_by_route": {k: stats(v) for k, v in self.ttft_by_route.items()},
+            "switches": self.switches,
+        }
+
+
+class _Sim:
+    def __init__(
+        self,
+        dep: Deployment,
+        cfg: PlannerConfig,
+        sim: SimulationSpec,
+        requests: list[SimRequest],
+        progress=None,
+    ) -> None:
+        self.dep, self.cfg, self.sim, self.requests = dep, cfg, sim, requests
+        self.progress = progress
+        self.env = simpy.Environment()
+        d = cfg.deployment
+        self.prfaas_profile: Profile = cfg.profile(d.prfaas_profile)
+        self.local_profile: Profile = cfg.profile(d.pd_profile)
+        self.t_decode = cfg.decode.t_decode_s
+        self.out_tokens = cfg.workload.output_tokens
+        self.slots = max(1, int(cfg.decode.bs_max))
+        insts = [Instance(f"prfaas-{i}", "prfaas", "prfaas", "prefill") for i in range(dep.n_prfaas)]
+        insts += [Instance(f"local-p{i}", "local", "local", "prefill") for i in range(dep.n_prefill)]
+        insts += [Instance(f"local-d{i}", "local", "local", "decode") for i in range(dep.n_decode)]
+        insts += [Instance(f"local-b{i}", "local", "local", "both") for i in range(dep.n_both)]
+        self.fleet = Fleet(insts)
+        self.index = PrefixIndex(sim.block_tokens)
+        self.prefill_q = {i.url: simpy.Resource(self.env, 1) for i in insts}
+        self.decode_q = {i.url: simpy.Resource(self.env, self.slots) for i in insts}
+        self.link = SharedLink(self.env, cfg.link.gbps, [(p.at_s, p.gbps) for p in sim.link_trace])
+        c = sim.controller
+        spec = ThresholdSpec(
+            mode="auto" if dep.control == "online" else "fixed",
+            tokens=max(dep.threshold, 0.0) if sim.start_threshold is None else sim.start_threshold,
+            planner="<simulation config>",
+            window=c.window,
+            min_samples=c.min_samples,
+            reoptimize_every_s=c.reoptimize_every_s,
+            egress_high=c.egress_high,
+            egress_low=c.egress_low,
+            queue_high=sim.queue_high,
+            queue_low=c.queue_low,
+            step=c.step,
+            egress_window_s=c.egress_window_s,
+            split_cooldown_s=c.split_cooldown_s,
+        )
+        self.ctl = ThresholdController(
+            spec, cfg.link.gbps, clock=lambda: self.env.now, planner_config=cfg if dep.control == "online" else None
+        )
+        self.switches: list[dict] = []
+        # per request: arrival, route (1 = prfaas), first token time, done time
+        n = len(requests)
+        self.route = np.zeros(n, dtype=np.int8)
+        self.cached = np.zeros(n)
+        self.first = np.full(n, np.nan)
+        self.done = np.full(n, np.nan)
+        nb = int(np.ceil(sim.duration_s / sim.bin_s))
+        self.series = {k: [0.0] * nb for k in ("threshold", "prfaas_queue", "local_queue", "decode_queue")}
+        self.routed = np.zeros((nb, 2))
+        if sim.arrivals.kind == "trace":
+            for r in requests:
+                if r.warm_prefix:
+                    for inst in insts:
+                        self.index.record(inst.url, _Prefix(r.prompt, r.warm_prefix))
+
+    # -- the router's decision, on the simulated clock -----------------------------------------------
+    def _threshold(self) -> float:
+        return -1.0 if self.dep.control == "all" else self.ctl.t
+
+    def _route(self, req: SimRequest):
+        now = self.env.now
+        overloaded = self.dep.control != "all" and policy.prfaas_overloaded(
+            self.fleet.of_kind("prfaas"), self.sim.queue_high
+        )
+        mode = policy.bandwidth_mode(self.sim.bandwidth_mode, self.ctl.utilisation(now), self.ctl.spec.egress_low)
+        d = policy.decide(req.prompt, self.fleet, self.index, self._threshold(), mode, exclude_prfaas=overloaded)
+        self.ctl.observe_length(d.l_uncached)
+        return d
+
+    # -- processes ---------------------------------------------------------------------------------
+    def _arrivals(self):
+        for req in self.requests:
+            if req.arrival > self.env.now:
+                yield self.env.timeout(req.arrival - self.env.now)
+            self.env.process(self._request(req))
+
+    def _request(self, req: SimRequest):
+        env = self.env
+        d = self._route(req)
+        remote = d.route == "prfaas"
+        b = min(int(env.now / self.sim.bin_s), len(self.routed) - 1)
+        self.routed[b, int(remote)] += 1
+        self.route[req.rid] = int(remote)
+        self.cached[req.rid] = d.l_prefix
+        prefill = d.prefill or d.decode
+        prefill.inflight += 1
+        if d.prefill is not None:
+            d.decode.inflight += 1
+        profile = self.prfaas_profile if remote else self.local_profile
+        with self.prefill_q[prefill.url].request() as turn:
+            yield turn
+            t_p = profile.prefill_s(d.l_uncached)
+            kv_bytes = max(0.0, profile.kv_mib(d.l_uncached)) * MIB
+            if remote:
+                sent = self.link.send(kv_bytes, t_p)
+                yield env.timeout(t_p)
+            else:
+                yield env.timeout(t_p)
+        self.index.record(prefill.url, req.prompt)
+        if remote:
+            yield sent
+            self.ctl.record_egress(int(kv_bytes), env.now)
+            if self.sim.link_rtt_ms:
+                # the prefill request crossed the link one way, the KV's completion the other
+                yield env.timeout(self.sim.link_rtt_ms / 1000)
+        elif d.prefill is not None:
+            hop = kv_bytes * 8 / (self.sim.local_hop_gbps * 1e9) - t_p  # layer-wise: overlapped
+            if hop > 0:
+                yield env.timeout(hop)
+        if d.prefill is not None:
+            prefill.inflight -= 1
+            self.index.record(d.decode.url, req.prompt)
+        with self.decode_q[d.decode.url].request() as slot:
+            yield slot
+            if d.decode.role == "both":
+                # one engine: its first decode step waits for the prefill it is running
+                with self.prefill_q[d.decode.url].request() as turn:
+                    yield turn
+                    yield env.timeout(self.t_decode)
+                self.first[req.rid] = env.now
+                yield env.timeout(self.t_decode * (self.out_tokens - 1))
+            else:
+                self.first[req.rid] = env.now + self.t_decode
+                yield env.timeout(self.t_decode * self.out_tokens)
+        d.decode.inflight -= 1
+        self.done[req.rid] = env.now
+
+    def _ticker(self):
+        bin_s = self.sim.bin_s
+        nb = len(self.series["threshold"])
+        while True:
+            t = self.ctl.tick(self.fleet.queue_depth("prfaas"), self.env.now)
+            b = min(int(self.env.now / bin_s), nb - 1)
+            self.series["threshold"][b] = -1.0 if self.dep.control == "all" else t
+            self.series["prfaas_queue"][b] = self.fleet.queue_depth("prfaas")
+            self.series["local_queue"][b] = sum(len(self.prefill_q[i.url].queue) for i in self.fleet.of_kind("local"))
+            self.series["decode_queue"][b] = sum(len(self.decode_q[i.url].queue) for i in self.fleet.of_kind("local"))
+            yield self.env.timeout(TICK_S)
+
+    def _splitter(self):
+        """The long-term loop: the router's plan_switch, drain, switch (router/rebalance.py)."""
+        last = -float("inf")
+        while True:
+            yield self.env.timeout(SPLIT_POLL_S)
+            advice = self.ctl.advice
+            if advice is None or self.env.now - last < self.ctl.spec.split_cooldown_s:
+                continue
+            plan = rebalance.plan_switch(advice, self.fleet)
+            if plan is None:
+                continue
+            last = self.env.now
+            inst = plan.instance
+            inst.draining = True
+            while inst.inflight > 0:
+                yield self.env.timeout(SPLIT_POLL_S)
+            old, inst.role, inst.draining = inst.role, plan.new_role, False
+            self.index.clear_instance(inst.url)
+            self.switches.append({"t": self.env.now, "url": inst.url, "from": old, "to": plan.new_role})
+
+    def run(self) -> DeploymentResult:
+        env, sim = self.env, self.sim
+        env.process(self._arrivals())
+        env.process(self._ticker())
+        if self.dep.control == "online" and sim.controller.apply_split:
+            env.process(self._splitter())
+        step = max(sim.duration_s / 100, 1.0)
+        t = 0.0
+        while t < sim.duration_s:
+            t = min(t + step, sim.duration_s)
+            env.run(until=t)
+            if self.progress is not None:
+                self.progress(step)
+        return self._result()
+
+    def _result(self) -> DeploymentResult:
+        sim = self.sim
+        arr = np.array([r.arrival for r in self.requests])
+        win = sim.duration_s - sim.warmup_s
+        measured = arr >= sim.warmup_s
+        done_in = (self.done >= sim.warmup_s) & (self.done <= sim.duration_s)
+        ttft_ok = measured & ~np.isnan(self.first)
+        ttft = self.first[ttft_ok] - arr[ttft_ok]
+        routes = self.route[ttft_ok]
+        sent = sum(bits for t, bits in self.link.delivered if t >= sim.warmup_s)
+        nb = len(self.series["threshold"])
+        egress = [0.0] * nb
+        for t, bits in self.link.delivered:
+            egress[min(int(t / sim.bin_s), nb - 1)] += bits / sim.bin_s / 1e9
+        cap = []
+        for b in range(nb):
+            g = self.cfg.link.gbps
+            for p in sim.link_trace:
+                if p.at_s <= b * sim.bin_s:
+                    g = p.gbps
+            cap.append(g)
+        tot = self.routed.sum(axis=1)
+        share = np.divide(self.routed[:, 1], tot, out=np.full(nb, np.nan), where=tot > 0)
+        series = dict(self.series)
+        series.update(egress_gbps=egress, link_gbps=cap, offload_share=[float(x) for x in share])
+        n_meas = int(measured.sum())
+        return DeploymentResult(
+            name=self.dep.name,
+            deployment=self.dep,
+            measured_s=win,
+            arrivals=n_meas,
+            completed=int(done_in.sum()),
+            unfinished=int((measured & np.isnan(self.first)).sum()),
+            throughput_rps=float(done_in.sum() / win),
+            egress_gbps=sent / win / 1e9,
+            offload_share=float(self.route[measured].mean()) if n_meas else 0.0,
+            cached_share=float(
+                self.cached[measured].sum()
+                / max(1, sum(len(r.prompt) for r, m in zip(self.requests, measured, strict=True) if m))
+            ),
+            ttft=ttft,
+            ttft_arrival=arr[ttft_ok],
+            ttft_by_route={"prfaas": ttft[routes == 1], "local": ttft[routes == 0]},
+            series=series,
+            threshold_timeline=list(self.ctl.timeline),
+            switches=self.switches,
+        )
+
+
+class _Prefix:
+    """The first ``n`` tokens of a prompt, for warming the index with a trace's cached prefix."""
+
+    def __init__(self, prompt, n: int) -> None:
+        self.prompt, self.n = prompt, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, item):
+        a, b, _ = item.indices(self.n)
+        return self.prompt[a:b]
+
+
+def simulate_deployment(
+    dep: Deployment, cfg: PlannerConfig, sim: SimulationSpec, requests: list[SimRequest], progress=None
+) -> DeploymentResult:
+    return _Sim(dep, cfg, sim, requests, progress).run()
