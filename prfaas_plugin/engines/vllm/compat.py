@@ -59,11 +59,10 @@ def require_supported_vllm() -> None:
 def in_process_kv_access() -> Any:
     """``KVCacheAccess.IN_PROCESS`` (0.34+); on older releases the hook does not exist and nothing
     asks, so None is returned only there."""
-    try:
-        from vllm.config.kv_transfer import KVCacheAccess
-    except ImportError:
-        return None
-    return KVCacheAccess.IN_PROCESS
+    import vllm.config.kv_transfer as kvt
+
+    access = getattr(kvt, "KVCacheAccess", None)
+    return None if access is None else access.IN_PROCESS
 
 
 def drop_last_prompt_tokens(request: Any, n: int, vllm_config: Any, kv_cache_config: Any) -> None:

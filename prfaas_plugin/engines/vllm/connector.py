@@ -59,6 +59,7 @@ class PrfaaSConnector(KVConnectorBase_V1, SupportsHMA):
         self._sched.on_new_request(request)
 
     def may_load_async(self, request: Any) -> bool:
+        assert self._sched is not None  # vLLM calls it on the scheduler role only
         return self._sched.may_load_async(request)
 
     @classmethod
