@@ -226,7 +226,10 @@ def test_abort_mid_load_frees_everything_once_the_load_reports(model_dir):
     s.add_request(req)
     out = s.schedule()
     assert req.status == RequestStatus.WAITING_FOR_REMOTE_KVS
+    held = free0 - free_blocks(s)
+    assert held == 3
     s.finish_requests("c", RequestStatus.FINISHED_ABORTED)
+    assert free0 - free_blocks(s) == held, "blocks freed while the worker may still be writing into them"
     out = s.schedule()
     s.update_from_output(out, runner_output(out, {}, finished_recving={"c"}))
     out = s.schedule()
