@@ -73,9 +73,10 @@ def drop_last_prompt_tokens(request: Any, n: int, vllm_config: Any, kv_cache_con
     ``NixlConnector`` does in the same hook of each release (``_truncate_request_for_prefill``):
     delete from the prompt and from ``_all_token_ids`` (lists up to 0.33, ``TokenBuffer`` arrays
     in 0.34: ``del x[-n:]`` works on both), lower ``num_prompt_tokens`` and, where the request has
-    ``truncate_block_hashes`` (0.34), drop the block hashes the cut invalidated. Before 0.34 the
-    block-hash list is trimmed the same way by hand, so a full last block is never looked up
-    under a hash that covers a token this engine will not compute.
+    ``truncate_block_hashes`` (0.34), drop the block hashes the cut invalidated. On 0.32 the same
+    trim is done by hand (its ``KVCacheConfig`` names the hash block size); 0.33's does not, and,
+    like its NIXL connector, the hashes are left: the producer stops after one sampled token, so
+    the block the stale hash names is never full of computed KV and never enters the prefix cache.
     """
     if n <= 0 or request.prompt_token_ids is None or request.num_prompt_tokens <= n:
         return
