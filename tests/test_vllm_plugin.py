@@ -150,3 +150,46 @@ def test_connector_stats_survive_vllms_round_trip_and_feed_prometheus():
     assert value(M.VLLM_KV_LOAD_FAILURES.exposed) == 1
     assert value(M.VLLM_KV_SENT_BYTES.exposed) == 3000
     assert value(M.VLLM_KV_LOAD_SECONDS.name + "_count") == 2
+
+
+@pytest.mark.parametrize("version", ["0.31.2", "0.35.0", "0.35.0.dev12+gabc", "1.0.0"])
+def test_unsupported_vllm_logs_one_line_when_vllm_loads_the_plugin(version):
+    """Through vLLM's own loader, in a fresh interpreter whose vLLM reports ``version``: one error
+    line naming the supported range, the connector not registered, vLLM itself not stopped."""
+    import subprocess
+    import sys
+
+    code = (
+        f"import vllm.version as v; v.__version__ = {version!r}\n"
+        "from vllm.plugins import load_general_plugins; load_general_plugins()\n"
+        "from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory as F\n"
+        "print('REGISTERED' if 'prfaas' in F._registry else 'NOT-REGISTERED')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("NOT-REGISTERED"), r.stdout
+    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if "prfaas-plugin" in ln]
+    assert len(lines) == 1 and "vllm>=0.32,<0.35" in lines[0] and f"vLLM {version} is installed" in lines[0], lines
+
+
+@pytest.mark.parametrize("version,ok", [("0.32.0", True), ("0.33.1", True), ("0.34.0rc1", True), ("0.31.9", False)])
+def test_supported_range_boundaries(version, ok):
+    from prfaas_plugin.engines.vllm import compat
+
+    assert (compat.unsupported_reason(version) is None) is ok
+
+
+def test_connector_module_refuses_an_unsupported_vllm(monkeypatch):
+    """``kv_connector_module_path`` bypasses the plugin: the module import itself says why."""
+    import importlib
+    import sys
+
+    from prfaas_plugin.engines.vllm import compat
+
+    monkeypatch.setattr(compat, "vllm_version", lambda: "0.31.0")
+    monkeypatch.delitem(sys.modules, "prfaas_plugin.engines.vllm.connector", raising=False)
+    with pytest.raises(compat.UnsupportedVLLM, match=r"supports vllm>=0.32,<0.35 but vLLM 0.31.0"):
+        importlib.import_module("prfaas_plugin.engines.vllm.connector")
+    monkeypatch.undo()
+    sys.modules.pop("prfaas_plugin.engines.vllm.connector", None)
+    importlib.import_module("prfaas_plugin.engines.vllm.connector")

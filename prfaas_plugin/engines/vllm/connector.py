@@ -1,6 +1,8 @@
 """``PrfaaSConnector``: vLLM V1 KV connector pushing prefill KV to decode over the PrfaaS
 transfer engine. A thin shell: the scheduler half and the worker half live in their own modules
-because vLLM builds this class once per role, in different processes."""
+because vLLM builds this class once per role, in different processes. What differs between the
+supported vLLM releases lives in ``compat``; importing this module under any other release fails
+with one line (``compat.UnsupportedVLLM``)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     SupportsHMA,
 )
 
+from prfaas_plugin.engines.vllm import compat
 from prfaas_plugin.engines.vllm.options import Options
+
+compat.require_supported_vllm()
 
 log = logging.getLogger("vllm.prfaas")  # child of vLLM's logger: same handlers and format
 
@@ -52,6 +57,35 @@ class PrfaaSConnector(KVConnectorBase_V1, SupportsHMA):
 
     def on_new_request(self, request: Any) -> None:
         self._sched.on_new_request(request)
+
+    def may_load_async(self, request: Any) -> bool:
+        assert self._sched is not None  # vLLM calls it on the scheduler role only
+        return self._sched.may_load_async(request)
+
+    @classmethod
+    def supports_lookahead_block_hashes(cls, kv_transfer_config: Any) -> bool:
+        """False: PrfaaS never looks KV up by block hash (what a consumer loads is named by the
+        request's params, and a producer ships what it computed), so core lookahead hashing would
+        cost hashing work and buy nothing."""
+        return False
+
+    @classmethod
+    def kv_cache_access(cls, kv_transfer_config: Any) -> Any:
+        """In-process: the worker half copies blocks between the KV tensors and its own staging
+        buffers in the worker process and moves bytes over TCP; it never registers the device KV
+        cache with a NIC, so the single-allocation constraint of ``REGISTERS`` does not apply."""
+        return compat.in_process_kv_access()
+
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config: Any) -> bool:
+        """False (vLLM 0.33+ defaults to True). The worker half keeps views of the KV tensors it
+        was given, per-request staging state and open transfer streams across steps; sleep mode
+        remaps the KV cache under them, and releasing and re-taking all of that in
+        ``unregister_kv_caches`` / ``restore_kv_caches`` is not implemented. Sleep mode also needs
+        CUDA's memory pool, so no test on the CPU machines this project builds on could prove it.
+        vLLM therefore refuses ``--enable-sleep-mode`` with this connector instead of letting a
+        transfer touch remapped memory."""
+        return False
 
     def bind_kv_cache_manager(self, kv_cache_manager: Any) -> None:
         super().bind_kv_cache_manager(kv_cache_manager)

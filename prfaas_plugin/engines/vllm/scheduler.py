@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from prfaas_plugin.engines.vllm import layout
+from prfaas_plugin.engines.vllm import compat, layout
 from prfaas_plugin.engines.vllm.meta import PrfaaSMetadata, Transfer
 from prfaas_plugin.protocol.requests import BadParams, RequestParams, outcome_params, parse_params
 
@@ -21,6 +21,8 @@ log = logging.getLogger("vllm.prfaas")  # child of vLLM's logger: same handlers 
 class SchedulerSide:
     def __init__(self, vllm_config: Any, kv_cache_config: Any) -> None:
         self.groups = layout.groups_of(kv_cache_config)
+        self._vllm_config = vllm_config
+        self._kv_cache_config = kv_cache_config
         self._params: dict[str, RequestParams] = {}
         self._pending_loads: dict[str, Transfer] = {}
         self._loaded: set[str] = set()
@@ -47,13 +49,17 @@ class SchedulerSide:
 
     def on_new_request(self, request: Any) -> None:
         p = self._params_of(request)
-        if p is None or p.role != "producer" or request.num_prompt_tokens < 2:
+        if p is None or p.role != "producer" or request.num_prompt_tokens < 2 or request.prompt_token_ids is None:
             return
-        if request.prompt_token_ids is not None:
-            del request.prompt_token_ids[-1:]
-            del request._all_token_ids[-1:]
-            request.num_prompt_tokens -= 1
-            request.max_tokens = 1
+        compat.drop_last_prompt_tokens(request, 1, self._vllm_config, self._kv_cache_config)
+        request.max_tokens = 1
+
+    def may_load_async(self, request: Any) -> bool:
+        """True for a request whose params make this engine a PrfaaS consumer: those are the ones
+        :meth:`get_num_new_matched_tokens` answers with an async load (vLLM 0.34 counts them
+        against ``--max-num-inflight-kv-loads``). Parsed params are cached, so this stays cheap."""
+        p = self._params_of(request)
+        return p is not None and p.role == "consumer" and request.request_id not in self._loaded
 
     def get_num_new_matched_tokens(self, request: Any, num_computed: int) -> tuple[int, bool]:
         p = self._params_of(request)
