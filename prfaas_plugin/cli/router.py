@@ -40,7 +40,8 @@ def command(config: Path, host: str, port: int, log_level: str) -> None:
         port=port,
         log_level=log_level,
         timeout_keep_alive=30,
-        timeout_graceful_shutdown=cfg.replicas.drain_grace_s,
+        # uvicorn waits with asyncio.wait_for, which takes fractions of a second; its stub says int
+        timeout_graceful_shutdown=cfg.replicas.drain_grace_s,  # type: ignore[arg-type]
     )
 
 

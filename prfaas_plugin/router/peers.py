@@ -48,7 +48,7 @@ async def peer_urls(spec: ReplicaSpec) -> list[str]:
             log.warning("replicas.peers_dns %s does not resolve: %s", spec.peers_dns, exc)
             infos = []
         for info in infos:
-            addr = info[4][0]
+            addr = str(info[4][0])
             urls.append(f"http://[{addr}]:{port}" if ":" in addr else f"http://{addr}:{port}")
     return sorted(set(urls))
 

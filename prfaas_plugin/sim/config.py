@@ -4,11 +4,13 @@ unknown key, a negative rate or a link trace whose time runs backwards is an err
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from prfaas_plugin.planner.config import PlannerConfig, PlannerConfigError, load_config
+
+DeploymentKind = Literal["prfaas_pd", "prfaas_pd_online", "homogeneous", "naive"]
 
 
 class SimConfigError(ValueError):
@@ -104,9 +106,7 @@ class SimulationSpec(_Strict):
     queue_high: int = Field(default=16, ge=1)
     bandwidth_mode: Literal["auto", "scarce", "abundant"] = "auto"
     controller: ControllerSpec = ControllerSpec()
-    deployments: list[Literal["prfaas_pd", "prfaas_pd_online", "homogeneous", "naive"]] = Field(
-        default_factory=lambda: ["prfaas_pd", "prfaas_pd_online", "homogeneous", "naive"], min_length=1
-    )
+    deployments: list[DeploymentKind] = Field(default_factory=lambda: list(get_args(DeploymentKind)), min_length=1)
     #: Seconds per bin of the time series (egress, threshold, offload share, queue depths).
     bin_s: float = Field(default=10.0, gt=0)
 

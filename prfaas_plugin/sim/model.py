@@ -8,6 +8,7 @@ the cross-datacenter link, an RDMA hop locally) and continuous-batching decode."
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -321,7 +322,7 @@ class _Sim:
         )
 
 
-class _Prefix:
+class _Prefix(Sequence):
     """The first ``n`` tokens of a prompt, for warming the index with a trace's cached prefix."""
 
     def __init__(self, prompt, n: int) -> None:

@@ -33,7 +33,7 @@ class Prompt(Sequence):
     def __len__(self) -> int:
         return self._len
 
-    def __getitem__(self, item):  # type: ignore[override]
+    def __getitem__(self, item):
         if not isinstance(item, slice):
             raise TypeError("a simulated prompt is hashed by slices only")
         a, b, _ = item.indices(self._len)

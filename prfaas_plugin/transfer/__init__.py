@@ -2,7 +2,7 @@
 
 ``GrpcTcpReceiver`` / ``GrpcTcpSender`` implement the contract in ``api.py``."""
 
-from prfaas_plugin.transfer.api import (  # noqa: F401
+from prfaas_plugin.transfer.api import (
     Aborted,
     AuthError,
     ChecksumError,
@@ -20,6 +20,30 @@ from prfaas_plugin.transfer.api import (  # noqa: F401
     TransferSender,
     TransferTimeout,
 )
-from prfaas_plugin.transfer.config import ReceiverConfig, SenderConfig, TlsConfig  # noqa: F401
-from prfaas_plugin.transfer.receiver import GrpcTcpReceiver  # noqa: F401
-from prfaas_plugin.transfer.sender import GrpcTcpSender  # noqa: F401
+from prfaas_plugin.transfer.config import ReceiverConfig, SenderConfig, TlsConfig
+from prfaas_plugin.transfer.receiver import GrpcTcpReceiver
+from prfaas_plugin.transfer.sender import GrpcTcpSender
+
+__all__ = [
+    "Aborted",
+    "AuthError",
+    "ChecksumError",
+    "FingerprintMismatch",
+    "GrpcTcpReceiver",
+    "GrpcTcpSender",
+    "ItemSpec",
+    "LayoutFingerprint",
+    "PeerGone",
+    "ProtocolError",
+    "ReceiveHandle",
+    "ReceiveSink",
+    "ReceiverConfig",
+    "SendHandle",
+    "SenderConfig",
+    "TlsConfig",
+    "TransferError",
+    "TransferManifest",
+    "TransferReceiver",
+    "TransferSender",
+    "TransferTimeout",
+]

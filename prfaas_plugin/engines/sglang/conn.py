@@ -24,6 +24,7 @@ host destinations) are refused at start or per request with a message that says 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import queue
 import secrets
@@ -460,7 +461,7 @@ class PrfaasKVManager(CommonKVManager):
         num_kv_tokens: int | None = None,
         *,
         wait_event: object | None = None,
-        indices_event: object | None = None,
+        indices_event: Any = None,  # a torch.cuda.Event, or None
         trace_ctx: Any = None,
     ) -> None:
         """Called by ``CommonKVSender.send`` on the scheduler thread after each chunk; the
@@ -529,7 +530,7 @@ class PrfaasKVManager(CommonKVManager):
             self._outbound.setdefault(room, {})[key] = out
         if self.request_status.get(room, KVPoll.Failed) == KVPoll.Failed:
             out.handle.abort("request failed while its session opened")
-        out.handle.done.add_done_callback(lambda fut, k=key: self._outbound_done(room, k, fut))
+        out.handle.done.add_done_callback(functools.partial(self._outbound_done, room, key))
         return out
 
     def _outbound_done(self, room: int, key: str, fut: Any) -> None:
@@ -751,6 +752,7 @@ class PrfaasKVReceiver(CommonKVReceiver):
     """Decode side of one request: announces the session, then tells prefill where to push."""
 
     kv_mgr: PrfaasKVManager
+    conclude_state: Any  # a KVPoll value, set by CommonKVReceiver
 
     def init(self, prefill_dp_rank: int) -> None:
         super().init(prefill_dp_rank)

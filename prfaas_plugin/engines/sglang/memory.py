@@ -120,8 +120,8 @@ class HostSpace:
         start = consecutive_start(idx)
         if start is not None:
             rows = _host_matrix(region)
-            return memoryview(rows[start : start + idx.size].reshape(-1)), True
-        return memoryview(np.empty(idx.size * region.item_len, dtype=np.uint8)), False
+            return rows[start : start + idx.size].reshape(-1).data, True
+        return np.empty(idx.size * region.item_len, dtype=np.uint8).data, False
 
     def scatter(self, region: Region, indices: np.ndarray, data: memoryview) -> None:
         idx = region.check(indices)
@@ -181,7 +181,7 @@ class CudaSpace:
     def landing(self, region: Region, indices: np.ndarray) -> tuple[memoryview, bool]:
         idx = region.check(indices)
         staged = self._torch.empty(idx.size * region.item_len, dtype=self._torch.uint8, pin_memory=True)
-        return memoryview(staged.numpy()), False
+        return staged.numpy().data, False
 
     def scatter(self, region: Region, indices: np.ndarray, data: memoryview) -> None:
         torch = self._torch

@@ -139,12 +139,12 @@ def plan_items(
         for b, item_len in enumerate(layout.kv_item_lens):
             items.append(ItemSpec(kv_item_name(b, start, count), count * item_len, order))
         order += 1
-    for c, (count, lens) in enumerate(zip(state_counts, layout.state_item_lens)):
-        if not count:
+    for c, (n_states, lens) in enumerate(zip(state_counts, layout.state_item_lens)):
+        if not n_states:
             continue
         for t, item_len in enumerate(lens):
             if item_len > 0:
-                items.append(ItemSpec(ST_NAME.encode(c, t), count * item_len, order))
+                items.append(ItemSpec(ST_NAME.encode(c, t), n_states * item_len, order))
     for j, item_len in enumerate(layout.aux_item_lens):
         items.append(ItemSpec(AUX_NAME.encode(j), item_len, order + 1))
     return tuple(items)

@@ -7,7 +7,7 @@ with one line (``compat.UnsupportedVLLM``)."""
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -18,7 +18,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from prfaas_plugin.engines.vllm import compat
+from prfaas_plugin.engines.vllm.meta import PrfaaSMetadata
 from prfaas_plugin.engines.vllm.options import Options
+
+if TYPE_CHECKING:
+    from prfaas_plugin.engines.vllm.scheduler import SchedulerSide
+    from prfaas_plugin.engines.vllm.worker import WorkerSide
 
 compat.require_supported_vllm()
 
@@ -30,8 +35,8 @@ class PrfaaSConnector(KVConnectorBase_V1, SupportsHMA):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         ktc = vllm_config.kv_transfer_config
         self.opts = Options.from_extra(ktc.kv_connector_extra_config)
-        self._sched = None
-        self._worker = None
+        self._sched: SchedulerSide | None = None
+        self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
             from prfaas_plugin.engines.vllm.scheduler import SchedulerSide
 
@@ -45,22 +50,35 @@ class PrfaaSConnector(KVConnectorBase_V1, SupportsHMA):
                 vllm_config, kv_cache_config, self.opts, producer=ktc.is_kv_producer, consumer=ktc.is_kv_consumer
             )
 
+    @property
+    def sched(self) -> SchedulerSide:
+        """The scheduler half; vLLM calls scheduler methods only on the SCHEDULER-role instance."""
+        if self._sched is None:
+            raise RuntimeError("PrfaaSConnector: a scheduler-side method was called on the worker-role connector")
+        return self._sched
+
+    @property
+    def worker(self) -> WorkerSide:
+        """The worker half; vLLM calls worker methods only on the WORKER-role instance."""
+        if self._worker is None:
+            raise RuntimeError("PrfaaSConnector: a worker-side method was called on the scheduler-role connector")
+        return self._worker
+
     # ---------------- scheduler side ----------------
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
-        return self._sched.get_num_new_matched_tokens(request, num_computed_tokens)
+        return self.sched.get_num_new_matched_tokens(request, num_computed_tokens)
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
-        self._sched.update_state_after_alloc(request, blocks, num_external_tokens)
+        self.sched.update_state_after_alloc(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: Any) -> Any:
-        return self._sched.build_connector_meta(scheduler_output)
+        return self.sched.build_connector_meta(scheduler_output)
 
     def on_new_request(self, request: Any) -> None:
-        self._sched.on_new_request(request)
+        self.sched.on_new_request(request)
 
     def may_load_async(self, request: Any) -> bool:
-        assert self._sched is not None  # vLLM calls it on the scheduler role only
-        return self._sched.may_load_async(request)
+        return self.sched.may_load_async(request)
 
     @classmethod
     def supports_lookahead_block_hashes(cls, kv_transfer_config: Any) -> bool:
@@ -89,46 +107,53 @@ class PrfaaSConnector(KVConnectorBase_V1, SupportsHMA):
 
     def bind_kv_cache_manager(self, kv_cache_manager: Any) -> None:
         super().bind_kv_cache_manager(kv_cache_manager)
-        self._sched.bind_kv_cache_manager(kv_cache_manager)
+        self.sched.bind_kv_cache_manager(kv_cache_manager)
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
-        return self._sched.request_finished(request, (block_ids,))
+        return self.sched.request_finished(request, (block_ids,))
 
     def request_finished_all_groups(self, request: Any, block_ids: tuple[list[int], ...]) -> tuple[bool, dict | None]:
-        return self._sched.request_finished(request, block_ids)
+        return self.sched.request_finished(request, block_ids)
 
     def get_loaded_kv_cache_group_ids(self, request: Any) -> Any:
-        return list(range(len(self._sched.groups)))
+        return list(range(len(self.sched.groups)))
 
     # ---------------- worker side ----------------
+    def _step_meta(self) -> PrfaaSMetadata:
+        """This step's plan, as build_connector_meta made it on the scheduler side."""
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, PrfaaSMetadata):
+            raise TypeError(f"PrfaaSConnector: step metadata is {type(meta).__name__}, not PrfaaSMetadata")
+        return meta
+
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        self._worker.register_kv_caches(kv_caches)
+        self.worker.register_kv_caches(kv_caches)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
-        self._worker.meta = self._get_connector_metadata()
-        self._worker.start_load_kv()
+        self.worker.meta = self._step_meta()
+        self.worker.start_load_kv()
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None  # loads complete before the request is scheduled (async load)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
-        self._worker.meta = self._get_connector_metadata()
-        self._worker.save_kv_layer(layer_name)
+        self.worker.meta = self._step_meta()
+        self.worker.save_kv_layer(layer_name)
 
     def wait_for_save(self) -> None:
-        self._worker.meta = self._get_connector_metadata()
-        self._worker.wait_for_save()
+        self.worker.meta = self._step_meta()
+        self.worker.wait_for_save()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        s, r, _ = self._worker.transfer_results(finished_req_ids)
+        s, r, _ = self.worker.transfer_results(finished_req_ids)
         return s or None, r or None
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
-        s, r, f = self._worker.transfer_results(finished_req_ids)
+        s, r, f = self.worker.transfer_results(finished_req_ids)
         return KVConnectorTransferResults(finished_sending=s, finished_recving=r, failed_recving=f)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        return self._worker.load_errors()
+        return self.worker.load_errors()
 
     # ---------------- telemetry (worker -> scheduler -> API server's /metrics) ----------------
     def get_kv_connector_stats(self) -> Any:

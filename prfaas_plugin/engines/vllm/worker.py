@@ -58,7 +58,7 @@ class _Sink(StagedSink[torch.Tensor]):
         if count * packing.block_bytes(cache, bdim) != item.nbytes or g >= len(self.t.block_ids):
             raise ValueError(f"item {item.name}: {item.nbytes} bytes does not fit the local layout")
         buf = torch.empty(item.nbytes, dtype=torch.uint8)
-        return memoryview(buf.numpy()), buf
+        return buf.numpy().data, buf
 
     def _held_blocks(self, g: int, first: int, count: int) -> int:
         """Leading blocks of an item that this instance's prefix cache already filled: they are
