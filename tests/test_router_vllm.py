@@ -238,6 +238,48 @@ def test_async_client_n_2_logprobs_and_usage_on_both_routes(stack):
     asyncio.run(run())
 
 
+def test_client_leaving_a_stream_aborts_it_on_every_instance_within_a_second(stack):
+    """A client that reads the first streamed token and leaves: on both routes the engines it
+    touched (P and D on the remote route) stop the request within a second -- nothing running
+    or waiting, its KV blocks freed -- and the router records the disconnect."""
+    pair, router, model = stack
+    usage = "vllm:kv_cache_usage_perc"
+    base = {url: settles(url, usage, 0.0) for url in (pair.producer, pair.consumer)}
+    for prompt, route in (("Leave early: " + SHORT[2], "local"), ("Leave early: " + _BODY * 2, "prfaas")):
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": 1800,  # far longer than the test: only an abort ends it in time
+            "ignore_eos": True,
+            "temperature": 0,
+            "stream": True,
+        }
+        with httpx.Client(timeout=300, headers=ROUTER_AUTH) as client:
+            with client.stream("POST", f"{router.url}/v1/completions", json=body) as resp:
+                assert resp.status_code == 200 and resp.headers["x-prfaas-route"] == route
+                rid = resp.headers["x-request-id"]
+                chunks = resp.iter_lines()
+                while not next(chunks).startswith("data: {"):
+                    pass
+                running = metric(pair.consumer, M.ENGINE_VLLM_RUNNING.exposed)
+                assert running == 1, f"{route}: the decode instance should be generating, reports {running}"
+            left = time.monotonic()  # the connection is closed here
+        for url in (pair.producer, pair.consumer):
+            for name in (M.ENGINE_VLLM_RUNNING.exposed, M.ENGINE_VLLM_WAITING.exposed):
+                v = settles(url, name, 0.0, timeout_s=1.0)
+                assert v == 0, f"{route}: {url} still reports {name}={v} one second after the client left"
+        took = time.monotonic() - left
+        assert took < 1.5, f"{route}: the engines' counts reached 0 only after {took:.2f} s"
+        for url, b in base.items():
+            assert settles(url, usage, b) == b, f"{route}: {url} kept the request's KV blocks"
+        rec = next(
+            r
+            for r in httpx.get(f"{router.url}/admin/requests", timeout=10).json()["requests"]
+            if r["request_id"] == rid
+        )
+        assert rec["error"] == "client disconnected", rec
+
+
 def test_vllm_bench_serve_through_the_router(stack, tmp_path):
     """``vllm bench serve`` against the router: every request completes, on both routes.
 
