@@ -1,9 +1,13 @@
 """deploy/: the kustomize overlays render, every object validates against the Kubernetes schemas of
 the pinned version (offline, strict: an unknown field is an error), and the cross-checks hold --
 every role has probes that mean something for it, every ConfigMap/Secret a pod uses is defined
-and mounted where the config points, the connector JSON parses through the vLLM options parser,
-the router ConfigMap through RouterConfig, the NetworkPolicy opens exactly the transfer ports.
-Tests that break a rendered object (or a manifest file) prove each check can fail."""
+(rendered, or created by the commands docs/deploy.md gives) and mounted where the config points,
+the connector JSON parses through the vLLM options parser and the cross-datacenter push is TLS on
+both ends, the router ConfigMap through RouterConfig (and its keys as the router reads them at
+start, from the environment its Deployment sets), the router runs as a fleet (replicas, spread,
+budget, grace period above the drain, peers through a headless Service), the NetworkPolicy opens
+exactly the transfer ports. Tests that break a rendered object (or a manifest file, or the
+docs' commands) prove each check can fail."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 from urllib.parse import urlsplit
 
 import kubernetes_validate
@@ -211,6 +216,11 @@ def engine_problems(dcs: dict[str, list[dict]]) -> list[str]:
         gpus = c["resources"]["limits"].get("nvidia.com/gpu")
         if gpus != _tp(c):
             problems.append(f"{role}: {gpus} GPUs for --tensor-parallel-size {_tp(c)}")
+        strategy = _workload(dcs, role)["spec"].get("updateStrategy", {}).get("type", "RollingUpdate")
+        if strategy != "OnDelete":
+            problems.append(
+                f"{role}: updateStrategy {strategy}: an apply would replace pods the router has not drained"
+            )
     return problems
 
 
@@ -401,7 +411,7 @@ def router_problems(dcs: dict[str, list[dict]], tmp: Path) -> list[str]:
                 want = f"tcp://{urlsplit(inst.url).hostname}:{publisher}"
                 if publisher is None or inst.kv_events != want:
                     problems.append(f"router: {role} #{i} kv_events {inst.kv_events}, the pod publishes on {want}")
-    return problems + replica_problems(dcs, cfg)
+    return problems + replica_problems(dcs, cfg, tmp)
 
 
 def _kv_events_port(c: dict) -> int | None:
@@ -427,11 +437,12 @@ def _router_port(c: dict) -> int:
     return int(next((a.split("=", 1)[1] for a in c["args"] if a.startswith("--port=")), "8000"))
 
 
-def replica_problems(dcs: dict[str, list[dict]], cfg: RouterConfig) -> list[str]:
+def replica_problems(dcs: dict[str, list[dict]], cfg: RouterConfig, config_dir: Path) -> list[str]:
     """The router runs as a fleet (docs/router-replicas.md): several replicas on different
     nodes, a budget that keeps one up, a grace period that outlasts the drain, peers found
     through a headless Service that selects them on the port they listen on, and the keys the
-    config names set from a Secret."""
+    config names set from a Secret. ``cfg`` was loaded from ``config_dir`` (the ConfigMap's
+    keys written out), so its relative paths start there."""
     problems = []
     objs = dcs["dc1"]
     router = _workload(dcs, "router")
@@ -500,8 +511,9 @@ def replica_problems(dcs: dict[str, list[dict]], cfg: RouterConfig) -> list[str]
     # the router reads them at start, with the environment the pod gets.
     env = _env(c)
     pod_env = {}
-    for what in ("api_keys", "admin_keys", "upstream_api_key"):
-        src = getattr(cfg.auth, what)
+    mounted_config = Path(next(a for a in c["args"] if a.startswith("--config=")).split("=", 1)[1]).parent
+    sources = {what: getattr(cfg.auth, what) for what in ("api_keys", "admin_keys", "upstream_api_key")}
+    for what, src in sources.items():
         if src.env:
             e = env.get(src.env)
             ref = (e or {}).get("valueFrom", {}).get("secretKeyRef")
@@ -509,27 +521,22 @@ def replica_problems(dcs: dict[str, list[dict]], cfg: RouterConfig) -> list[str]
                 problems.append(f"router: auth.{what}.env {src.env} is not set by the Deployment from a Secret")
             else:
                 pod_env[src.env] = f"k8s-secret-{ref['name']}-{ref['key']}"
-        if src.file:
-            placed = _file_source(_with_secrets(objs, "dc1", documented_secrets(DOCS.read_text())), router, src.file)
+        if src.file:  # where the pod reads it: relative paths start at the mounted config's folder
+            path = Path(src.file)
+            if path.is_relative_to(config_dir.resolve()):
+                path = mounted_config / path.relative_to(config_dir.resolve())
+            placed = _file_source(_with_secrets(objs, "dc1", documented_secrets(DOCS.read_text())), router, str(path))
             if placed is None or placed[0] != "Secret":
-                problems.append(f"router: auth.{what}.file {src.file} is not on a mounted Secret holding it")
-    saved = {
-        k: os.environ.pop(k)
-        for k in [s.env for s in (cfg.auth.api_keys, cfg.auth.admin_keys) if s.env]
-        if k in os.environ
-    }
-    os.environ.update(pod_env)
-    try:
-        for what in ("api_keys", "admin_keys", "upstream_api_key"):
-            src = getattr(cfg.auth, what).model_copy(update={"file": None})
+                problems.append(f"router: auth.{what}.file {path} is not on a mounted Secret holding it")
+    with mock.patch.dict(os.environ, pod_env):  # restored on exit, whatever the runner's environment held
+        for src in sources.values():
+            if src.env and src.env not in pod_env:
+                os.environ.pop(src.env, None)
+        for what, src in sources.items():
             try:
-                read_keys(src, f"auth.{what}")
+                read_keys(src.model_copy(update={"file": None}), f"auth.{what}")
             except RouterConfigError as exc:
                 problems.append(f"router: {exc}")
-    finally:
-        for k in pod_env:
-            os.environ.pop(k, None)
-        os.environ.update(saved)
     # the kubelet sends no key: probed paths must be open
     for probe in ("readinessProbe", "livenessProbe"):
         path = c.get(probe, {}).get("httpGet", {}).get("path")
@@ -651,6 +658,8 @@ def test_overlays_render_every_role_in_its_datacenter(rendered):
         assert _by_role(rendered[other], "StatefulSet", role) is None, f"{role} leaks into {other}"
     assert not any(o["kind"] in ("Values", "PlanValues") for objs in rendered.values() for o in objs), kinds
     assert _find(rendered["dc2"], "ConfigMap", "prfaas-router-config") is None, kinds["dc2"]
+    # keys and certificates are created by hand (docs/deploy.md, "Secrets"), never committed
+    assert not any(o["kind"] == "Secret" for objs in rendered.values() for o in objs), kinds
 
 
 def test_every_object_validates_against_the_pinned_kubernetes_schemas(rendered):
@@ -935,3 +944,260 @@ def test_emit_values_refuses_a_sweep(tmp_path):
     )
     assert res.exit_code == 2 and "cannot be used with --sweep" in res.output
     assert not (tmp_path / "v.yaml").exists()
+
+
+# -- the router as a fleet, its keys, transfer TLS: broken, each fails ------------------------------
+
+
+def _edit_router_yaml(rendered, old: str, new: str) -> dict[str, list[dict]]:
+    dcs = copy.deepcopy(rendered)
+    cm = next(
+        o for o in dcs["dc1"] if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("prfaas-router-config")
+    )
+    assert old in cm["data"]["router.yaml"], old
+    cm["data"]["router.yaml"] = cm["data"]["router.yaml"].replace(old, new)
+    return dcs
+
+
+def _edit_connector(rendered, role: str, edit) -> dict[str, list[dict]]:
+    dcs = copy.deepcopy(rendered)
+    cm = next(
+        o
+        for o in dcs[ROLE_DC[role]]
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith(f"{role}-connector")
+    )
+    cfg = json.loads(cm["data"]["kv-transfer-config.json"])
+    edit(cfg["kv_connector_extra_config"])
+    cm["data"]["kv-transfer-config.json"] = json.dumps(cfg)
+    return dcs
+
+
+def test_router_replicas_below_two_fail(rendered, tmp_path):
+    dcs = _broken(rendered, "router", lambda w, _: w["spec"].__setitem__("replicas", 1))
+    assert router_problems(dcs, tmp_path) == [
+        "router: 1 replica(s); a fleet needs at least 2",
+        "router: the PodDisruptionBudget keeps 0 of 1 replicas up (want 1 .. 0)",
+    ]
+
+
+def test_router_budget_that_blocks_every_drain_fails(rendered, tmp_path):
+    dcs = copy.deepcopy(rendered)
+    pdb = _find(dcs["dc1"], "PodDisruptionBudget", "router")["spec"]
+    del pdb["maxUnavailable"]
+    pdb["minAvailable"] = 2
+    assert router_problems(dcs, tmp_path) == ["router: the PodDisruptionBudget keeps 2 of 2 replicas up (want 1 .. 1)"]
+
+
+def test_router_replicas_free_to_share_a_node_fail(rendered, tmp_path):
+    dcs = _broken(rendered, "router", lambda w, _: w["spec"]["template"]["spec"].pop("topologySpreadConstraints"))
+    assert router_problems(dcs, tmp_path) == [
+        "router: nothing keeps replicas on different nodes (topology spread or anti-affinity on hostname)"
+    ]
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda dcs: _workload(dcs, "router")["spec"]["template"]["spec"].__setitem__(
+            "terminationGracePeriodSeconds", 65
+        ),
+        # the config side: a longer drain without a longer grace period
+        None,
+    ],
+    ids=["grace-period-lowered", "drain-grace-raised"],
+)
+def test_router_grace_period_not_above_the_drain_fails(rendered, tmp_path, edit):
+    if edit is None:
+        dcs = _edit_router_yaml(rendered, "drain_grace_s: 60", "drain_grace_s: 70")
+        grace, drain = 75, 70
+    else:
+        dcs = copy.deepcopy(rendered)
+        edit(dcs)
+        grace, drain = 65, 60
+    assert router_problems(dcs, tmp_path) == [
+        f"router: terminationGracePeriodSeconds {grace} is not above preStop 5 s + replicas.drain_grace_s "
+        f"{drain} s: the kubelet kills open requests"
+    ]
+
+
+def test_router_without_prestop_sleep_fails(rendered, tmp_path):
+    dcs = _broken(rendered, "router", lambda w, _: _container(w).pop("lifecycle"))
+    assert router_problems(dcs, tmp_path) == [
+        "router: no preStop sleep: the listener closes before the Service stops sending"
+    ]
+
+
+@pytest.mark.parametrize(
+    "peers_dns, expect",
+    [
+        ("router.prfaas.svc.cluster.local:8000", "is not headless"),
+        ("router-peer.prfaas.svc.cluster.local:8000", "no Service router-peer"),
+        ("router-peers.prfaas.svc.cluster.local:8001", "does not reach the replicas' port 8000"),
+        ("router-peers.default.svc.cluster.local:8000", "is not a Service name in namespace prfaas"),
+    ],
+)
+def test_peers_dns_not_the_headless_service_fails(rendered, tmp_path, peers_dns, expect):
+    dcs = _edit_router_yaml(
+        rendered, "peers_dns: router-peers.prfaas.svc.cluster.local:8000", f"peers_dns: {peers_dns}"
+    )
+    problems = router_problems(dcs, tmp_path)
+    assert len(problems) == 1 and expect in problems[0], problems
+
+
+def test_peers_service_that_selects_other_pods_fails(rendered, tmp_path):
+    dcs = copy.deepcopy(rendered)
+    _find(dcs["dc1"], "Service", "router-peers")["spec"]["selector"] = {"app.kubernetes.io/component": "pd-decode"}
+    assert router_problems(dcs, tmp_path) == [
+        "router: peers_dns router-peers.prfaas.svc.cluster.local does not select the router pods"
+    ]
+
+
+def test_peers_without_admin_keys_are_refused_by_the_router_config(rendered, tmp_path):
+    dcs = _edit_router_yaml(rendered, "  admin_keys: {env: PRFAAS_ADMIN_KEYS}", "")
+    problems = router_problems(dcs, tmp_path)
+    assert len(problems) == 1 and "peers_dns on other hosts need auth.admin_keys" in problems[0], problems
+
+
+def test_auth_variable_the_deployment_does_not_set_fails(rendered, tmp_path, monkeypatch):
+    # even with the variable in the test's own environment: what counts is what the pod gets
+    monkeypatch.setenv("PRFAAS_ADMIN_KEYS", "from-the-test-runner")
+    dcs = _broken(
+        rendered,
+        "router",
+        lambda w, _: _env(_container(w))["PRFAAS_ADMIN_KEYS"].__setitem__("name", "PRFAAS_ADMIN_KEY"),
+    )
+    assert router_problems(dcs, tmp_path) == [
+        "router: auth.admin_keys.env PRFAAS_ADMIN_KEYS is not set by the Deployment from a Secret",
+        "router: auth.admin_keys.env: the environment variable PRFAAS_ADMIN_KEYS is unset or empty",
+    ]
+    assert os.environ["PRFAAS_ADMIN_KEYS"] == "from-the-test-runner"  # restored
+
+
+def test_auth_key_written_into_the_deployment_fails(rendered, tmp_path):
+    def literal(w, _):
+        e = _env(_container(w))["PRFAAS_API_KEYS"]
+        e.pop("valueFrom")
+        e["value"] = "sk-committed"
+
+    assert router_problems(_broken(rendered, "router", literal), tmp_path) == [
+        "router: auth.api_keys.env PRFAAS_API_KEYS is not set by the Deployment from a Secret",
+        "router: auth.api_keys.env: the environment variable PRFAAS_API_KEYS is unset or empty",
+    ]
+
+
+def test_a_protected_probe_path_fails(rendered, tmp_path):
+    dcs = _edit_router_yaml(rendered, "auth:\n", "auth:\n  protect_health: true\n")
+    assert router_problems(dcs, tmp_path) == [
+        "router: readinessProbe asks /health, which auth protects: the kubelet sends no key"
+    ]
+
+
+def test_a_secret_key_the_documented_command_does_not_create_fails(rendered):
+    text = DOCS.read_text()
+    assert '--from-literal=admin-keys="$(openssl rand -hex 32)"' in text
+    secrets = documented_secrets(text.replace(' \\\n  --from-literal=admin-keys="$(openssl rand -hex 32)"', ""))
+    assert secrets["dc1"]["prfaas-router-keys"] == {"api-keys"}
+    problems = reference_problems(rendered, secrets)
+    assert len(problems) == 1 and "env PRFAAS_ADMIN_KEYS names undefined Secret key" in problems[0], problems
+
+
+def test_a_secret_the_docs_do_not_create_fails(rendered):
+    text = DOCS.read_text().replace(
+        "--context dc2 -n prfaas create secret generic prfaas-transfer-tls", "--context dc2"
+    )
+    assert "dc2" not in documented_secrets(text)
+    assert reference_problems(rendered, documented_secrets(text)) == [
+        "dc2 StatefulSet/prfaas-prefill: volume transfer-tls names undefined Secret prfaas-transfer-tls",
+        *(
+            f"dc2 prfaas-prefill: connector {k} /etc/prfaas/transfer-tls/{f} is not on a mounted Secret holding it"
+            for k, f in (("tls_cert", "tls.crt"), ("tls_key", "tls.key"), ("tls_ca", "ca.crt"))
+        ),
+    ]
+
+
+def test_an_optional_secret_fails(rendered):
+    def optional(w, _):
+        _env(_container(w))["PRFAAS_API_KEYS"]["valueFrom"]["secretKeyRef"]["optional"] = True
+
+    assert reference_problems(_broken(rendered, "router", optional)) == [
+        "dc1 Deployment/router: env PRFAAS_API_KEYS is optional: the pod would start without it"
+    ]
+
+
+def test_connector_tls_file_not_mounted_fails(rendered):
+    dcs = _edit_connector(rendered, "prfaas-prefill", lambda x: x.__setitem__("tls_ca", "/etc/prfaas/tls/ca.crt"))
+    assert reference_problems(dcs) == [
+        "dc2 prfaas-prefill: connector tls_ca /etc/prfaas/tls/ca.crt is not on a mounted Secret holding it"
+    ]
+
+
+def test_connector_tls_file_the_volume_does_not_project_fails(rendered):
+    def drop_ca(w, _):
+        vol = next(v for v in w["spec"]["template"]["spec"]["volumes"] if v["name"] == "transfer-tls")
+        vol["secret"]["items"] = [i for i in vol["secret"]["items"] if i["key"] != "ca.crt"]
+
+    assert reference_problems(_broken(rendered, "pd-decode", drop_ca)) == [
+        "dc1 pd-decode: connector tls_ca /etc/prfaas/transfer-tls/ca.crt is not on a mounted Secret holding it"
+    ]
+
+
+@pytest.mark.parametrize(
+    "role, keys, expect",
+    [
+        ("pd-decode", ("tls_cert", "tls_key", "tls_ca", "tls_require_client_cert"), "KV from DC2 crosses the link"),
+        ("pd-prefill", ("tls_cert", "tls_key", "tls_ca"), "pd-prefill: TLS off, pd-decode's receiver disagrees"),
+        ("prfaas-prefill", ("tls_cert", "tls_key"), "prfaas-prefill: pd-decode requires a client certificate"),
+        ("prfaas-prefill", ("tls_ca",), "prfaas-prefill: no tls_ca to verify pd-decode's certificate"),
+    ],
+)
+def test_transfer_tls_off_or_one_sided_fails(rendered, role, keys, expect):
+    def drop(extra):
+        for k in keys:
+            extra.pop(k)
+
+    problems = tls_problems(_edit_connector(rendered, role, drop))
+    assert any(expect in p for p in problems), problems
+
+
+def test_prefill_instance_without_kv_events_fails(rendered, tmp_path):
+    dcs = _edit_router_yaml(rendered, ', kv_events: "tcp://prfaas-prefill-2.dc2.example:5557"', "")
+    assert router_problems(dcs, tmp_path) == [
+        "router: prfaas-prefill #2 kv_events None, the pod publishes on tcp://prfaas-prefill-2.dc2.example:5557"
+    ]
+    dcs = _broken(
+        rendered,
+        "prfaas-prefill",
+        lambda w, _: _container(w).__setitem__(
+            "args", [a for a in _container(w)["args"] if not a.startswith("--kv-events-config")]
+        ),
+    )
+    assert len(router_problems(dcs, tmp_path)) == 4  # every PrfaaS prefill entry names a publisher that is not there
+
+
+def test_auth_key_file_not_on_a_mounted_secret_fails(rendered, tmp_path):
+    """A key file beside router.yaml would be in the ConfigMap (committed): refused; on a mounted
+    Secret holding that key it passes."""
+    dcs = _edit_router_yaml(rendered, "api_keys: {env: PRFAAS_API_KEYS}", "api_keys: {file: api.keys}")
+    assert router_problems(dcs, tmp_path) == [
+        "router: auth.api_keys.file /etc/prfaas/router/api.keys is not on a mounted Secret holding it"
+    ]
+
+    def mount(w, _):
+        w["spec"]["template"]["spec"]["volumes"].append(
+            {
+                "name": "keys",
+                "secret": {"secretName": "prfaas-router-keys", "items": [{"key": "api-keys", "path": "api.keys"}]},
+            }
+        )
+        _container(w)["volumeMounts"].append({"name": "keys", "mountPath": "/etc/prfaas/keys", "readOnly": True})
+
+    dcs = _edit_router_yaml(rendered, "api_keys: {env: PRFAAS_API_KEYS}", "api_keys: {file: /etc/prfaas/keys/api.keys}")
+    mount(_workload(dcs, "router"), dcs)
+    assert router_problems(dcs, tmp_path) == []
+
+
+def test_an_engine_that_rolls_on_apply_fails(rendered):
+    dcs = _broken(rendered, "pd-decode", lambda w, _: w["spec"].pop("updateStrategy"))
+    assert engine_problems(dcs) == [
+        "pd-decode: updateStrategy RollingUpdate: an apply would replace pods the router has not drained"
+    ]
