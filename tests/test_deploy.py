@@ -632,6 +632,25 @@ def network_problems(dcs: dict[str, list[dict]]) -> list[str]:
         ann = _workload(dcs, role)["spec"]["template"]["metadata"].get("annotations", {})
         if ann.get("prometheus.io/scrape") != "true" or ann.get("prometheus.io/port") != str(HTTP_PORT):
             problems.append(f"{role}: no Prometheus scrape annotations for port {HTTP_PORT}")
+    # every router replica subscribes to each prefill instance's KV events: the publisher's port
+    # is open to the router (its pods in DC1, its CIDR across the link)
+    for role in ("pd-prefill", "prfaas-prefill"):
+        port = _kv_events_port(_container(_workload(dcs, role)))
+        pol = _find(dcs[ROLE_DC[role]], "NetworkPolicy", role)
+        if port is None or pol is None:
+            continue
+        router_peer = (
+            (lambda p: "ipBlock" in p)
+            if ROLE_DC[role] != "dc1"
+            else (
+                lambda p: p.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component") == "router"
+            )
+        )
+        if not any(
+            any(a <= port <= b for a, b in _ports(rule)) and any(router_peer(p) for p in rule.get("from", []))
+            for rule in pol["spec"].get("ingress", [])
+        ):
+            problems.append(f"{role}: the KV-events port {port} is not open to the router")
     return problems
 
 
@@ -693,6 +712,11 @@ def test_values_reach_the_manifests(rendered):
         ],
     }
     assert cidrs == {"dc1": values["network"]["dc2PrefillCidr"], "dc2": values["network"]["dc1RouterCidr"]}
+    dc2_rules = _find(rendered["dc2"], "NetworkPolicy", "prfaas-prefill")["spec"]["ingress"]
+    assert {p["ipBlock"]["cidr"] for r in dc2_rules for p in r["from"] if "ipBlock" in p} == {
+        values["network"]["dc1RouterCidr"]
+    }
+    assert _workload(rendered, "router")["spec"]["replicas"] == values["router"]["replicas"]
 
 
 def engine_argv(dcs: dict[str, list[dict]], role: str) -> list[str]:
@@ -1201,3 +1225,10 @@ def test_an_engine_that_rolls_on_apply_fails(rendered):
     assert engine_problems(dcs) == [
         "pd-decode: updateStrategy RollingUpdate: an apply would replace pods the router has not drained"
     ]
+
+
+def test_kv_events_port_closed_to_the_router_fails(rendered):
+    dcs = copy.deepcopy(rendered)
+    pol = _find(dcs["dc2"], "NetworkPolicy", "prfaas-prefill")["spec"]
+    pol["ingress"] = [r for r in pol["ingress"] if (5557, 5557) not in _ports(r)]
+    assert network_problems(dcs) == ["prfaas-prefill: the KV-events port 5557 is not open to the router"]
