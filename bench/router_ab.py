@@ -95,7 +95,7 @@ def main() -> None:
     ]
     try:
         for port in (e_port, a_port, b_port):
-            _wait(f"http://127.0.0.1:{port}/health")
+            _wait(f"http://127.0.0.1:{port}/health", timeout=180)  # two routers start on one pinned core
         urls = {
             "direct": f"http://127.0.0.1:{e_port}/v1/completions",
             head_name: f"http://127.0.0.1:{a_port}/v1/completions",
