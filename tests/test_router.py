@@ -677,7 +677,8 @@ def _advise(r: RunningRouter, n_prefill: int, n_decode: int) -> None:
 
 def test_split_advice_is_applied_by_draining_then_switching_one_instance(tokenizer, tmp_path) -> None:
     p, lp = FakeBackend("prefill").start(), FakeBackend("prefill").start()
-    d1, d2 = FakeBackend("decode", decode_delay_s=1.5).start(), FakeBackend("decode", decode_delay_s=1.5).start()
+    # Each decode holds its request 4 s: long enough that both are open at once on a loaded machine.
+    d1, d2 = FakeBackend("decode", decode_delay_s=4).start(), FakeBackend("decode", decode_delay_s=4).start()
     r = RunningRouter(_split_cfg(tmp_path, p, lp, d1, d2), tokenizer)
     try:
         # One request open on each decode instance: the switch must wait for it.
@@ -690,7 +691,7 @@ def test_split_advice_is_applied_by_draining_then_switching_one_instance(tokeniz
         ]
         for t in threads:
             t.start()
-        assert _eventually(lambda: d1.open_requests == 1 and d2.open_requests == 1, 5)
+        assert _eventually(lambda: d1.open_requests == 1 and d2.open_requests == 1, 10)
         held = list(range(1, 13))
         for d in (d1, d2):
             r.router.index.record(d.url, held)  # prefixes their caches hold, as the router believes
@@ -701,7 +702,7 @@ def test_split_advice_is_applied_by_draining_then_switching_one_instance(tokeniz
         fake = d1 if drained.url == d1.url else d2
         assert not fake.switches, "no switch while the instance still has a request open"
         for t in threads:
-            t.join(10)
+            t.join(20)
         assert results == [200, 200]
         assert _eventually(lambda: insts[fake.url].role == "prefill" and not insts[fake.url].draining, 5)
         assert fake.switches == [{"new_role": "prefill", "open_requests": 0}] and fake.role == "prefill"
