@@ -234,6 +234,40 @@ def test_slow_health_probes_mark_an_instance_down_only_after_several_in_a_row() 
     assert "refused" in gone.last_error.lower() or "connect" in gone.last_error.lower(), gone.last_error
 
 
+def test_requests_arriving_together_spread_over_the_instances(tokenizer) -> None:
+    """Remote requests that arrive together are placed on different instances: each holds its
+    producer and consumer from the moment it is placed, not from when its upstream requests
+    first run, so the next placement already counts it."""
+    import asyncio
+
+    ps = [FakeBackend("prefill", prefill_delay_s=1.0).start() for _ in range(2)]
+    ds = [FakeBackend("both", decode_delay_s=2.0).start() for _ in range(2)]
+    clusters = [
+        {"name": "remote", "kind": "prfaas", "prefill": [{"url": p.url} for p in ps]},
+        {"name": "local", "kind": "local", "both": [{"url": d.url, "kv_endpoint": "127.0.0.1:15600"} for d in ds]},
+    ]
+    r = RunningRouter(_cfg(None, ds[0], clusters=clusters), tokenizer)
+
+    async def burst(rnd: int) -> list[int]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            resps = await asyncio.gather(
+                *(client.post(r.url + "/v1/completions", json=_completion(60, start=8 * rnd + k)) for k in range(8))
+            )
+        return [x.status_code for x in resps]
+
+    try:
+        for rnd in range(3):  # new prompts each round: nothing cached anywhere
+            for e in ps + ds:
+                e.seen.clear()
+            assert asyncio.run(burst(rnd)) == [200] * 8
+            assert [len(p.seen) for p in ps] == [4, 4]
+            assert [len(d.seen) for d in ds] == [4, 4]
+    finally:
+        r.stop()
+        for e in ps + ds:
+            e.stop()
+
+
 def test_client_disconnect_aborts_both_sides(tokenizer) -> None:
     p = FakeBackend("prefill", prefill_delay_s=3.0).start()
     d = FakeBackend("both", decode_delay_s=3.0).start()

@@ -16,9 +16,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from prfaas_plugin.protocol.requests import producer_outcome
 from prfaas_plugin.router.asgi import Reply
@@ -36,6 +36,7 @@ from prfaas_plugin.router.threshold import ThresholdController
 from prfaas_plugin.router.upstream import Stream, Unreachable, Upstream, UpstreamError
 
 log = logging.getLogger("prfaas.router")
+T = TypeVar("T")
 
 
 @dataclass
@@ -133,12 +134,13 @@ class Flow:
     ) -> Reply:
         assert d.prefill is not None
         prod_body, cons_body, rec.transfer_id = self.pd.bodies(body, d.prefill, d.decode)
-        prod_task = asyncio.create_task(self._produce(d.prefill, path, prod_body))
+        producer: Instance = d.prefill
+        prod_task = self._leased_task(producer, lambda lease: self._produce(producer, path, prod_body, lease))
         pending: list[asyncio.Task[Any]] = []
         op: Opened | None = None
         consumer_handled = False  # its answer is ours to close, or was closed already
         try:
-            cons_task = asyncio.create_task(self.open(d.decode, path, cons_body))
+            cons_task = self._leased_task(d.decode, lambda lease: self.open(d.decode, path, cons_body, lease))
             pending.append(cons_task)
             got = await _unless_producer_fails(cons_task, prod_task)
             consumer_handled = True
@@ -235,9 +237,9 @@ class Flow:
         held = self.index.longest_prefix(tokens, [d.decode.url])[0] if tokens else 0
         return self.controller.predicted_kv_bytes(max(0, d.l_total - held))
 
-    async def _produce(self, inst: Instance, path: str, body: dict) -> ProducerResult:
+    async def _produce(self, inst: Instance, path: str, body: dict, lease: Lease | None = None) -> ProducerResult:
         t0 = time.monotonic()
-        with Lease(inst, self.metrics.queue):
+        with lease or Lease(inst, self.metrics.queue):
             try:
                 status, parsed, text = await self.client.post_json(
                     f"{inst.url}{path}", body, self.cfg.timeouts.prefill_s
@@ -306,7 +308,8 @@ class Flow:
                 prod.error,
             )
             prod_body, cons_body, rec.transfer_id = self.pd.bodies(body, again.prefill, d.decode)
-            prod_task = asyncio.create_task(self._produce(again.prefill, path, prod_body))
+            producer: Instance = again.prefill
+            prod_task = self._leased_task(producer, lambda lease: self._produce(producer, path, prod_body, lease))
             try:
                 op = await self.open(d.decode, path, cons_body)
             except BaseException:
@@ -319,9 +322,24 @@ class Flow:
         return await self.relay(op, rec, headers, arrived, stream, account=account)
 
     # -- HTTP plumbing -----------------------------------------------------------------------------
-    async def open(self, inst: Instance, path: str, body: dict) -> Opened:
-        """Send a request and return once the status line arrived (the body streams later)."""
+    def _leased_task(self, inst: Instance, make: Callable[[Lease], Coroutine[Any, Any, T]]) -> asyncio.Task[T]:
+        """``make(lease)`` as a task, with the lease on ``inst`` taken now rather than when the task
+        first runs: requests placed in the same turn of the event loop then see each other's load
+        (two arrivals together would otherwise both pick the same least-loaded instance). A task
+        cancelled before it ran, or failed, gives the lease back here; release is idempotent."""
         lease = Lease(inst, self.metrics.queue)
+        task = asyncio.create_task(make(lease))
+
+        def settle(t: asyncio.Task[T]) -> None:
+            if t.cancelled() or t.exception() is not None:
+                lease.release()
+
+        task.add_done_callback(settle)
+        return task
+
+    async def open(self, inst: Instance, path: str, body: dict, lease: Lease | None = None) -> Opened:
+        """Send a request and return once the status line arrived (the body streams later)."""
+        lease = lease or Lease(inst, self.metrics.queue)
         try:
             return Opened(await self.client.open(f"{inst.url}{path}", body), lease)
         except BaseException:
