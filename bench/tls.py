@@ -12,16 +12,15 @@ share its GIL, which OpenSSL and socket I/O release), with a throwaway PKI gener
 from __future__ import annotations
 
 import argparse
-import datetime
-import ipaddress
 import secrets
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from _common import append_benchmarks
+from _common import ROOT, append_benchmarks
 
 from prfaas_plugin.transfer import (
     GrpcTcpReceiver,
@@ -34,69 +33,27 @@ from prfaas_plugin.transfer import (
     TransferManifest,
 )
 
+sys.path.insert(0, str(ROOT / "tests"))
+from transfer_helpers import make_pki
+
 FP = LayoutFingerprint({"bench": "tls", "block_size": 16, "tp_rank": 0, "tp_size": 1})
 
 
-def make_pki(d: Path) -> dict[str, str]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def cert(cn: str, key, issuer: x509.Name, issuer_key, ca: bool, server: bool = False):
-        b = (
-            x509.CertificateBuilder()
-            .subject_name(name(cn))
-            .issuer_name(issuer)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
-        if server:
-            b = b.add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                ),
-                critical=False,
-            )
-        return b.sign(issuer_key, hashes.SHA256())
-
-    def write(stem: str, c, k) -> None:
-        (d / f"{stem}.crt").write_bytes(c.public_bytes(serialization.Encoding.PEM))
-        (d / f"{stem}.key").write_bytes(
-            k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        )
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = cert("prfaas-bench-ca", ca_key, name("prfaas-bench-ca"), ca_key, ca=True)
-    write("ca", ca, ca_key)
-    for stem, server in (("server", True), ("client", False)):
-        k = ec.generate_private_key(ec.SECP256R1())
-        write(stem, cert(stem, k, ca.subject, ca_key, ca=False, server=server), k)
-    return {s: str(d / s) for s in ("ca", "server", "client")}
-
-
-def configs(mode: str, pki: dict[str, str], conns: int) -> tuple[ReceiverConfig, SenderConfig]:
+def configs(mode: str, pki: dict, conns: int) -> tuple[ReceiverConfig, SenderConfig]:
+    """``pki`` as tests/transfer_helpers.make_pki writes it: (cert, key) paths by stem."""
     if mode == "plain":
         return ReceiverConfig(), SenderConfig(connections=conns)
     server = TlsConfig(
-        cert_file=pki["server"] + ".crt",
-        key_file=pki["server"] + ".key",
-        ca_file=pki["ca"] + ".crt" if mode == "mtls" else None,
+        cert_file=pki["server"][0],
+        key_file=pki["server"][1],
+        ca_file=pki["ca.paths"][0] if mode == "mtls" else None,
         require_client_cert=mode == "mtls",
     )
     client = TlsConfig(
-        ca_file=pki["ca"] + ".crt",
+        ca_file=pki["ca.paths"][0],
         server_name="localhost",
-        cert_file=pki["client"] + ".crt" if mode == "mtls" else None,
-        key_file=pki["client"] + ".key" if mode == "mtls" else None,
+        cert_file=pki["client"][0] if mode == "mtls" else None,
+        key_file=pki["client"][1] if mode == "mtls" else None,
     )
     return ReceiverConfig(tls=server), SenderConfig(connections=conns, tls=client)
 
