@@ -199,3 +199,174 @@ def test_tp_3_to_2_is_refused_naming_both_sizes():
         tp.route(PartSplit(0, (Segment(6),)), 2, 3, 0)
     with pytest.raises(TPLayoutError, match="do not split"):
         tp.held_heads(0, 4, 6)
+
+
+# -- the worker halves, wired: P and D ranks of different TP sizes on the loopback fabric ---------
+GDN = {"nk": 4, "nv": 4, "dk": 2, "dv": 2}
+ATTN_HEADS = 2
+
+
+def _whole_caches(seed: int) -> dict[str, torch.Tensor]:
+    g = _gen(seed)
+    conv_dim = 2 * GDN["nk"] * GDN["dk"] + GDN["nv"] * GDN["dv"]
+    return {
+        "attn": torch.randn(2, NB, BS, ATTN_HEADS, 8, generator=g).to(torch.float16),
+        "gdn.conv": torch.randn(NB, 3, conv_dim, generator=g),
+        "gdn.rec": torch.randn(NB, GDN["nv"], GDN["dv"], GDN["dk"], generator=g),
+    }
+
+
+def _rank_caches(whole: dict[str, torch.Tensor], rank: int, tp_size: int) -> dict[str, object]:
+    kd, vd = GDN["nk"] * GDN["dk"], GDN["nv"] * GDN["dv"]
+    return {
+        "attn": shard_attention(whole["attn"], 3, rank, tp_size),
+        "gdn": [
+            shard_gdn_conv(whole["gdn.conv"], 2, kd, vd, rank, tp_size),
+            shard_even(whole["gdn.rec"], 1, rank, tp_size),
+        ],
+    }
+
+
+def _rank_worker(engine_id: str, rank: int, tp_size: int, peer_tp: int, producer: bool, caches, port: int):
+    from types import SimpleNamespace
+
+    from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec
+
+    from prfaas_plugin.engines.vllm.options import Options
+    from prfaas_plugin.engines.vllm.worker import WorkerSide
+
+    attn = FullAttentionSpec(
+        block_size=BS, num_kv_heads=len(kv_heads_of(rank, tp_size, ATTN_HEADS)), head_size=8, dtype=torch.float16
+    )
+    gdn = caches["gdn"]
+    state = MambaSpec(
+        block_size=BS,
+        shapes=(tuple(gdn[0].shape[1:]), tuple(gdn[1].shape[1:])),
+        dtypes=(torch.float32, torch.float32),
+        mamba_type=MambaAttentionBackendEnum.GDN_ATTN,
+    )
+    kv_cache_config = SimpleNamespace(
+        num_blocks=NB,
+        kv_cache_groups=[
+            SimpleNamespace(kv_cache_spec=attn, layer_names=["attn"]),
+            SimpleNamespace(kv_cache_spec=state, layer_names=["gdn"]),
+        ],
+    )
+    hf = SimpleNamespace(
+        linear_num_key_heads=GDN["nk"],
+        linear_num_value_heads=GDN["nv"],
+        linear_key_head_dim=GDN["dk"],
+        linear_value_head_dim=GDN["dv"],
+    )
+    vllm_config = SimpleNamespace(
+        parallel_config=SimpleNamespace(rank=rank, tensor_parallel_size=tp_size),
+        model_config=SimpleNamespace(model="/m/tiny", get_total_num_kv_heads=lambda: ATTN_HEADS, hf_text_config=hf),
+        cache_config=SimpleNamespace(cache_dtype="auto"),
+        kv_transfer_config=SimpleNamespace(engine_id=engine_id),
+    )
+    opts = Options(listen=f"127.0.0.1:{port}", peer_tp_size=peer_tp)
+    w = WorkerSide(vllm_config, kv_cache_config, opts, producer=producer, consumer=not producer)
+    w.register_kv_caches(caches)
+    return w
+
+
+@pytest.fixture
+def fabric():
+    pytest.importorskip("vllm")
+    from loopback_fabric import LoopbackFabric
+
+    from prfaas_plugin.engines.vllm.worker import WorkerSide
+
+    fab = LoopbackFabric()
+    old = WorkerSide.transport_factory
+    WorkerSide.transport_factory = staticmethod(lambda spec: fab)
+    try:
+        yield fab
+    finally:
+        WorkerSide.transport_factory = old
+
+
+def _transfer(a: int, b: int, port: int, p_peer: int | None = None, d_peer: int | None = None, deadline_s=10.0):
+    """One request of 10 tokens from P (TP a) to D (TP b): D's failed ids, P's whole-model caches,
+    D's rank caches."""
+    import time
+
+    from prfaas_plugin.engines.vllm.meta import Transfer
+
+    token = "session-token-0123456789abcdef"
+    p_whole, d_whole = _whole_caches(1), _whole_caches(2)
+    p_caches = [_rank_caches(p_whole, r, a) for r in range(a)]
+    d_caches = [_rank_caches(d_whole, r, b) for r in range(b)]
+    prods = [_rank_worker("p", r, a, p_peer or b, True, p_caches[r], port) for r in range(a)]
+    cons = [_rank_worker("d", r, b, d_peer or a, False, d_caches[r], port) for r in range(b)]
+    src, dst = ([5, 2, 9], [0, 0, 7]), ([1, 7, 3], [0, 0, 4])
+    try:
+        for c in cons:
+            c.meta.loads = [Transfer("r1", "xfer-1", token, deadline_s, 10, dst)]
+            c.start_load_kv()
+        for p in prods:
+            p.meta.sends = [Transfer("r1", "xfer-1", token, deadline_s, 10, src, endpoint=f"127.0.0.1:{port}")]
+            p.save_kv_layer("attn")
+            p.wait_for_save()
+        failed: set[str] = set()
+        end = time.monotonic() + deadline_s + 5
+        pending = set(range(b))
+        while pending and time.monotonic() < end:
+            for r in list(pending):
+                _, recving, f = cons[r].transfer_results(set())
+                if recving:
+                    pending.discard(r)
+                    failed |= f
+            time.sleep(0.01)
+        assert not pending, "a decode rank never reported its load"
+        return failed, p_whole, d_caches
+    finally:
+        for w in prods + cons:
+            w.shutdown()
+
+
+PAIRS_WIRED = [(2, 1), (1, 2), (4, 2), (2, 4)]
+
+
+@pytest.mark.parametrize(("a", "b"), PAIRS_WIRED, ids=[f"P{a}-D{b}" for a, b in PAIRS_WIRED])
+def test_worker_halves_route_across_tp_sizes(fabric, a, b):
+    failed, p_whole, d_caches = _transfer(a, b, 17300 + 10 * a + b)
+    assert not failed
+    for r in range(b):
+        want = _rank_caches(p_whole, r, b)
+        assert torch.equal(d_caches[r]["attn"][:, [1, 7, 3]], want["attn"][:, [5, 2, 9]])
+        for i in range(2):  # the state block only: GDN state slot 7 -> 4
+            assert torch.equal(d_caches[r]["gdn"][i][4], want["gdn"][i][7])
+    # each pair its own session: decode rank d hears from exactly its feeders
+    opened = sorted(m.request_id for m in fabric.opened)
+    assert opened == sorted(f"xfer-1.p{p}" for d in range(b) for p in tp.feeders(d, a, b))
+
+
+def test_misconfigured_peer_tp_is_refused_at_the_handshake(fabric):
+    """P TP2 feeding D TP1, but D told its prefill runs TP4: P's sessions are refused at the
+    handshake, the message naming both sides' TP sizes, and D recomputes at once."""
+    import logging
+
+    class Grab(logging.Handler):
+        lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append(record.getMessage())
+
+    log, grab = logging.getLogger("vllm.prfaas"), Grab()
+    log.addHandler(grab)
+    try:
+        failed, _, _ = _transfer(2, 1, 17390, p_peer=1, d_peer=4, deadline_s=5)
+    finally:
+        log.removeHandler(grab)
+    assert failed == {"r1"}
+    refusals = [m for m in grab.lines if "FingerprintMismatch" in m]
+    assert refusals and all("prefill TP 4 -> decode TP 1" in m and "prefill TP 2 -> decode TP 1" in m for m in refusals)
+    assert not [m for m in grab.lines if "TransferTimeout" in m], "the refusal should fail the load at once"
+
+
+def test_tp_3_to_2_refused_at_startup(fabric):
+    with pytest.raises(TPLayoutError, match=r"prefill TP 3 and decode TP 2"):
+        whole = _whole_caches(1)
+        _rank_worker("p", 0, 3, 2, True, _rank_caches(whole, 0, 1), 17395)

@@ -231,6 +231,10 @@ class WorkerSide:
     def _pair_up(self, own_tp: int, peer_tp: int, rank: int) -> None:
         """Sessions of this rank when its peers run another TP size (refused, naming both sizes,
         unless one divides the other or when a part has no split rule)."""
+        if self.producer:
+            tp.check_tp_pair(own_tp, peer_tp)
+        if self.consumer:
+            tp.check_tp_pair(peer_tp, own_tp)
         splits = hetero.part_splits(self.kv_cache_config, self.cfg.model_config, self.parts, own_tp)
         base = {
             k: v for k, v in self.fp.fields.items() if k not in ("tp_size", "tp_rank") and not k.startswith("layer:")
