@@ -78,27 +78,43 @@ def part_splits(kv_cache_config: Any, model_config: Any, parts: Parts, tp_size: 
 def _state_splits(
     spec: Any, model_config: Any, ps: Sequence[tuple[torch.Tensor, int]], tp_size: int
 ) -> list[PartSplit]:
+    """GDN state: the conv state's channels are ``[q | k | v]`` of this rank's heads, the
+    recurrent state is per value head. vLLM registers either one tensor per state or (vLLM 0.32)
+    one byte view of each block's page holding both states back to back; the latter is split
+    along its byte axis, the conv state's ``[q | k | v]`` repeating once per kept position when
+    it is stored position-major."""
     if getattr(spec, "tp_replicated", False):
         return [PartSplit() for _ in ps]
     kind = getattr(getattr(spec, "mamba_type", None), "name", str(getattr(spec, "mamba_type", "")))
-    if kind != "GDN_ATTN" or len(ps) != 2:
-        raise TPLayoutError(f"no heterogeneous-TP rule for {kind or 'this'} recurrent state ({len(ps)} tensors)")
+    shapes = [f"{x.dtype}{tuple(x.shape)}" for x, _ in ps]
+    if kind != "GDN_ATTN" or len(spec.shapes) != 2 or len(ps) not in (1, 2) or any(b != 0 for _, b in ps):
+        raise TPLayoutError(f"no heterogeneous-TP rule for {kind or 'this'} recurrent state {shapes}")
     hf = model_config.hf_text_config
     nk, nv = int(hf.linear_num_key_heads), int(hf.linear_num_value_heads)
     dk, dv = int(hf.linear_key_head_dim), int(hf.linear_value_head_dim)
-    conv_segments = (Segment(nk * dk), Segment(nk * dk), Segment(nv * dv))
-    (conv, cb), (rec, rb) = ps
-    if cb != 0 or rb != 0:
-        raise TPLayoutError(f"GDN state tensors {tuple(conv.shape)}, {tuple(rec.shape)} are not block-major")
-    rows = tp.local_rows(PartSplit(1, conv_segments), 0, tp_size)
-    dims = [i for i in (1, 2) if conv.shape[i] == rows]
-    if not dims:
-        raise TPLayoutError(f"GDN conv state {tuple(conv.shape)} has no dim of {rows} channels")
-    if len(dims) > 1:
+    qkv = (nk * dk, nk * dk, nv * dv)
+    local = sum(qkv) // tp_size
+    (c0, c1), rec_shape = spec.shapes
+    if c1 == local and c0 != local:
+        channel_axis, positions = 1, c0
+    elif c0 == local and c1 != local:
+        channel_axis, positions = 0, c1
+    else:
         from vllm.model_executor.layers.mamba.mamba_utils import is_conv_state_dim_first
 
-        dims = [1 if is_conv_state_dim_first() else 2]
-    return [PartSplit(dims[0], conv_segments), PartSplit(1, (Segment(nv),))]
+        channel_axis, positions = (0, c1) if is_conv_state_dim_first() else (1, c0)
+    if len(ps) == 2:  # one typed tensor per state: split along their own axes
+        return [PartSplit(1 + channel_axis, tuple(Segment(n) for n in qkv)), PartSplit(1, (Segment(nv),))]
+    x = ps[0][0]
+    esize = [torch.empty(0, dtype=d).element_size() for d in spec.dtypes]
+    if x.element_size() != 1 or any(n != 1 for n in x.shape[1:-1]):
+        raise TPLayoutError(f"GDN state page {shapes} is not a byte view of the page")
+    if channel_axis == 1:  # [position][q|k|v] channels
+        conv = tuple(Segment(n, esize[0]) for _ in range(positions) for n in qkv)
+    else:  # [q|k|v] channels, each with its positions
+        conv = tuple(Segment(n, positions * esize[0]) for n in qkv)
+    rec = (Segment(nv, math.prod(rec_shape[1:]) * esize[1]),)
+    return [PartSplit(x.dim() - 1, conv + rec)]
 
 
 @dataclass(frozen=True)
