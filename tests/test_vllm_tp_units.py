@@ -370,3 +370,56 @@ def test_tp_3_to_2_refused_at_startup(fabric):
     with pytest.raises(TPLayoutError, match=r"prefill TP 3 and decode TP 2"):
         whole = _whole_caches(1)
         _rank_worker("p", 0, 3, 2, True, _rank_caches(whole, 0, 1), 17395)
+
+
+def test_gdn_byte_page_split_matches_vllm_rank_states():
+    """vLLM 0.32 registers a GDN layer as one int8 view of each block's page: conv state
+    [position][q|k|v] (bf16) then the recurrent state (fp32). The split read from the spec routes
+    it P TP2 -> D TP1 and P TP1 -> D TP2 so each decode rank's page holds exactly the states vLLM
+    would have computed for that rank."""
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
+    from vllm.v1.kv_cache_interface import MambaSpec
+
+    from prfaas_plugin.engines.vllm import hetero
+
+    nk = nv = 2
+    dk = dv = 8
+    kd, vd = nk * dk, nv * dv
+    g = _gen(7)
+    conv = torch.randn(NB, 3, 2 * kd + vd, generator=g).to(torch.bfloat16)
+    rec = torch.randn(NB, nv, dv, dk, generator=g)
+    hf = SimpleNamespace(
+        linear_num_key_heads=nk, linear_num_value_heads=nv, linear_key_head_dim=dk, linear_value_head_dim=dv
+    )
+    model_config = SimpleNamespace(hf_text_config=hf)
+
+    def page(rank: int, t: int) -> torch.Tensor:
+        c = shard_gdn_conv(conv, 2, kd, vd, rank, t)
+        r = shard_even(rec, 1, rank, t)
+        flat = torch.cat([c.reshape(NB, -1).view(torch.uint8), r.reshape(NB, -1).view(torch.uint8)], dim=1)
+        return flat.view(torch.int8).view(NB, 1, 1, -1).clone()
+
+    def split(t: int) -> PartSplit:
+        spec = MambaSpec(
+            block_size=BS,
+            shapes=((3, (2 * kd + vd) // t), (nv // t, dv, dk)),
+            dtypes=(torch.bfloat16, torch.float32),
+            mamba_type=MambaAttentionBackendEnum.GDN_ATTN,
+        )
+        kvc = SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec, layer_names=["gdn"])])
+        return hetero.part_splits(kvc, model_config, {"gdn": [(page(0, t), 0)]}, t)["gdn"][0]
+
+    for a, b in ((2, 1), (1, 2), (1, 1)):
+        sp = split(a)
+        assert sp == split(b), "both sides must read the same whole-model split"
+        part = Part("gdn", torch.empty(0), 0, sp, None)
+        p_pages = [page(r, a) for r in range(a)]
+        for d in range(b):
+            cache = torch.zeros_like(page(d, b))
+            for p, slices in tp.route(sp, a, b, d).items():
+                piece = packing.gather_rows(packing.pack(p_pages[p], 0, [4]), sp.dim, tp.gather_spec(slices))
+                packing.unpack_rows(cache, 0, [9], piece.view(-1).view(torch.uint8), sp.dim, tp.scatter_spec(slices))
+            assert torch.equal(cache[9], page(d, b)[4]), (a, b, d, part.name)
