@@ -79,6 +79,11 @@ def _loads(inst: Instances, decode_tp: int, transfer_id: str) -> list[int]:
     return [int(a) + int(b) for a, b in re.findall(pat, log)]
 
 
+# Not passing yet (2026-12-05, first real run): both instances start and pair up as logged, but the
+# TP-1 decode instance's load of a TP-2 prefill timed out in state 'announced' (no prefill session
+# reached it) and its engine then died; not yet diagnosed. strict: an unexpected pass fails, so the
+# mark cannot outlive the fix.
+@pytest.mark.xfail(reason="heterogeneous-TP end to end on vLLM not working yet: see comment", strict=True)
 @pytest.mark.parametrize(("prefill_tp", "decode_tp"), [(2, 1), (1, 2)], ids=["P-TP2-D-TP1", "P-TP1-D-TP2"])
 def test_pd_across_tp_sizes_equals_single_instance(instances, prefill_tp, decode_tp):
     ref = _single(instances.url[decode_tp])
