@@ -64,7 +64,7 @@ def _qwen3():
     return Qwen3ForCausalLM(cfg)
 
 
-def _qwen3next():
+def _qwen3next(linear_heads: int = 1):
     from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
 
     cfg = Qwen3NextConfig(  # type: ignore[call-arg]  # transformers types its **kwargs per version
@@ -74,8 +74,8 @@ def _qwen3next():
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=32,
-        linear_num_key_heads=1,
-        linear_num_value_heads=1,
+        linear_num_key_heads=linear_heads,
+        linear_num_value_heads=linear_heads,
         linear_key_head_dim=128,
         linear_value_head_dim=128,
         linear_conv_kernel_dim=4,
@@ -138,6 +138,9 @@ def _dsv3_mla():
 BUILDERS: dict[str, Callable[[], Any]] = {
     "tiny-qwen3": _qwen3,
     "tiny-qwen3next": _qwen3next,
+    # 2 linear-attention heads (and 2 KV heads): servable at TP 2, which the 1-head model is not
+    # (vLLM splits GDN heads across ranks); the heterogeneous-TP tests use it
+    "tiny-qwen3next-tp2": lambda: _qwen3next(linear_heads=2),
     "tiny-gemma3": _gemma3,
     "tiny-dsv3-mla": _dsv3_mla,
 }

@@ -30,6 +30,11 @@ class Options(BaseModel):
     connections: int = Field(default=4, ge=1, le=64)
     #: producer: egress budget in Gbit/s for this instance's transfers (None = unpaced)
     pacing_gbps: float | None = Field(default=None, gt=0)
+    #: the TP size of the instances on the other side of the transfer (a producer's decode
+    #: instances, a consumer's prefill instances) when it differs from this instance's: each rank
+    #: then exchanges exactly its share of every layer with the peer ranks it pairs with. One of
+    #: the two sizes must divide the other. None: the same TP size (rank pairs with rank).
+    peer_tp_size: int | None = Field(default=None, ge=1)
     #: TLS for both roles and both planes (PEM paths; same names and defaults as the SGLang
     #: backend's ``PRFAAS_SGLANG_TLS_*``): this instance's identity (the receiver's server
     #: certificate; the producer's client certificate for mTLS) and the CA that verifies the peer.

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from prfaas_plugin.engines.vllm import layout, packing
+from prfaas_plugin.engines.vllm import hetero, layout, packing, tp
 from prfaas_plugin.engines.vllm.meta import PrfaaSMetadata, Transfer
 from prfaas_plugin.engines.vllm.options import Options
 from prfaas_plugin.engines.vllm.stats import PrfaaSConnectorStats
@@ -46,16 +46,26 @@ log = logging.getLogger("vllm.prfaas")  # child of vLLM's logger: same handlers 
 
 
 class _Sink(StagedSink[torch.Tensor]):
-    """Receives one request's items into staging buffers, then scatters each into its blocks."""
+    """Receives one request's items into staging buffers, then scatters each into its blocks.
+    With ``pair`` (prefill and decode TP differ) an item is this session's rows of a layer part,
+    scattered into those rows of the local part."""
 
-    def __init__(self, w: WorkerSide, t: Transfer) -> None:
+    def __init__(self, w: WorkerSide, t: Transfer, pair: hetero.Pair | None = None) -> None:
         super().__init__()
-        self.w, self.t = w, t
+        self.w, self.t, self.pair = w, t, pair
+
+    def _block_bytes(self, lname: str, part: int) -> int:
+        cache, bdim = self.w.part(lname, part)
+        if self.pair is None:
+            return packing.block_bytes(cache, bdim)
+        r = self.pair.routes.get((lname, part))
+        if r is None:
+            raise ValueError(f"{lname}[{part}] is not carried by prefill rank {self.pair.p} to this rank")
+        return r.block_bytes
 
     def land(self, item: ItemSpec) -> tuple[memoryview, torch.Tensor]:
         g, first, count, part, lname = layout.parse_item_name(item.name)
-        cache, bdim = self.w.part(lname, part)
-        if count * packing.block_bytes(cache, bdim) != item.nbytes or g >= len(self.t.block_ids):
+        if count * self._block_bytes(lname, part) != item.nbytes or g >= len(self.t.block_ids):
             raise ValueError(f"item {item.name}: {item.nbytes} bytes does not fit the local layout")
         buf = torch.empty(item.nbytes, dtype=torch.uint8)
         return buf.numpy().data, buf
@@ -71,22 +81,61 @@ class _Sink(StagedSink[torch.Tensor]):
 
     def skip_bytes(self, item: ItemSpec) -> int:
         g, first, count, part, lname = layout.parse_item_name(item.name)
-        cache, bdim = self.w.part(lname, part)
-        return self._held_blocks(g, first, count) * packing.block_bytes(cache, bdim)
+        return self._held_blocks(g, first, count) * self._block_bytes(lname, part)
 
     def commit(self, item: ItemSpec, staged: torch.Tensor) -> None:
         g, first, count, part, lname = layout.parse_item_name(item.name)
         cache, bdim = self.w.part(lname, part)
         ids = self.t.block_ids[g][first : first + count]
-        packing.unpack(cache, bdim, ids, staged, skip_before=self._held_blocks(g, first, count))
+        skip = self._held_blocks(g, first, count)
+        r = self.pair.routes[(lname, part)] if self.pair is not None else None
+        if r is None or r.split.replicated:
+            packing.unpack(cache, bdim, ids, staged, skip_before=skip)
+        else:
+            packing.unpack_rows(cache, bdim, ids, staged, r.split.dim, tp.scatter_spec(r.slices), skip)
+
+
+def _all_of(futs: list[Future[Any]], on_error: Any = None) -> Future[list[Any]]:
+    """Resolves with every result once all resolved, or with the first error at once (then
+    ``on_error(exc)`` runs, e.g. aborting the other sessions of the same request)."""
+    out: Future[list[Any]] = Future()
+    lock, left = threading.Lock(), [len(futs)]
+
+    def one(_: Future[Any]) -> None:
+        with lock:
+            left[0] -= 1
+            if out.done():
+                return
+            exc = next((f.exception() for f in futs if f.done() and f.exception() is not None), None)
+            if exc is not None:
+                out.set_exception(exc)
+            elif not left[0]:
+                out.set_result([f.result() for f in futs])
+            else:
+                return
+        if exc is not None and on_error is not None:
+            on_error(exc)
+
+    for f in futs:
+        f.add_done_callback(one)
+    return out
+
+
+@dataclass
+class _Leg:
+    """One session of a producer transfer: to the decode rank of the same TP rank (``pair``
+    None, every part whole) or, when TP sizes differ, to one decode rank this rank feeds."""
+
+    handle: SendHandle
+    pair: hetero.Pair | None = None
 
 
 @dataclass
 class _Send:
-    """A producer transfer in flight: its handle, the layers already sent, and the packed
-    buffers the handle reads from (kept until ``done``)."""
+    """A producer transfer in flight: its sessions, the layers already sent, and the packed
+    buffers the sessions read from (kept until every ``done``)."""
 
-    handle: SendHandle
+    legs: list[_Leg]
     transfer: Transfer
     sent_layers: set[str] = field(default_factory=set)
     buffers: list[torch.Tensor] = field(default_factory=list)
@@ -96,10 +145,10 @@ class _Send:
 class _Load:
     """A consumer load announced to the receiver (``started``: monotonic seconds)."""
 
-    done: Future[TransferManifest]
+    done: Future[list[TransferManifest]]
     transfer: Transfer
     started: float
-    handle: ReceiveHandle | None = None  # None when it failed before reaching a receiver
+    handles: list[ReceiveHandle] = field(default_factory=list)  # empty when it failed before a receiver
 
 
 class WorkerSide:
@@ -115,11 +164,15 @@ class WorkerSide:
         self.producer, self.consumer = producer, consumer
         self.parts: dict[str, list[tuple[torch.Tensor, int]]] = {}
         self.fp: Any = None
+        self.tp_rank = 0
+        #: set only when this instance's TP size differs from its peers' (``peer_tp_size``)
+        self.send_pairs: list[hetero.Pair] | None = None
+        self.recv_pairs: list[hetero.Pair] | None = None
         self.receiver: TransferReceiver | None = None
         self.sender: TransferSender | None = None
         self.meta = PrfaaSMetadata()
         self._sends: dict[str, _Send] = {}
-        self._send_futs: dict[str, Future[None]] = {}
+        self._send_futs: dict[str, Future[Any]] = {}
         self._loads: dict[str, _Load] = {}
         self._sched_finished: set[str] = set()
         self._load_errors: set[int] = set()
@@ -151,9 +204,12 @@ class WorkerSide:
             model=self.opts.model_id or self.cfg.model_config.model.rstrip("/").rsplit("/", 1)[-1],
             dtype=str(self.cfg.cache_config.cache_dtype),
         )
+        self.tp_rank = rank = int(self.fp.fields["tp_rank"])
+        peer_tp = self.opts.peer_tp_size or pc.tensor_parallel_size
+        if peer_tp != pc.tensor_parallel_size:
+            self._pair_up(pc.tensor_parallel_size, peer_tp, rank)
         transport = type(self).transport_factory(self.opts.endpoint_spec(self.cfg.kv_transfer_config.engine_id))
         if self.consumer:
-            rank = self.fp.fields["tp_rank"]
             host, _, port = self.opts.listen.rpartition(":")
             advertise = None
             if self.opts.advertise_data:
@@ -172,6 +228,36 @@ class WorkerSide:
         if self.producer:
             self.sender = transport.sender()
 
+    def _pair_up(self, own_tp: int, peer_tp: int, rank: int) -> None:
+        """Sessions of this rank when its peers run another TP size (refused, naming both sizes,
+        unless one divides the other or when a part has no split rule)."""
+        if self.producer:
+            tp.check_tp_pair(own_tp, peer_tp)
+        if self.consumer:
+            tp.check_tp_pair(peer_tp, own_tp)
+        splits = hetero.part_splits(self.kv_cache_config, self.cfg.model_config, self.parts, own_tp)
+        base = {
+            k: v for k, v in self.fp.fields.items() if k not in ("tp_size", "tp_rank") and not k.startswith("layer:")
+        }
+        if self.producer:
+            self.send_pairs = hetero.pairs(self.groups, self.parts, splits, own_tp, peer_tp, rank, True, base)
+            log.info(
+                "prfaas: prefill TP %d rank %d feeds decode TP %d ranks %s",
+                own_tp,
+                rank,
+                peer_tp,
+                [p.d for p in self.send_pairs],
+            )
+        if self.consumer:
+            self.recv_pairs = hetero.pairs(self.groups, self.parts, splits, peer_tp, own_tp, rank, False, base)
+            log.info(
+                "prfaas: decode TP %d rank %d is fed by prefill TP %d ranks %s",
+                own_tp,
+                rank,
+                peer_tp,
+                [p.p for p in self.recv_pairs],
+            )
+
     def part(self, layer: str, i: int) -> tuple[torch.Tensor, int]:
         try:
             return self.parts[layer][i]
@@ -179,32 +265,53 @@ class WorkerSide:
             raise ValueError(f"unknown layer part {layer}[{i}]") from None
 
     # -- producer ------------------------------------------------------------------------------
-    def _items(self, t: Transfer) -> list[ItemSpec]:
+    def _items(self, t: Transfer, pair: hetero.Pair | None = None) -> list[ItemSpec]:
         items = []
         order = 0
         for g in self.groups:
             first, end = layout.block_range(g, t.num_tokens, len(t.block_ids[g.index]))
             for lname in g.layer_names:
                 for pi, (x, bdim) in enumerate(self.parts.get(lname, ())):
+                    if pair is None:
+                        nbytes = packing.block_bytes(x, bdim)
+                    elif (lname, pi) in pair.routes:
+                        nbytes = pair.routes[(lname, pi)].block_bytes
+                    else:
+                        continue
                     items.append(
                         ItemSpec(
-                            layout.item_name(g.index, first, end - first, lname, pi),
-                            (end - first) * packing.block_bytes(x, bdim),
-                            order,
+                            layout.item_name(g.index, first, end - first, lname, pi), (end - first) * nbytes, order
                         )
                     )
                     order += 1
         return items
 
+    @staticmethod
+    def _rank_endpoint(endpoint: str, rank: int) -> str:
+        """The receiver of decode rank ``rank`` when ``endpoint`` is rank 0's (port + rank)."""
+        host, _, port = endpoint.rpartition(":")
+        return join_hostport(host.strip("[]"), rank_port(int(port), rank))
+
     def _open(self, t: Transfer) -> None:
         if t.req_id in self._sends or t.req_id in self._send_futs:
             return
+        legs: list[_Leg] = []
         try:
             assert self.sender is not None, "a kv_consumer-only instance cannot produce"
-            manifest = TransferManifest(t.transfer_id, tuple(self._items(t)), self.fp, sender_id="vllm")
-            h = self.sender.open(t.endpoint, manifest, t.token, deadline_s=t.deadline_s)
-            self._sends[t.req_id] = _Send(h, t)
+            if self.send_pairs is None:
+                manifest = TransferManifest(t.transfer_id, tuple(self._items(t)), self.fp, sender_id="vllm")
+                ep = self._rank_endpoint(t.endpoint, self.tp_rank)
+                legs.append(_Leg(self.sender.open(ep, manifest, t.token, deadline_s=t.deadline_s)))
+            for pr in self.send_pairs or ():
+                manifest = TransferManifest(
+                    pr.session_id(t.transfer_id), tuple(self._items(t, pr)), pr.fingerprint, sender_id="vllm"
+                )
+                ep = self._rank_endpoint(t.endpoint, pr.d)
+                legs.append(_Leg(self.sender.open(ep, manifest, t.token, deadline_s=t.deadline_s), pr))
+            self._sends[t.req_id] = _Send(legs, t)
         except Exception as e:  # never pin blocks: report the request as done (failed) at once
+            for leg in legs:
+                leg.handle.abort(f"another session of the transfer failed to open: {e}")
             log.error("prfaas: cannot open transfer %s for %s: %s", t.transfer_id, t.req_id, e)
             self.stats.record_send_failure(type(e).__name__)
             f: Future[None] = Future()
@@ -213,22 +320,34 @@ class WorkerSide:
 
     def _send_layer(self, rid: str, lname: str) -> None:
         st = self._sends[rid]
-        h, t, sent, keep = st.handle, st.transfer, st.sent_layers, st.buffers
+        t, sent, keep = st.transfer, st.sent_layers, st.buffers
         if lname in sent or lname not in self.group_of:
             return
         sent.add(lname)
         g = self.groups[self.group_of[lname]]
         first, end = layout.block_range(g, t.num_tokens, len(t.block_ids[g.index]))
         ids = t.block_ids[g.index][first:end]
+        name = layout.item_name
         for pi, (x, bdim) in enumerate(self.parts[lname]):
+            legs = [lg for lg in st.legs if lg.pair is None or (lname, pi) in lg.pair.routes]
+            if not legs:
+                continue  # a replicated part another prefill rank sends
             buf = packing.pack(x, bdim, ids)
             keep.append(buf)
-            try:
-                h.send(layout.item_name(g.index, first, end - first, lname, pi), buf)
-            except TransferError as e:  # one line per transfer: stop sending its other layers
-                log.warning("prfaas: transfer %s failed while sending %s: %s", t.transfer_id, lname, e)
-                sent.update(self.group_of)
-                return
+            for leg in legs:
+                data = buf
+                if leg.pair is not None and not (r := leg.pair.routes[(lname, pi)]).whole:
+                    data = packing.gather_rows(buf, r.split.dim, tp.gather_spec(r.slices))
+                    keep.append(data)
+                try:
+                    leg.handle.send(name(g.index, first, end - first, lname, pi), data)
+                except TransferError as e:  # one line per transfer: stop sending its other layers
+                    log.warning("prfaas: transfer %s failed while sending %s: %s", t.transfer_id, lname, e)
+                    sent.update(self.group_of)
+                    for other in st.legs:
+                        if other is not leg:
+                            other.handle.abort(f"another session of the transfer failed: {e}")
+                    return
 
     def save_kv_layer(self, layer_name: str) -> None:
         for t in self.meta.sends:
@@ -248,26 +367,46 @@ class WorkerSide:
         for t in self.meta.loads:
             if self.receiver is None:
                 log.error("prfaas: request %s asks for a load but this instance is not a consumer", t.req_id)
-                f: Future[TransferManifest] = Future()
+                f: Future[list[TransferManifest]] = Future()
                 f.set_exception(RuntimeError("not a kv_consumer"))
                 self._loads[t.req_id] = _Load(f, t, time.monotonic())
                 continue
-            h = self.receiver.expect(t.transfer_id, t.token, self.fp, _Sink(self, t), deadline_s=t.deadline_s)
-            self._loads[t.req_id] = _Load(h.done, t, time.monotonic(), h)
+            if self.recv_pairs is None:
+                hs = [self.receiver.expect(t.transfer_id, t.token, self.fp, _Sink(self, t), deadline_s=t.deadline_s)]
+            else:
+                hs = [
+                    self.receiver.expect(
+                        pr.session_id(t.transfer_id),
+                        t.token,
+                        pr.fingerprint,
+                        _Sink(self, t, pr),
+                        deadline_s=t.deadline_s,
+                    )
+                    for pr in self.recv_pairs
+                ]
+
+            def abort_rest(exc: BaseException, hs: list[ReceiveHandle] = hs) -> None:
+                for h in hs:
+                    if not h.done.done():
+                        h.abort(f"another session of the load failed: {exc}")
+
+            self._loads[t.req_id] = _Load(_all_of([h.done for h in hs], abort_rest), t, time.monotonic(), hs)
 
     # -- completion ----------------------------------------------------------------------------
     def transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
         self._sched_finished |= set(finished_req_ids)
         sending: set[str] = set()
         for rid in list(self._sends):
-            h = self._sends[rid].handle
-            if h.done.done():
-                self._send_futs[rid] = h.done
+            legs = self._sends[rid].legs
+            if all(lg.handle.done.done() for lg in legs):
+                exc = next((e for lg in legs if (e := lg.handle.done.exception()) is not None), None)
+                f = legs[0].handle.done if len(legs) == 1 else _all_of([lg.handle.done for lg in legs])
+                self._send_futs[rid] = f
                 del self._sends[rid]  # drops the packed buffers: the receiver has them
-                if h.done.exception() is None:  # what crossed: less than the manifest when D held a prefix
-                    self.stats.record_sent(h.progress().get("bytes_confirmed", 0))
+                if exc is None:  # what crossed: less than the manifest when D held a prefix
+                    self.stats.record_sent(sum(lg.handle.progress().get("bytes_confirmed", 0) for lg in legs))
                 else:
-                    self.stats.record_send_failure(type(h.done.exception()).__name__)
+                    self.stats.record_send_failure(type(exc).__name__)
         for rid in list(self._send_futs):
             if rid in self._sched_finished:
                 f = self._send_futs.pop(rid)
@@ -285,8 +424,12 @@ class WorkerSide:
             recving.add(rid)
             err = ld.done.exception()
             if err is None:
-                m = ld.done.result()
-                p = {"bytes_received": 0, "bytes_skipped": 0, **(ld.handle.progress() if ld.handle else {})}
+                ms = ld.done.result()
+                p = {"bytes_received": 0, "bytes_skipped": 0}
+                for h in ld.handles:
+                    for k, v in h.progress().items():
+                        if k in p:
+                            p[k] += v
                 self.stats.record_load(p["bytes_received"], time.monotonic() - ld.started)
                 log.info(
                     "prfaas: loaded transfer %s for request %s: %d bytes in %d items "
@@ -294,7 +437,7 @@ class WorkerSide:
                     t.transfer_id,
                     rid,
                     p["bytes_received"],
-                    len(m.items),
+                    sum(len(m.items) for m in ms),
                     p["bytes_skipped"],
                     t.num_local_tokens,
                 )
@@ -324,10 +467,11 @@ class WorkerSide:
 
     def shutdown(self) -> None:
         for st in self._sends.values():
-            st.handle.abort("vLLM shutting down")
+            for leg in st.legs:
+                leg.handle.abort("vLLM shutting down")
         for ld in self._loads.values():
-            if ld.handle is not None:
-                ld.handle.abort("vLLM shutting down")
+            for h in ld.handles:
+                h.abort("vLLM shutting down")
         if self.sender:
             self.sender.close()
         if self.receiver:
