@@ -28,3 +28,21 @@ def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Where the tiny random-weight models are built (prfaas_plugin/demo/tiny_models.py); one
     folder per session so every vLLM test that serves a tiny model builds it once."""
     return tmp_path_factory.getbasetemp() / "models"
+
+
+@pytest.fixture
+def fabric():
+    """A LoopbackFabric injected as the vLLM worker's transport (``WorkerSide.transport_factory``),
+    so worker halves move KV in one process; the real factory is put back afterwards."""
+    pytest.importorskip("vllm")
+    from loopback_fabric import LoopbackFabric
+
+    from prfaas_plugin.engines.vllm.worker import WorkerSide
+
+    fab = LoopbackFabric()
+    old = WorkerSide.transport_factory
+    WorkerSide.transport_factory = staticmethod(lambda spec: fab)
+    try:
+        yield fab
+    finally:
+        WorkerSide.transport_factory = old

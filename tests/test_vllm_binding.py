@@ -13,7 +13,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from loopback_fabric import LoopbackFabric
 from transfer_helpers import make_pki
 
 pytest.importorskip("vllm")
@@ -89,17 +88,6 @@ def _move(
 
 def _same_blocks(p_cache: dict, d_cache: dict) -> bool:
     return all(torch.equal(p_cache[n][:, [5, 2, 9]], d_cache[n][:, [1, 7, 3]]) for n in LAYERS)
-
-
-@pytest.fixture
-def fabric():
-    fab = LoopbackFabric()
-    old = WorkerSide.transport_factory
-    WorkerSide.transport_factory = staticmethod(lambda spec: fab)
-    try:
-        yield fab
-    finally:
-        WorkerSide.transport_factory = old
 
 
 def test_connector_moves_blocks_on_the_injected_loopback_fabric(fabric):

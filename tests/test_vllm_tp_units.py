@@ -271,22 +271,6 @@ def _rank_worker(engine_id: str, rank: int, tp_size: int, peer_tp: int, producer
     return w
 
 
-@pytest.fixture
-def fabric():
-    pytest.importorskip("vllm")
-    from loopback_fabric import LoopbackFabric
-
-    from prfaas_plugin.engines.vllm.worker import WorkerSide
-
-    fab = LoopbackFabric()
-    old = WorkerSide.transport_factory
-    WorkerSide.transport_factory = staticmethod(lambda spec: fab)
-    try:
-        yield fab
-    finally:
-        WorkerSide.transport_factory = old
-
-
 def _transfer(a: int, b: int, port: int, p_peer: int | None = None, d_peer: int | None = None, deadline_s=10.0):
     """One request of 10 tokens from P (TP a) to D (TP b): D's failed ids, P's whole-model caches,
     D's rank caches."""

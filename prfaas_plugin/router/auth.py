@@ -11,12 +11,11 @@ tell how much of it was right).
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import os
 from pathlib import Path
 
 from prfaas_plugin.router.asgi import Reply, Scope
-from prfaas_plugin.router.config import AuthSpec, KeySource, RouterConfigError
+from prfaas_plugin.router.config import AuthSpec, KeySource, RouterConfigError, is_loopback_host
 from prfaas_plugin.router.replies import error_reply
 
 #: Paths served without a key unless the config protects them.
@@ -57,12 +56,7 @@ def _matches(token: bytes, keys: tuple[bytes, ...]) -> bool:
 
 def _is_loopback(scope: Scope) -> bool:
     client = scope.get("client")
-    if not client:
-        return False
-    try:
-        return ipaddress.ip_address(client[0]).is_loopback
-    except ValueError:
-        return False
+    return client is not None and is_loopback_host(client[0])
 
 
 class Auth:

@@ -307,7 +307,7 @@ class RouterConfig(_Strict):
                             f"(its prfaas transfer receiver)"
                         )
         r = self.replicas
-        remote_peers = [u for u in r.peers if not _is_loopback_url(u)]
+        remote_peers = [u for u in r.peers if not is_loopback_host(urlsplit(u).hostname or "")]
         if (remote_peers or r.peers_dns) and not self.auth.admin_keys.configured:
             raise ValueError(
                 "replicas.peers/peers_dns on other hosts need auth.admin_keys: replicas read each other's "
@@ -316,8 +316,8 @@ class RouterConfig(_Strict):
         return self
 
 
-def _is_loopback_url(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
+def is_loopback_host(host: str) -> bool:
+    """``host`` (an address, or ``localhost``) is this machine."""
     if host == "localhost":
         return True
     try:
