@@ -67,6 +67,7 @@ class FakeBackend:
     status: int = 200
     health_delay_s: float = 0.0  # a /health that answers late, like an engine busy in a long prefill
     transfer_status: str = "sent"
+    finish_reason: str = "stop"  # "abort": how vLLM ends a request its engine core lost
     role_switch_status: int = 200  # SGLang's /pd_role_switch: 400 plays a server without --enable-pd-role-switch
     #: A producer's vllm:prfaas_kv_sent_bytes_total on /metrics (None: no /metrics, a 404)
     sent_bytes_counter: float | None = None
@@ -218,7 +219,7 @@ class FakeBackend:
             n = body.get("n") if isinstance(body.get("n"), int) and body.get("n", 1) > 0 else 1
             choices = []
             for i in range(min(n, 16)):  # like vLLM, one choice per sample
-                choice = {"index": i, "finish_reason": "stop"}
+                choice = {"index": i, "finish_reason": self.finish_reason}
                 choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
                 choices.append(choice)
             return {

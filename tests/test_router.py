@@ -179,6 +179,31 @@ def test_transfer_reported_failed_falls_back(tokenizer) -> None:
         d.stop()
 
 
+@pytest.mark.parametrize("words_n", [10, 100], ids=["local", "remote"])
+def test_an_answer_the_engine_ended_itself_is_a_502_not_a_reply(tokenizer, words_n) -> None:
+    """vLLM answers 200 with finish_reason "abort" and no text when its engine core dies under a
+    request: the router must not hand that to the client as a completion."""
+    p = FakeBackend("prefill").start()
+    d = FakeBackend("both", finish_reason="abort").start()
+    r = RunningRouter(_cfg(p, d), tokenizer)
+    try:
+        resp = r.post("/v1/completions", _completion(words_n))
+        assert resp.status_code == 502, resp.text
+        err = resp.json()["error"]
+        assert "finish_reason 'abort'" in err["message"] and d.url in err["message"]
+        assert r.router.records[err["request_id"]].status == 502
+        assert re.search(
+            rf'{M.ROUTER_REQUESTS.exposed}{{[^}}]*outcome="upstream_error"[^}}]*}} 1.0',
+            httpx.get(r.url + "/metrics").text,
+        )
+        d.finish_reason = "length"
+        assert r.post("/v1/completions", _completion(words_n)).status_code == 200
+    finally:
+        r.stop()
+        p.stop()
+        d.stop()
+
+
 def test_prfaas_cluster_down_routes_local(tokenizer) -> None:
     d = FakeBackend("both").start()
     dead = FakeBackend("prefill")  # never started: connection refused

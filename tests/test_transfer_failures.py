@@ -36,7 +36,7 @@ HERE = Path(__file__).parent
 
 @pytest.fixture()
 def engines():
-    rx, tx = pair(ReceiverConfig(announce_grace_s=0.3))
+    rx, tx = pair(ReceiverConfig(announce_grace_s=0.3), SenderConfig(chunk_bytes=64 << 10, announce_wait_s=1.0))
     yield rx, tx
     tx.close()
     rx.close()
@@ -76,7 +76,7 @@ def test_unannounced_session_and_replay_refused(engines):
     rx, tx = engines
     items, data = random_items(np.random.default_rng(0), {"L0": 5000})
     tok = token()
-    # never announced: refused once the grace period ends
+    # never announced: refused once the sender's announce_wait_s (several receiver graces) ends
     assert isinstance(_err(tx.open(rx.endpoint, manifest("ghost", items), tok).done), AuthError)
     # a good session, then the same id and token again: single use, so the replay fails
     sink = ArraySink()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transfer_helpers import FP, ArraySink, manifest, pair, random_items, token
 
-from prfaas_plugin.transfer import ItemSpec, ReceiverConfig, SenderConfig
+from prfaas_plugin.transfer import AuthError, ItemSpec, ReceiverConfig, SenderConfig
 
 
 @pytest.fixture()
@@ -84,6 +84,33 @@ def test_torch_tensors_and_layerwise_order(engines):
     assert sink.order == [f"L{i}" for i in range(5)]
     for a, b in zip(layers, dst):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("wait_s, lands", [(10.0, True), (0.0, False)])
+def test_open_keeps_knocking_while_the_decode_side_is_late(wait_s, lands):
+    """A busy decode instance may announce its half long after the prefill finished: past the
+    receiver's grace the sender opens again until its announce_wait_s. With none it gives up."""
+    import time
+
+    rx, tx = pair(ReceiverConfig(announce_grace_s=0.2), SenderConfig(chunk_bytes=64 << 10, announce_wait_s=wait_s))
+    try:
+        items, data = random_items(np.random.default_rng(2), {"x": 100_000})
+        tok = token()
+        sh = tx.open(rx.endpoint, manifest("late", items), tok)
+        sh.send("x", data["x"])
+        time.sleep(1.0)  # five graces
+        sink = ArraySink()
+        rh = rx.expect("late", tok, FP, sink, deadline_s=5)
+        if lands:
+            sh.done.result(timeout=20)
+            rh.done.result(timeout=20)
+            assert np.array_equal(sink.arrays["x"], data["x"])
+        else:
+            assert isinstance(sh.done.exception(timeout=20), AuthError)
+            rh.abort("test over")
+    finally:
+        tx.close()
+        rx.close()
 
 
 def test_send_before_accept_and_open_before_expect():

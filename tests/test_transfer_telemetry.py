@@ -61,7 +61,7 @@ def test_stats_and_prometheus_after_transfers():
 
 
 def test_failures_are_counted_by_type():
-    rx, tx = pair(ReceiverConfig(announce_grace_s=0.1))
+    rx, tx = pair(ReceiverConfig(announce_grace_s=0.1), SenderConfig(chunk_bytes=64 << 10, announce_wait_s=0))
     reg = CollectorRegistry()
     TransferCollector(sender=tx, registry=reg)
     try:

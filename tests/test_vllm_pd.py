@@ -70,7 +70,11 @@ def _load_log(pair, transfer_id: str) -> tuple[int, int, int]:
         rf"\((\d+) more bytes of (\d+) prefix tokens",
         log,
     )
-    assert m, f"consumer did not log the load of {transfer_id}"
+    if m is None:  # say what the consumer did instead (a failed load recomputes: same text)
+        said = [ln for ln in log.splitlines() if "prfaas" in ln and ("WARNING" in ln or "ERROR" in ln)]
+        raise AssertionError(
+            f"consumer did not log the load of {transfer_id}; its prfaas warnings:\n" + "\n".join(said[-10:])
+        )
     return int(m.group(1)), int(m.group(2)), int(m.group(3))
 
 

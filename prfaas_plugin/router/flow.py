@@ -31,7 +31,7 @@ from prfaas_plugin.router.pd import PDProtocol, fans_out, warmup_body
 from prfaas_plugin.router.policy import Decision
 from prfaas_plugin.router.prefix_index import PrefixIndex
 from prfaas_plugin.router.records import Record
-from prfaas_plugin.router.replies import error_reply
+from prfaas_plugin.router.replies import engine_gave_up, error_reply
 from prfaas_plugin.router.threshold import ThresholdController
 from prfaas_plugin.router.upstream import Stream, Unreachable, Upstream, UpstreamError
 
@@ -369,8 +369,8 @@ class Flow:
         rec.status = resp.status_code
         out_headers = {**headers, "content-type": resp.headers.get("content-type", "application/json")}
 
-        def close_accounting(outcome: str) -> None:
-            op.lease.release(served=True)
+        def close_accounting(outcome: str, served: bool = True) -> None:
+            op.lease.release(served=served)
             rec.total_s = time.monotonic() - arrived
             self.metrics.requests.labels(rec.route, outcome).inc()
 
@@ -381,6 +381,11 @@ class Flow:
                 await op.discard()  # the caller counts the outcome (upstream error, client gone)
                 raise
             await resp.aclose()
+            if resp.status_code == 200 and (why := engine_gave_up(content)) is not None:
+                rec.status = 502
+                rec.error = f"instance {op.lease.inst.url} ended the request itself (finish_reason {why!r})"
+                close_accounting("upstream_error", served=False)
+                return error_reply(502, rec.error, "upstream_error", rec.request_id)
             rec.ttft_s = time.monotonic() - arrived
             self.overhead(rec, resp, arrived, resp.done_at)
             close_accounting("ok" if resp.status_code == 200 else f"http_{resp.status_code}")

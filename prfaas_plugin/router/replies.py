@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from fastapi.responses import Response
 
 from prfaas_plugin.router.asgi import Reply, json_reply
@@ -20,6 +22,17 @@ def error_reply(status: int, message: str, code: str = "invalid_request_error", 
     if request_id is not None:
         err["request_id"] = request_id
     return json_reply({"error": err}, status)
+
+
+_GAVE_UP = re.compile(rb'"finish_reason":\s*"(abort|error)"')
+
+
+def engine_gave_up(content: bytes) -> str | None:
+    """The finish reason of a 200 answer whose request the engine ended itself ("abort": it
+    stopped or lost the request, as when its core process dies; "error": it failed it), else
+    None. Such an answer carries no usable text, so it is an instance failure, not a reply."""
+    m = _GAVE_UP.search(content)
+    return m.group(1).decode() if m else None
 
 
 def router_fault(request_id: str, exc: BaseException) -> Reply:

@@ -98,6 +98,10 @@ class SenderConfig:
     tls: TlsConfig | None = None
     socket_buffer_bytes: int = DEFAULT_SOCKET_BUFFER
     connect_timeout_s: float = 5.0
+    #: How long (from ``open``) a sender keeps re-opening a session the receiver has not announced
+    #: yet: a busy decode instance may schedule its half of the request after the prefill is done.
+    #: Each try waits out the receiver's ``announce_grace_s``; the transfer deadline bounds it too.
+    announce_wait_s: float = 30.0
     #: Resends of one chunk after receiver-side checksum failures before giving up.
     max_chunk_retries: int = 3
     #: Pinned staging pool for device tensors (bytes) and its slot size.
@@ -118,6 +122,8 @@ class SenderConfig:
         if self.pacing_gbps is not None and self.pacing_gbps <= 0:
             raise ValueError("SenderConfig.pacing_gbps must be > 0 (or None)")
         _check_checksums(self.checksums, "SenderConfig")
+        if self.announce_wait_s < 0:
+            raise ValueError("SenderConfig.announce_wait_s must be >= 0")
         if self.staging_bytes < self.chunk_bytes:
             raise ValueError("SenderConfig.staging_bytes must hold at least one chunk")
 

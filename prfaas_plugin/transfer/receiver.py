@@ -595,7 +595,8 @@ class GrpcTcpReceiver(TransferReceiver):
             s = self._by_request.get(req.request_id)
         if s is None:
             self.telemetry.bump("auth_refusals")
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{req.request_id}: no such session is expected here")
+            # NOT_FOUND, not UNAUTHENTICATED: the sender may try again while its announce_wait_s lasts
+            context.abort(grpc.StatusCode.NOT_FOUND, f"{req.request_id}: no such session is expected here")
         err = s.open(req)
         if err is not None:
             if not (isinstance(err, AuthError) and s.state is not SessionState.ANNOUNCED):

@@ -52,6 +52,8 @@ from prfaas_plugin.transfer.telemetry import SenderTelemetry, tcp_info
 
 _GRPC_OPTS = [("grpc.max_send_message_length", 128 << 20), ("grpc.max_receive_message_length", 128 << 20)]
 _seq = itertools.count()
+#: Pause between Opens of a session the receiver has not announced yet.
+_KNOCK_PAUSE_S = 0.05
 
 
 class SendState(enum.Enum):
@@ -661,6 +663,17 @@ class GrpcTcpSender(TransferSender):
             self._handles.pop(h.seq, None)
         self.telemetry.finished(time.monotonic() - h.t0, err)
 
+    def _knock_again(self, h: _SendHandle, e: grpc.RpcError) -> bool:
+        """True when the receiver has not announced the session yet and ``announce_wait_s`` (and
+        the deadline) leave time for another Open; each refusal already waited the receiver's grace."""
+        if not hasattr(e, "code") or e.code() != grpc.StatusCode.NOT_FOUND or h.state is not SendState.OPENING:
+            return False
+        elapsed = time.monotonic() - h.t0
+        if elapsed + _KNOCK_PAUSE_S >= min(self.config.announce_wait_s, h.deadline_s):
+            return False
+        time.sleep(_KNOCK_PAUSE_S)
+        return h.state is SendState.OPENING
+
     def _control(self, h: _SendHandle) -> None:
         m = h.manifest
         planes = ["grpc"] if self.config.data_plane == "grpc" else ["tcp", "grpc"]
@@ -684,31 +697,38 @@ class GrpcTcpSender(TransferSender):
                 request_serializer=pb.OpenRequest.SerializeToString,
                 response_deserializer=pb.ReceiverEvent.FromString,
             )
-            call = stream(req, timeout=h.deadline_s)
-            with h.lock:
-                if h.state is not SendState.OPENING:
-                    call.cancel()
+            while True:
+                left = h.deadline_s - (time.monotonic() - h.t0)
+                try:
+                    call = stream(req, timeout=max(left, 0.001))
+                    with h.lock:
+                        if h.state is not SendState.OPENING:
+                            call.cancel()
+                            return
+                        h.call = call
+                    for ev in call:
+                        kind = ev.WhichOneof("event")
+                        if kind == "accepted":
+                            h.accepted(ev.accepted)
+                        elif kind == "item_done" and h.peer is not None:
+                            h.peer.confirmed_item(h, ev.item_done.item)
+                        elif kind == "resend" and h.peer is not None:
+                            h.peer.resend(h, ev.resend.item, ev.resend.offset)
+                        elif kind == "completed":
+                            h.complete()
+                            return
+                    h.fail(ProtocolError(f"{m.request_id}: session stream ended without completion"))
                     return
-                h.call = call
-            for ev in call:
-                kind = ev.WhichOneof("event")
-                if kind == "accepted":
-                    h.accepted(ev.accepted)
-                elif kind == "item_done" and h.peer is not None:
-                    h.peer.confirmed_item(h, ev.item_done.item)
-                elif kind == "resend" and h.peer is not None:
-                    h.peer.resend(h, ev.resend.item, ev.resend.offset)
-                elif kind == "completed":
-                    h.complete()
+                except grpc.RpcError as e:
+                    if self._knock_again(h, e):
+                        continue
+                    err = from_rpc_error(e, m.request_id)
+                    if isinstance(err, PeerGone) and self.config.tls is not None:
+                        why = tlsmod.probe_refusal(h.endpoint, self.config.tls)
+                        if why:
+                            err = AuthError(f"{m.request_id}: TLS handshake with {h.endpoint} refused: {why}")
+                    h.fail(err)
                     return
-            h.fail(ProtocolError(f"{m.request_id}: session stream ended without completion"))
-        except grpc.RpcError as e:
-            err = from_rpc_error(e, m.request_id)
-            if isinstance(err, PeerGone) and self.config.tls is not None:
-                why = tlsmod.probe_refusal(h.endpoint, self.config.tls)
-                if why:
-                    err = AuthError(f"{m.request_id}: TLS handshake with {h.endpoint} refused: {why}")
-            h.fail(err)
         except TransferError as e:
             h.fail(e)
         except Exception as e:  # never leave done unresolved
