@@ -227,3 +227,40 @@ def test_item_names_and_rank_ports():
     assert rank_port(0, 3) == 0 and rank_port(15600, 3) == 15603
     with pytest.raises(ValueError, match="past 65535"):
         rank_port(65535, 1)
+
+
+def test_an_idle_step_waits_for_a_transfer_instead_of_spinning(fabric):
+    """vLLM steps an engine that only waits for transfers in a tight loop; on such a step
+    (``meta.idle``) the worker waits up to ``idle_wait_ms`` for a session to finish, and not on a
+    step with work, nor once a transfer has finished, nor with the wait switched off."""
+    from prfaas_plugin.engines.vllm.meta import PrfaaSMetadata
+
+    prod, _ = _worker("p", Options(listen="127.0.0.1:17100"), producer=True, seed=1)
+    cons, _ = _worker("d", Options(listen="127.0.0.1:17100", idle_wait_ms=50), producer=False, seed=2)
+    waits: list[float] = []
+    real_wait = cons._progress.wait
+    cons._progress.wait = lambda timeout=None: waits.append(timeout) or False  # type: ignore[method-assign]
+    try:
+        cons.meta = PrfaaSMetadata(loads=[Transfer("r1", "xfer-1", TOKEN, 20.0, 10, ([1, 7, 3],))])
+        cons.start_load_kv()
+        cons.meta = PrfaaSMetadata(idle=False)
+        assert cons.transfer_results(set())[1] == set() and waits == []  # a busy step never waits
+        cons.meta = PrfaaSMetadata(idle=True)
+        assert cons.transfer_results(set())[1] == set() and waits == [0.05]  # load pending: waits
+        prod.meta.sends = [Transfer("r1", "xfer-1", TOKEN, 20.0, 10, ([5, 2, 9],), endpoint=cons.receiver.endpoint)]
+        prod.wait_for_save()
+        assert real_wait(20), "a finished load must wake an idle wait"
+        assert cons.transfer_results(set())[1] == {"r1"} and waits == [0.05]  # finished: no wait
+        assert cons.transfer_results(set())[1] == set() and waits == [0.05]  # nothing left: no wait
+    finally:
+        prod.shutdown()
+        cons.shutdown()
+    off, _ = _worker("d2", Options(listen="127.0.0.1:17100", idle_wait_ms=0), producer=False, seed=2)
+    try:
+        off._progress.wait = lambda timeout=None: waits.append(timeout) or False  # type: ignore[method-assign]
+        off.meta = PrfaaSMetadata(loads=[Transfer("r2", "xfer-2", TOKEN, 20.0, 10, ([1],))], idle=True)
+        off.start_load_kv()
+        off.transfer_results(set())
+        assert waits == [0.05], "idle_wait_ms=0 must keep vLLM's own loop"
+    finally:
+        off.shutdown()

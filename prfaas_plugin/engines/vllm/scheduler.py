@@ -90,6 +90,7 @@ class SchedulerSide:
         meta, self._meta = self._meta, PrfaaSMetadata()
         meta.loads.extend(self._pending_loads.values())
         self._pending_loads.clear()
+        meta.idle = not so.total_num_scheduled_tokens
         sched = so.num_scheduled_tokens
         for rid, p in list(self._params.items()):
             if p.role != "producer" or rid in self._sent or rid not in sched:
