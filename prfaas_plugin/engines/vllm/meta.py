@@ -23,3 +23,5 @@ class Transfer:
 class PrfaaSMetadata(KVConnectorMetadata):
     sends: list[Transfer] = field(default_factory=list)
     loads: list[Transfer] = field(default_factory=list)
+    #: consumer: request ids whose pending load to stop now (their offloaded prefill failed)
+    aborts: list[str] = field(default_factory=list)

@@ -391,6 +391,11 @@ class WorkerSide:
                         h.abort(f"another session of the load failed: {exc}")
 
             self._loads[t.req_id] = _Load(_all_of([h.done for h in hs], abort_rest), t, time.monotonic(), hs)
+        for rid in self.meta.aborts:  # decode-initiated offloads whose remote prefill failed
+            ld = self._loads.get(rid)
+            for h in ld.handles if ld is not None else ():
+                if not h.done.done():
+                    h.abort("the offloaded prefill failed; prefilling locally")
 
     # -- completion ----------------------------------------------------------------------------
     def transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
