@@ -81,7 +81,8 @@ class SchedulerSide:
             self._job = Job
             self.offload = Offloader(oo, vllm_config.cache_config.block_size)
             log.info(
-                "prfaas: deciding offloads here: t=%.0f tokens%s, PrfaaS instances %s, KV to %s",
+                "prfaas: deciding offloads here (block size %d): t=%.0f tokens%s, PrfaaS instances %s, KV to %s",
+                vllm_config.cache_config.block_size,
                 oo.threshold_tokens,
                 f" until {oo.threshold_url} answers" if oo.threshold_url else "",
                 ", ".join(oo.prefill_urls),
