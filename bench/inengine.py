@@ -67,7 +67,7 @@ def _side(offload: bool) -> Any:
     return SchedulerSide(cfg, kv, Options.from_extra(extra))
 
 
-def bench_decision(n: int) -> str:
+def bench_decision(n: int, gap_s: float) -> str:
     from vllm import SamplingParams
     from vllm.v1.request import Request
 
@@ -84,7 +84,7 @@ def bench_decision(n: int) -> str:
         ]
         times: list[float] = []
         clock = time.perf_counter_ns
-        for i, r in enumerate(reqs):
+        for r in reqs:
             computed = (rng.randint(0, r.num_prompt_tokens - 1) // 16) * 16
             t0 = clock()
             side.may_load_async(r)
@@ -94,13 +94,14 @@ def bench_decision(n: int) -> str:
             side.request_finished(r, ([],))
             times.append((clock() - t0) / 1e3)
             assert got == (0, False)
+            time.sleep(gap_s)  # requests arrive over time: the background thread's polls fall among them
         side.shutdown()
         per[label] = times
         rows.append((label, statistics.median(times), _pct(times, 0.99), _pct(times, 0.999), max(times)))
     added_p99 = _pct(per["offload on"], 0.99) - _pct(per["offload off"], 0.99)
     out = [
-        f"{n:,} local requests (prompts 64-8000 tokens, random whole-block prefix hits, t = 8192): time in "
-        "the connector's scheduler hooks per request, in microseconds",
+        f"{n:,} local requests, one every {gap_s * 1e3:g} ms (prompts 64-8000 tokens, random whole-block prefix "
+        "hits, t = 8192): time in the connector's scheduler hooks per request, in microseconds",
         "",
         "| connector | p50 us | p99 us | p99.9 us | max us |",
         "|---|---|---|---|---|",
@@ -217,6 +218,7 @@ def main() -> int:
     sub = ap.add_subparsers(dest="what", required=True)
     d = sub.add_parser("decision")
     d.add_argument("--requests", type=int, default=20000)
+    d.add_argument("--gap-ms", type=float, default=0.5, help="pause between requests (outside the timing)")
     a = sub.add_parser("accuracy")
     a.add_argument("--requests", type=int, default=4000)
     a.add_argument("--blocks", type=int, default=4096)
@@ -226,7 +228,7 @@ def main() -> int:
     d.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
     if args.what == "decision":
-        body = bench_decision(args.requests)
+        body = bench_decision(args.requests, args.gap_ms / 1e3)
         title = "In-engine offload decision: time added to a local request (vLLM connector)"
         notes = (
             "bench/inengine.py decision: the connector's scheduler hooks per request, offload off vs on "
