@@ -62,7 +62,7 @@ class ThresholdSource:
     def __init__(self, fallback: float, stale_s: float, clock: Any = time.monotonic) -> None:
         self.fallback, self.stale_s, self.clock = float(fallback), stale_s, clock
         self._reading: tuple[float, float] | None = None  # (tokens, read at); one tuple: atomic swap
-        self._was_fresh = False
+        self._was_fresh: bool | None = None  # None: not told yet (the first state is logged too)
 
     def set(self, tokens: float, at: float | None = None) -> None:
         self._reading = (float(tokens), self.clock() if at is None else at)
@@ -81,7 +81,8 @@ class ThresholdSource:
                 log.info("prfaas offload: threshold now read from the router")
             else:
                 log.warning(
-                    "prfaas offload: no threshold from the router for %.0f s; using the fixed %.0f tokens",
+                    "prfaas offload: no fresh threshold from the router (none read in the last %.0f s); "
+                    "using the fixed %.0f tokens",
                     self.stale_s,
                     self.fallback,
                 )
