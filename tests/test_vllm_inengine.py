@@ -188,7 +188,8 @@ def test_prfaas_killed_mid_run_every_request_answers_locally(fleet):
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
     offloaded0 = _decisions(fleet.local, "offload")[0]
     up0 = fleet.proxy.stats.bytes_up
-    # 4 KiB into the transfers the data path goes silent: the offloaded requests wait mid-transfer
+    # 4 KiB into the transfers the data path goes silent (held, not forwarded, until the end of the
+    # test's kill: the bytes the PrfaaS instance wrote before dying must not land afterwards)
     fleet.proxy.set_fault(FaultPlan(FaultKind.BLACKHOLE, after_bytes=4096, per_connection=False))
     try:
         for th in threads:
@@ -201,18 +202,19 @@ def test_prfaas_killed_mid_run_every_request_answers_locally(fleet):
             time.sleep(0.1)
         assert fleet.proxy.stats.bytes_up > up0, "no transfer started"
         time.sleep(1.0)
-        assert sum(1 for th in threads[:4] if th.is_alive()) >= 1, "every offloaded request was done before the kill"
         in_flight = sum(1 for th in threads[:4] if th.is_alive())
+        assert in_flight >= 1, "every offloaded request was done before the kill"
         fleet.sup.stop("prfaas", grace_s=0)  # SIGTERM then SIGKILL at once: the instance is gone mid-run
         t_kill = time.monotonic()
+        for th in threads:
+            th.join(timeout=120)
+        answered_in = time.monotonic() - t_kill
     finally:
         fleet.proxy.set_fault(FaultPlan())
-    for th in threads:
-        th.join(timeout=120)
-    answered_in = time.monotonic() - t_kill
     for i, p in enumerate(prompts):
         assert answers.get(i) == refs[i], f"request {i}: {answers.get(i)!r}"
-    assert answered_in < 30, f"the requests waited {answered_in:.1f} s: longer than the 30 s deadline"
+    # at the latest, a load whose sender vanished fails at its 30 s deadline; then the prefill here
+    assert answered_in < 30 + 20, f"the requests waited {answered_in:.1f} s after the kill"
     # a request after the failure: PrfaaS left out, prefilled here at once
     assert complete(fleet.local, late) == late_ref
     # the loads the kill cut off are counted as failed loads, the late request's offload (to a
