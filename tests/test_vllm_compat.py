@@ -5,8 +5,8 @@ first on ``sys.path``; see the Makefile).
 Checked without a GPU: every abstract method of that release's ``KVConnectorBase_V1`` is implemented
 with the same parameters, and the scheduler half is driven through that release's real
 ``Scheduler`` (built the way vLLM's ``tests/v1/kv_connector/unit/utils.py`` builds one) for a
-request that loads remotely, one whose load fails and is recomputed, an abort mid-load, and the
-producer's N-1 backoff. The worker half needs a running model and is covered on 0.32 only
+request that loads remotely, one whose load fails and is recomputed, an abort mid-load, the
+producer's N-1 backoff, and the in-engine offload decision (``offload``) with a failed remote prefill. The worker half needs a running model and is covered on 0.32 only
 (``test_vllm_pd.py``, real servers on CPU): vLLM 0.33/0.34 ship no CPU build.
 """
 
@@ -94,7 +94,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def make_scheduler(model_dir: Path, role: str, **sched_kw):
+def make_scheduler(model_dir: Path, role: str, extra: dict | None = None, **sched_kw):
     import torch
     from vllm.config import CacheConfig, DeviceConfig, KVTransferConfig, ModelConfig, SchedulerConfig, VllmConfig
     from vllm.v1.core.sched.scheduler import Scheduler
@@ -116,6 +116,7 @@ def make_scheduler(model_dir: Path, role: str, **sched_kw):
             kv_connector="PrfaaSConnector",
             kv_connector_module_path="prfaas_plugin.engines.vllm.connector",
             kv_role=role,
+            kv_connector_extra_config=extra or {},
         ),
         device_config=DeviceConfig("cpu"),
     )
@@ -137,7 +138,7 @@ def make_scheduler(model_dir: Path, role: str, **sched_kw):
     )
 
 
-def make_request(rid: str, n_prompt: int, params: dict | None):
+def make_request(rid: str, n_prompt: int, params: dict | None, first: int = 3):
     from vllm import SamplingParams
     from vllm.utils.hashing import sha256
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
@@ -148,7 +149,7 @@ def make_request(rid: str, n_prompt: int, params: dict | None):
     sp.extra_args = {"kv_transfer_params": params} if params is not None else None
     return Request(
         request_id=rid,
-        prompt_token_ids=[(7 * i + 3) % 500 for i in range(n_prompt)],
+        prompt_token_ids=[(7 * i + first) % 500 for i in range(n_prompt)],
         sampling_params=sp,
         pooling_params=None,
         block_hasher=get_request_block_hasher(BLOCK, sha256),
@@ -275,3 +276,71 @@ def test_consumer_loads_count_against_the_inflight_limit(model_dir):
     assert [t.req_id for t in out.kv_connector_metadata.loads] == ["d1"], "the limit of 1 was not applied"
     s.add_request(make_request("plain", 8, None))
     assert s.connector.may_load_async(s.requests["plain"]) is False
+
+
+def test_in_engine_offload_through_the_real_scheduler(model_dir):
+    """The ``offload`` option: the decision sees this release's exact prefix hit; a local request
+    is scheduled at once, an offloaded one waits for its KV, and a failed remote prefill (here an
+    unreachable PrfaaS instance) stops the load so the request is recomputed locally."""
+    import time
+
+    from vllm.v1.request import RequestStatus
+
+    from prfaas_plugin.demo.ports import free_port
+
+    offload = {
+        "prefill_urls": [f"http://127.0.0.1:{free_port()}"],  # nobody listens
+        "kv_endpoint": "127.0.0.1:15600",
+        "threshold_tokens": 30,
+        "load_scrape_s": 0,
+    }
+    s = make_scheduler(model_dir, "kv_consumer", extra={"offload": offload})
+    side = s.connector._sched
+
+    def last_decision() -> list:
+        """This step's decision, read before update_from_output hands the stats to vLLM."""
+        return side.stats.data["offload_decisions"][-1][:3]
+
+    try:
+        free0 = free_blocks(s)
+        # 24 tokens, cold: local; its first block enters the prefix cache
+        w = make_request("w", 24, None)
+        s.add_request(w)
+        out = s.schedule()
+        assert out.num_scheduled_tokens == {"w": 24}
+        assert last_decision() == ["local", "within_threshold", 24]
+        s.update_from_output(out, runner_output(out, {"w": [1]}))
+        s.finish_requests("w", RequestStatus.FINISHED_ABORTED)
+        # 40 tokens sharing that block: 16 cached, 24 uncached <= 30: local, only the rest computed
+        x = make_request("x", 40, None)
+        s.add_request(x)
+        out = s.schedule()
+        assert out.num_scheduled_tokens == {"x": 24}
+        assert last_decision() == ["local", "within_threshold", 24]  # the exact hit: 40 - 16
+        s.update_from_output(out, runner_output(out, {"x": [2]}))
+        s.finish_requests("x", RequestStatus.FINISHED_ABORTED)
+        # 40 cold tokens: offloaded, waits for its KV
+        lreq = make_request("l", 40, None, first=5)
+        s.add_request(lreq)
+        out = s.schedule()
+        assert lreq.status == RequestStatus.WAITING_FOR_REMOTE_KVS and not out.num_scheduled_tokens
+        (load,) = out.kv_connector_metadata.loads
+        assert load.num_tokens == 39 and load.num_local_tokens == 0
+        assert last_decision() == ["offload", "above_threshold", 40]
+        deadline = time.monotonic() + 10
+        while not side.offload.failed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        s.update_from_output(out, runner_output(out, {}))
+        out = s.schedule()
+        assert out.kv_connector_metadata.aborts == ["l"], "the load of a failed offload was not stopped"
+        # the worker aborts the receive and reports the load failed: vLLM recomputes the prompt
+        bad = set(load.block_ids[0])
+        s.update_from_output(out, runner_output(out, {}, finished_recving={"l"}, invalid_block_ids=bad))
+        out = s.schedule()
+        assert out.num_scheduled_tokens == {"l": 40}
+        s.update_from_output(out, runner_output(out, {"l": [3]}))
+        assert lreq.status == RequestStatus.RUNNING and list(lreq.output_token_ids) == [3]
+        s.finish_requests("l", RequestStatus.FINISHED_ABORTED)
+        assert free_blocks(s) == free0, "blocks leaked"
+    finally:
+        side.shutdown()

@@ -124,6 +124,25 @@ VLLM_KV_LOAD_FAILURES = _c(
 VLLM_KV_SENT_BYTES = _c("vllm:prfaas_kv_sent_bytes", "KV bytes the receiver confirmed (producer side)")
 VLLM_KV_SEND_FAILURES = _c("vllm:prfaas_kv_send_failures", "Producer transfers that failed; their blocks were freed")
 VLLM_KV_LOAD_SECONDS = _h("vllm:prfaas_kv_load_seconds", "Time from announcing a KV load to its last byte landing")
+VLLM_OFFLOAD_DECISIONS = _c(
+    "vllm:prfaas_offload_decisions",
+    "In-engine offload decisions (option offload) by decision (offload, local) and reason",
+    "decision",
+    "reason",
+)
+VLLM_OFFLOAD_UNCACHED_TOKENS = _h(
+    "vllm:prfaas_offload_uncached_tokens",
+    "Exact uncached prompt length at the in-engine decision (prompt minus this instance's prefix-cache hit), "
+    "by decision",
+    "decision",
+)
+VLLM_OFFLOAD_THRESHOLD = _g("vllm:prfaas_offload_threshold_tokens", "The threshold t the last in-engine decision used")
+VLLM_OFFLOAD_FAILURES = _c(
+    "vllm:prfaas_offload_failures",
+    "Offloaded prefills that failed (unreachable, timeout, connection_lost, http_error, transfer_failed, "
+    "no_instance, error); the request prefilled locally",
+    "kind",
+)
 
 VLLM = (
     VLLM_KV_LOADS,
@@ -132,6 +151,10 @@ VLLM = (
     VLLM_KV_SENT_BYTES,
     VLLM_KV_SEND_FAILURES,
     VLLM_KV_LOAD_SECONDS,
+    VLLM_OFFLOAD_DECISIONS,
+    VLLM_OFFLOAD_UNCACHED_TOKENS,
+    VLLM_OFFLOAD_THRESHOLD,
+    VLLM_OFFLOAD_FAILURES,
 )
 
 # -- the SGLang backend (engines/sglang/metrics.py), on SGLang's /metrics with --enable-metrics --

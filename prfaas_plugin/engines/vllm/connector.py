@@ -42,7 +42,7 @@ class PrfaaSConnector(KVConnectorBase_V1, SupportsHMA):
 
             # vLLM reads the policy right after building the connector: apply ours (recompute)
             ktc.kv_load_failure_policy = self.opts.kv_load_failure_policy
-            self._sched = SchedulerSide(vllm_config, kv_cache_config)
+            self._sched = SchedulerSide(vllm_config, kv_cache_config, self.opts)
         else:
             from prfaas_plugin.engines.vllm.worker import WorkerSide
 
@@ -157,7 +157,11 @@ class PrfaaSConnector(KVConnectorBase_V1, SupportsHMA):
 
     # ---------------- telemetry (worker -> scheduler -> API server's /metrics) ----------------
     def get_kv_connector_stats(self) -> Any:
-        return self._worker.take_stats() if self._worker is not None else None
+        """The worker's transfers, or on the scheduler side its offload decisions (vLLM merges
+        both into one stats object per step)."""
+        if self._worker is not None:
+            return self._worker.take_stats()
+        return self._sched.take_stats() if self._sched is not None else None
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> Any:
@@ -180,6 +184,8 @@ class PrfaaSConnector(KVConnectorBase_V1, SupportsHMA):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
+        if self._sched is not None:
+            self._sched.shutdown()
 
 
 #: ``kv_connector_module_path`` looks the class up by the ``kv_connector`` name: accept both.

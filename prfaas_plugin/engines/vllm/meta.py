@@ -26,3 +26,5 @@ class PrfaaSMetadata(KVConnectorMetadata):
     #: no token is scheduled this step: the engine is only polling for transfers, so the worker
     #: may wait a moment for one to finish instead of letting the engine loop spin a core
     idle: bool = False
+    #: consumer: request ids whose pending load to stop now (their offloaded prefill failed)
+    aborts: list[str] = field(default_factory=list)

@@ -7,7 +7,75 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from prfaas_plugin.protocol.requests import MAX_DEADLINE_S
 from prfaas_plugin.transfer.binding import EndpointSpec, TlsOptions
+
+
+def _check_hostport(v: str) -> str:
+    host, _, port = v.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"must be 'host:port', got {v!r}")
+    return v
+
+
+class OffloadOptions(BaseModel):
+    """``offload``: decode-initiated offload (engines/vllm/offload.py). A consumer that has it
+    decides per request, from its own prefix-cache hit, whether a PrfaaS prefill instance
+    prefills the prompt and pushes the KV here. Defaults are what docs/vllm.md documents."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: base URLs of the PrfaaS prefill instances (vLLM with the prfaas connector, kv_producer
+    #: or kv_both), e.g. ``http://prfaas-0:8000``
+    prefill_urls: list[str] = Field(min_length=1)
+    #: this instance's transfer receiver as those instances dial it (``host:port``), what the
+    #: router calls ``kv_endpoint``
+    kv_endpoint: str
+    #: t in tokens while no router answers (or none is configured): uncached prompt tokens
+    #: above it are offloaded
+    threshold_tokens: float = Field(default=4096, ge=0)
+    #: a ``prfaas router`` base URL whose ``GET /admin/threshold`` gives the fleet's t
+    threshold_url: str | None = None
+    #: name of the environment variable holding the router's admin key (Bearer); unset: no key
+    threshold_key_env: str | None = None
+    #: seconds between threshold reads
+    threshold_refresh_s: float = Field(default=2.0, gt=0)
+    #: a threshold read longer ago than this is stale: ``threshold_tokens`` applies again
+    threshold_stale_s: float = Field(default=30.0, gt=0)
+    #: seconds the remote prefill and the transfer may take together; past it the request
+    #: prefills here (it is the transfer's ``deadline_s`` and the prefill request's timeout)
+    deadline_s: float = Field(default=30.0, gt=0, le=MAX_DEADLINE_S)
+    #: offloads open at once per PrfaaS instance; beyond it a request stays local
+    max_inflight: int = Field(default=32, ge=1)
+    #: seconds an instance that failed to answer is left out before it is tried again
+    retry_after_s: float = Field(default=5.0, gt=0)
+    #: seconds between reads of the PrfaaS instances' queue gauges (their /metrics), the load
+    #: the choice between them uses; 0 = count only this instance's own offloads
+    load_scrape_s: float = Field(default=2.0, ge=0)
+    #: name of the environment variable holding the PrfaaS instances' ``--api-key``, if any
+    api_key_env: str | None = None
+    #: the model name to send the PrfaaS instances (None: their only served model)
+    model: str | None = None
+
+    @field_validator("kv_endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        return _check_hostport(v)
+
+    @field_validator("prefill_urls")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        for u in v:
+            if not u.startswith(("http://", "https://")):
+                raise ValueError(f"prefill_urls: {u!r} is not an http(s) URL")
+        return [u.rstrip("/") for u in v]
+
+    @field_validator("threshold_url")
+    @classmethod
+    def _router(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"threshold_url: {v!r} is not an http(s) URL")
+        return None if v is None else v.rstrip("/")
 
 
 class Options(BaseModel):
@@ -49,16 +117,13 @@ class Options(BaseModel):
     #: that keeps a core busy the whole transfer; a finished transfer ends the wait at once. A new
     #: request is scheduled at most this late. 0 = never wait (vLLM's own busy loop).
     idle_wait_ms: float = Field(default=5.0, ge=0, le=100)
+    #: consumer: decide offloads here (see :class:`OffloadOptions`); None = only the router does
+    offload: OffloadOptions | None = None
 
     @field_validator("listen", "advertise_data")
     @classmethod
     def _hostport(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        host, _, port = v.rpartition(":")
-        if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-            raise ValueError(f"must be 'host:port', got {v!r}")
-        return v
+        return v if v is None else _check_hostport(v)
 
     @model_validator(mode="after")
     def _tls_pairs(self) -> Options:

@@ -20,7 +20,18 @@ from vllm.v1.metrics.utils import create_metric_per_engine
 from prfaas_plugin.protocol import metrics as M
 from prfaas_plugin.protocol.metrics import MetricSpec
 
-_KEYS = ("load_bytes", "load_seconds", "load_failures", "sent_bytes", "send_failures")
+_KEYS = (
+    "load_bytes",
+    "load_seconds",
+    "load_failures",
+    "sent_bytes",
+    "send_failures",
+    # scheduler side, decode-initiated offload: [decision, reason, uncached tokens, t] each
+    "offload_decisions",
+    "offload_failures",
+)
+#: Bucket bounds of the uncached-length histogram (tokens).
+UNCACHED_BUCKETS = [64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144]
 
 
 @dataclass
@@ -49,6 +60,13 @@ class PrfaaSConnectorStats(KVConnectorStats):
     def record_send_failure(self, error: str) -> None:
         self.data["send_failures"].append(error)
 
+    # -- recording (scheduler side) --------------------------------------------------------------
+    def record_decision(self, decision: str, reason: str, uncached: int, threshold: float) -> None:
+        self.data["offload_decisions"].append([decision, reason, int(uncached), float(threshold)])
+
+    def record_offload_failure(self, kind: str) -> None:
+        self.data["offload_failures"].append(kind)
+
     def clone_and_reset(self) -> PrfaaSConnectorStats:
         out = PrfaaSConnectorStats(data={k: list(v) for k, v in self.data.items()})
         self.reset()
@@ -75,6 +93,12 @@ class PrfaaSConnectorStats(KVConnectorStats):
         }
         for name, n in sorted(_Tally(self.data["load_failures"]).items()):
             out[f"Load failures: {name}"] = n
+        decisions = self.data.get("offload_decisions", [])
+        if decisions:
+            out["Offloaded here"] = sum(1 for d in decisions if d[0] == "offload")
+            out["Kept local here"] = sum(1 for d in decisions if d[0] != "offload")
+        if self.data.get("offload_failures"):
+            out["Offload failures (prefilled locally)"] = len(self.data["offload_failures"])
         return out
 
 
@@ -109,6 +133,35 @@ class PrfaaSPromMetrics(KVConnectorPromMetrics):
             labelnames=labelnames,
         )
         self.load_seconds: dict[int, Any] = create_metric_per_engine(hist, per_engine_labelvalues)
+        # series with labels of their own beyond the engine's: children made per observation
+        self._engine_labels = per_engine_labelvalues
+        counter_cls: Any = self._counter_cls  # vLLM types these as a union of metric classes
+        gauge_cls: Any = self._gauge_cls
+        self.decisions = counter_cls(
+            name=M.VLLM_OFFLOAD_DECISIONS.name,
+            documentation=M.VLLM_OFFLOAD_DECISIONS.help,
+            labelnames=[*labelnames, *M.VLLM_OFFLOAD_DECISIONS.labels],
+        )
+        self.uncached = histogram_cls(
+            name=M.VLLM_OFFLOAD_UNCACHED_TOKENS.name,
+            documentation=M.VLLM_OFFLOAD_UNCACHED_TOKENS.help,
+            buckets=UNCACHED_BUCKETS,
+            labelnames=[*labelnames, *M.VLLM_OFFLOAD_UNCACHED_TOKENS.labels],
+        )
+        self.offload_failures = counter_cls(
+            name=M.VLLM_OFFLOAD_FAILURES.name,
+            documentation=M.VLLM_OFFLOAD_FAILURES.help,
+            labelnames=[*labelnames, *M.VLLM_OFFLOAD_FAILURES.labels],
+        )
+        self.threshold: dict[int, Any] = create_metric_per_engine(
+            gauge_cls(
+                name=M.VLLM_OFFLOAD_THRESHOLD.name,
+                documentation=M.VLLM_OFFLOAD_THRESHOLD.help,
+                labelnames=labelnames,
+                multiprocess_mode="mostrecent",
+            ),
+            per_engine_labelvalues,
+        )
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         d = transfer_stats_data
@@ -123,3 +176,10 @@ class PrfaaSPromMetrics(KVConnectorPromMetrics):
             self.sent_bytes[engine_idx].inc(sum(d["sent_bytes"]))
         if d.get("send_failures"):
             self.send_failures[engine_idx].inc(len(d["send_failures"]))
+        engine = self._engine_labels.get(engine_idx, [])
+        for decision, reason, uncached, threshold in d.get("offload_decisions", []):
+            self.decisions.labels(*engine, decision, reason).inc()
+            self.uncached.labels(*engine, decision).observe(uncached)
+            self.threshold[engine_idx].set(threshold)
+        for kind in d.get("offload_failures", []):
+            self.offload_failures.labels(*engine, kind).inc()

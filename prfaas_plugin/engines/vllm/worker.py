@@ -397,6 +397,11 @@ class WorkerSide:
             done = _all_of([h.done for h in hs], abort_rest)
             done.add_done_callback(self._wake)
             self._loads[t.req_id] = _Load(done, t, time.monotonic(), hs)
+        for rid in self.meta.aborts:  # decode-initiated offloads whose remote prefill failed
+            ld = self._loads.get(rid)
+            for h in ld.handles if ld is not None else ():
+                if not h.done.done():
+                    h.abort("the offloaded prefill failed; prefilling locally")
 
     # -- completion ----------------------------------------------------------------------------
     def _wake(self, _: object) -> None:
