@@ -122,8 +122,8 @@ def bench_accuracy(n: int, num_blocks: int, lags: tuple[int, ...], t: int, concu
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
     from vllm.v1.request import Request
 
+    from prfaas_plugin.fleet.prefix_index import PrefixIndex
     from prfaas_plugin.router.events import apply_payload
-    from prfaas_plugin.router.prefix_index import PrefixIndex
 
     bs = 16
     init_none_hash(sha256)

@@ -559,8 +559,8 @@ def test_kv_events_feed_the_prefix_index() -> None:
     import msgspec
     from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVEventBatch
 
+    from prfaas_plugin.fleet.prefix_index import PrefixIndex
     from prfaas_plugin.router.events import apply_payload
-    from prfaas_plugin.router.prefix_index import PrefixIndex
 
     idx = PrefixIndex(block_size=4)
     tokens = list(range(12))
@@ -895,8 +895,9 @@ def test_recent_share_matches_a_recount_of_its_window() -> None:
 
 # -- egress from the producers' own counters -------------------------------------------------------
 def test_counter_total_sums_every_label_set_and_ignores_look_alikes() -> None:
+    from prfaas_plugin.fleet.engine_metrics import counter_total
     from prfaas_plugin.protocol.metrics import SGLANG_KV_SENT_BYTES, VLLM_KV_SENT_BYTES
-    from prfaas_plugin.router.egress import counter_total, sent_bytes_total
+    from prfaas_plugin.router.egress import sent_bytes_total
 
     SENT_BYTES, base = VLLM_KV_SENT_BYTES.exposed, VLLM_KV_SENT_BYTES.name
     text = (

@@ -147,8 +147,8 @@ def test_engine_load_counts_the_whole_fleet_and_goes_stale(tiny_tokenizer, tiny_
 
 
 def test_queue_gauges_parse_for_both_engines() -> None:
+    from prfaas_plugin.fleet.engine_metrics import engine_queue
     from prfaas_plugin.protocol import metrics as M
-    from prfaas_plugin.router.engine_load import engine_queue
 
     v = f'{M.ENGINE_VLLM_RUNNING.exposed}{{engine="0"}} 3\n{M.ENGINE_VLLM_RUNNING.exposed}{{engine="1"}} 1\n'
     v += f'{M.ENGINE_VLLM_WAITING.exposed}{{engine="0"}} 2\n'

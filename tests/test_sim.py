@@ -11,8 +11,8 @@ import pytest
 import simpy
 import yaml
 
+from prfaas_plugin.fleet.prefix_index import PrefixIndex
 from prfaas_plugin.router import policy
-from prfaas_plugin.router.prefix_index import PrefixIndex
 from prfaas_plugin.sim import SimConfigError, load_simulation, run_all
 from prfaas_plugin.sim.link import SharedLink
 from prfaas_plugin.sim.run import planned_rates

@@ -15,31 +15,11 @@ profile).
 
 from __future__ import annotations
 
+from prfaas_plugin.fleet.engine_metrics import counter_total
 from prfaas_plugin.protocol import metrics as M
 
 #: The producers' confirmed-bytes counters as they appear on /metrics (vLLM first).
 SENT_BYTES = tuple(m.exposed for m in M.SENT_BYTES)
-
-
-def counter_total(text: str, name: str) -> float | None:
-    """The sum of a counter's samples over all its label sets in a Prometheus text exposition,
-    or None if it has none. A line scan, not a full parser: an engine's /metrics runs to tens
-    of KB of histograms, and this runs on the router's event loop."""
-    total, found = 0.0, False
-    for line in text.splitlines():
-        if not line.startswith(name):
-            continue
-        rest = line[len(name) :]
-        if rest.startswith("{"):
-            rest = rest[rest.rfind("}") + 1 :]
-        elif not rest[:1].isspace():
-            continue  # another metric whose name starts the same way
-        try:
-            total += float(rest.split()[0])
-            found = True
-        except (ValueError, IndexError):
-            continue
-    return total if found else None
 
 
 def sent_bytes_total(text: str) -> float | None:

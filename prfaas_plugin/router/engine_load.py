@@ -19,25 +19,11 @@ from __future__ import annotations
 import logging
 import time
 
-from prfaas_plugin.protocol import metrics as M
-from prfaas_plugin.router.egress import counter_total
+from prfaas_plugin.fleet.engine_metrics import engine_queue
 from prfaas_plugin.router.instances import Instance
 from prfaas_plugin.router.upstream import Upstream, UpstreamError
 
 log = logging.getLogger("prfaas.router")
-
-#: (running, waiting) sample names per engine as they appear on /metrics, vLLM first.
-QUEUE_GAUGES = tuple((r.exposed, w.exposed) for r, w in M.ENGINE_QUEUE)
-
-
-def engine_queue(text: str) -> int | None:
-    """Running + waiting requests from an engine's /metrics text (summed over label sets, e.g.
-    one per data-parallel engine), or None if it exports neither engine's gauges."""
-    for running, waiting in QUEUE_GAUGES:
-        r, w = counter_total(text, running), counter_total(text, waiting)
-        if r is not None or w is not None:
-            return int((r or 0) + (w or 0))
-    return None
 
 
 async def read_load(client: Upstream, inst: Instance, timeout_s: float, now: float | None = None) -> bool:

@@ -14,7 +14,7 @@ import logging
 import threading
 from typing import Any
 
-from prfaas_plugin.router.prefix_index import PrefixIndex
+from prfaas_plugin.fleet.prefix_index import PrefixIndex
 
 log = logging.getLogger("prfaas.router")
 

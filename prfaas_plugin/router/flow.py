@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from prfaas_plugin.fleet.prefix_index import PrefixIndex
 from prfaas_plugin.protocol.requests import producer_outcome
 from prfaas_plugin.router.asgi import Reply
 from prfaas_plugin.router.config import RouterConfig
@@ -29,7 +30,6 @@ from prfaas_plugin.router.lease import Lease
 from prfaas_plugin.router.metrics import RouterMetrics
 from prfaas_plugin.router.pd import PDProtocol, fans_out, warmup_body
 from prfaas_plugin.router.policy import Decision
-from prfaas_plugin.router.prefix_index import PrefixIndex
 from prfaas_plugin.router.records import Record
 from prfaas_plugin.router.replies import engine_gave_up, error_reply
 from prfaas_plugin.router.threshold import ThresholdController

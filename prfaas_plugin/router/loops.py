@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from prfaas_plugin.fleet.prefix_index import PrefixIndex
 from prfaas_plugin.router.config import RouterConfig
 from prfaas_plugin.router.egress import SENT_BYTES, EgressMeter, sent_bytes_total
 from prfaas_plugin.router.engine_load import read_load
@@ -13,7 +14,6 @@ from prfaas_plugin.router.gcpace import GcPacer
 from prfaas_plugin.router.instances import Fleet, Instance
 from prfaas_plugin.router.metrics import RouterMetrics
 from prfaas_plugin.router.peers import new_replica_id, peers_loop
-from prfaas_plugin.router.prefix_index import PrefixIndex
 from prfaas_plugin.router.rebalance import SplitApplier
 from prfaas_plugin.router.threshold import ThresholdController
 from prfaas_plugin.router.upstream import Upstream, UpstreamError

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from prfaas_plugin.fleet.prefix_index import PrefixIndex
 from prfaas_plugin.router.instances import Fleet, Instance
-from prfaas_plugin.router.prefix_index import PrefixIndex
 
 Route = Literal["prfaas", "local"]
 

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+from prfaas_plugin.fleet.prefix_index import PrefixIndex
 from prfaas_plugin.router.instances import Fleet, Instance
-from prfaas_plugin.router.prefix_index import PrefixIndex
 from prfaas_plugin.router.threshold import SplitAdvice
 from prfaas_plugin.router.upstream import Upstream, UpstreamError
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from prfaas_plugin.fleet.prefix_index import PrefixIndex
 from prfaas_plugin.router.asgi import (
     BodyTooLarge,
     ClientGone,
@@ -37,7 +38,6 @@ from prfaas_plugin.router.loops import ControlLoops
 from prfaas_plugin.router.metrics import RouterMetrics
 from prfaas_plugin.router.pd import needs_prompt_logprobs, pd_protocol
 from prfaas_plugin.router.policy import Decision, NoInstance, bandwidth_mode, decide, prfaas_overloaded
-from prfaas_plugin.router.prefix_index import PrefixIndex
 from prfaas_plugin.router.rebalance import SplitApplier
 from prfaas_plugin.router.records import RecentShare, Record, RecordBook
 from prfaas_plugin.router.replies import ClientError, error_reply, router_fault

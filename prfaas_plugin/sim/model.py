@@ -15,12 +15,12 @@ from typing import Literal
 import numpy as np
 import simpy
 
+from prfaas_plugin.fleet.prefix_index import PrefixIndex
 from prfaas_plugin.planner.config import PlannerConfig
 from prfaas_plugin.planner.profile import Profile
 from prfaas_plugin.router import policy, rebalance
 from prfaas_plugin.router.config import ThresholdSpec
 from prfaas_plugin.router.instances import Fleet, Instance
-from prfaas_plugin.router.prefix_index import PrefixIndex
 from prfaas_plugin.router.threshold import ThresholdController
 from prfaas_plugin.sim.config import SimulationSpec
 from prfaas_plugin.sim.link import SharedLink

@@ -35,9 +35,9 @@ from typing import Any
 import httpx
 
 from prfaas_plugin.engines.vllm.options import OffloadOptions
+from prfaas_plugin.fleet.engine_metrics import engine_queue
+from prfaas_plugin.fleet.prefix_index import PrefixIndex
 from prfaas_plugin.protocol.requests import producer_outcome
-from prfaas_plugin.router.engine_load import engine_queue
-from prfaas_plugin.router.prefix_index import PrefixIndex
 
 log = logging.getLogger("vllm.prfaas")  # child of vLLM's logger: same handlers and format
 
