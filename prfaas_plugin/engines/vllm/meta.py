@@ -23,8 +23,5 @@ class Transfer:
 class PrfaaSMetadata(KVConnectorMetadata):
     sends: list[Transfer] = field(default_factory=list)
     loads: list[Transfer] = field(default_factory=list)
-    #: no token is scheduled this step: the engine is only polling for transfers, so the worker
-    #: may wait a moment for one to finish instead of letting the engine loop spin a core
-    idle: bool = False
     #: consumer: request ids whose pending load to stop now (their offloaded prefill failed)
     aborts: list[str] = field(default_factory=list)

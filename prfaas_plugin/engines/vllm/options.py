@@ -112,11 +112,6 @@ class Options(BaseModel):
     tls_ca: str | None = None
     #: consumer: require producer client certificates signed by ``tls_ca`` (mutual TLS)
     tls_require_client_cert: bool = False
-    #: on a step with no tokens scheduled (the engine only waits for transfers), how long the
-    #: worker waits for one to finish before returning: vLLM steps such an engine in a tight loop
-    #: that keeps a core busy the whole transfer; a finished transfer ends the wait at once. A new
-    #: request is scheduled at most this late. 0 = never wait (vLLM's own busy loop).
-    idle_wait_ms: float = Field(default=5.0, ge=0, le=100)
     #: consumer: decide offloads here (see :class:`OffloadOptions`); None = only the router does
     offload: OffloadOptions | None = None
 

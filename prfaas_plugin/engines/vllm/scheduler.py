@@ -220,7 +220,6 @@ class SchedulerSide:
         meta, self._meta = self._meta, PrfaaSMetadata()
         meta.loads.extend(self._pending_loads.values())
         self._pending_loads.clear()
-        meta.idle = not so.total_num_scheduled_tokens
         if self.offload is not None:
             if self.offload.failed:
                 self._drain_failures()

@@ -178,8 +178,6 @@ class WorkerSide:
         self._load_errors: set[int] = set()
         self._lock = threading.Lock()
         self.stats = PrfaaSConnectorStats()
-        #: set whenever a load or a send session finishes (see ``_wait_while_idle``)
-        self._progress = threading.Event()
 
     # -- setup ---------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
@@ -310,8 +308,6 @@ class WorkerSide:
                 )
                 ep = self._rank_endpoint(t.endpoint, pr.d)
                 legs.append(_Leg(self.sender.open(ep, manifest, t.token, deadline_s=t.deadline_s), pr))
-            for leg in legs:
-                leg.handle.done.add_done_callback(self._wake)
             self._sends[t.req_id] = _Send(legs, t)
         except Exception as e:  # never pin blocks: report the request as done (failed) at once
             for leg in legs:
@@ -394,9 +390,7 @@ class WorkerSide:
                     if not h.done.done():
                         h.abort(f"another session of the load failed: {exc}")
 
-            done = _all_of([h.done for h in hs], abort_rest)
-            done.add_done_callback(self._wake)
-            self._loads[t.req_id] = _Load(done, t, time.monotonic(), hs)
+            self._loads[t.req_id] = _Load(_all_of([h.done for h in hs], abort_rest), t, time.monotonic(), hs)
         for rid in self.meta.aborts:  # decode-initiated offloads whose remote prefill failed
             ld = self._loads.get(rid)
             for h in ld.handles if ld is not None else ():
@@ -404,23 +398,7 @@ class WorkerSide:
                     h.abort("the offloaded prefill failed; prefilling locally")
 
     # -- completion ----------------------------------------------------------------------------
-    def _wake(self, _: object) -> None:
-        self._progress.set()
-
-    def _wait_while_idle(self) -> None:
-        """On a step that scheduled nothing, wait up to ``idle_wait_ms`` for a transfer to finish.
-        The event is cleared before the check, so a completion in between is never missed."""
-        if not self.meta.idle or self.opts.idle_wait_ms <= 0 or not (self._loads or self._sends):
-            return
-        self._progress.clear()
-        if any(ld.done.done() for ld in self._loads.values()) or any(
-            all(lg.handle.done.done() for lg in st.legs) for st in self._sends.values()
-        ):
-            return
-        self._progress.wait(self.opts.idle_wait_ms / 1000)
-
     def transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
-        self._wait_while_idle()
         self._sched_finished |= set(finished_req_ids)
         sending: set[str] = set()
         for rid in list(self._sends):
