@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from .api import Backend, CacheGroup, pack, unpack
@@ -61,6 +62,9 @@ class Seam(Protocol):
 
     def pinned(self, nbytes: int) -> torch.Tensor:
         """Page-locked host bytes (uint8), so copies from and to the device are asynchronous."""
+
+    def host_view(self, pinned: torch.Tensor) -> np.ndarray:
+        """A numpy view of the same page-locked bytes (what sockets read and write)."""
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, stream: Any) -> None:
         """Asynchronous ``dst.copy_(src)`` issued on ``stream`` (which must be current)."""
@@ -102,6 +106,9 @@ class CudaSeam:
     def pinned(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
+    def host_view(self, pinned: torch.Tensor) -> np.ndarray:
+        return pinned.numpy()
+
     def copy(self, dst: torch.Tensor, src: torch.Tensor, stream: Any) -> None:
         dst.copy_(src, non_blocking=True)
 
@@ -120,6 +127,7 @@ class PinnedPool:
             raise ValueError(f"pinned staging pool size must be > 0 bytes, got {nbytes}")
         self.capacity = nbytes
         self.buffer = seam.pinned(nbytes)
+        self._host = seam.host_view(self.buffer)  # the same bytes for sockets and memoryviews
         self._free: list[tuple[int, int]] = [(0, nbytes)]  # (offset, length), sorted by offset
         self._cond = threading.Condition()
         self.in_use = 0
@@ -162,7 +170,7 @@ class PinnedPool:
                 off = self._take(n)
             self.in_use += n
             self.peak_in_use = max(self.peak_in_use, self.in_use)
-        return Lease(self, off, n, self.buffer[off : off + nbytes])
+        return Lease(self, off, n, self.buffer.narrow(0, off, nbytes), self._host[off : off + nbytes])
 
     def _release(self, off: int, n: int) -> None:
         with self._cond:
@@ -191,12 +199,14 @@ class PinnedPool:
 
 @dataclass
 class Lease:
-    """A range of the pool; ``tensor`` is its uint8 view. Released once, explicitly."""
+    """A range of the pool; ``tensor`` and ``array`` are its uint8 views (torch for copies,
+    numpy for the socket). Released once, explicitly."""
 
     pool: PinnedPool
     offset: int
     length: int
     tensor: torch.Tensor
+    array: np.ndarray
     released: bool = False
 
     def release(self) -> None:

@@ -63,9 +63,11 @@ class Packer:
     """Packs and unpacks vLLM cache parts through ``kernels`` (one ``CacheGroup`` per part, built
     once) and owns the device paths (side stream, pinned pool) of the CUDA devices it meets."""
 
-    def __init__(self, pool_bytes: int = DEFAULT_POOL_BYTES, seam: Seam | None = None) -> None:
+    def __init__(
+        self, pool_bytes: int = DEFAULT_POOL_BYTES, seam: Seam | None = None, backend: kernels.Backend | None = None
+    ) -> None:
         self.pool_bytes = pool_bytes
-        self.seam = seam
+        self.seam, self.backend = seam, backend
         self._groups: dict[tuple[int, int], kernels.CacheGroup] = {}
         self._paths: dict[torch.device, DevicePath] = {}
         self._lock = threading.Lock()
@@ -83,7 +85,7 @@ class Packer:
             return None
         with self._lock:
             if device not in self._paths:
-                self._paths[device] = DevicePath(device, self.pool_bytes, self.seam)
+                self._paths[device] = DevicePath(device, self.pool_bytes, self.seam, self.backend)
             return self._paths[device]
 
     def pool_stats(self) -> dict[str, int]:
@@ -134,7 +136,7 @@ class Packer:
             buf = torch.empty(nbytes, dtype=torch.uint8)
             return buf.numpy().data, buf
         lease = path.landing(nbytes)
-        return lease.tensor.numpy().data, lease
+        return lease.array.data, lease
 
     def unpack(
         self,
@@ -172,7 +174,7 @@ class Packer:
         if skip:
             # packed is [*outer, block, row]: drop the held blocks of every outer slice
             outer = g.layout.num_outer
-            rows = flat.view(outer, len(ids), g.layout.row_bytes)[:, skip:]
+            rows = flat.view(outer, len(ids), g.layout.row_bytes).narrow(1, skip, len(ids) - skip)
             flat, ids = rows.reshape(-1), ids[skip:]  # a view when outer == 1, else one copy
         if ids:
             kernels.unpack(flat, g, ids, backend=backend)

@@ -21,6 +21,9 @@ from prfaas_plugin.protocol import metrics as M
 from prfaas_plugin.protocol.metrics import MetricSpec
 
 _KEYS = ("load_bytes", "load_seconds", "load_failures", "sent_bytes", "send_failures")
+#: ``[capacity, in_use]`` snapshots of the pinned staging pool (GPU caches), sent along with
+#: the other keys but never making an interval non-empty on their own
+_POOL = "staging_pool"
 
 
 @dataclass
@@ -49,6 +52,9 @@ class PrfaaSConnectorStats(KVConnectorStats):
     def record_send_failure(self, error: str) -> None:
         self.data["send_failures"].append(error)
 
+    def record_staging_pool(self, capacity: int, in_use: int) -> None:
+        self.data.setdefault(_POOL, []).append([int(capacity), int(in_use)])
+
     def clone_and_reset(self) -> PrfaaSConnectorStats:
         out = PrfaaSConnectorStats(data={k: list(v) for k, v in self.data.items()})
         self.reset()
@@ -59,7 +65,7 @@ class PrfaaSConnectorStats(KVConnectorStats):
         return not any(self.data.get(k) for k in _KEYS)
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
-        for k in _KEYS:
+        for k in (*_KEYS, _POOL):
             self.data.setdefault(k, []).extend(other.data.get(k, []))
         return self
 
@@ -110,6 +116,15 @@ class PrfaaSPromMetrics(KVConnectorPromMetrics):
         )
         self.load_seconds: dict[int, Any] = create_metric_per_engine(hist, per_engine_labelvalues)
 
+        def gauge(spec: MetricSpec) -> dict[int, Any]:
+            return create_metric_per_engine(
+                self._gauge_cls(name=spec.name, documentation=spec.help, labelnames=labelnames, multiprocess_mode="mostrecent"),
+                per_engine_labelvalues,
+            )
+
+        self.pool_capacity = gauge(M.VLLM_STAGING_POOL_CAPACITY)
+        self.pool_in_use = gauge(M.VLLM_STAGING_POOL_IN_USE)
+
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         d = transfer_stats_data
         if d.get("load_bytes"):
@@ -123,3 +138,7 @@ class PrfaaSPromMetrics(KVConnectorPromMetrics):
             self.sent_bytes[engine_idx].inc(sum(d["sent_bytes"]))
         if d.get("send_failures"):
             self.send_failures[engine_idx].inc(len(d["send_failures"]))
+        if d.get(_POOL):
+            capacity, in_use = d[_POOL][-1]
+            self.pool_capacity[engine_idx].set(capacity)
+            self.pool_in_use[engine_idx].set(in_use)

@@ -516,7 +516,12 @@ class WorkerSide:
 
     def take_stats(self) -> PrfaaSConnectorStats | None:
         """This interval's transfers for vLLM's stats channel, or None when nothing happened."""
-        return None if self.stats.is_empty() else self.stats.clone_and_reset()
+        if self.stats.is_empty():
+            return None
+        pool = self.packer.pool_stats()
+        if pool:
+            self.stats.record_staging_pool(pool["capacity_bytes"], pool.get("in_use_bytes", 0))
+        return self.stats.clone_and_reset()
 
     def load_errors(self) -> set[int]:
         out, self._load_errors = self._load_errors, set()
