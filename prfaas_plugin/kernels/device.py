@@ -30,7 +30,8 @@ import torch
 from .api import Backend, CacheGroup, pack, unpack
 
 #: Default pinned staging per device: a few 32K-token requests of the hybrid models in
-#: /work/shared/models (Qwen3-Next-like: ~0.8 GB at 32K, bench/gpu_check.py) in flight at once.
+#: /work/shared/models in flight at once (a 32K-token request: ~1.1 GiB Qwen3-Next-like, ~0.3 GiB
+#: Kimi-Linear-like; bench/gpu_check.py).
 DEFAULT_POOL_BYTES = 4 << 30
 #: Leases are aligned so every staged item starts on a boundary the widest copy word allows.
 ALIGN = 256
