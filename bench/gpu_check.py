@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from _common import append_benchmarks, machine  # noqa: E402
 
-from prfaas_plugin.kernels import CacheGroup, PagedLayout, pack, packed_nbytes, unpack  # noqa: E402
+from prfaas_plugin.kernels import CacheGroup, pack, packed_nbytes, unpack  # noqa: E402
 from prfaas_plugin.kernels.device import DevicePath, Lease, Staged  # noqa: E402
 from prfaas_plugin.kvsize import LayerKind, ModelKV  # noqa: E402
 from prfaas_plugin.transfer import (  # noqa: E402
@@ -157,6 +157,10 @@ def build(model: str, tokens: int, dev: torch.device, max_layers: int | None = N
 
 
 # -- timing -------------------------------------------------------------------------------------------
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)  # the benchmark's clock, never the data path's
@@ -241,9 +245,7 @@ class _Sink:
         self.pending = []
 
 
-def transfer_round(
-    groups: list[Group], path: DevicePath, tx: GrpcTcpSender, rx: GrpcTcpReceiver, r: int
-) -> float:
+def transfer_round(groups: list[Group], path: DevicePath, tx: GrpcTcpSender, rx: GrpcTcpReceiver, r: int) -> float:
     """One request, producer to consumer, both on this device; seconds from the first gather
     to the last scatter."""
     byname = {f"{i}": gr for i, gr in enumerate(groups)}
@@ -342,10 +344,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA device: run with --cpu")
         dev, seam = torch.device("cuda", torch.cuda.current_device()), None
-    tokens = a.tokens or (256 if a.tiny else (2048 if a.cpu else 32768))
+    tokens = a.tokens or (256 if a.tiny else (1024 if a.cpu else 32768))
     reps = 2 if a.tiny else (3 if a.cpu else 20)
     rounds = 1 if a.tiny else (2 if a.cpu else 3)
-    max_layers = 2 if a.tiny else None
+    # CPU: the flow, not the figures; a few layers of each kind keep it inside 3 minutes on 2 cores
+    max_layers = 2 if a.tiny else (6 if a.cpu else None)
     mm_size, mm_iters = (128, 20) if a.tiny else ((512, 40) if a.cpu else (8192, 50))
     device_name = "CPU" if a.cpu else torch.cuda.get_device_name(dev)
 
@@ -357,6 +360,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         total = sum(gr.nbytes for gr in groups)
         path = DevicePath(dev, pool_bytes=3 * total + (1 << 20), seam=seam)  # type: ignore[arg-type]
         results["kernels"] += kernels_rows(model, groups, path, reps)
+        log(f"{model}: kernels and staging measured")
         rx = GrpcTcpReceiver(ReceiverConfig(listen="127.0.0.1:0"))
         tx = GrpcTcpSender(SenderConfig(connections=a.connections))
         try:
@@ -364,6 +368,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         finally:
             tx.close()
             rx.close()
+        log(f"{model}: {rounds} loopback transfers of {total >> 20} MiB")
         exact = check_bit_exact(groups)
         ceil = ceiling_gbps(total, a.connections, rounds)
         good = total * 8 / statistics.median(times) / 1e9
@@ -389,6 +394,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         tx.close()
         rx.close()
+    log("matmul loop measured alone and beside transfers")
     results["matmul"] = {"alone_ms": alone * 1e3, "busy_ms": busy * 1e3, "slowdown": busy / alone - 1}
 
     body = render(results, device_name, tokens)

@@ -67,7 +67,9 @@ def geometry(layout: PagedLayout, num_layers: int, num_blocks: int, fp8: bool) -
     )
 
 
-def block_index(block_ids: Sequence[int] | torch.Tensor, layout: PagedLayout, device: torch.device) -> torch.Tensor:
+def block_index(
+    block_ids: Sequence[int] | np.ndarray | torch.Tensor, layout: PagedLayout, device: torch.device
+) -> torch.Tensor:
     """Validated int64 block ids on ``device``; out-of-range ids are refused here, because the
     kernels trust them and would otherwise read or write outside the cache."""
     # Checked on the host before the one upload: the ids come from the engine's block table

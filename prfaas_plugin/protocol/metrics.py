@@ -149,7 +149,8 @@ SGLANG_STAGING_POOL_CAPACITY = _g(
     "sglang:prfaas_staging_pool_capacity_bytes", "Pinned host staging allocated for KV transfers (GPU pools)"
 )
 SGLANG_STAGING_POOL_IN_USE = _g(
-    "sglang:prfaas_staging_pool_in_use_bytes", "Pinned host staging held by KV transfers in flight; at capacity they wait"
+    "sglang:prfaas_staging_pool_in_use_bytes",
+    "Pinned host staging held by KV transfers in flight; at capacity they wait",
 )
 
 SGLANG = (SGLANG_KV_SENT_BYTES, SGLANG_STAGING_POOL_CAPACITY, SGLANG_STAGING_POOL_IN_USE)

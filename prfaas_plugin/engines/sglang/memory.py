@@ -214,9 +214,7 @@ class CudaSpace:
         weakref.finalize(owner, lease.release)
         return np.asarray(owner), owner
 
-    def gather(
-        self, region: Region, indices: Sequence[int] | np.ndarray, after: Any = None
-    ) -> np.ndarray:
+    def gather(self, region: Region, indices: Sequence[int] | np.ndarray, after: Any = None) -> np.ndarray:
         from prfaas_plugin.kernels import pack
 
         idx = region.check(np.asarray(indices))

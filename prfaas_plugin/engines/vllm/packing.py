@@ -178,4 +178,3 @@ class Packer:
             flat, ids = rows.reshape(-1), ids[skip:]  # a view when outer == 1, else one copy
         if ids:
             kernels.unpack(flat, g, ids, backend=backend)
-

@@ -116,9 +116,13 @@ class PrfaaSPromMetrics(KVConnectorPromMetrics):
         )
         self.load_seconds: dict[int, Any] = create_metric_per_engine(hist, per_engine_labelvalues)
 
+        gauge_cls: Any = self._gauge_cls  # vLLM types it as a union of metric classes
+
         def gauge(spec: MetricSpec) -> dict[int, Any]:
             return create_metric_per_engine(
-                self._gauge_cls(name=spec.name, documentation=spec.help, labelnames=labelnames, multiprocess_mode="mostrecent"),
+                gauge_cls(
+                    name=spec.name, documentation=spec.help, labelnames=labelnames, multiprocess_mode="mostrecent"
+                ),
                 per_engine_labelvalues,
             )
 

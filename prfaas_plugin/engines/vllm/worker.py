@@ -24,7 +24,7 @@ from prfaas_plugin.engines.vllm import hetero, layout, packing, tp
 from prfaas_plugin.engines.vllm.meta import PrfaaSMetadata, Transfer
 from prfaas_plugin.engines.vllm.options import Options
 from prfaas_plugin.engines.vllm.stats import PrfaaSConnectorStats
-from prfaas_plugin.kernels.device import Staged
+from prfaas_plugin.kernels.device import Lease, Staged
 from prfaas_plugin.transfer import (
     ItemSpec,
     ReceiveHandle,
@@ -46,7 +46,7 @@ from prfaas_plugin.transfer.binding import (
 log = logging.getLogger("vllm.prfaas")  # child of vLLM's logger: same handlers and format
 
 
-class _Sink(StagedSink[torch.Tensor]):
+class _Sink(StagedSink[torch.Tensor | Lease]):
     """Receives one request's items into staging buffers, then scatters each into its blocks.
     With ``pair`` (prefill and decode TP differ) an item is this session's rows of a layer part,
     scattered into those rows of the local part."""
@@ -66,7 +66,7 @@ class _Sink(StagedSink[torch.Tensor]):
             raise ValueError(f"{lname}[{part}] is not carried by prefill rank {self.pair.p} to this rank")
         return r.block_bytes
 
-    def land(self, item: ItemSpec) -> tuple[memoryview, torch.Tensor]:
+    def land(self, item: ItemSpec) -> tuple[memoryview, torch.Tensor | Lease]:
         g, first, count, part, lname = layout.parse_item_name(item.name)
         if count * self._block_bytes(lname, part) != item.nbytes or g >= len(self.t.block_ids):
             raise ValueError(f"item {item.name}: {item.nbytes} bytes does not fit the local layout")
@@ -87,7 +87,7 @@ class _Sink(StagedSink[torch.Tensor]):
         g, first, count, part, lname = layout.parse_item_name(item.name)
         return self._held_blocks(g, first, count) * self._block_bytes(lname, part)
 
-    def commit(self, item: ItemSpec, staged: torch.Tensor) -> None:
+    def commit(self, item: ItemSpec, staged: torch.Tensor | Lease) -> None:
         g, first, count, part, lname = layout.parse_item_name(item.name)
         cache, bdim = self.w.part(lname, part)
         ids = self.t.block_ids[g][first : first + count]
