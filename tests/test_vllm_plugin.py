@@ -79,12 +79,13 @@ def test_pack_unpack_round_trip_both_block_dims():
 
     from prfaas_plugin.engines.vllm import packing
 
+    packer = packing.Packer()
     for bdim, shape in ((0, (10, 2, 16, 8)), (1, (2, 10, 16, 8))):
         src = torch.randn(shape).to(torch.bfloat16)
         dst = torch.zeros_like(src)
-        buf = packing.pack(src, bdim, [7, 2, 5])
+        buf = packer.pack(src, bdim, [7, 2, 5])
         assert buf.is_contiguous() and buf.numel() * 2 == 3 * packing.block_bytes(src, bdim)
-        packing.unpack(dst, bdim, [1, 3, 4], buf.view(torch.uint8).flatten(), skip_before=1)
+        assert packer.unpack(dst, bdim, [1, 3, 4], buf.view(torch.uint8).flatten(), skip_before=1).ready()
         assert torch.equal(dst.select(bdim, 3), src.select(bdim, 2))
         assert torch.equal(dst.select(bdim, 4), src.select(bdim, 5))
         assert not dst.select(bdim, 1).any(), "skipped (locally cached) block was overwritten"
@@ -98,8 +99,33 @@ def test_layout_fingerprint_mismatch_names_the_difference():
     b = fingerprint([g], {"l0": [("torch.bfloat16", (2, 16, 64))]}, 0, 2, "m", "auto")
     assert a.diff(b) == ["tp_size: 1 != 2"]
     swa = GroupInfo(1, "swa", 16, 64, ("l1",), 1024)
-    assert block_range(swa, 200, 13) == (13 - 5, 13)  # window 64 / 16 + 1 blocks: the tail only
+    assert block_range(swa, 200, 13) == (13 - 5, 13)  # tokens 137..199: blocks 8..12, the tail only
+    assert block_range(swa, 208, 13) == (9, 13)  # tokens 145..207: 4 blocks (NIXL's cdiv(64, 16) + 1 = 5)
     assert block_range(GroupInfo(2, "state", 16, 0, ("l2",), 9), 200, 1) == (0, 1)
+
+
+@requires_vllm
+def test_swa_blocks_sent_are_the_blocks_vllms_swa_manager_keeps():
+    """The decoder's first query (position n, after a transfer of n tokens) reads tokens
+    [n - window + 1, n); vLLM's SlidingWindowManager nulls every block before token
+    ``get_num_skipped_tokens(n)``, on the decode side for the loaded prefix and on a chunked
+    prefill side. The blocks we send must be exactly the ones it keeps: one fewer would lose
+    attended tokens, one more (the old ``cdiv(w, bs) + 1`` rule at 208 tokens, window 64,
+    block 16: 5 blocks instead of 4) lands in the decoder's null block."""
+    from types import SimpleNamespace
+
+    from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
+
+    from prfaas_plugin.engines.vllm.layout import GroupInfo, block_range, cdiv
+
+    for window in (1, 5, 16, 64, 100):
+        for bs in (1, 4, 16):
+            swa = GroupInfo(0, "swa", bs, window, ("l",), 64)
+            mgr = SimpleNamespace(sliding_window=window, extra_retained_tokens=0)
+            for n in range(0, 300, 7):
+                kept_from = SlidingWindowManager.get_num_skipped_tokens(mgr, n) // bs  # type: ignore[arg-type]
+                held = cdiv(n, bs)
+                assert block_range(swa, n, held) == (min(kept_from, held), held), (window, bs, n)
 
 
 @requires_vllm

@@ -17,6 +17,8 @@ import torch
 from prfaas_plugin.engines.vllm import packing, tp
 from prfaas_plugin.engines.vllm.tp import PartSplit, Segment, TPLayoutError
 
+PACKER = packing.Packer()  # the connector's pack/unpack (kernels/) on CPU tensors
+
 NB, BS = 12, 4  # cache blocks, block size
 
 
@@ -110,7 +112,7 @@ def _move(part: Part, a: int, b: int, src_blocks: list[int], dst_blocks: list[in
         got = 0
         for p, slices in tp.route(part.split, a, b, d).items():
             assert p in tp.feeders(d, a, b) and d in tp.fed_by(p, a, b)
-            packed = packing.pack(p_caches[p], part.block_dim, src_blocks)
+            packed = PACKER.pack(p_caches[p], part.block_dim, src_blocks)
             if tp.sends_whole(slices, part.split, a, p):
                 piece = packed
             else:
@@ -118,11 +120,10 @@ def _move(part: Part, a: int, b: int, src_blocks: list[int], dst_blocks: list[in
             wire = piece.contiguous().view(-1).view(torch.uint8).clone()  # what crosses: raw bytes
             got += wire.numel()
             if tp.sends_whole(slices, part.split, a, p) and part.split.replicated:
-                packing.unpack(cache, part.block_dim, dst_blocks, wire, skip_before=skip)
+                PACKER.unpack(cache, part.block_dim, dst_blocks, wire, skip)
             else:
-                packing.unpack_rows(
-                    cache, part.block_dim, dst_blocks, wire, part.split.dim, tp.scatter_spec(slices), skip
-                )
+                rows = (part.split.dim, tp.scatter_spec(slices))
+                PACKER.unpack(cache, part.block_dim, dst_blocks, wire, skip, rows)
         d_caches.append(cache)
         received.append(got)
     return d_caches, received
@@ -404,6 +405,6 @@ def test_gdn_byte_page_split_matches_vllm_rank_states():
         for d in range(b):
             cache = torch.zeros_like(page(d, b))
             for p, slices in tp.route(sp, a, b, d).items():
-                piece = packing.gather_rows(packing.pack(p_pages[p], 0, [4]), sp.dim, tp.gather_spec(slices))
-                packing.unpack_rows(cache, 0, [9], piece.view(-1).view(torch.uint8), sp.dim, tp.scatter_spec(slices))
+                piece = packing.gather_rows(PACKER.pack(p_pages[p], 0, [4]), sp.dim, tp.gather_spec(slices))
+                PACKER.unpack(cache, 0, [9], piece.view(-1).view(torch.uint8), 0, (sp.dim, tp.scatter_spec(slices)))
             assert torch.equal(cache[9], page(d, b)[4]), (a, b, d, part.name)

@@ -22,11 +22,12 @@ See docs/kernels.md.
 
 from __future__ import annotations
 
-from .api import CacheGroup, pack, packed_nbytes, unpack
+from .api import Backend, CacheGroup, pack, packed_nbytes, unpack
 from .layout import PagedLayout
 from .window import WindowBlocks, window_block_ids, window_block_range
 
 __all__ = [
+    "Backend",
     "CacheGroup",
     "PagedLayout",
     "WindowBlocks",

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 from . import torch_ops
@@ -13,6 +14,8 @@ from .layout import PagedLayout
 from .plan import block_index, caches_alignment, geometry, word_bytes
 
 Backend = Literal["torch", "triton"]
+#: A request's block ids: the engine's block table (list or numpy array) or a tensor.
+BlockIds = Sequence[int] | np.ndarray | torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,7 @@ def _check_buffer(buf: torch.Tensor, group: CacheGroup, nbytes: int, what: str) 
 
 def pack(
     group: CacheGroup,
-    block_ids: Sequence[int] | torch.Tensor,
+    block_ids: BlockIds,
     out: torch.Tensor | None = None,
     fp8: bool = False,
     *,
@@ -137,7 +140,7 @@ def pack(
 def unpack(
     buf: torch.Tensor,
     group: CacheGroup,
-    block_ids: Sequence[int] | torch.Tensor,
+    block_ids: BlockIds,
     fp8: bool = False,
     *,
     lossy_states: bool = False,

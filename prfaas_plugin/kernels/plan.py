@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .layout import PagedLayout
@@ -66,17 +67,22 @@ def geometry(layout: PagedLayout, num_layers: int, num_blocks: int, fp8: bool) -
     )
 
 
-def block_index(block_ids: Sequence[int] | torch.Tensor, layout: PagedLayout, device: torch.device) -> torch.Tensor:
+def block_index(
+    block_ids: Sequence[int] | np.ndarray | torch.Tensor, layout: PagedLayout, device: torch.device
+) -> torch.Tensor:
     """Validated int64 block ids on ``device``; out-of-range ids are refused here, because the
     kernels trust them and would otherwise read or write outside the cache."""
-    idx = torch.as_tensor(block_ids, dtype=torch.int64)
-    if idx.dim() != 1:
-        raise ValueError(f"block_ids must be one-dimensional, got shape {tuple(idx.shape)}")
-    if idx.numel():
-        lo, hi = int(idx.min()), int(idx.max())
+    # Checked on the host before the one upload: the ids come from the engine's block table
+    # (a list or numpy array); reading a device tensor's min/max would stall on the device.
+    ids = block_ids.cpu().numpy() if isinstance(block_ids, torch.Tensor) else block_ids
+    arr = np.asarray(ids, dtype=np.int64)
+    if arr.ndim != 1:
+        raise ValueError(f"block_ids must be one-dimensional, got shape {tuple(arr.shape)}")
+    if arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi >= layout.num_blocks:
             raise ValueError(f"block id out of range [0, {layout.num_blocks}): min {lo}, max {hi}")
-    return idx.to(device)
+    return torch.as_tensor(arr, device=device)
 
 
 def caches_alignment(caches: Sequence[torch.Tensor], layout: PagedLayout) -> int:

@@ -101,7 +101,7 @@ def pack_raw(
 ) -> None:
     """``views``: ``row_views`` of the group's caches for this word size (built once per group)."""
     n = idx.numel()
-    dst = out[: n * layout.row_bytes * len(views)].view(word_dtype(wbytes))
+    dst = out.narrow(0, 0, n * layout.row_bytes * len(views)).view(word_dtype(wbytes))  # narrow: fake CUDA too
     dst = dst.view(-1, n, layout.row_bytes // wbytes)
     slots = dst.unbind(0)  # one C call for every layer's destination view
     _for_each_layer(len(views), dst.numel() * wbytes, lambda i: torch.index_select(views[i], 0, idx, out=slots[i]))
@@ -111,7 +111,7 @@ def unpack_raw(
     buf: torch.Tensor, views: Sequence[torch.Tensor], layout: PagedLayout, idx: torch.Tensor, wbytes: int
 ) -> None:
     n = idx.numel()
-    src = buf[: n * layout.row_bytes * len(views)].view(word_dtype(wbytes))
+    src = buf.narrow(0, 0, n * layout.row_bytes * len(views)).view(word_dtype(wbytes))
     src = src.view(-1, n, layout.row_bytes // wbytes)
     if idx.device.type == "cpu":
         # numpy's fancy assignment copies each row with one memcpy and never forks threads:
@@ -123,8 +123,8 @@ def unpack_raw(
 
         _for_each_layer(len(views), src.numel() * wbytes, scatter)
         return
-    for i, dst in enumerate(views):
-        dst.index_copy_(0, idx, src[i])
+    for dst, part in zip(views, src.unbind(0)):
+        dst.index_copy_(0, idx, part)
 
 
 def fp8_views(buf: torch.Tensor, geo: PackGeometry, layout: PagedLayout) -> tuple[torch.Tensor, torch.Tensor]:

@@ -143,6 +143,12 @@ VLLM_OFFLOAD_FAILURES = _c(
     "no_instance, error); the request prefilled locally",
     "kind",
 )
+VLLM_STAGING_POOL_CAPACITY = _g(
+    "vllm:prfaas_staging_pool_capacity_bytes", "Pinned host staging allocated for KV transfers (GPU caches)"
+)
+VLLM_STAGING_POOL_IN_USE = _g(
+    "vllm:prfaas_staging_pool_in_use_bytes", "Pinned host staging held by KV transfers in flight; at capacity they wait"
+)
 
 VLLM = (
     VLLM_KV_LOADS,
@@ -155,12 +161,22 @@ VLLM = (
     VLLM_OFFLOAD_UNCACHED_TOKENS,
     VLLM_OFFLOAD_THRESHOLD,
     VLLM_OFFLOAD_FAILURES,
+    VLLM_STAGING_POOL_CAPACITY,
+    VLLM_STAGING_POOL_IN_USE,
 )
 
 # -- the SGLang backend (engines/sglang/metrics.py), on SGLang's /metrics with --enable-metrics --
 SGLANG_KV_SENT_BYTES = _c("sglang:prfaas_kv_sent_bytes", "KV bytes the PrfaaS receivers confirmed (prefill side)")
 
-SGLANG = (SGLANG_KV_SENT_BYTES,)
+SGLANG_STAGING_POOL_CAPACITY = _g(
+    "sglang:prfaas_staging_pool_capacity_bytes", "Pinned host staging allocated for KV transfers (GPU pools)"
+)
+SGLANG_STAGING_POOL_IN_USE = _g(
+    "sglang:prfaas_staging_pool_in_use_bytes",
+    "Pinned host staging held by KV transfers in flight; at capacity they wait",
+)
+
+SGLANG = (SGLANG_KV_SENT_BYTES, SGLANG_STAGING_POOL_CAPACITY, SGLANG_STAGING_POOL_IN_USE)
 
 #: Producers' confirmed-bytes counters the router's bandwidth loop reads (router/egress.py).
 SENT_BYTES = (VLLM_KV_SENT_BYTES, SGLANG_KV_SENT_BYTES)

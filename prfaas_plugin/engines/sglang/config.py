@@ -38,6 +38,9 @@ class BackendConfig(BaseModel):
     connections: int | None = Field(None, ge=1, le=64)
     #: Prefill: egress budget in Gbit/s for this rank (None: unpaced).
     pacing_gbps: float | None = Field(None, gt=0)
+    #: Pinned host staging per GPU (MiB) for KV on its way to or from the wire, allocated once
+    #: at the first transfer; a full pool makes new transfers wait (kernels/device.py).
+    staging_pool_mb: int = Field(4096, ge=1)
     #: TLS for both roles (PEM paths): this rank's identity, and the CA that verifies the peer.
     tls_cert: str | None = None
     tls_key: str | None = None

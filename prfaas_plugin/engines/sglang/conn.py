@@ -254,7 +254,7 @@ class PrfaasKVManager(CommonKVManager):
         super().__init__(args, disaggregation_mode, server_args, is_mla_backend)
         self._refuse_unsupported()
         self.layout = layout_of(args, self.attn_tp_size, bool(is_mla_backend))
-        self.space: MemorySpace = space_for(_sglang_device(server_args))
+        self.space: MemorySpace = space_for(_sglang_device(server_args), self.config.staging_pool_mb << 20)
         self.host = HostSpace()
         self.kv_regions = [
             Region(p, n, i, f"kv[{k}]")

@@ -14,15 +14,19 @@ Two memory spaces:
   which SGLang keeps on the CPU). The matrix is a zero-copy numpy view made with ctypes; a run
   of consecutive pages is sent and received in place, other page lists cost one gather/scatter.
 * ``CudaSpace``: the buffer is CUDA device memory. It cannot be read by the CPU, so pages are
-  gathered on the GPU (``index_select``) and copied once into pinned host staging for the
-  socket; the receive side lands bytes in pinned staging and copies them back with one
-  ``index_copy_``. The device pointer is wrapped with ``__cuda_array_interface__`` so no copy
-  or registration of the pool is needed. It needs torch with CUDA (every GPU SGLang has it).
+  gathered on the GPU by the one pack/unpack engine (``prfaas_plugin.kernels``) and copied into
+  pinned staging from the bounded pool of ``kernels.device.DevicePath``, on its side stream;
+  the receive side lands bytes in pooled pinned staging, copies them to the device on that
+  stream and scatters them there. The device pointer is wrapped with
+  ``__cuda_array_interface__`` so no copy or registration of the pool is needed. It needs
+  torch with CUDA (every GPU SGLang has it).
 """
 
 from __future__ import annotations
 
 import ctypes
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -144,60 +148,130 @@ class _CudaBytes:
         }
 
 
+class _Owned:
+    """Host bytes exposed to numpy through the array interface, so that views of them keep this
+    object (and with it a staging lease) alive."""
+
+    def __init__(self, arr: np.ndarray) -> None:
+        self.__array_interface__ = {
+            "shape": (arr.size,),
+            "typestr": "|u1",
+            "data": (arr.ctypes.data, False),
+            "version": 3,
+        }
+
+
 class CudaSpace:
-    """Buffers in CUDA device memory, staged through pinned host memory.
+    """Buffers in CUDA device memory, staged through the pinned pool of a ``DevicePath``.
 
-    The caller orders a gather after the kernels that wrote the pages (the manager records an
-    event on the scheduler's stream with ``record_event`` and waits on it in its worker);
-    ``synchronize`` after each copy makes the staged bytes safe for the socket."""
+    The caller orders a gather after the kernels that wrote the pages: it records an event on
+    the scheduler's (forward) stream with ``record_event`` and passes it as ``after``; the
+    gather and the device-to-host copy then run on the side stream, which waits on that event on
+    the device. ``gather`` returns once that copy's own event fired (this thread waits on that
+    event only, never on the device); ``scatter`` likewise for its host-to-device copy and the
+    scatter kernel. Staging goes back to the pool when the returned array (or landing view) is
+    dropped. ``seam``: the CUDA calls (tests record them; see kernels/device.py)."""
 
-    def __init__(self, device: str = "cuda") -> None:
+    def __init__(
+        self, device: str = "cuda", pool_bytes: int | None = None, seam: Any = None, backend: Any = None
+    ) -> None:
         import torch  # local: only GPU deployments get here
 
-        if not torch.cuda.is_available():
+        from prfaas_plugin.kernels.device import DEFAULT_POOL_BYTES, DevicePath
+
+        if seam is None and not torch.cuda.is_available():
             raise AddressError("CUDA buffers registered but torch.cuda is not available")
         self._torch = torch
-        self._device = torch.device(device)
+        self.path = DevicePath(device, DEFAULT_POOL_BYTES if pool_bytes is None else pool_bytes, seam, backend)
+        self._device = self.path.device
+        self._groups: dict[tuple[int, int, int], Any] = {}
+        self._landings: dict[int, Any] = {}  # host address of a landing view -> its lease
+        self._lock = threading.Lock()
 
     def record_event(self) -> Any:
-        """A CUDA event on the caller's current stream (to order a later gather after it)."""
-        ev = self._torch.cuda.Event()
-        ev.record(self._torch.cuda.current_stream(self._device))
-        return ev
+        """An event on the caller's current (forward) stream, to order a later gather after it."""
+        seam = self.path.seam
+        return seam.record(seam.current_stream(self._device))
 
     def _matrix(self, region: Region) -> Any:
         t = self._torch.as_tensor(_CudaBytes(region.ptr, region.capacity * region.item_len), device=self._device)
         return t.view(region.capacity, region.item_len)
 
-    def gather(self, region: Region, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        torch = self._torch
+    def _group(self, region: Region) -> Any:
+        from prfaas_plugin.kernels import CacheGroup, PagedLayout
+
+        key = (region.ptr, region.nbytes, region.item_len)
+        with self._lock:
+            if key not in self._groups:
+                m = self._matrix(region)
+                self._groups[key] = CacheGroup([m], PagedLayout.of(m, block_dim=0))
+            return self._groups[key]
+
+    def _owned(self, lease: Any) -> tuple[np.ndarray, _Owned]:
+        """The lease as a numpy array that gives it back to the pool when the last view of it
+        dies (every numpy view of the array keeps ``owner`` alive as its base)."""
+        owner = _Owned(lease.array)
+        weakref.finalize(owner, lease.release)
+        return np.asarray(owner), owner
+
+    def gather(self, region: Region, indices: Sequence[int] | np.ndarray, after: Any = None) -> np.ndarray:
+        from prfaas_plugin.kernels import pack
+
         idx = region.check(np.asarray(indices))
-        staged = torch.empty((idx.size, region.item_len), dtype=torch.uint8, pin_memory=True)
-        dev_idx = torch.from_numpy(idx).to(self._device)
-        staged.copy_(self._matrix(region).index_select(0, dev_idx))
-        torch.cuda.current_stream(self._device).synchronize()
-        return staged.numpy()
+        group = self._group(region)
+        staged = self.path.stage_out(
+            lambda: pack(group, idx, backend=self.path.backend), idx.size * region.item_len, after
+        )
+        staged.wait()
+        self._report_pool()
+        assert staged.lease is not None
+        return self._owned(staged.lease)[0].reshape(idx.size, region.item_len)
 
     def landing(self, region: Region, indices: np.ndarray) -> tuple[memoryview, bool]:
         idx = region.check(indices)
-        staged = self._torch.empty(idx.size * region.item_len, dtype=self._torch.uint8, pin_memory=True)
-        return staged.numpy().data, False
+        lease = self.path.landing(idx.size * region.item_len)
+        arr, owner = self._owned(lease)
+        addr = arr.ctypes.data
+        with self._lock:
+            self._landings[addr] = lease
+        weakref.finalize(owner, self._forget, addr)
+        return arr.data, False
+
+    def _forget(self, addr: int) -> None:
+        with self._lock:
+            self._landings.pop(addr, None)
 
     def scatter(self, region: Region, indices: np.ndarray, data: memoryview) -> None:
-        torch = self._torch
+        from prfaas_plugin.kernels import unpack
+
         idx = region.check(indices)
-        src = torch.frombuffer(data, dtype=torch.uint8)
-        if src.numel() != idx.size * region.item_len:
-            raise AddressError(f"{region.name}: {src.numel()} bytes for {idx.size} items of {region.item_len}")
-        rows = src.view(idx.size, region.item_len).to(self._device, non_blocking=True)
-        self._matrix(region).index_copy_(0, torch.from_numpy(idx).to(self._device), rows)
-        torch.cuda.current_stream(self._device).synchronize()
+        nbytes = memoryview(data).nbytes
+        if nbytes != idx.size * region.item_len:
+            raise AddressError(f"{region.name}: {nbytes} bytes for {idx.size} items of {region.item_len}")
+        with self._lock:
+            lease = self._landings.get(np.frombuffer(data, dtype=np.uint8).ctypes.data)
+        if lease is None:
+            raise AddressError(f"{region.name}: scatter of a buffer that is not a landing of this space")
+        group = self._group(region)
+        staged = self.path.stage_in(lease, lambda dev: unpack(dev, group, idx, backend=self.path.backend))
+        staged.wait()  # this (receiver) thread waits on the scatter's event, not on the device
+        self._report_pool()
+
+    def pool_stats(self) -> dict[str, int]:
+        return self.path.pool_stats()
+
+    def _report_pool(self) -> None:
+        from prfaas_plugin.engines.sglang.metrics import record_staging_pool
+
+        st = self.path.pool_stats()
+        record_staging_pool(st["capacity_bytes"], st.get("in_use_bytes", 0))
 
 
-def space_for(device: str) -> MemorySpace:
-    """The memory space of SGLang's KV/state pools for ``--device`` (aux rows are always host)."""
+def space_for(device: str, pool_bytes: int | None = None) -> MemorySpace:
+    """The memory space of SGLang's KV/state pools for ``--device`` (aux rows are always host);
+    ``pool_bytes``: the pinned staging of a CUDA space."""
     if device.startswith("cuda"):
-        return CudaSpace(device)
+        return CudaSpace(device, pool_bytes)
     if device == "cpu":
         return HostSpace()
     raise AddressError(f"prfaas transfer backend: device {device!r} is not supported (cpu and cuda are)")

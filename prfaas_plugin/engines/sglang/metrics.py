@@ -15,7 +15,11 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from prfaas_plugin.protocol.metrics import SGLANG_KV_SENT_BYTES
+from prfaas_plugin.protocol.metrics import (
+    SGLANG_KV_SENT_BYTES,
+    SGLANG_STAGING_POOL_CAPACITY,
+    SGLANG_STAGING_POOL_IN_USE,
+)
 
 _lock = threading.Lock()
 _counter: Any | None = None
@@ -47,3 +51,24 @@ def counted_bytes() -> float:
             if sample.name == SGLANG_KV_SENT_BYTES.exposed:
                 return float(sample.value)
     return 0.0
+
+
+_pool_gauges: tuple[Any, Any] | None = None
+
+
+def record_staging_pool(capacity: int, in_use: int) -> None:
+    """The pinned staging pool of this process's GPU (engines/sglang/memory.py ``CudaSpace``):
+    its size and what transfers in flight hold. Summed over the scheduler processes on /metrics."""
+    global _pool_gauges
+    with _lock:
+        if _pool_gauges is None:
+            from prometheus_client import Gauge
+
+            _pool_gauges = tuple(  # type: ignore[assignment]
+                Gauge(s.name, s.help, registry=None, multiprocess_mode="livesum")
+                for s in (SGLANG_STAGING_POOL_CAPACITY, SGLANG_STAGING_POOL_IN_USE)
+            )
+        gauges = _pool_gauges
+    assert gauges is not None
+    gauges[0].set(capacity)
+    gauges[1].set(in_use)

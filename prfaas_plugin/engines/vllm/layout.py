@@ -3,7 +3,7 @@
 Both sides compute the same plan from (group spec, token count), so the consumer can check
 every item it is offered. Scheme per group kind:
 - full attention / MLA: the blocks covering tokens [0, n) (n = prompt length - 1, see N-1 backoff);
-- sliding window: only the blocks that can still be inside the window for token n;
+- sliding window: only the blocks the query at position n reads (kernels/window.py);
 - Mamba / GDN (recurrent): the single state slot (the request's last block), once final.
 """
 
@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from prfaas_plugin.kernels import window_block_range
 from prfaas_plugin.transfer import LayoutFingerprint
 from prfaas_plugin.transfer.binding import ItemNameCodec
 
@@ -59,8 +60,9 @@ def block_range(g: GroupInfo, num_tokens: int, num_blocks_held: int) -> tuple[in
     if g.kind == "state":
         return (num_blocks_held - 1, num_blocks_held) if num_blocks_held else (0, 0)
     end = min(cdiv(num_tokens, g.block_size), num_blocks_held)
-    if g.kind == "swa":
-        return max(0, end - (cdiv(g.window, g.block_size) + 1)), end
+    if g.kind == "swa":  # the one window rule (kernels/window.py), clipped to the blocks held
+        r = window_block_range(num_tokens, g.window, g.block_size)
+        return min(r.start, end), end
     return 0, end
 
 

@@ -103,6 +103,10 @@ class Options(BaseModel):
     #: then exchanges exactly its share of every layer with the peer ranks it pairs with. One of
     #: the two sizes must divide the other. None: the same TP size (rank pairs with rank).
     peer_tp_size: int | None = Field(default=None, ge=1)
+    #: pinned host staging per GPU for KV on its way to or from the wire, allocated once at the
+    #: first transfer (kernels/device.py); a full pool makes new transfers wait (backpressure).
+    #: The default holds a few 32K-token requests of the hybrid models; unused with CPU caches.
+    staging_pool_mb: int = Field(default=4096, ge=1)
     #: TLS for both roles and both planes (PEM paths; same names and defaults as the SGLang
     #: backend's ``PRFAAS_SGLANG_TLS_*``): this instance's identity (the receiver's server
     #: certificate; the producer's client certificate for mTLS) and the CA that verifies the peer.

@@ -32,6 +32,9 @@ _KEYS = (
 )
 #: Bucket bounds of the uncached-length histogram (tokens).
 UNCACHED_BUCKETS = [64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144]
+#: ``[capacity, in_use]`` snapshots of the pinned staging pool (GPU caches), sent along with
+#: the other keys but never making an interval non-empty on their own
+_POOL = "staging_pool"
 
 
 @dataclass
@@ -67,6 +70,9 @@ class PrfaaSConnectorStats(KVConnectorStats):
     def record_offload_failure(self, kind: str) -> None:
         self.data["offload_failures"].append(kind)
 
+    def record_staging_pool(self, capacity: int, in_use: int) -> None:
+        self.data.setdefault(_POOL, []).append([int(capacity), int(in_use)])
+
     def clone_and_reset(self) -> PrfaaSConnectorStats:
         out = PrfaaSConnectorStats(data={k: list(v) for k, v in self.data.items()})
         self.reset()
@@ -77,7 +83,7 @@ class PrfaaSConnectorStats(KVConnectorStats):
         return not any(self.data.get(k) for k in _KEYS)
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
-        for k in _KEYS:
+        for k in (*_KEYS, _POOL):
             self.data.setdefault(k, []).extend(other.data.get(k, []))
         return self
 
@@ -153,15 +159,18 @@ class PrfaaSPromMetrics(KVConnectorPromMetrics):
             documentation=M.VLLM_OFFLOAD_FAILURES.help,
             labelnames=[*labelnames, *M.VLLM_OFFLOAD_FAILURES.labels],
         )
-        self.threshold: dict[int, Any] = create_metric_per_engine(
-            gauge_cls(
-                name=M.VLLM_OFFLOAD_THRESHOLD.name,
-                documentation=M.VLLM_OFFLOAD_THRESHOLD.help,
-                labelnames=labelnames,
-                multiprocess_mode="mostrecent",
-            ),
-            per_engine_labelvalues,
-        )
+
+        def gauge(spec: MetricSpec) -> dict[int, Any]:
+            return create_metric_per_engine(
+                gauge_cls(
+                    name=spec.name, documentation=spec.help, labelnames=labelnames, multiprocess_mode="mostrecent"
+                ),
+                per_engine_labelvalues,
+            )
+
+        self.threshold = gauge(M.VLLM_OFFLOAD_THRESHOLD)
+        self.pool_capacity = gauge(M.VLLM_STAGING_POOL_CAPACITY)
+        self.pool_in_use = gauge(M.VLLM_STAGING_POOL_IN_USE)
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         d = transfer_stats_data
@@ -183,3 +192,7 @@ class PrfaaSPromMetrics(KVConnectorPromMetrics):
             self.threshold[engine_idx].set(threshold)
         for kind in d.get("offload_failures", []):
             self.offload_failures.labels(*engine, kind).inc()
+        if d.get(_POOL):
+            capacity, in_use = d[_POOL][-1]
+            self.pool_capacity[engine_idx].set(capacity)
+            self.pool_in_use[engine_idx].set(in_use)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -24,6 +24,7 @@ from prfaas_plugin.engines.vllm import hetero, layout, packing, tp
 from prfaas_plugin.engines.vllm.meta import PrfaaSMetadata, Transfer
 from prfaas_plugin.engines.vllm.options import Options
 from prfaas_plugin.engines.vllm.stats import PrfaaSConnectorStats
+from prfaas_plugin.kernels.device import Lease, Staged
 from prfaas_plugin.transfer import (
     ItemSpec,
     ReceiveHandle,
@@ -45,7 +46,7 @@ from prfaas_plugin.transfer.binding import (
 log = logging.getLogger("vllm.prfaas")  # child of vLLM's logger: same handlers and format
 
 
-class _Sink(StagedSink[torch.Tensor]):
+class _Sink(StagedSink[torch.Tensor | Lease]):
     """Receives one request's items into staging buffers, then scatters each into its blocks.
     With ``pair`` (prefill and decode TP differ) an item is this session's rows of a layer part,
     scattered into those rows of the local part."""
@@ -53,6 +54,8 @@ class _Sink(StagedSink[torch.Tensor]):
     def __init__(self, w: WorkerSide, t: Transfer, pair: hetero.Pair | None = None) -> None:
         super().__init__()
         self.w, self.t, self.pair = w, t, pair
+        self.landed: list[Any] = []  # host buffers or pinned leases handed to the receiver
+        self.pending: list[Staged] = []  # scatters issued (on a side stream for CUDA caches)
 
     def _block_bytes(self, lname: str, part: int) -> int:
         cache, bdim = self.w.part(lname, part)
@@ -63,12 +66,13 @@ class _Sink(StagedSink[torch.Tensor]):
             raise ValueError(f"{lname}[{part}] is not carried by prefill rank {self.pair.p} to this rank")
         return r.block_bytes
 
-    def land(self, item: ItemSpec) -> tuple[memoryview, torch.Tensor]:
+    def land(self, item: ItemSpec) -> tuple[memoryview, torch.Tensor | Lease]:
         g, first, count, part, lname = layout.parse_item_name(item.name)
         if count * self._block_bytes(lname, part) != item.nbytes or g >= len(self.t.block_ids):
             raise ValueError(f"item {item.name}: {item.nbytes} bytes does not fit the local layout")
-        buf = torch.empty(item.nbytes, dtype=torch.uint8)
-        return buf.numpy().data, buf
+        view, landed = self.w.packer.landing(self.w.part(lname, part)[0], item.nbytes)
+        self.landed.append(landed)
+        return view, landed
 
     def _held_blocks(self, g: int, first: int, count: int) -> int:
         """Leading blocks of an item that this instance's prefix cache already filled: they are
@@ -83,16 +87,31 @@ class _Sink(StagedSink[torch.Tensor]):
         g, first, count, part, lname = layout.parse_item_name(item.name)
         return self._held_blocks(g, first, count) * self._block_bytes(lname, part)
 
-    def commit(self, item: ItemSpec, staged: torch.Tensor) -> None:
+    def commit(self, item: ItemSpec, staged: torch.Tensor | Lease) -> None:
         g, first, count, part, lname = layout.parse_item_name(item.name)
         cache, bdim = self.w.part(lname, part)
         ids = self.t.block_ids[g][first : first + count]
         skip = self._held_blocks(g, first, count)
         r = self.pair.routes[(lname, part)] if self.pair is not None else None
-        if r is None or r.split.replicated:
-            packing.unpack(cache, bdim, ids, staged, skip_before=skip)
-        else:
-            packing.unpack_rows(cache, bdim, ids, staged, r.split.dim, tp.scatter_spec(r.slices), skip)
+        rows = None if r is None or r.split.replicated else (r.split.dim, tp.scatter_spec(r.slices))
+        self.pending.append(self.w.packer.unpack(cache, bdim, ids, staged, skip, rows))
+
+    def settled(self) -> bool:
+        """True once every scatter has reached the cache (an event query for CUDA caches, never
+        a device-wide synchronize); the staging goes back to the pool then."""
+        if not all(p.ready() for p in self.pending):
+            return False
+        self.close()
+        return True
+
+    def close(self) -> None:
+        """Give every staging buffer back, after the copies still reading one are done."""
+        for p in self.pending:
+            p.wait()
+        for landed in self.landed:
+            if hasattr(landed, "release"):
+                landed.release()
+        self.pending, self.landed = [], []
 
 
 def _all_of(futs: list[Future[Any]], on_error: Any = None) -> Future[list[Any]]:
@@ -138,7 +157,7 @@ class _Send:
     legs: list[_Leg]
     transfer: Transfer
     sent_layers: set[str] = field(default_factory=set)
-    buffers: list[torch.Tensor] = field(default_factory=list)
+    buffers: list[Staged] = field(default_factory=list)
 
 
 @dataclass
@@ -149,6 +168,7 @@ class _Load:
     transfer: Transfer
     started: float
     handles: list[ReceiveHandle] = field(default_factory=list)  # empty when it failed before a receiver
+    sinks: list[_Sink] = field(default_factory=list)
 
 
 class WorkerSide:
@@ -178,6 +198,9 @@ class WorkerSide:
         self._load_errors: set[int] = set()
         self._lock = threading.Lock()
         self.stats = PrfaaSConnectorStats()
+        #: the one pack/unpack engine (kernels/) and, for CUDA caches, pinned staging and side streams
+        self.packer = packing.Packer(opts.staging_pool_mb << 20)
+        self._stage_exec: ThreadPoolExecutor | None = None  # sends device-staged items once copied
 
     # -- setup ---------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
@@ -327,27 +350,53 @@ class WorkerSide:
         g = self.groups[self.group_of[lname]]
         first, end = layout.block_range(g, t.num_tokens, len(t.block_ids[g.index]))
         ids = t.block_ids[g.index][first:end]
-        name = layout.item_name
         for pi, (x, bdim) in enumerate(self.parts[lname]):
             legs = [lg for lg in st.legs if lg.pair is None or (lname, pi) in lg.pair.routes]
             if not legs:
                 continue  # a replicated part another prefill rank sends
-            buf = packing.pack(x, bdim, ids)
-            keep.append(buf)
+            whole: Staged | None = None
             for leg in legs:
-                data = buf
-                if leg.pair is not None and not (r := leg.pair.routes[(lname, pi)]).whole:
-                    data = packing.gather_rows(buf, r.split.dim, tp.gather_spec(r.slices))
+                r = leg.pair.routes[(lname, pi)] if leg.pair is not None else None
+                if r is None or r.whole:
+                    if whole is None:
+                        whole = self.packer.stage_send(x, bdim, ids)
+                        keep.append(whole)
+                    data = whole
+                else:
+                    data = self.packer.stage_send(x, bdim, ids, (r.split.dim, tp.gather_spec(r.slices)))
                     keep.append(data)
-                try:
-                    leg.handle.send(name(g.index, first, end - first, lname, pi), data)
-                except TransferError as e:  # one line per transfer: stop sending its other layers
-                    log.warning("prfaas: transfer %s failed while sending %s: %s", t.transfer_id, lname, e)
-                    sent.update(self.group_of)
-                    for other in st.legs:
-                        if other is not leg:
-                            other.handle.abort(f"another session of the transfer failed: {e}")
+                item = layout.item_name(g.index, first, end - first, lname, pi)
+                if not self._push(st, leg, lname, item, data):
                     return
+
+    def _push(self, st: _Send, leg: _Leg, lname: str, item: str, data: Staged) -> bool:
+        """Send a staged item now if its bytes are on the host (CPU caches), else from the
+        staging thread once its device-to-host copy is done: the forward thread never waits
+        for a copy. False when the transfer failed (its other layers are not sent)."""
+        if data.ready():
+            return self._send(st, leg, lname, item, data.host)
+        if self._stage_exec is None:
+            self._stage_exec = ThreadPoolExecutor(1, thread_name_prefix="prfaas-stage")
+
+        def later() -> None:
+            data.wait()
+            if not leg.handle.done.done():
+                self._send(st, leg, lname, item, data.host)
+
+        self._stage_exec.submit(later)
+        return True
+
+    def _send(self, st: _Send, leg: _Leg, lname: str, item: str, data: torch.Tensor) -> bool:
+        try:
+            leg.handle.send(item, data)
+            return True
+        except TransferError as e:  # one line per transfer: stop sending its other layers
+            log.warning("prfaas: transfer %s failed while sending %s: %s", st.transfer.transfer_id, lname, e)
+            st.sent_layers.update(self.group_of)
+            for other in st.legs:
+                if other is not leg:
+                    other.handle.abort(f"another session of the transfer failed: {e}")
+            return False
 
     def save_kv_layer(self, layer_name: str) -> None:
         for t in self.meta.sends:
@@ -372,17 +421,19 @@ class WorkerSide:
                 self._loads[t.req_id] = _Load(f, t, time.monotonic())
                 continue
             if self.recv_pairs is None:
-                hs = [self.receiver.expect(t.transfer_id, t.token, self.fp, _Sink(self, t), deadline_s=t.deadline_s)]
+                sinks = [_Sink(self, t)]
+                hs = [self.receiver.expect(t.transfer_id, t.token, self.fp, sinks[0], deadline_s=t.deadline_s)]
             else:
+                sinks = [_Sink(self, t, pr) for pr in self.recv_pairs]
                 hs = [
                     self.receiver.expect(
                         pr.session_id(t.transfer_id),
                         t.token,
                         pr.fingerprint,
-                        _Sink(self, t, pr),
+                        sink,
                         deadline_s=t.deadline_s,
                     )
-                    for pr in self.recv_pairs
+                    for pr, sink in zip(self.recv_pairs, sinks)
                 ]
 
             def abort_rest(exc: BaseException, hs: list[ReceiveHandle] = hs) -> None:
@@ -390,7 +441,7 @@ class WorkerSide:
                     if not h.done.done():
                         h.abort(f"another session of the load failed: {exc}")
 
-            self._loads[t.req_id] = _Load(_all_of([h.done for h in hs], abort_rest), t, time.monotonic(), hs)
+            self._loads[t.req_id] = _Load(_all_of([h.done for h in hs], abort_rest), t, time.monotonic(), hs, sinks)
         for rid in self.meta.aborts:  # decode-initiated offloads whose remote prefill failed
             ld = self._loads.get(rid)
             for h in ld.handles if ld is not None else ():
@@ -407,7 +458,9 @@ class WorkerSide:
                 exc = next((e for lg in legs if (e := lg.handle.done.exception()) is not None), None)
                 f = legs[0].handle.done if len(legs) == 1 else _all_of([lg.handle.done for lg in legs])
                 self._send_futs[rid] = f
-                del self._sends[rid]  # drops the packed buffers: the receiver has them
+                for buf in self._sends.pop(rid).buffers:  # the receiver has them: staging back to the pool
+                    buf.wait()
+                    buf.release()
                 if exc is None:  # what crossed: less than the manifest when D held a prefix
                     self.stats.record_sent(sum(lg.handle.progress().get("bytes_confirmed", 0) for lg in legs))
                 else:
@@ -425,9 +478,13 @@ class WorkerSide:
             t = ld.transfer
             if not ld.done.done():
                 continue
+            err = ld.done.exception()
+            if err is None and not all(s.settled() for s in ld.sinks):
+                continue  # bytes landed, scatters still running on the side stream
+            for s in ld.sinks:
+                s.close()
             del self._loads[rid]
             recving.add(rid)
-            err = ld.done.exception()
             if err is None:
                 ms = ld.done.result()
                 p = {"bytes_received": 0, "bytes_skipped": 0}
@@ -464,7 +521,12 @@ class WorkerSide:
 
     def take_stats(self) -> PrfaaSConnectorStats | None:
         """This interval's transfers for vLLM's stats channel, or None when nothing happened."""
-        return None if self.stats.is_empty() else self.stats.clone_and_reset()
+        if self.stats.is_empty():
+            return None
+        pool = self.packer.pool_stats()
+        if pool:
+            self.stats.record_staging_pool(pool["capacity_bytes"], pool.get("in_use_bytes", 0))
+        return self.stats.clone_and_reset()
 
     def load_errors(self) -> set[int]:
         out, self._load_errors = self._load_errors, set()
@@ -481,3 +543,5 @@ class WorkerSide:
             self.sender.close()
         if self.receiver:
             self.receiver.close()
+        if self._stage_exec is not None:
+            self._stage_exec.shutdown(wait=False, cancel_futures=True)
