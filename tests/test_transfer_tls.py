@@ -197,3 +197,24 @@ def test_tls_session_negotiates_no_checksum_and_a_flipped_byte_is_caught(pki):
         tx.close()
         rx.close()
         proxy.stop()
+
+
+def test_tls_with_a_checksum_asked_for_still_works(pki):
+    """A TLS receiver that insists on xxh3-64 (belt and braces) gets kind-2 frames over TLS."""
+    cert, key = pki["server"]
+    rx = GrpcTcpReceiver(ReceiverConfig(tls=TlsConfig(cert_file=cert, key_file=key), checksums=("xxh3-64",)))
+    tx = GrpcTcpSender(
+        SenderConfig(
+            chunk_bytes=64 << 10, connections=2, tls=TlsConfig(ca_file=pki["ca.paths"][0], server_name="localhost")
+        )
+    )
+    try:
+        sh, rh, sink, items, data = _roundtrip(rx, tx, "tls-xxh3")
+        sh.done.result(timeout=15)
+        rh.done.result(timeout=15)
+        assert rh.progress()["checksum"] == "xxh3-64"
+        for it in items:
+            assert np.array_equal(sink.arrays[it.name], data[it.name])
+    finally:
+        tx.close()
+        rx.close()
