@@ -82,7 +82,7 @@ def _forge_first_multi_chunk_frame(forge):
         if state["done"] or len(payload) < 2 * CHUNK:
             return payload
         state["done"] = True
-        key, item, offset, _, _, _ = wire.unpack_header(holder[0].header)
+        key, item, offset, _, _ = wire.unpack_header(holder[0].header)
         return forge(key, item, offset, payload)
 
     mutate.state = state  # type: ignore[attr-defined]
@@ -94,8 +94,7 @@ def test_a_frame_overlapping_landed_chunks_is_drained_and_the_rest_asked_for_aga
         # Deliver the frame's first chunk on its own first: the frame then covers one chunk
         # that already landed and several that did not.
         one = payload[:CHUNK]
-        whole = wire.frame_bytes(key, item, offset, payload, CK)[1]  # the frame with its trailer
-        return [wire.frame_bytes(key, item, offset, one, CK), (holder[0].header, whole)]
+        return [(wire.pack_header(key, item, offset, CHUNK, CK(one), CK.wide), one), (holder[0].header, payload)]
 
     mutate, holder = _forge_first_multi_chunk_frame(land_first_chunk_early)
     proxy, rx, tx = proxied_pair(mutate, tx=FRAMED)
@@ -116,9 +115,9 @@ def test_a_frame_that_is_not_whole_chunks_fails_the_session(bad):
     def misframe(key, item, offset, payload):
         if bad == "not whole chunks":
             part = payload[: CHUNK + 100]
-            return [wire.frame_bytes(key, item, offset, part, CK)]
+            return [(wire.pack_header(key, item, offset, len(part), CK(part), CK.wide), part)]
         extra = payload + payload[:CHUNK]  # claims bytes beyond the item
-        return [wire.frame_bytes(key, item, SIZES["L0"] - CHUNK, extra, CK)]
+        return [(wire.pack_header(key, item, SIZES["L0"] - CHUNK, len(extra), CK(extra), CK.wide), extra)]
 
     mutate, holder = _forge_first_multi_chunk_frame(misframe)
     proxy, rx, tx = proxied_pair(mutate, tx=FRAMED)
@@ -140,32 +139,3 @@ def test_frame_bytes_is_validated():
         SenderConfig(chunk_bytes=1 << 20, frame_bytes=512 << 10)
     with pytest.raises(ValueError, match="frame_bytes"):
         SenderConfig(frame_bytes=128 << 20)
-
-
-@pytest.mark.parametrize("size", [1000, wire.SEND_PIECE, 2 * wire.SEND_PIECE + 17])
-def test_a_trailed_frame_carries_the_hash_of_its_payload(size):
-    """Kind 2: header, payload hashed piece by piece as it is sent, 64-bit checksum trailer."""
-    import socket
-    import threading
-
-    payload = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
-    a, b = socket.socketpair()
-    got = bytearray()
-
-    def read_all() -> None:
-        while chunk := b.recv(1 << 20):
-            got.extend(chunk)
-
-    t = threading.Thread(target=read_all)
-    t.start()
-    with a:
-        head = wire.pack_header(b"k" * 16, 3, 0, size, 0, wide=True)
-        wire.send_frame_trailed(a, head, memoryview(payload), CK.running())
-    t.join(10)
-    b.close()
-    key, item, _, length, _, wide = wire.unpack_header(got[: wire.HEADER_SIZE])
-    assert (key, item, length, wide) == (b"k" * 16, 3, size, True)
-    body = got[wire.HEADER_SIZE : wire.HEADER_SIZE + size]
-    assert bytes(body) == payload.tobytes()
-    assert wire.unpack_trailer(got[wire.HEADER_SIZE + size :]) == CK.digest(payload)
-    assert len(got) == wire.HEADER_SIZE + size + wire.TRAILER_SIZE

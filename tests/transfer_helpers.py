@@ -68,9 +68,7 @@ class FrameProxy:
     corrupt payload bytes, forge frames or cut a connection at a frame boundary.
     ``mutate(conn_no, frame_no, payload)`` returns the payload to forward, None to kill that
     connection, or a list of (header, payload) frames to forward instead (``self.header`` is
-    the frame's own header meanwhile; a kind-2 frame's trailer is kept with an unchanged or
-    mutated payload, and must be part of the payload of frames forged in its place:
-    ``wire.frame_bytes``). ``self.lengths`` lists (conn_no, payload length)."""
+    the frame's own header meanwhile). ``self.lengths`` lists (conn_no, payload length)."""
 
     def __init__(self, mutate) -> None:
         import socket
@@ -117,10 +115,10 @@ class FrameProxy:
             up.sendall(read(len(wire.HELLO)))
             frame_no = 0
             while True:
-                hdr = read(wire.HEADER_SIZE)
-                _, _, _, length, _, wide = wire.unpack_header(hdr)
+                hbuf = bytearray(wire.HEADER64_SIZE)
+                n, fields = wire.recv_header(c, hbuf)
+                hdr, length = bytes(hbuf[:n]), fields[3]
                 payload = read(length)
-                trailer = read(wire.TRAILER_SIZE) if wide else b""
                 with self._lock:
                     self.frames += 1
                     self.lengths.append((conn_no, length))
@@ -133,7 +131,7 @@ class FrameProxy:
                     for h, pl in out:
                         up.sendall(h + pl)
                 else:
-                    up.sendall(hdr + out + trailer)
+                    up.sendall(hdr + out)
         except (OSError, ConnectionError, ValueError):
             pass
         finally:

@@ -732,15 +732,11 @@ class GrpcTcpReceiver(TransferReceiver):
             return
         with self._lock:
             self._data_conns.add(conn)
-        hdr = bytearray(wire.HEADER_SIZE)
-        hview = memoryview(hdr)
-        trailer = bytearray(wire.TRAILER_SIZE)
-        tview = memoryview(trailer)
+        hdr = bytearray(wire.HEADER64_SIZE)
         scratch = memoryview(bytearray(1 << 20))
         try:
             while not self._closed.is_set():
-                wire.recv_exact(conn, hview)
-                key, item, offset, length, value, wide = wire.unpack_header(hdr)
+                hsize, (key, item, offset, length, value) = wire.recv_header(conn, hdr)
                 with self._lock:
                     s = self._by_key.get(key)
                     known = s is not None or key in self._tombstones
@@ -752,14 +748,14 @@ class GrpcTcpReceiver(TransferReceiver):
                 if s is not None:
                     ck = s.checksum
                     try:
-                        if wide != ck.wide:
-                            raise ProtocolError(f"{s.request_id}: a kind-{hdr[4]} data frame for a {ck.name} session")
+                        if (hsize == wire.HEADER64_SIZE) != ck.wide:
+                            raise ProtocolError(f"{s.request_id}: a {hsize}-byte frame header for a {ck.name} session")
                         view = s.begin_chunk(item, offset, length, conn, multi=True)
                     except ProtocolError as e:
                         s.fail(e)
                         raise
                 if view is None:
-                    wire.drain(conn, length + (wire.TRAILER_SIZE if wide else 0), scratch)
+                    wire.drain(conn, length, scratch)
                     continue
                 assert s is not None
                 try:
@@ -767,11 +763,7 @@ class GrpcTcpReceiver(TransferReceiver):
                         wire.recv_exact(conn, view)
                         ok = True
                     else:
-                        got = wire.recv_exact_checksummed(conn, view, ck.running())
-                        if wide:
-                            wire.recv_exact(conn, tview)
-                            value = wire.unpack_trailer(trailer)
-                        ok = got == value
+                        ok = wire.recv_exact_checksummed(conn, view, ck.running()) == value
                 except BaseException:
                     s.end_chunk(item, offset, length, None, conn)
                     raise

@@ -294,17 +294,9 @@ class _Link:
             try:
                 with h.payload(idx, off, ln) as view:
                     ck = h.checksum
-                    if ck.wide and use_sendmsg:  # checksum in a trailer: hashed as it goes out
-                        hdr = wire.pack_header(h.key, idx, off, ln, 0, True)
-                        p.sender.pacer.consume(len(hdr) + ln + wire.TRAILER_SIZE, p.closed)
-                        assert ck.running is not None
-                        wire.send_frame_trailed(self.sock, hdr, view, ck.running())
-                    else:
-                        value = ck.digest(view)
-                        hdr = wire.pack_header(h.key, idx, off, ln, value, ck.wide)
-                        trailer = wire.pack_trailer(value) if ck.wide else b""
-                        p.sender.pacer.consume(len(hdr) + ln + len(trailer), p.closed)
-                        wire.send_frame(self.sock, hdr, view, use_sendmsg, trailer)
+                    hdr = wire.pack_header(h.key, idx, off, ln, ck.digest(view), ck.wide)
+                    p.sender.pacer.consume(len(hdr) + ln, p.closed)
+                    wire.send_frame(self.sock, hdr, view, use_sendmsg)
                 p.sent(h, ln, job.resend)
             except TransferError:
                 continue  # the request was released meanwhile; nothing to send

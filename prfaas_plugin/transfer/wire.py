@@ -5,12 +5,10 @@ sender to receiver: a fixed header followed by ``length`` payload bytes. Receipt
 requests and completion travel on the gRPC session, so the data sockets are one-way (no thread
 on either side has to share a TLS socket between reading and writing).
 
-The header is 44 bytes. Kind 1 carries a 32-bit checksum in it (what peers that only know
-CRC-32C send and expect, unchanged). Kind 2 carries a 64-bit checksum in an 8-byte trailer after
-the payload: the sender hashes each piece of the payload just before sending it, so the source
-bytes are read from memory once (the hash pulls them into cache, the kernel copies them from
-there); a header-first checksum would need a whole pass over the frame before its first byte
-could go.
+The header is 44 bytes with a 32-bit checksum (kind 1) or 48 with a 64-bit one (kind 2: the
+same fields, the checksum widened in place). The kind byte says which, so a receiver reads 44
+bytes and then the last 4 only for kind 2, and peers that only know CRC-32C (kind 1) keep
+talking to this version unchanged.
 
 The per-chunk checksum fits the channel; it is negotiated per session (the receiver takes the
 sender's first offer it accepts):
@@ -35,48 +33,52 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 HELLO = b"PKVDATA1"
+#: Everything up to the checksum's low 32 bits; kind 2 appends the high 32 bits.
 _HEADER = struct.Struct("<4sB3x16sIQII")
-HEADER_SIZE = _HEADER.size  # 44
-_TRAILER = struct.Struct("<Q")
-TRAILER_SIZE = _TRAILER.size  # 8: kind 2 only
+_HEADER64 = struct.Struct("<4sB3x16sIQIQ")
+HEADER_SIZE = _HEADER.size  # 44: what a receiver reads first
+HEADER64_SIZE = _HEADER64.size  # 48
 FRAME_MAGIC = b"PKV1"
-KIND_DATA = 1  # 32-bit checksum in the header
-KIND_DATA64 = 2  # 64-bit checksum in a trailer after the payload (header field 0)
-#: Kind 2 payloads are hashed and sent in pieces of this size, so the kernel's copy reads
-#: bytes the hash just pulled into cache (one pass over the source instead of two).
-SEND_PIECE = 4 << 20
+KIND_DATA = 1  # 32-bit checksum
+KIND_DATA64 = 2  # 64-bit checksum
 
 
 def pack_header(session_key: bytes, item: int, offset: int, length: int, checksum: int, wide: bool = False) -> bytes:
-    """A frame header: kind 1 carries a 32-bit ``checksum``; ``wide`` (kind 2) carries none,
-    its 64-bit checksum follows the payload (``pack_trailer``)."""
+    """A frame header; ``wide`` for a 64-bit checksum (``Checksum.wide``)."""
     if wide:
-        return _HEADER.pack(FRAME_MAGIC, KIND_DATA64, session_key, item, offset, length, 0)
+        return _HEADER64.pack(FRAME_MAGIC, KIND_DATA64, session_key, item, offset, length, checksum)
     return _HEADER.pack(FRAME_MAGIC, KIND_DATA, session_key, item, offset, length, checksum)
 
 
-def pack_trailer(checksum: int) -> bytes:
-    return _TRAILER.pack(checksum)
-
-
-def unpack_trailer(buf: Any) -> int:
-    return int(_TRAILER.unpack(buf)[0])
-
-
-def unpack_header(buf: Any) -> tuple[bytes, int, int, int, int, bool]:
-    """Returns (session_key, item, offset, length, checksum, wide); ``wide``: a kind-2 frame
-    whose checksum is in the trailer. Raises ValueError on a bad frame."""
-    magic, kind, key, item, offset, length, value = _HEADER.unpack(buf)
-    if magic != FRAME_MAGIC or kind not in (KIND_DATA, KIND_DATA64):
+def unpack_header(buf: Any) -> tuple[bytes, int, int, int, int]:
+    """Returns (session_key, item, offset, length, checksum) from a whole header (44 or 48
+    bytes, see ``header_size``); raises ValueError on a bad frame."""
+    if len(buf) == HEADER64_SIZE:
+        magic, kind, key, item, offset, length, value = _HEADER64.unpack(buf)
+        want = KIND_DATA64
+    else:
+        magic, kind, key, item, offset, length, value = _HEADER.unpack(buf)
+        want = KIND_DATA
+    if magic != FRAME_MAGIC or kind != want:
         raise ValueError(f"bad data frame header (magic={magic!r}, kind={kind})")
-    return key, item, offset, length, value, kind == KIND_DATA64
+    return key, item, offset, length, value
 
 
-def frame_bytes(session_key: bytes, item: int, offset: int, payload: Any, checksum: Checksum) -> tuple[bytes, bytes]:
-    """(header, payload plus any trailer) of one frame: what a test proxy forges."""
-    value = checksum.digest(payload)
-    head = pack_header(session_key, item, offset, len(payload), value, checksum.wide)
-    return head, bytes(payload) + (pack_trailer(value) if checksum.wide else b"")
+def header_size(first: Any) -> int:
+    """Whole header size given its first ``HEADER_SIZE`` bytes (the kind byte decides)."""
+    if bytes(first[:4]) != FRAME_MAGIC or first[4] not in (KIND_DATA, KIND_DATA64):
+        raise ValueError(f"bad data frame header (magic={bytes(first[:4])!r}, kind={first[4]})")
+    return HEADER64_SIZE if first[4] == KIND_DATA64 else HEADER_SIZE
+
+
+def recv_header(sock: socket.socket, buf: bytearray) -> tuple[int, tuple[bytes, int, int, int, int]]:
+    """Read one header into ``buf`` (at least ``HEADER64_SIZE`` bytes): (its size, its fields)."""
+    view = memoryview(buf)
+    recv_exact(sock, view[:HEADER_SIZE])
+    n = header_size(view)
+    if n > HEADER_SIZE:
+        recv_exact(sock, view[HEADER_SIZE:n])
+    return n, unpack_header(view[:n])
 
 
 class Running(Protocol):
@@ -192,18 +194,14 @@ def drain(sock: socket.socket, n: int, scratch: memoryview) -> None:
         n -= step
 
 
-def send_frame(
-    sock: socket.socket, header: bytes, payload: memoryview, use_sendmsg: bool, trailer: bytes = b""
-) -> None:
-    """Header, payload (and trailer) in one syscall where possible, without copying the payload."""
+def send_frame(sock: socket.socket, header: bytes, payload: memoryview, use_sendmsg: bool) -> None:
+    """Header and payload in one syscall where possible, without copying the payload."""
     if not use_sendmsg:
         sock.sendall(header)
         sock.sendall(payload)
-        if trailer:
-            sock.sendall(trailer)
         return
-    bufs: list[Any] = [b for b in (header, payload, trailer) if len(b)]
-    total = sum(len(b) for b in bufs)
+    bufs: list[Any] = [header, payload]
+    total = len(header) + len(payload)
     sent = 0
     while sent < total:
         n = sock.sendmsg(bufs)
@@ -219,29 +217,6 @@ def send_frame(
             else:
                 bufs[0] = memoryview(first)[n:]
                 n = 0
-
-
-def send_frame_trailed(sock: socket.socket, header: bytes, payload: memoryview, running: Running) -> None:
-    """A kind-2 frame: header, payload hashed piece by piece just before each piece is sent,
-    then the checksum as a trailer. Header and trailer ride with the first and last pieces."""
-    n = len(payload)
-    update = running.update
-    if n <= SEND_PIECE:
-        update(payload)
-        send_frame(sock, header, payload, True, pack_trailer(running.intdigest()))
-        return
-    first = payload[:SEND_PIECE]
-    update(first)
-    send_frame(sock, header, first, True)
-    off = SEND_PIECE
-    while off < n:
-        piece = payload[off : off + SEND_PIECE]
-        update(piece)
-        off += len(piece)
-        if off < n:
-            sock.sendall(piece)
-        else:
-            send_frame(sock, b"", piece, True, pack_trailer(running.intdigest()))
 
 
 def _core_max(name: str) -> int:
