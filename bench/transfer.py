@@ -3,6 +3,7 @@
   python bench/transfer.py                  # cases 1, 3 and 2 (2 needs root + netns)
   python bench/transfer.py --quick --json   # case 4: case 1 in < 60 s, one JSON object
   python bench/transfer.py --cases 2        # emulated 2 Gbit/s, 20 ms RTT link only
+  python bench/transfer.py --integrity      # each per-chunk checksum against the raw ceiling, one run
 
 Case 1: loopback goodput of the engine against a raw multi-socket ceiling (``sendall`` /
 ``recv_into`` on N connections, no framing, no checksum) measured in the same run with the same
@@ -103,7 +104,8 @@ class _ReuseSink:
 def serve_engine(host: str, secret: str, rounds: int, sizes: list[int], checksums: str = "") -> None:
     cfg = ReceiverConfig(listen=f"{host}:0")
     if checksums:
-        cfg = ReceiverConfig(listen=f"{host}:0", checksums=tuple(checksums.split(",")))
+        names = tuple(checksums.split(","))
+        cfg = ReceiverConfig(listen=f"{host}:0", checksums=names, allow_unverified_plaintext="none" in names)
     rx = GrpcTcpReceiver(cfg)
     sink = _ReuseSink(sizes)
     handles = [rx.expect(f"b{r}", f"{secret}-{r}", FP, sink, deadline_s=900) for r in range(rounds)]
@@ -388,6 +390,71 @@ def case2(conns: int, seconds: float) -> dict[str, Any]:
     return res
 
 
+#: Integrity choices on a plaintext loopback data plane: (label, checksum; None = the default).
+INTEGRITY = (("default (xxh3-64)", None), ("crc32c", "crc32c"), ("crc32 (zlib)", "crc32"), ("none", "none"))
+
+
+def integrity(conns: int, rounds: int = 8) -> dict[str, Any]:
+    """Every integrity choice side by side with the raw ceiling in one run: rounds alternate
+    raw, then each choice, so all see the same background load; CPU seconds of both processes
+    per GB of goodput tell how many cores a link needs."""
+    total, item = 256 << 20, 32 << 20
+    sizes = [item] * (total // item)
+    raw = RawRun("127.0.0.1", total, conns, rounds + 2)
+    runs = []
+    for _, name in INTEGRITY:
+        if name is None:
+            cfg = SenderConfig(connections=conns)
+        else:
+            cfg = SenderConfig(connections=conns, checksums=(name,), allow_unverified_plaintext=name == "none")
+        runs.append(EngineRun("127.0.0.1", sizes, rounds + 2, cfg, receiver_checksums=name or ""))
+    for _ in range(2):  # warm-up: connections, page faults, TCP autotuning
+        raw.round()
+        for e in runs:
+            e.round()
+    rr: list[float] = []
+    er: list[list[float]] = [[] for _ in runs]
+    raw_cpu, eng_cpu = CpuTally(), [CpuTally() for _ in runs]
+    for _ in range(rounds):
+        rr.append(raw_cpu.timed(raw.child.pid, raw.per * raw.conns, raw.round))
+        for e, rates, tally in zip(runs, er, eng_cpu):
+            rates.append(tally.timed(e.child.pid, total, e.round))
+    raw.finish()
+    for e in runs:
+        e.finish()
+    rows = [{"choice": "raw sockets", "gbps": _med(rr) * 8 / GB, "ratio": 1.0, "cpu_s_per_gb": raw_cpu.per_gb()}]
+    for (label, _), rates, tally in zip(INTEGRITY, er, eng_cpu):
+        rows.append(
+            {
+                "choice": label,
+                "gbps": _med(rates) * 8 / GB,
+                "ratio": _med(rates) / _med(rr),
+                "cpu_s_per_gb": tally.per_gb(),
+                "runs_gbps": [round(r * 8 / GB, 2) for r in rates],
+            }
+        )
+        log(f"integrity {label}: ratio {rows[-1]['ratio']:.2f}, {rows[-1]['cpu_s_per_gb']['total']} CPU-s/GB")
+    return {"connections": conns, "rounds": rounds, "total_bytes": total, "rows": rows}
+
+
+def render_integrity(res: dict[str, Any]) -> str:
+    raw_total = res["rows"][0]["cpu_s_per_gb"]["total"]
+    lines = [
+        f"**Integrity choices against the raw ceiling** (loopback, plaintext, {res['connections']} connections, "
+        f"{res['total_bytes'] >> 20} MiB per round, rounds alternate raw and every choice, median of "
+        f"{res['rounds']}; CPU = sender + receiver process, user + sys, per GB of goodput; {os.cpu_count()} CPUs)\n",
+        "| integrity | Gbit/s | ratio to raw | CPU-s/GB sender | CPU-s/GB receiver | CPU-s/GB total | over raw |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        c = r["cpu_s_per_gb"]
+        lines.append(
+            f"| {r['choice']} | {r['gbps']:.2f} | {r['ratio']:.2f} | {c['sender_user'] + c['sender_sys']:.3f} | "
+            f"{c['receiver_user'] + c['receiver_sys']:.3f} | {c['total']:.3f} | {c['total'] - raw_total:+.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _diagnostic(n: int, cfg: SenderConfig, receiver_checksums: str) -> dict[str, Any]:
     """Engine with ``cfg`` against the raw ceiling, rounds alternating (a shorter case 1)."""
     diag = EngineRun("127.0.0.1", [32 << 20] * 8, 5, cfg, receiver_checksums=receiver_checksums)
@@ -413,7 +480,7 @@ def render(results: dict[str, Any], cmd: str) -> str:
     from prfaas_plugin.transfer import wire
 
     lines = [
-        f"Per-chunk checksum: {wire.available(SenderConfig().checksums)[0]}. No GPU in this session: the GPU "
+        f"Per-chunk checksum: {wire.available(SenderConfig().effective_checksums)[0]}. No GPU in this session: the GPU "
         "staging path was not measured (its code path runs on CPU in tests/test_transfer_staging.py).\n"
     ]
     c1 = results.get("case1")
@@ -500,6 +567,7 @@ def main() -> None:
     ap.add_argument("--wan-connections", type=int, default=4)
     ap.add_argument("--wan-seconds", type=float, default=4.0)
     ap.add_argument("--no-append", action="store_true")
+    ap.add_argument("--integrity", action="store_true", help="every per-chunk checksum against the raw ceiling")
     ap.add_argument("--serve-raw", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--serve-engine", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--wan-client", nargs=5, help=argparse.SUPPRESS)
@@ -516,7 +584,20 @@ def main() -> None:
         return wan_client(h, ns_b, int(n), int(total), int(rounds))
     cmd = "python bench/transfer.py " + " ".join(sys.argv[1:])
     t0 = time.monotonic()
+    if a.integrity:
+        res = integrity(SenderConfig().connections)
+        text = render_integrity(res)
+        print(json.dumps(res) if a.json else text)
+        if not a.no_append:
+            append_benchmarks(
+                "Transfer engine: integrity choices (bench/transfer.py --integrity)",
+                text,
+                notes=f"load average {os.getloadavg()[0]:.1f} at start (other jobs share the 2 CPUs)",
+            )
+        return
     if a.quick:
+        from prfaas_plugin.transfer import wire
+
         c1 = case1(True, [SenderConfig().connections])
         row = c1["rows"][0]
         out = {
@@ -525,6 +606,9 @@ def main() -> None:
             "ratio": round(row["ratio"], 3),
             "connections": row["connections"],
             "engine_runs_gbps": row["engine_runs"],
+            "checksum": wire.available(SenderConfig().effective_checksums)[0],
+            "engine_cpu_s_per_gb": row["engine_cpu_s_per_gb"]["total"],
+            "raw_cpu_s_per_gb": row["raw_cpu_s_per_gb"]["total"],
             "raw_runs_gbps": row["raw_runs"],
             "seconds": round(time.monotonic() - t0, 1),
         }
@@ -538,7 +622,8 @@ def main() -> None:
         n = conns[-1]
         # Diagnostics, each against its own raw rounds: what the per-chunk checksum costs on this
         # host (both sides opt in to "none"), and what multi-chunk frames gain (one chunk per frame).
-        results["case1"]["no_checksum"] = _diagnostic(n, SenderConfig(connections=n, checksums=("none",)), "none")
+        no_ck = SenderConfig(connections=n, checksums=("none",), allow_unverified_plaintext=True)
+        results["case1"]["no_checksum"] = _diagnostic(n, no_ck, "none")
         log(f"case1 diagnostic without checksum n={n}: ratio {results['case1']['no_checksum']['ratio']:.2f}")
         one = SenderConfig(connections=n, frame_bytes=SenderConfig().chunk_bytes)
         results["case1"]["one_chunk_frames"] = _diagnostic(n, one, "")

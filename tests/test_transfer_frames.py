@@ -13,7 +13,7 @@ from prfaas_plugin.transfer import ProtocolError, SenderConfig, wire
 CHUNK = 64 << 10
 SIZES = {f"L{i}": 1 << 20 for i in range(4)} | {"tail": 3 * CHUNK + 123}
 FRAMED = SenderConfig(chunk_bytes=CHUNK, frame_bytes=8 * CHUNK, connections=2)
-CRC = wire.CHECKSUMS["crc32c"]
+CK = wire.CHECKSUMS[wire.PLAINTEXT_DEFAULT[0]]  # what the default plaintext session negotiates
 
 
 def _run(proxy, rx, tx, rid: str, seed: int):
@@ -94,7 +94,7 @@ def test_a_frame_overlapping_landed_chunks_is_drained_and_the_rest_asked_for_aga
         # Deliver the frame's first chunk on its own first: the frame then covers one chunk
         # that already landed and several that did not.
         one = payload[:CHUNK]
-        return [(wire.pack_header(key, item, offset, CHUNK, CRC(one)), one), (holder[0].header, payload)]
+        return [(wire.pack_header(key, item, offset, CHUNK, CK(one), CK.wide), one), (holder[0].header, payload)]
 
     mutate, holder = _forge_first_multi_chunk_frame(land_first_chunk_early)
     proxy, rx, tx = proxied_pair(mutate, tx=FRAMED)
@@ -115,9 +115,9 @@ def test_a_frame_that_is_not_whole_chunks_fails_the_session(bad):
     def misframe(key, item, offset, payload):
         if bad == "not whole chunks":
             part = payload[: CHUNK + 100]
-            return [(wire.pack_header(key, item, offset, len(part), CRC(part)), part)]
+            return [(wire.pack_header(key, item, offset, len(part), CK(part), CK.wide), part)]
         extra = payload + payload[:CHUNK]  # claims bytes beyond the item
-        return [(wire.pack_header(key, item, SIZES["L0"] - CHUNK, len(extra), CRC(extra)), extra)]
+        return [(wire.pack_header(key, item, SIZES["L0"] - CHUNK, len(extra), CK(extra), CK.wide), extra)]
 
     mutate, holder = _forge_first_multi_chunk_frame(misframe)
     proxy, rx, tx = proxied_pair(mutate, tx=FRAMED)

@@ -163,15 +163,22 @@ def test_grpc_data_fallback(plane):
 @pytest.mark.parametrize(
     "offer,accept,expect",
     [
+        (None, None, "xxh3-64"),  # the plaintext default: corruption detection, the fastest hash
+        (("crc32c",), None, "crc32c"),  # a peer that only offers CRC-32C
+        (None, ("crc32c", "crc32"), "crc32c"),  # a receiver that only accepts CRCs
         (("crc32",), ("crc32c", "crc32"), "crc32"),
         (("crc32c", "crc32"), ("crc32",), "crc32"),
-        (("none",), ("crc32c", "crc32"), None),  # unverified data only if the receiver opts in too
+        (("none",), None, None),  # unverified data only if the receiver opts in too
+        (("none",), ("none",), "none"),  # both opted in (diagnostic flag on both sides)
     ],
 )
 def test_checksum_negotiation(offer, accept, expect):
     from prfaas_plugin.transfer import ProtocolError
 
-    rx, tx = pair(ReceiverConfig(checksums=accept), SenderConfig(chunk_bytes=64 << 10, checksums=offer))
+    rx, tx = pair(
+        ReceiverConfig(checksums=accept, allow_unverified_plaintext=accept == ("none",)),
+        SenderConfig(chunk_bytes=64 << 10, checksums=offer, allow_unverified_plaintext=offer == ("none",)),
+    )
     try:
         items, data = random_items(np.random.default_rng(4), {"a": 100_000})
         sink, tok = ArraySink(), token()
@@ -189,6 +196,28 @@ def test_checksum_negotiation(offer, accept, expect):
     finally:
         tx.close()
         rx.close()
+
+
+@pytest.mark.parametrize("cls", [ReceiverConfig, SenderConfig])
+def test_plaintext_without_checksum_refuses_to_start_unless_asked(cls):
+    from prfaas_plugin.transfer import TlsConfig
+
+    with pytest.raises(ValueError, match="allow_unverified_plaintext"):
+        cls(checksums=("none",))
+    with pytest.raises(ValueError, match="allow_unverified_plaintext"):
+        cls(checksums=("xxh3-64", "none"))
+    assert cls(checksums=("none",), allow_unverified_plaintext=True).effective_checksums == ("none",)
+    with pytest.raises(ValueError, match="subset"):
+        cls(checksums=("md5",))
+    with pytest.raises(ValueError, match="subset"):
+        cls(checksums=())
+    with pytest.raises(TypeError):
+        cls(checksum="none")  # unknown keys are refused
+    # The defaults follow the channel: TLS needs no checksum, plaintext gets xxh3-64 first.
+    assert cls().effective_checksums == ("xxh3-64", "crc32c", "crc32")
+    tls = TlsConfig(cert_file="c.pem", key_file="k.pem") if cls is ReceiverConfig else TlsConfig(ca_file="ca.pem")
+    assert cls(tls=tls).effective_checksums == ("none", "xxh3-64", "crc32c", "crc32")
+    assert cls(tls=tls, checksums=("none",)).effective_checksums == ("none",)
 
 
 class _PrefixHoldingSink(ArraySink):

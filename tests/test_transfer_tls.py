@@ -148,3 +148,73 @@ def test_data_plane_refuses_rogue_client_cert(pki):
         assert rx.stats()["data_connections"] == 0
     finally:
         rx.close()
+
+
+def test_tls_session_negotiates_no_checksum_and_a_flipped_byte_is_caught(pki):
+    """Under TLS no per-chunk checksum is used (AEAD authenticates every record); a bit flipped
+    on the wire breaks that connection, and its unconfirmed chunks go again on a fresh one."""
+    import threading
+
+    from prfaas_plugin.faults.matrix import until
+    from prfaas_plugin.faults.proxy import FaultKind, FaultPlan, FaultProxy
+    from prfaas_plugin.transfer.config import split_hostport
+
+    cert, key = pki["server"]
+    proxy = FaultProxy(("127.0.0.1", 1))
+    proxy.start()
+    rx = GrpcTcpReceiver(ReceiverConfig(tls=TlsConfig(cert_file=cert, key_file=key), advertise_data=proxy.endpoint))
+    proxy.upstream = split_hostport(rx.bound_data_endpoint or "")
+    tx = GrpcTcpSender(
+        SenderConfig(
+            chunk_bytes=64 << 10, connections=2, tls=TlsConfig(ca_file=pki["ca.paths"][0], server_name="localhost")
+        )
+    )
+    healed = threading.Event()
+
+    def heal_after_first_flip() -> None:
+        until(lambda: proxy.stats.corrupted_bytes > 0, 20.0, 0.001)
+        proxy.set_fault(FaultPlan())
+        healed.set()
+
+    try:
+        proxy.set_fault(FaultPlan(FaultKind.CORRUPT, after_bytes=100_000, corrupt_every=200_000))
+        threading.Thread(target=heal_after_first_flip, daemon=True).start()
+        items, data = random_items(np.random.default_rng(5), {"L0": 1 << 20, "L1": 1 << 20})
+        sink, tok = ArraySink(), token()
+        rh = rx.expect("tls-flip", tok, FP, sink, deadline_s=20)
+        sh = tx.open(rx.endpoint, manifest("tls-flip", items), tok, deadline_s=20)
+        for it in items:
+            sh.send(it.name, data[it.name])
+        sh.done.result(timeout=25)
+        rh.done.result(timeout=25)
+        assert healed.wait(5) and proxy.stats.corrupted_bytes >= 1
+        assert rh.progress()["checksum"] == "none"
+        for it in items:
+            assert np.array_equal(sink.arrays[it.name], data[it.name])
+        peers = tx.stats()["peers"].values()
+        assert sum(p["chunks_resent"] for p in peers) >= 1
+    finally:
+        tx.close()
+        rx.close()
+        proxy.stop()
+
+
+def test_tls_with_a_checksum_asked_for_still_works(pki):
+    """A TLS receiver that insists on xxh3-64 (belt and braces) gets kind-2 frames over TLS."""
+    cert, key = pki["server"]
+    rx = GrpcTcpReceiver(ReceiverConfig(tls=TlsConfig(cert_file=cert, key_file=key), checksums=("xxh3-64",)))
+    tx = GrpcTcpSender(
+        SenderConfig(
+            chunk_bytes=64 << 10, connections=2, tls=TlsConfig(ca_file=pki["ca.paths"][0], server_name="localhost")
+        )
+    )
+    try:
+        sh, rh, sink, items, data = _roundtrip(rx, tx, "tls-xxh3")
+        sh.done.result(timeout=15)
+        rh.done.result(timeout=15)
+        assert rh.progress()["checksum"] == "xxh3-64"
+        for it in items:
+            assert np.array_equal(sink.arrays[it.name], data[it.name])
+    finally:
+        tx.close()
+        rx.close()

@@ -115,8 +115,9 @@ class FrameProxy:
             up.sendall(read(len(wire.HELLO)))
             frame_no = 0
             while True:
-                hdr = read(wire.HEADER_SIZE)
-                length = wire.unpack_header(hdr)[3]
+                hbuf = bytearray(wire.HEADER64_SIZE)
+                n, fields = wire.recv_header(c, hbuf)
+                hdr, length = bytes(hbuf[:n]), fields[3]
                 payload = read(length)
                 with self._lock:
                     self.frames += 1

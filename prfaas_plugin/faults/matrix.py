@@ -9,6 +9,7 @@ clears it and checks that a fresh request succeeds (the engine recovers without 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import secrets
 import threading
@@ -97,7 +98,11 @@ def run_case(
     items_per_request: int = 4,
     connections: int = 2,
     log: Callable[[str], None] = lambda _m: None,
+    receiver: ReceiverConfig | None = None,
+    sender: SenderConfig | None = None,
 ) -> CaseResult:
+    """``receiver``/``sender``: the engines' configs (e.g. a checksum choice, TLS); the receiver
+    is made to advertise the proxy, the sender's ``connections`` is overridden."""
     res = CaseResult(case.name)
     rng = np.random.default_rng(abs(hash(case.name)) % 2**32)
     item_bytes = request_bytes // items_per_request
@@ -110,9 +115,9 @@ def run_case(
     fds0, threads0 = _fds(), threading.active_count()  # before any engine exists: close() must undo it all
     proxy = FaultProxy(("127.0.0.1", 1))  # upstream set once the receiver is bound
     proxy.start()
-    rx = GrpcTcpReceiver(ReceiverConfig(advertise_data=proxy.endpoint))
+    rx = GrpcTcpReceiver(dataclasses.replace(receiver or ReceiverConfig(), advertise_data=proxy.endpoint))
     proxy.upstream = split_hostport(rx.bound_data_endpoint or "")
-    tx = GrpcTcpSender(SenderConfig(chunk_bytes=256 << 10, connections=connections))
+    tx = GrpcTcpSender(dataclasses.replace(sender or SenderConfig(chunk_bytes=256 << 10), connections=connections))
     t0 = time.monotonic()
     try:
         proxy.set_fault(case.plan)

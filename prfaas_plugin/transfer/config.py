@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from prfaas_plugin.transfer import wire
+
 #: Striping unit. 1 MiB keeps a chunk inside L2 on both sides, so the checksum pass right after
 #: ``recv_into``/before ``send`` reads hot cache lines; larger chunks gave no loopback gain.
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -65,8 +67,16 @@ class ReceiverConfig:
     max_chunk_bytes: int = 64 << 20
     #: Checksum failures tolerated per session before it fails with ChecksumError.
     max_checksum_failures: int = 8
-    #: Per-chunk checksums accepted, preferred first ("none" only for diagnostics).
-    checksums: tuple[str, ...] = ("crc32c", "crc32")
+    #: Per-chunk checksums accepted (the sender's first offer accepted here wins). None: by
+    #: channel, ``wire.TLS_DEFAULT`` with TLS (``none`` accepted: AEAD already authenticates
+    #: every byte), ``wire.PLAINTEXT_DEFAULT`` without (xxh3-64, crc32c, crc32).
+    checksums: tuple[str, ...] | None = None
+    #: Diagnostics only: let a plaintext data plane run without a per-chunk checksum.
+    allow_unverified_plaintext: bool = False
+
+    @property
+    def effective_checksums(self) -> tuple[str, ...]:
+        return _effective(self.checksums, self.tls)
 
     def __post_init__(self) -> None:
         _check_hostport(self.listen, "ReceiverConfig.listen")
@@ -74,7 +84,7 @@ class ReceiverConfig:
             _check_hostport(self.advertise_data, "ReceiverConfig.advertise_data")
         if not 0 <= self.data_port < 65536:
             raise ValueError(f"ReceiverConfig.data_port out of range: {self.data_port}")
-        _check_checksums(self.checksums, "ReceiverConfig")
+        _check_checksums(self, "ReceiverConfig")
         if self.max_workers < 4:
             raise ValueError("ReceiverConfig.max_workers must be >= 4")
         if self.announce_grace_s < 0:
@@ -106,9 +116,16 @@ class SenderConfig:
     max_chunk_retries: int = 3
     #: Pinned staging pool for device tensors (bytes) and its slot size.
     staging_bytes: int = 64 << 20
-    #: Per-chunk checksums offered, preferred first; unavailable ones are skipped.
-    checksums: tuple[str, ...] = ("crc32c", "crc32")
+    #: Per-chunk checksums offered, preferred first; ones this process lacks are skipped.
+    #: None: by channel, as on the receiver (``none`` first with TLS, xxh3-64 first without).
+    checksums: tuple[str, ...] | None = None
+    #: Diagnostics only: let a plaintext data plane run without a per-chunk checksum.
+    allow_unverified_plaintext: bool = False
     labels: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def effective_checksums(self) -> tuple[str, ...]:
+        return _effective(self.checksums, self.tls)
 
     def __post_init__(self) -> None:
         if not 1 <= self.connections <= 64:
@@ -121,17 +138,33 @@ class SenderConfig:
             raise ValueError(f"SenderConfig.data_plane must be 'tcp' or 'grpc', got {self.data_plane!r}")
         if self.pacing_gbps is not None and self.pacing_gbps <= 0:
             raise ValueError("SenderConfig.pacing_gbps must be > 0 (or None)")
-        _check_checksums(self.checksums, "SenderConfig")
+        _check_checksums(self, "SenderConfig")
         if self.announce_wait_s < 0:
             raise ValueError("SenderConfig.announce_wait_s must be >= 0")
         if self.staging_bytes < self.chunk_bytes:
             raise ValueError("SenderConfig.staging_bytes must hold at least one chunk")
 
 
-def _check_checksums(names: tuple[str, ...], what: str) -> None:
-    known = {"crc32c", "crc32", "none"}
-    if not names or any(n not in known for n in names):
-        raise ValueError(f"{what}.checksums must be a non-empty subset of {sorted(known)}, got {names!r}")
+def _effective(names: tuple[str, ...] | None, tls: TlsConfig | None) -> tuple[str, ...]:
+    if names is not None:
+        return names
+    return wire.TLS_DEFAULT if tls is not None else wire.PLAINTEXT_DEFAULT
+
+
+def _check_checksums(cfg: ReceiverConfig | SenderConfig, what: str) -> None:
+    """Known names only, and no silent loss of corruption detection: a plaintext endpoint may
+    offer or accept ``none`` only with ``allow_unverified_plaintext``."""
+    names = cfg.checksums
+    if names is not None and (not names or any(n not in wire.KNOWN for n in names)):
+        raise ValueError(f"{what}.checksums must be a non-empty subset of {sorted(wire.KNOWN)}, got {names!r}")
+    if cfg.tls is None and "none" in cfg.effective_checksums and not cfg.allow_unverified_plaintext:
+        raise ValueError(
+            f"{what}: checksums {names!r} allow 'none' on a plaintext data plane, where a corrupted KV byte "
+            "would land unnoticed; configure TLS (which authenticates every byte), drop 'none', or set "
+            "allow_unverified_plaintext=True (diagnostics only)"
+        )
+    if not wire.available(cfg.effective_checksums):
+        raise ValueError(f"{what}.checksums {cfg.effective_checksums!r}: none is implemented in this process")
 
 
 def _check_hostport(value: str, what: str) -> None:

@@ -100,7 +100,7 @@ class _Session:
         self.base: list[int] = []  # per item: leading bytes the sink already holds (not sent)
         self.chunk = 0
         self.checksum_name = "crc32"
-        self.checksum: Any = wire.crc32
+        self.checksum: wire.Checksum = wire.CHECKSUMS["crc32"]
         self.chunk_state: list[bytearray] = []
         self.chunks_left: list[int] = []
         self.callbacks_left = 0
@@ -268,11 +268,11 @@ class _Session:
                     f"{req.request_id}: layout fingerprint mismatch (sender != receiver): {diff}"
                 )
             cfg = self.owner.config
-            algo = wire.choose_checksum(list(req.checksums), wire.available(cfg.checksums))
+            accepted = wire.available(cfg.effective_checksums)
+            algo = wire.choose_checksum(list(req.checksums), accepted)
             if algo is None:
                 return ProtocolError(
-                    f"{req.request_id}: no common checksum (offered {list(req.checksums)}, "
-                    f"accepted here {wire.available(cfg.checksums)})"
+                    f"{req.request_id}: no common checksum (offered {list(req.checksums)}, accepted here {accepted})"
                 )
             if not 4096 <= req.chunk_bytes <= cfg.max_chunk_bytes:
                 return ProtocolError(
@@ -700,7 +700,9 @@ class GrpcTcpReceiver(TransferReceiver):
             if view is None:
                 continue
             view[:] = data
-            s.end_chunk(ch.item, ch.offset, len(data), s.checksum(view) == ch.crc32, None)
+            ck = s.checksum
+            want = ch.checksum64 if ck.wide else ch.crc32
+            s.end_chunk(ch.item, ch.offset, len(data), ck.running is None or ck.digest(view) == want, None)
             view = s = None
             n += 1
             b += len(data)
@@ -731,13 +733,11 @@ class GrpcTcpReceiver(TransferReceiver):
             return
         with self._lock:
             self._data_conns.add(conn)
-        hdr = bytearray(wire.HEADER_SIZE)
-        hview = memoryview(hdr)
+        hdr = bytearray(wire.HEADER64_SIZE)
         scratch = memoryview(bytearray(1 << 20))
         try:
             while not self._closed.is_set():
-                wire.recv_exact(conn, hview)
-                key, item, offset, length, crc = wire.unpack_header(hdr)
+                hsize, (key, item, offset, length, value) = wire.recv_header(conn, hdr)
                 with self._lock:
                     s = self._by_key.get(key)
                     known = s is not None or key in self._tombstones
@@ -747,7 +747,10 @@ class GrpcTcpReceiver(TransferReceiver):
                     raise ProtocolError(f"data frame of {length} bytes exceeds the limit")
                 view = None
                 if s is not None:
+                    ck = s.checksum
                     try:
+                        if (hsize == wire.HEADER64_SIZE) != ck.wide:
+                            raise ProtocolError(f"{s.request_id}: a {hsize}-byte frame header for a {ck.name} session")
                         view = s.begin_chunk(item, offset, length, conn, multi=True)
                     except ProtocolError as e:
                         s.fail(e)
@@ -755,12 +758,17 @@ class GrpcTcpReceiver(TransferReceiver):
                 if view is None:
                     wire.drain(conn, length, scratch)
                     continue
+                assert s is not None
                 try:
-                    got_crc = wire.recv_exact_checksummed(conn, view, s.checksum)  # type: ignore[union-attr]
+                    if ck.running is None:  # "none": TLS authenticated it, or a diagnostic run
+                        wire.recv_exact(conn, view)
+                        ok = True
+                    else:
+                        ok = wire.recv_exact_checksummed(conn, view, ck.running()) == value
                 except BaseException:
-                    s.end_chunk(item, offset, length, None, conn)  # type: ignore[union-attr]
+                    s.end_chunk(item, offset, length, None, conn)
                     raise
-                s.end_chunk(item, offset, length, got_crc == crc, conn)  # type: ignore[union-attr]
+                s.end_chunk(item, offset, length, ok, conn)
                 view = s = None  # hold no reference to the adapter's memory between frames
         except (OSError, ConnectionError, ValueError, ProtocolError):
             pass

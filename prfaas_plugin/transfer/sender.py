@@ -110,7 +110,7 @@ class _SendHandle(SendHandle):
         #: per item, the leading bytes the receiver already holds (Accepted.skip_bytes): not sent
         self.base: list[int] = [0] * len(manifest.items)
         self.key = b""
-        self.checksum: Any = wire.crc32
+        self.checksum: wire.Checksum = wire.CHECKSUMS["crc32"]
         #: Largest data frame for this session (whole chunks of one item): the receiver's
         #: Accepted.max_frame_bytes capped by ours; one chunk for old receivers, the gRPC plane
         #: and a paced sender (a big frame would be one lump of the pacing budget).
@@ -205,7 +205,7 @@ class _SendHandle(SendHandle):
                 return
             self.key = acc.session_key
             algo = acc.checksum or "crc32"
-            if algo not in wire.available(self.sender.config.checksums):
+            if algo not in wire.available(self.sender.config.effective_checksums):
                 raise ProtocolError(f"{self.request_id}: receiver chose checksum {algo!r}, not offered")
             self.checksum = wire.CHECKSUMS[algo]
             if acc.skip_bytes:
@@ -295,7 +295,8 @@ class _Link:
             h, idx, off, ln = job.handle, job.item, job.offset, job.length
             try:
                 with h.payload(idx, off, ln) as view:
-                    hdr = wire.pack_header(h.key, idx, off, ln, h.checksum(view))
+                    ck = h.checksum
+                    hdr = wire.pack_header(h.key, idx, off, ln, ck.digest(view), ck.wide)
                     p.sender.pacer.consume(len(hdr) + ln, p.closed)
                     wire.send_frame(self.sock, hdr, view, use_sendmsg)
                 p.sent(h, ln, job.resend)
@@ -386,7 +387,13 @@ class _GrpcLink(_Link):
                 h.fail(ProtocolError(f"{h.request_id}: cannot read item {idx}: {e!r}"))
                 continue
             p.sender.pacer.consume(ln, p.closed)
-            yield pb.DataChunk(session_key=h.key, item=idx, offset=off, crc32=h.checksum(data), data=data)
+            ck = h.checksum
+            value = ck.digest(data)
+            yield (
+                pb.DataChunk(session_key=h.key, item=idx, offset=off, checksum64=value, data=data)
+                if ck.wide
+                else pb.DataChunk(session_key=h.key, item=idx, offset=off, crc32=value, data=data)
+            )
             p.sent(h, ln, job.resend)
 
 
@@ -688,7 +695,7 @@ class GrpcTcpSender(TransferSender):
             chunk_bytes=self.config.chunk_bytes,
             data_planes=planes,
             metadata_json=json.dumps(dict(m.metadata), default=str) if m.metadata else "",
-            checksums=wire.available(self.config.checksums),
+            checksums=wire.available(self.config.effective_checksums),
             partial_items=True,
         )
         try:

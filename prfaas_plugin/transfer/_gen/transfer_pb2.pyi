@@ -155,18 +155,20 @@ class StatusReply(_message.Message):
     def __init__(self, state: _Optional[str] = ..., bytes_landed: _Optional[int] = ..., items_done: _Optional[int] = ..., items_total: _Optional[int] = ..., elapsed_s: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
 
 class DataChunk(_message.Message):
-    __slots__ = ("session_key", "item", "offset", "crc32", "data")
+    __slots__ = ("session_key", "item", "offset", "crc32", "data", "checksum64")
     SESSION_KEY_FIELD_NUMBER: _ClassVar[int]
     ITEM_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     CRC32_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM64_FIELD_NUMBER: _ClassVar[int]
     session_key: bytes
     item: int
     offset: int
     crc32: int
     data: bytes
-    def __init__(self, session_key: _Optional[bytes] = ..., item: _Optional[int] = ..., offset: _Optional[int] = ..., crc32: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    checksum64: int
+    def __init__(self, session_key: _Optional[bytes] = ..., item: _Optional[int] = ..., offset: _Optional[int] = ..., crc32: _Optional[int] = ..., data: _Optional[bytes] = ..., checksum64: _Optional[int] = ...) -> None: ...
 
 class PushSummary(_message.Message):
     __slots__ = ("chunks", "bytes")
