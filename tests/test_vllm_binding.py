@@ -227,3 +227,30 @@ def test_item_names_and_rank_ports():
     assert rank_port(0, 3) == 0 and rank_port(15600, 3) == 15603
     with pytest.raises(ValueError, match="past 65535"):
         rank_port(65535, 1)
+
+
+def test_a_held_prefix_on_a_kv_split_cache_lands_every_other_block_exactly():
+    """A ``[2, blocks, ...]`` cache (K and V apart, as vLLM's GPU attention backends keep it)
+    packs an item as ``[2, n, row]``: the decode side's held prefix is not one leading byte
+    range of it. The blocks it does not hold must land exactly; the held ones stay untouched."""
+    prod, p_cache = _worker("p", Options(listen="127.0.0.1:17100"), producer=True, seed=1)
+    cons, d_cache = _worker("d", Options(listen="127.0.0.1:17100"), producer=False, seed=2)
+    try:
+        held_before = {n: d_cache[n][:, 1].clone() for n in LAYERS}
+        src, dst = [5, 2, 9], [1, 7, 3]
+        cons.meta.loads = [Transfer("r1", "xfer-1", TOKEN, 20.0, 10, (dst,), num_local_tokens=BLOCK)]
+        cons.start_load_kv()
+        prod.meta.sends = [Transfer("r1", "xfer-1", TOKEN, 20.0, 10, (src,), endpoint=cons.receiver.endpoint)]
+        prod.wait_for_save()
+        deadline = time.monotonic() + 30
+        recving: set[str] = set()
+        while not recving and time.monotonic() < deadline:
+            _, recving, failed = cons.transfer_results(set())
+            time.sleep(0.02)
+        assert recving == {"r1"} and not failed
+        for n in LAYERS:
+            assert torch.equal(d_cache[n][:, 1], held_before[n]), "a held block was written"
+            assert torch.equal(d_cache[n][:, [7, 3]], p_cache[n][:, [2, 9]]), f"{n}: K or V of a sent block is wrong"
+    finally:
+        prod.shutdown()
+        cons.shutdown()

@@ -85,6 +85,10 @@ class _Sink(StagedSink[torch.Tensor | Lease]):
 
     def skip_bytes(self, item: ItemSpec) -> int:
         g, first, count, part, lname = layout.parse_item_name(item.name)
+        if self.w.part(lname, part)[1] != 0:
+            # [2, blocks, ...] (K and V apart) packs as [2, n, row]: the held blocks are not one
+            # leading byte range, so the whole item comes and commit skips them in each half
+            return 0
         return self._held_blocks(g, first, count) * self._block_bytes(lname, part)
 
     def commit(self, item: ItemSpec, staged: torch.Tensor | Lease) -> None:
