@@ -143,6 +143,7 @@ class _Send:
     sent: set[tuple[str, int, int]] = field(default_factory=set)  # (layer, group, first block)
     buffers: list[torch.Tensor] = field(default_factory=list)
     final: bool = False  # the last chunk's step ran: every item was sent
+    streamed: int = 0  # items sent in steps before the last chunk's (chunked prefill)
     failed: bool = False  # a session failed: nothing more is sent
 
 
@@ -213,7 +214,12 @@ class WorkerSide:
         peer_tp = self.opts.peer_tp_size or pc.tensor_parallel_size
         if peer_tp != pc.tensor_parallel_size:
             self._pair_up(pc.tensor_parallel_size, peer_tp, rank)
-        transport = type(self).transport_factory(self.opts.endpoint_spec(self.cfg.kv_transfer_config.engine_id))
+        spec = self.opts.endpoint_spec(self.cfg.kv_transfer_config.engine_id)
+        try:  # in the worker process, where the engine reads the files: fail at startup, not per request
+            spec.tls.check(server=self.consumer)
+        except ValueError as e:
+            raise ValueError(f"prfaas kv_connector_extra_config: {e}") from None
+        transport = type(self).transport_factory(spec)
         if self.consumer:
             host, _, port = self.opts.listen.rpartition(":")
             advertise = None
@@ -378,6 +384,7 @@ class WorkerSide:
             if key in st.sent or not self._ready(st, g, first, end):
                 continue
             st.sent.add(key)
+            st.streamed += not t.final
             ids = t.block_ids[g.index][first:end]
             for pi, (x, bdim) in enumerate(self.parts[lname]):
                 legs = [lg for lg in st.legs if lg.pair is None or (lname, pi) in lg.pair.routes]
@@ -411,8 +418,16 @@ class WorkerSide:
             if t.req_id in self._sends:
                 for lname in self.group_of:
                     self._send_layer(t.req_id, lname)
-                if t.final:
-                    self._sends[t.req_id].final = True
+                st = self._sends[t.req_id]
+                if t.final and not st.final:
+                    st.final = True
+                    if st.streamed:
+                        log.info(
+                            "prfaas: transfer %s: %d of %d layer items streamed before the last chunk",
+                            t.transfer_id,
+                            st.streamed,
+                            len(st.sent),
+                        )
 
     # -- consumer ------------------------------------------------------------------------------
     def start_load_kv(self) -> None:
