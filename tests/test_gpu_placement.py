@@ -216,7 +216,7 @@ def test_vllm_producer_gathers_on_the_device_and_sends_pinned_staging(gpu):
     w = _vllm_worker(gpu.seam)
     t = Transfer("r", "x", "t", 10.0, 10, ([3, 7, 9],), "127.0.0.1:1")
     h = _Handle()
-    w._sends["r"] = _Send([_Leg(h)], t)
+    w._sends["r"] = _Send([_Leg(h)], t, w._plan(t))
     for lname in LAYERS:
         w._send_layer("r", lname)
     if w._stage_exec is not None:

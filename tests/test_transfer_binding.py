@@ -122,3 +122,76 @@ def test_staged_sink_commits_staged_items_once_and_leaves_in_place_ones():
     assert sink.dest == {"direct.a": bytearray(b"aaaa"), "staged.b": bytearray(b"bbbb")}
     with pytest.raises(ValueError, match="too big"):
         sink.buffer_for(ItemSpec("staged.c", 9))
+
+
+# ----------------------------------------------------------------------------------------------
+# TLS settings: one definition for both adapters, refused with the option's name
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    from transfer_helpers import make_pki
+
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def _adapters():
+    """Both adapters' settings models, which must take the TLS keys from the one definition."""
+    from prfaas_plugin.engines.sglang.config import BackendConfig
+
+    out = [BackendConfig]
+    try:
+        from prfaas_plugin.engines.vllm.options import Options
+
+        out.append(Options)
+    except ImportError:  # vllm absent: the SGLang model still proves the shared rules
+        pass
+    return out
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"tls_key": "k.pem"}, r"tls_cert and tls_key go together \(tls_cert is missing\)"),
+        ({"tls_cert": "c.pem"}, r"tls_cert and tls_key go together \(tls_key is missing\)"),
+        ({"tls_cert": "c.pem", "tls_key": "k.pem", "tls_require_client_cert": True}, "needs tls_ca"),
+        ({"tls_ca": ""}, "tls_ca must be a path, not empty"),
+    ],
+)
+def test_tls_settings_refuse_incomplete_pairs_in_every_adapter(kwargs, message):
+    from pydantic import ValidationError
+
+    from prfaas_plugin.transfer.binding import TlsSettings
+
+    for model in _adapters():
+        assert issubclass(model, TlsSettings)
+        with pytest.raises(ValidationError, match=message):
+            model(**kwargs)
+
+
+def test_sglang_env_names_the_tls_variable():
+    from prfaas_plugin.engines.sglang.config import BackendConfig
+
+    with pytest.raises(ValueError, match=r"^PRFAAS_SGLANG_TLS_CERT and PRFAAS_SGLANG_TLS_KEY go together"):
+        BackendConfig.from_env({"PRFAAS_SGLANG_TLS_KEY": "/k.pem"})
+    cfg = BackendConfig.from_env({"PRFAAS_SGLANG_TLS_CA": "/ca.pem"})
+    assert cfg.tls_options() == TlsOptions(ca="/ca.pem")
+
+
+def test_tls_file_checks_name_the_option(pki, tmp_path):
+    cert, key = pki["server"]
+    ca = pki["ca.paths"][0]
+    TlsOptions(cert, key, ca, True).check(server=True)  # a good receiver
+    TlsOptions(ca=ca).check(server=False)  # a sender that only verifies
+    TlsOptions().check(server=True)  # TLS off: nothing to check
+    with pytest.raises(ValueError, match=r"tls_cert '/nonexistent/c.pem' cannot be read: No such file"):
+        TlsOptions("/nonexistent/c.pem", key, ca).check(server=True)
+    with pytest.raises(ValueError, match=r"tls_ca '/nonexistent/ca.pem' cannot be read"):
+        TlsOptions(cert, key, "/nonexistent/ca.pem").check(server=False)
+    with pytest.raises(ValueError, match="a receiver serving TLS needs tls_cert and tls_key"):
+        TlsOptions(ca=ca).check(server=True)
+    with pytest.raises(ValueError, match="are not a PEM certificate and its private key"):
+        TlsOptions(cert, pki["client"][1]).check(server=True)  # another certificate's key
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    with pytest.raises(ValueError, match="tls_ca .* is not a PEM CA certificate bundle"):
+        TlsOptions(cert, key, str(garbage)).check(server=True)

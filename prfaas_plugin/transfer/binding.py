@@ -3,7 +3,8 @@
 Each adapter (vLLM connector, SGLang backend) keeps its own *meaning* of items and its own
 configuration surface, but builds endpoints, names items and lands bytes the same way:
 
-* :class:`TlsOptions` + :class:`EndpointSpec` -> :class:`EngineTransport`: the sender and the
+* :class:`TlsSettings` (the adapters' TLS keys and their rules) -> :class:`TlsOptions` (+ its
+  file checks) + :class:`EndpointSpec` -> :class:`EngineTransport`: the sender and the
   per-rank receiver, with TLS/mTLS on both planes. Adapters take a :data:`TransportFactory`
   so tests can inject another implementation of the contract (an in-process loopback fabric,
   a fault proxy) without touching the adapter.
@@ -16,11 +17,14 @@ configuration surface, but builds endpoints, names items and lands bytes the sam
 
 from __future__ import annotations
 
+import ssl
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, Self, TypeVar
+
+from pydantic import BaseModel, model_validator
 
 from prfaas_plugin.transfer.api import ItemSpec, TransferReceiver, TransferSender
 from prfaas_plugin.transfer.config import DEFAULT_CONNECTIONS, ReceiverConfig, SenderConfig, TlsConfig
@@ -57,6 +61,68 @@ class TlsOptions:
             ca_file=self.ca,
             require_client_cert=self.require_client_cert if server else False,
         )
+
+    def check(self, server: bool) -> None:
+        """Refuse, at startup and naming the option, TLS files that cannot serve: unreadable
+        paths, a certificate and key that do not belong together, a CA that is not PEM, or a
+        receiver (``server``) with TLS on but no certificate of its own. The settings models
+        check what needs no files (:class:`TlsSettings`); this runs where the files must exist."""
+        if not self.enabled:
+            return
+        for opt, path in (("tls_cert", self.cert), ("tls_key", self.key), ("tls_ca", self.ca)):
+            if path is None:
+                continue
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as e:
+                raise ValueError(f"{opt} {path!r} cannot be read: {e.strerror or e}") from None
+        if server and not self.cert:
+            raise ValueError("a receiver serving TLS needs tls_cert and tls_key (its server certificate)")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        if self.cert and self.key:
+            try:
+                ctx.load_cert_chain(self.cert, self.key)
+            except (ssl.SSLError, ValueError) as e:
+                raise ValueError(
+                    f"tls_cert {self.cert!r} and tls_key {self.key!r} are not a PEM certificate and its private key: {e}"
+                ) from None
+        if self.ca:
+            try:
+                ctx.load_verify_locations(cafile=self.ca)
+            except (ssl.SSLError, ValueError) as e:
+                raise ValueError(f"tls_ca {self.ca!r} is not a PEM CA certificate bundle: {e}") from None
+
+
+class TlsSettings(BaseModel):
+    """The TLS keys of an adapter's settings (the vLLM connector's ``kv_connector_extra_config``,
+    the SGLang backend's ``PRFAAS_SGLANG_TLS_*``): one definition, so both adapters take the same
+    names, defaults and rules. Adapters' settings models derive from it."""
+
+    #: PEM paths of this side's identity: the receiver's server certificate, the sender's client
+    #: certificate for mutual TLS. They go together.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: PEM path of the CA that verifies the peer. TLS (both planes) is on when ``tls_cert`` or
+    #: ``tls_ca`` is set; both sides must agree.
+    tls_ca: str | None = None
+    #: Receiver: require sender client certificates signed by ``tls_ca`` (mutual TLS).
+    tls_require_client_cert: bool = False
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> Self:
+        for opt in ("tls_cert", "tls_key", "tls_ca"):
+            if getattr(self, opt) == "":
+                raise ValueError(f"{opt} must be a path, not empty (leave it out for no TLS)")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            missing = "tls_key" if self.tls_key is None else "tls_cert"
+            raise ValueError(f"tls_cert and tls_key go together ({missing} is missing)")
+        if self.tls_require_client_cert and not self.tls_ca:
+            raise ValueError("tls_require_client_cert needs tls_ca to verify the senders' certificates")
+        return self
+
+    def tls_options(self) -> TlsOptions:
+        return TlsOptions(self.tls_cert, self.tls_key, self.tls_ca, self.tls_require_client_cert)
 
 
 def rank_port(base: int, rank: int) -> int:

@@ -8,16 +8,20 @@ validated here once, at manager start, with an error that names the variable.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator
+
+from prfaas_plugin.transfer.binding import TlsSettings
 
 ENV_PREFIX = "PRFAAS_SGLANG_"
 
 
-class BackendConfig(BaseModel):
-    """One SGLang rank's transfer settings."""
+class BackendConfig(TlsSettings):
+    """One SGLang rank's transfer settings; TLS (``PRFAAS_SGLANG_TLS_CERT`` / ``_KEY`` / ``_CA`` /
+    ``_REQUIRE_CLIENT_CERT``) is :class:`TlsSettings`, the same keys as the vLLM connector's."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -41,12 +45,6 @@ class BackendConfig(BaseModel):
     #: Pinned host staging per GPU (MiB) for KV on its way to or from the wire, allocated once
     #: at the first transfer; a full pool makes new transfers wait (kernels/device.py).
     staging_pool_mb: int = Field(4096, ge=1)
-    #: TLS for both roles (PEM paths): this rank's identity, and the CA that verifies the peer.
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_ca: str | None = None
-    #: Decode: require prefill client certificates signed by ``tls_ca`` (mutual TLS).
-    tls_require_client_cert: bool = False
     #: Prefill: threads that gather pages and hand them to the transfer engine.
     workers: int = Field(2, ge=1, le=64)
 
@@ -75,5 +73,8 @@ class BackendConfig(BaseModel):
             return cls(**values)
         except ValidationError as exc:
             first = exc.errors()[0]
+            if not first["loc"]:  # a rule across settings (the TLS pairs): name them as variables
+                msg = re.sub(r"\btls_\w+", lambda m: ENV_PREFIX + m.group(0).upper(), first["msg"])
+                raise ValueError(msg.removeprefix("Value error, ")) from None
             name = ENV_PREFIX + str(first["loc"][0]).upper()
             raise ValueError(f"{name}={values.get(str(first['loc'][0]))!r}: {first['msg']}") from None

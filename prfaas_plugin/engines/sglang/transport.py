@@ -9,7 +9,7 @@ from the backend's ``PRFAAS_SGLANG_*`` settings.
 from __future__ import annotations
 
 from prfaas_plugin.engines.sglang.config import BackendConfig
-from prfaas_plugin.transfer.binding import EndpointSpec, EngineTransport, TlsOptions, Transport, TransportFactory
+from prfaas_plugin.transfer.binding import EndpointSpec, EngineTransport, Transport, TransportFactory
 
 __all__ = ["Transport", "TransportFactory", "engine_transport", "endpoint_spec"]
 
@@ -18,7 +18,7 @@ def endpoint_spec(config: BackendConfig) -> EndpointSpec:
     return EndpointSpec(
         sender_id="sglang-prefill",
         receiver_id="sglang-decode",
-        tls=TlsOptions(config.tls_cert, config.tls_key, config.tls_ca, config.tls_require_client_cert),
+        tls=config.tls_options(),
         connections=config.connections,
         pacing_gbps=config.pacing_gbps,
     )

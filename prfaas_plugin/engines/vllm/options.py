@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from prfaas_plugin.protocol.requests import MAX_DEADLINE_S
-from prfaas_plugin.transfer.binding import EndpointSpec, TlsOptions
+from prfaas_plugin.transfer.binding import EndpointSpec, TlsSettings
 
 
 def _check_hostport(v: str) -> str:
@@ -78,8 +78,10 @@ class OffloadOptions(BaseModel):
         return None if v is None else v.rstrip("/")
 
 
-class Options(BaseModel):
-    """Defaults are what docs/vllm.md documents."""
+class Options(TlsSettings):
+    """Defaults are what docs/vllm.md documents. TLS for both roles and both planes: the keys of
+    :class:`TlsSettings`, shared with the SGLang backend (``PRFAAS_SGLANG_TLS_*``): ``tls_cert``,
+    ``tls_key``, ``tls_ca``, ``tls_require_client_cert`` (consumer: mutual TLS)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -107,15 +109,6 @@ class Options(BaseModel):
     #: first transfer (kernels/device.py); a full pool makes new transfers wait (backpressure).
     #: The default holds a few 32K-token requests of the hybrid models; unused with CPU caches.
     staging_pool_mb: int = Field(default=4096, ge=1)
-    #: TLS for both roles and both planes (PEM paths; same names and defaults as the SGLang
-    #: backend's ``PRFAAS_SGLANG_TLS_*``): this instance's identity (the receiver's server
-    #: certificate; the producer's client certificate for mTLS) and the CA that verifies the peer.
-    #: TLS is on when ``tls_cert`` or ``tls_ca`` is set; both sides must agree.
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_ca: str | None = None
-    #: consumer: require producer client certificates signed by ``tls_ca`` (mutual TLS)
-    tls_require_client_cert: bool = False
     #: consumer: decide offloads here (see :class:`OffloadOptions`); None = only the router does
     offload: OffloadOptions | None = None
 
@@ -124,20 +117,12 @@ class Options(BaseModel):
     def _hostport(cls, v: str | None) -> str | None:
         return v if v is None else _check_hostport(v)
 
-    @model_validator(mode="after")
-    def _tls_pairs(self) -> Options:
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key go together")
-        if self.tls_require_client_cert and not self.tls_ca:
-            raise ValueError("tls_require_client_cert needs tls_ca to verify producers")
-        return self
-
     def endpoint_spec(self, engine_id: str) -> EndpointSpec:
         """What this instance's transfer endpoints are built from (ports per rank aside)."""
         return EndpointSpec(
             sender_id=f"vllm-{engine_id}",
             receiver_id=f"vllm-{engine_id}",
-            tls=TlsOptions(self.tls_cert, self.tls_key, self.tls_ca, self.tls_require_client_cert),
+            tls=self.tls_options(),
             connections=self.connections,
             pacing_gbps=self.pacing_gbps,
         )

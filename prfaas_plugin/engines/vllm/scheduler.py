@@ -1,5 +1,9 @@
 """Scheduler half of the connector (runs in vLLM's EngineCore process).
 
+Chunked prefill streams: a producer's transfer is announced at its first scheduled step, and every
+step tells the worker how many tokens are final (``Transfer.ready_tokens``), so each chunk's
+full-attention blocks leave as that chunk's forward finishes; the rest goes with the last chunk.
+
 N-1 backoff, for every model: the producer prefills prompt[:-1] and ships that KV/state; the
 consumer loads those N-1 tokens and computes the last prompt token itself. For recurrent layers
 this is required (the state after N tokens cannot be rewound to feed token N again); using it for
@@ -233,13 +237,31 @@ class SchedulerSide:
             if req is None:
                 continue
             computed, prompt = req
-            if computed + sched[rid] < prompt:
-                continue  # prefill not complete this step: ship once it is (KV final)
+            ready = min(computed + sched[rid], prompt)
             block_ids = tuple(list(b) for b in self._kv_manager.get_blocks(rid).get_block_ids())
-            t = Transfer(rid, p.transfer_id, p.token, p.deadline_s, prompt, block_ids, endpoint=p.decode_endpoint)
-            self._sent[rid] = t
-            meta.sends.append(t)
+            t = Transfer(
+                rid,
+                p.transfer_id,
+                p.token,
+                p.deadline_s,
+                prompt,
+                block_ids,
+                endpoint=p.decode_endpoint,
+                ready_tokens=ready,
+                slice_tokens=self._slice_tokens(prompt),
+            )
+            if t.final:  # the last chunk: attention KV, sliding-window tail and recurrent state
+                self._sent[rid] = t
+            meta.sends.append(t)  # an earlier chunk: the worker streams the blocks it finished
         return meta
+
+    def _slice_tokens(self, prompt: int) -> int:
+        """Tokens per full-attention item: one step's token budget when chunked prefill splits
+        this prompt (so each chunk's blocks can cross while the next chunk is computed), else
+        0 (one item per layer, sent when the prefill's single step is over)."""
+        sc = getattr(self._vllm_config, "scheduler_config", None)
+        budget = int(getattr(sc, "max_num_batched_tokens", 0) or 0)
+        return budget if 0 < budget < prompt else 0
 
     def _request(self, so: Any, rid: str) -> tuple[int, int] | None:
         for r in so.scheduled_new_reqs:
@@ -248,7 +270,8 @@ class SchedulerSide:
         c = so.scheduled_cached_reqs
         if rid in c.req_ids:
             i = c.req_ids.index(rid)
-            return c.num_computed_tokens[i], self._prompt_len.get(rid, 1 << 60)
+            prompt = self._prompt_len.get(rid)
+            return None if prompt is None else (c.num_computed_tokens[i], prompt)
         return None
 
     def predicted_bytes(self, t: Transfer) -> int:

@@ -2,7 +2,9 @@
 
 Producer: each attention layer is packed and pushed as its ``save_kv_layer`` fires; groups whose
 layers have no hook (Mamba/GDN) are pushed from the registered tensors in ``wait_for_save``, when
-the step's forward is over and their state is final. Source buffers live until the receiver
+the step's forward is over and their state is final. Under chunked prefill the session opens at
+the first chunk and each chunk's full-attention blocks go as that chunk's layer is written;
+sliding-window tails and recurrent states go with the last chunk. Source buffers live until the receiver
 confirms (``done``), and the request's blocks stay held by ``delay_free`` until then; the
 transfer deadline is the lease, so a vanished receiver releases them.
 Consumer: announces each load to the receiver with a sink that scatters every landed item into
@@ -155,13 +157,17 @@ class _Leg:
 
 @dataclass
 class _Send:
-    """A producer transfer in flight: its sessions, the layers already sent, and the packed
+    """A producer transfer in flight: its sessions, the items already sent, and the packed
     buffers the sessions read from (kept until every ``done``)."""
 
     legs: list[_Leg]
-    transfer: Transfer
-    sent_layers: set[str] = field(default_factory=set)
+    transfer: Transfer  # the latest step's (its block list covers every chunk so far)
+    plan: dict[int, list[tuple[int, int]]]  # block ranges of each group's items (``_plan``)
+    sent: set[tuple[str, int, int]] = field(default_factory=set)  # (layer, group, first block)
     buffers: list[Staged] = field(default_factory=list)
+    final: bool = False  # the last chunk's step ran: every item was sent
+    streamed: int = 0  # items sent in steps before the last chunk's (chunked prefill)
+    failed: bool = False  # a session failed: nothing more is sent
 
 
 @dataclass
@@ -235,7 +241,12 @@ class WorkerSide:
         peer_tp = self.opts.peer_tp_size or pc.tensor_parallel_size
         if peer_tp != pc.tensor_parallel_size:
             self._pair_up(pc.tensor_parallel_size, peer_tp, rank)
-        transport = type(self).transport_factory(self.opts.endpoint_spec(self.cfg.kv_transfer_config.engine_id))
+        spec = self.opts.endpoint_spec(self.cfg.kv_transfer_config.engine_id)
+        try:  # in the worker process, where the engine reads the files: fail at startup, not per request
+            spec.tls.check(server=self.consumer)
+        except ValueError as e:
+            raise ValueError(f"prfaas kv_connector_extra_config: {e}") from None
+        transport = type(self).transport_factory(spec)
         if self.consumer:
             host, _, port = self.opts.listen.rpartition(":")
             advertise = None
@@ -292,25 +303,46 @@ class WorkerSide:
             raise ValueError(f"unknown layer part {layer}[{i}]") from None
 
     # -- producer ------------------------------------------------------------------------------
-    def _items(self, t: Transfer, pair: hetero.Pair | None = None) -> list[ItemSpec]:
+    def _plan(self, t: Transfer) -> dict[int, list[tuple[int, int]]]:
+        """Block ranges ``[first, end)`` of each group's items, fixed when the transfer opens.
+
+        Full attention is cut into ``t.slice_tokens`` pieces (whole blocks) when chunked prefill
+        streams it, so a chunk's blocks can go before the prompt's last chunk ran. Sliding-window
+        tails and recurrent states go once final; when the transfer opens before that (at the
+        first chunk), their range is derived from the block count the request will hold then."""
+        out: dict[int, list[tuple[int, int]]] = {}
+        for g in self.groups:
+            held = len(t.block_ids[g.index]) if t.final else layout.cdiv(t.num_tokens, g.block_size)
+            first, end = layout.block_range(g, t.num_tokens, held)
+            step = t.slice_tokens // g.block_size if g.kind == "full" else 0
+            if step <= 0:
+                out[g.index] = [(first, end)]
+            else:
+                out[g.index] = [(b, min(b + step, end)) for b in range(first, end, step)]
+        return out
+
+    def _items(
+        self, t: Transfer, pair: hetero.Pair | None = None, plan: dict[int, list[tuple[int, int]]] | None = None
+    ) -> list[ItemSpec]:
+        plan = self._plan(t) if plan is None else plan
         items = []
         order = 0
         for g in self.groups:
-            first, end = layout.block_range(g, t.num_tokens, len(t.block_ids[g.index]))
-            for lname in g.layer_names:
-                for pi, (x, bdim) in enumerate(self.parts.get(lname, ())):
-                    if pair is None:
-                        nbytes = packing.block_bytes(x, bdim)
-                    elif (lname, pi) in pair.routes:
-                        nbytes = pair.routes[(lname, pi)].block_bytes
-                    else:
-                        continue
-                    items.append(
-                        ItemSpec(
-                            layout.item_name(g.index, first, end - first, lname, pi), (end - first) * nbytes, order
+            for first, end in plan[g.index]:
+                for lname in g.layer_names:
+                    for pi, (x, bdim) in enumerate(self.parts.get(lname, ())):
+                        if pair is None:
+                            nbytes = packing.block_bytes(x, bdim)
+                        elif (lname, pi) in pair.routes:
+                            nbytes = pair.routes[(lname, pi)].block_bytes
+                        else:
+                            continue
+                        items.append(
+                            ItemSpec(
+                                layout.item_name(g.index, first, end - first, lname, pi), (end - first) * nbytes, order
+                            )
                         )
-                    )
-                    order += 1
+                        order += 1
         return items
 
     @staticmethod
@@ -320,22 +352,26 @@ class WorkerSide:
         return join_hostport(host.strip("[]"), rank_port(int(port), rank))
 
     def _open(self, t: Transfer) -> None:
-        if t.req_id in self._sends or t.req_id in self._send_futs:
+        if t.req_id in self._sends:
+            self._sends[t.req_id].transfer = t  # this step's block list (chunks add blocks)
+            return
+        if t.req_id in self._send_futs:
             return
         legs: list[_Leg] = []
         try:
             assert self.sender is not None, "a kv_consumer-only instance cannot produce"
+            plan = self._plan(t)
             if self.send_pairs is None:
-                manifest = TransferManifest(t.transfer_id, tuple(self._items(t)), self.fp, sender_id="vllm")
+                manifest = TransferManifest(t.transfer_id, tuple(self._items(t, None, plan)), self.fp, sender_id="vllm")
                 ep = self._rank_endpoint(t.endpoint, self.tp_rank)
                 legs.append(_Leg(self.sender.open(ep, manifest, t.token, deadline_s=t.deadline_s)))
             for pr in self.send_pairs or ():
                 manifest = TransferManifest(
-                    pr.session_id(t.transfer_id), tuple(self._items(t, pr)), pr.fingerprint, sender_id="vllm"
+                    pr.session_id(t.transfer_id), tuple(self._items(t, pr, plan)), pr.fingerprint, sender_id="vllm"
                 )
                 ep = self._rank_endpoint(t.endpoint, pr.d)
                 legs.append(_Leg(self.sender.open(ep, manifest, t.token, deadline_s=t.deadline_s), pr))
-            self._sends[t.req_id] = _Send(legs, t)
+            self._sends[t.req_id] = _Send(legs, t, plan)
         except Exception as e:  # never pin blocks: report the request as done (failed) at once
             for leg in legs:
                 leg.handle.abort(f"another session of the transfer failed to open: {e}")
@@ -345,33 +381,55 @@ class WorkerSide:
             f.set_exception(e)
             self._send_futs[t.req_id] = f
 
+    def _fail_send(self, st: _Send, reason: str, except_leg: _Leg | None = None) -> None:
+        """Stop sending a transfer's items and abort its (other) sessions."""
+        st.failed = True
+        for leg in st.legs:
+            if leg is not except_leg:
+                leg.handle.abort(reason)
+
+    def _ready(self, st: _Send, g: layout.GroupInfo, first: int, end: int) -> bool:
+        """Whether blocks ``[first, end)`` of group ``g`` hold final KV after this step."""
+        t = st.transfer
+        if t.final:
+            if g.kind != "full" and (first, end) != layout.block_range(g, t.num_tokens, len(t.block_ids[g.index])):
+                # the request holds another block count than predicted when the transfer opened
+                self._fail_send(st, f"{layout.item_name(g.index, first, end - first, '*', 0)} no longer matches")
+                return False
+            return True
+        return g.kind == "full" and end * g.block_size <= (t.ready_tokens or 0)
+
     def _send_layer(self, rid: str, lname: str) -> None:
         st = self._sends[rid]
-        t, sent, keep = st.transfer, st.sent_layers, st.buffers
-        if lname in sent or lname not in self.group_of:
+        if st.failed or lname not in self.group_of:
             return
-        sent.add(lname)
+        t, keep = st.transfer, st.buffers
         g = self.groups[self.group_of[lname]]
-        first, end = layout.block_range(g, t.num_tokens, len(t.block_ids[g.index]))
-        ids = t.block_ids[g.index][first:end]
-        for pi, (x, bdim) in enumerate(self.parts[lname]):
-            legs = [lg for lg in st.legs if lg.pair is None or (lname, pi) in lg.pair.routes]
-            if not legs:
-                continue  # a replicated part another prefill rank sends
-            whole: Staged | None = None
-            for leg in legs:
-                r = leg.pair.routes[(lname, pi)] if leg.pair is not None else None
-                if r is None or r.whole:
-                    if whole is None:
-                        whole = self.packer.stage_send(x, bdim, ids)
-                        keep.append(whole)
-                    data = whole
-                else:
-                    data = self.packer.stage_send(x, bdim, ids, (r.split.dim, tp.gather_spec(r.slices)))
-                    keep.append(data)
-                item = layout.item_name(g.index, first, end - first, lname, pi)
-                if not self._push(st, leg, lname, item, data):
-                    return
+        for first, end in st.plan[g.index]:
+            key = (lname, g.index, first)
+            if key in st.sent or not self._ready(st, g, first, end):
+                continue
+            st.sent.add(key)
+            st.streamed += not t.final
+            ids = t.block_ids[g.index][first:end]
+            for pi, (x, bdim) in enumerate(self.parts[lname]):
+                legs = [lg for lg in st.legs if lg.pair is None or (lname, pi) in lg.pair.routes]
+                if not legs:
+                    continue  # a replicated part another prefill rank sends
+                whole: Staged | None = None
+                for leg in legs:
+                    r = leg.pair.routes[(lname, pi)] if leg.pair is not None else None
+                    if r is None or r.whole:
+                        if whole is None:
+                            whole = self.packer.stage_send(x, bdim, ids)
+                            keep.append(whole)
+                        data = whole
+                    else:
+                        data = self.packer.stage_send(x, bdim, ids, (r.split.dim, tp.gather_spec(r.slices)))
+                        keep.append(data)
+                    item = layout.item_name(g.index, first, end - first, lname, pi)
+                    if not self._push(st, leg, lname, item, data):
+                        return
 
     def _push(self, st: _Send, leg: _Leg, lname: str, item: str, data: Staged) -> bool:
         """Send a staged item now if its bytes are on the host (CPU caches), else from the
@@ -384,7 +442,7 @@ class WorkerSide:
 
         def later() -> None:
             data.wait()
-            if not leg.handle.done.done():
+            if not st.failed and not leg.handle.done.done():
                 self._send(st, leg, lname, item, data.host)
 
         self._stage_exec.submit(later)
@@ -396,13 +454,12 @@ class WorkerSide:
             return True
         except TransferError as e:  # one line per transfer: stop sending its other layers
             log.warning("prfaas: transfer %s failed while sending %s: %s", st.transfer.transfer_id, lname, e)
-            st.sent_layers.update(self.group_of)
-            for other in st.legs:
-                if other is not leg:
-                    other.handle.abort(f"another session of the transfer failed: {e}")
+            self._fail_send(st, f"another session of the transfer failed: {e}", leg)
             return False
 
     def save_kv_layer(self, layer_name: str) -> None:
+        """This step's KV of ``layer_name`` is written: send what it finished (every chunk's
+        full-attention blocks; the sliding-window tail with the last chunk)."""
         for t in self.meta.sends:
             self._open(t)
             if t.req_id in self._sends:
@@ -414,6 +471,16 @@ class WorkerSide:
             if t.req_id in self._sends:
                 for lname in self.group_of:
                     self._send_layer(t.req_id, lname)
+                st = self._sends[t.req_id]
+                if t.final and not st.final:
+                    st.final = True
+                    if st.streamed:
+                        log.info(
+                            "prfaas: transfer %s: %d of %d layer items streamed before the last chunk",
+                            t.transfer_id,
+                            st.streamed,
+                            len(st.sent),
+                        )
 
     # -- consumer ------------------------------------------------------------------------------
     def start_load_kv(self) -> None:
@@ -456,6 +523,12 @@ class WorkerSide:
     def transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
         self._sched_finished |= set(finished_req_ids)
         sending: set[str] = set()
+        for rid in finished_req_ids & self._sends.keys():
+            st = self._sends[rid]
+            if not st.final:  # aborted mid chunked prefill: the scheduler did not hold its blocks
+                self._fail_send(st, "request finished before its prefill completed")
+                del self._sends[rid]
+                self._sched_finished.discard(rid)
         for rid in list(self._sends):
             legs = self._sends[rid].legs
             if all(lg.handle.done.done() for lg in legs):
