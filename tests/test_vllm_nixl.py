@@ -1,0 +1,177 @@
+"""The right wire for each hop, end to end with real vLLM (CPU) behind the router: inside the PD
+cluster the prefill instance hands KV to the decode instance over vLLM's NixlConnector (NIXL on
+UCX), the PrfaaS instance over the prfaas connector (our TCP transfer engine). The decode
+instance runs both under vLLM's MultiConnector, the router picks each hop's protocol from the
+config (``ClusterSpec.transfer``) and drives NIXL's own request protocol for local requests.
+
+A mixed workload (short prompts local over NIXL, long ones offloaded over prfaas, sent together)
+must give, for every request, the single-instance answer, with the KV really having crossed on
+the hop's wire (NIXL's transfer count on the decode instance, the prfaas connector's received
+bytes) and no block left held on any of the three instances.
+
+The tiny hybrid model (Qwen3-Next: Gated DeltaNet + full attention): in vLLM 0.32 NixlConnector,
+the prfaas connector and hence MultiConnector all support the hybrid KV cache manager.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import re
+import time
+
+import httpx
+import pytest
+from vllm_helpers import (
+    Supervisor,
+    compare_greedy,
+    free_port,
+    metric,
+    prfaas_ktc,
+    requires_vllm,
+    server_argv,
+    server_env,
+    wait_metric,
+)
+
+from prfaas_plugin.protocol import metrics as M
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, requires_vllm, pytest.mark.timeout(1200)]
+
+MODEL = "tiny-qwen3next"
+THRESHOLD = 48  # tokens: the short prompts are under it, the long ones far over
+MAX_TOKENS = 16
+SHORT = ["The capital of France is", "Prefill and decode are", "Count to five:", "NIXL reads blocks"]
+_BODY = (
+    "moves the KV cache of long prompts from a compute-dense prefill cluster to bandwidth-rich decode "
+    "instances over ordinary Ethernet, layer by layer, while the prefill is still running. "
+)
+LONG = [f"{head} {_BODY * 2}" for head in ("PrfaaS", "The planner", "A router", "Each request")]
+NIXL = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"}
+NIXL_XFERS = "vllm:nixl_xfer_time_seconds_count"
+
+
+def decode_ktc(listen: str) -> dict:
+    """The PD decode instance's --kv-transfer-config (docs/vllm.md, "Next to NIXL"): the prfaas
+    connector first (a request carries the params of one of the two, the other reports no
+    tokens), and ``recompute`` on the MultiConnector itself, which is where vLLM reads it."""
+    return {
+        "kv_connector": "MultiConnector",
+        "kv_role": "kv_both",
+        "kv_buffer_device": "cpu",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {"connectors": [prfaas_ktc("kv_consumer", listen), NIXL]},
+    }
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_models_dir):
+    from router_helpers import RunningRouter
+
+    from prfaas_plugin.demo.tiny_models import build
+    from prfaas_plugin.router.config import RouterConfig
+    from prfaas_plugin.router.tokenize import PromptTokenizer
+
+    model = build(MODEL, tiny_models_dir)
+    rx = free_port()
+    ports = {name: free_port() for name in ("pd-p", "pd-d", "prfaas-p")}
+    # NIXL's side channel (its handshake listener) needs a port per instance on one host
+    side = {"pd-p": free_port(), "pd-d": free_port()}
+    ktcs = {"pd-p": NIXL, "pd-d": decode_ktc(f"127.0.0.1:{rx}"), "prfaas-p": prfaas_ktc("kv_producer")}
+    cpus = {"pd-p": 0, "pd-d": 1, "prfaas-p": 0}
+    with Supervisor(tmp_path_factory.mktemp("logs-vllm-nixl")) as sup:
+        for name, port in ports.items():
+            env = server_env(cpus[name])
+            if name in side:
+                env.update(VLLM_NIXL_SIDE_CHANNEL_HOST="127.0.0.1", VLLM_NIXL_SIDE_CHANNEL_PORT=str(side[name]))
+            sup.start(name, server_argv(model, port, ktcs[name]), env=env)
+        urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+        for name, url in urls.items():
+            sup.wait_healthy(name, f"{url}/health", 900)
+        cfg = RouterConfig.model_validate(
+            {
+                "model": str(model),
+                "tokenizer": str(model),
+                "block_size": 16,
+                "threshold": {"mode": "fixed", "tokens": THRESHOLD},
+                "transfer_deadline_s": 60,
+                "timeouts": {"prefill_s": 300, "request_s": 600},
+                "clusters": [
+                    {"name": "prfaas", "kind": "prfaas", "prefill": [{"url": urls["prfaas-p"]}]},
+                    {
+                        "name": "pd",
+                        "kind": "local",
+                        "transfer": "nixl",
+                        "prefill": [{"url": urls["pd-p"]}],
+                        "decode": [{"url": urls["pd-d"], "kv_endpoint": f"127.0.0.1:{rx}"}],
+                    },
+                ],
+            }
+        )
+        router = RunningRouter(cfg, PromptTokenizer(str(model)))
+        try:
+            yield sup, router, urls, str(model)
+        finally:
+            router.stop()
+
+
+def _ask(url: str, model: str, prompt: str) -> httpx.Response:
+    body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "logprobs": 5}
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=600)
+    r.raise_for_status()
+    return r
+
+
+def _usage(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    m = re.search(r"^vllm:kv_cache_usage_perc\{[^}]*\} (\S+)$", text, re.M)
+    assert m, "no vllm:kv_cache_usage_perc in /metrics"
+    return float(m.group(1))
+
+
+def _settled_usage(url: str, timeout_s: float = 120) -> float:
+    deadline = time.monotonic() + timeout_s
+    u = _usage(url)
+    while u != 0.0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        u = _usage(url)
+    return u
+
+
+def test_mixed_workload_short_over_nixl_long_over_prfaas_equals_single_instance(stack):
+    sup, router, urls, model = stack
+    # Single-instance references: the PrfaaS instance serving each prompt without kv_transfer_params.
+    refs = {p: _ask(urls["prfaas-p"], model, p).json()["choices"][0] for p in SHORT + LONG}
+    nixl0 = metric(urls["pd-d"], NIXL_XFERS)
+    received0 = metric(urls["pd-d"], M.VLLM_KV_RECEIVED_BYTES.exposed)
+
+    prompts = [p for pair in zip(LONG, SHORT) for p in pair]  # long, short, long, short, ...
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = dict(zip(prompts, pool.map(lambda p: _ask(router.url, model, p), prompts)))
+
+    verdicts = {}
+    for p, resp in answers.items():
+        want = "prfaas" if p in LONG else "local"
+        assert resp.headers["x-prfaas-route"] == want, (p, resp.headers["x-prfaas-route"])
+        assert "x-prfaas-fallback" not in resp.headers, (p, resp.headers.get("x-prfaas-fallback"))
+        verdicts[p] = compare_greedy(refs[p], resp.json()["choices"][0])
+    print(f"\n[{MODEL}] vs single instance: {sorted(verdicts.values())}")
+    assert all(v in ("exact", "near-tie") for v in verdicts.values()), verdicts
+    assert sum(v == "exact" for v in verdicts.values()) >= len(verdicts) - 1, verdicts
+
+    # The KV crossed on each hop's own wire: one NIXL read per short request on the decode
+    # instance (NIXL's own histogram), prfaas bytes for the long ones; the router's records
+    # name each transfer (NIXL: the producer's request id).
+    got = wait_metric(urls["pd-d"], NIXL_XFERS, lambda v: v >= nixl0 + len(SHORT), 60)
+    assert got == nixl0 + len(SHORT), (got, nixl0)
+    assert wait_metric(urls["pd-d"], M.VLLM_KV_RECEIVED_BYTES.exposed, lambda v: v > received0, 60) > received0
+    assert metric(urls["prfaas-p"], NIXL_XFERS) == 0  # the PrfaaS instance runs no NIXL
+    recs = httpx.get(f"{router.url}/admin/requests?limit=100", timeout=10).json()["requests"]
+    local = [r for r in recs if r["route"] == "local"]
+    assert len(local) == len(SHORT) and all(r["transfer_id"].startswith("cmpl-") for r in local), local
+    log = sup.children["pd-d"].log_path.read_text(errors="replace")
+    assert len(re.findall(r"loaded transfer \w+ for request", log)) == len(LONG)
+
+    # No block left held: NIXL's producer frees once the decode read its blocks, the prfaas
+    # producer once the transfer is confirmed, the decode instance once each request ended.
+    for name, url in urls.items():
+        assert _settled_usage(url) == 0.0, f"{name} leaked blocks"
