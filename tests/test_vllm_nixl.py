@@ -4,15 +4,16 @@ UCX), the PrfaaS instance over the prfaas connector (our TCP transfer engine). T
 instance runs both under vLLM's MultiConnector, the router picks each hop's protocol from the
 config (``ClusterSpec.transfer``) and drives NIXL's own request protocol for local requests.
 
-A mixed workload (short prompts local over NIXL, long ones offloaded over prfaas, interleaved)
-must give, for every request, the single-instance answer, with the KV really having crossed on
-the hop's wire (NIXL's transfer count on the decode instance, the prfaas connector's received
-bytes) and no block left held on any of the three instances. Sent one at a time it does; sent
-four at a time, so that NIXL reads and prfaas loads overlap on the decode, some prfaas answers
-come out wrong: that test is an expected failure until the cause is found (docs/vllm.md).
+A mixed workload (short prompts local over NIXL, long ones offloaded over prfaas, interleaved;
+once one request at a time, once four at a time) must give, for every request, the
+single-instance answer, with the KV really having crossed on the hop's wire (NIXL's transfer
+count on the decode instance, the prfaas loads) and no block left held on any of the three
+instances.
 
-The tiny hybrid model (Qwen3-Next: Gated DeltaNet + full attention): in vLLM 0.32 NixlConnector,
-the prfaas connector and hence MultiConnector all support the hybrid KV cache manager.
+tiny-qwen3 (attention only) passes. tiny-qwen3next (Gated DeltaNet + attention; NixlConnector,
+the prfaas connector and hence MultiConnector all support vLLM 0.32's hybrid KV cache manager)
+starts, but prfaas answers that follow NIXL reads on the decode come out wrong: its cases are
+strict expected failures until that is fixed (docs/vllm.md, "Open defect").
 """
 
 from __future__ import annotations
@@ -39,7 +40,13 @@ from prfaas_plugin.protocol import metrics as M
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, requires_vllm, pytest.mark.timeout(1200)]
 
-MODEL = "tiny-qwen3next"
+MODELS = ["tiny-qwen3", "tiny-qwen3next"]
+#: Why the hybrid model's runs are expected to fail (docs/vllm.md, "Open defect").
+HYBRID_DEFECT = (
+    "hybrid model, NIXL and prfaas on one decode: prfaas requests that follow NIXL reads on the decode "
+    "answer wrong (identical wrong text for different prompts, as if their recurrent state were lost); "
+    "NIXL answers and prfaas loads without NIXL traffic are exact; not diagnosed yet"
+)
 THRESHOLD = 48  # tokens: the short prompts are under it, the long ones far over
 MAX_TOKENS = 16
 SHORT = ["The capital of France is", "Prefill and decode are", "Count to five:", "NIXL reads blocks"]
@@ -74,22 +81,22 @@ def decode_ktc(listen: str) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, tiny_models_dir):
+@pytest.fixture(scope="module", params=MODELS)
+def stack(request, tmp_path_factory, tiny_models_dir):
     from router_helpers import RunningRouter
 
     from prfaas_plugin.demo.tiny_models import build
     from prfaas_plugin.router.config import RouterConfig
     from prfaas_plugin.router.tokenize import PromptTokenizer
 
-    model = build(MODEL, tiny_models_dir)
+    model = build(request.param, tiny_models_dir)
     rx = free_port()
     ports = {name: free_port() for name in ("pd-p", "pd-d", "prfaas-p")}
     # NIXL's side channel (its handshake listener) needs a port per instance on one host
     side = {"pd-p": free_port(), "pd-d": free_port()}
     ktcs = {"pd-p": NIXL_PREFILL, "pd-d": decode_ktc(f"127.0.0.1:{rx}"), "prfaas-p": prfaas_ktc("kv_producer")}
     cpus = {"pd-p": 0, "pd-d": 1, "prfaas-p": 0}
-    with Supervisor(tmp_path_factory.mktemp("logs-vllm-nixl")) as sup:
+    with Supervisor(tmp_path_factory.mktemp(f"logs-vllm-nixl-{request.param}")) as sup:
         for name, port in ports.items():
             env = server_env(cpus[name])
             if name in side:
@@ -122,7 +129,7 @@ def stack(tmp_path_factory, tiny_models_dir):
         )
         router = RunningRouter(cfg, PromptTokenizer(str(model)))
         try:
-            yield sup, router, urls, str(model)
+            yield sup, router, urls, str(model), request.param
         finally:
             router.stop()
 
@@ -153,7 +160,7 @@ def _settled_usage(url: str, timeout_s: float = 120) -> float:
 def _mixed_workload(stack, short: list[str], long: list[str], threads: int) -> None:
     """``long, short, long, short, ...`` through the router on ``threads`` client threads, then
     every check of the module docstring."""
-    sup, router, urls, model = stack
+    sup, router, urls, model, name = stack
     nixl0 = metric(urls["pd-d"], NIXL_XFERS)
     received0 = metric(urls["pd-d"], M.VLLM_KV_RECEIVED_BYTES.exposed)
     loads0 = len(
@@ -178,7 +185,7 @@ def _mixed_workload(stack, short: list[str], long: list[str], threads: int) -> N
         got = resp.json()["choices"][0]
         verdicts[p] = compare_greedy(refs[p], got)
         report.append(f"{want:6} {verdicts[p]:8} {p[:30]!r}: {got['text']!r} / single {refs[p]['text']!r}")
-    print(f"\n[{MODEL}] vs single instance:\n" + "\n".join(report))
+    print(f"\n[{name}, {threads} at a time] vs single instance:\n" + "\n".join(report))
     assert all(v in ("exact", "near-tie") for v in verdicts.values()), "\n".join(report)
     assert sum(v == "exact" for v in verdicts.values()) >= len(verdicts) - 1, "\n".join(report)
     assert "Releasing expired KV blocks" not in sup.children["pd-p"].log_path.read_text(errors="replace")
@@ -202,17 +209,18 @@ def _mixed_workload(stack, short: list[str], long: list[str], threads: int) -> N
         assert _settled_usage(url) == 0.0, f"{name} leaked blocks"
 
 
-def test_mixed_workload_short_over_nixl_long_over_prfaas_equals_single_instance(stack):
+def _hybrid_defect(request, stack) -> None:
+    if stack[4] == "tiny-qwen3next":
+        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=HYBRID_DEFECT))
+
+
+def test_mixed_workload_short_over_nixl_long_over_prfaas_equals_single_instance(request, stack):
     """One request at a time: each hop on its own wire, every answer the single-instance one."""
+    _hybrid_defect(request, stack)
     _mixed_workload(stack, SHORT, LONG, threads=1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="concurrent NIXL and prfaas loads on one hybrid-model decode: a prfaas request loaded in "
-    "the same steps as NIXL reads answers wrong (2 of 4 in 2 runs; the NIXL answers and 4 concurrent "
-    "prfaas loads alone are exact); not diagnosed yet, see docs/vllm.md",
-)
-def test_mixed_workload_sent_together(stack):
+def test_mixed_workload_sent_together(request, stack):
     """The same mix sent four at a time, so NIXL reads and prfaas loads overlap on the decode."""
+    _hybrid_defect(request, stack)
     _mixed_workload(stack, SHORT_2, LONG_2, threads=4)
