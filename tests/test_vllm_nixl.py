@@ -211,7 +211,7 @@ def _mixed_workload(stack, short: list[str], long: list[str], threads: int) -> N
 
 def _hybrid_defect(request, stack) -> None:
     if stack[4] == "tiny-qwen3next":
-        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=HYBRID_DEFECT))
+        request.applymarker(pytest.mark.xfail(strict=True, reason=HYBRID_DEFECT))
 
 
 def test_mixed_workload_short_over_nixl_long_over_prfaas_equals_single_instance(request, stack):
