@@ -72,6 +72,9 @@ class FakeBackend:
     #: A producer's vllm:prfaas_kv_sent_bytes_total on /metrics (None: no /metrics, a 404)
     sent_bytes_counter: float | None = None
     sent_bytes_prefix: str = "vllm"  # "sglang": the SGLang backend's counter instead
+    #: A producer asked NIXL's ``do_remote_decode`` answers like vLLM's NixlConnector; False plays
+    #: a server without it (vLLM then answers no kv_transfer_params)
+    nixl: bool = True
     seen: list[Seen] = field(default_factory=list)
     switches: list[dict] = field(default_factory=list)  # /pd_role_switch bodies, with the requests open then
     open_requests: int = 0
@@ -198,6 +201,23 @@ class FakeBackend:
                 await asyncio.sleep(0.01)
             rec.finished_at = time.monotonic()
             n = len(str(body.get("prompt") or body.get("messages")).split())
+            if (params or {}).get("do_remote_decode"):
+                nixl = {
+                    "do_remote_prefill": True,
+                    "do_remote_decode": False,
+                    "remote_block_ids": [list(range(1, n // 16 + 2))],
+                    "remote_engine_id": f"engine-{self.port}",
+                    "remote_request_id": f"cmpl-{len(self.seen)}",
+                    "remote_host": "127.0.0.1",
+                    "remote_port": self.port + 1,
+                    "tp_size": 1,
+                }
+                return {
+                    "id": "p",
+                    "object": "text_completion",
+                    "choices": [{"index": 0, "text": "x", "finish_reason": "length"}],
+                    "kv_transfer_params": nixl if self.nixl else None,
+                }
             kvp = {
                 "prfaas_version": 1,
                 "transfer_id": (params or {}).get("transfer_id"),

@@ -70,6 +70,12 @@ class ClusterSpec(_Strict):
     decode: list[InstanceSpec] = Field(default_factory=list)
     #: Instances that prefill and decode (a local cluster of one node, e.g. the CPU demo).
     both: list[InstanceSpec] = Field(default_factory=list)
+    #: How this cluster's ``prefill`` instances hand KV to a decode instance (the protocol of that
+    #: hop, chosen by the connector those instances run). ``prfaas``: the prfaas connector (the
+    #: engine's protocol above). ``nixl``: vLLM's ``NixlConnector`` (engine vllm, local clusters
+    #: only): the router then drives NIXL's own request protocol (router/pd.py, ``NixlPD``), and
+    #: the decode instances run it next to the prfaas connector (docs/vllm.md, "Next to NIXL").
+    transfer: Literal["prfaas", "nixl"] = "prfaas"
 
     @model_validator(mode="after")
     def _shape(self) -> ClusterSpec:
@@ -78,7 +84,17 @@ class ClusterSpec(_Strict):
                 raise ValueError(f"cluster {self.name!r}: a prfaas cluster needs prefill instances")
             if self.decode or self.both:
                 raise ValueError(f"cluster {self.name!r}: a prfaas cluster has only prefill instances")
+            if self.transfer != "prfaas":
+                raise ValueError(
+                    f"cluster {self.name!r}: transfer {self.transfer!r} is for the local hop; a prfaas cluster's "
+                    "KV crosses datacenters on the prfaas connector (transfer: prfaas)"
+                )
         else:
+            if self.transfer != "prfaas" and not self.prefill:
+                raise ValueError(
+                    f"cluster {self.name!r}: transfer {self.transfer!r} sets how prefill instances hand KV on, "
+                    "and this cluster has none (`both` instances hand nothing on)"
+                )
             if not (self.both or (self.prefill and self.decode)):
                 raise ValueError(
                     f"cluster {self.name!r}: a local cluster needs `both` instances, or prefill and decode instances"
@@ -298,7 +314,21 @@ class RouterConfig(_Strict):
                 f"threshold.apply_split needs engine: {' or '.join(e for e, p in PROTOCOLS.items() if p.switches_roles)}"
                 f" ({self.engine} instances cannot switch roles at run time)"
             )
-        if pd.needs_kv_endpoint:
+        from prfaas_plugin.router.pd import HOP_TRANSFERS
+
+        for c in self.clusters:
+            if c.transfer != "prfaas" and self.engine not in HOP_TRANSFERS[c.transfer][1]:
+                raise ValueError(
+                    f"cluster {c.name!r}: transfer {c.transfer!r} needs engine: "
+                    f"{' or '.join(HOP_TRANSFERS[c.transfer][1])}; with engine {self.engine} the backend of each "
+                    "hop is chosen on the servers and the router's protocol is the same for all (docs/sglang.md)"
+                )
+        # The prfaas connector's consumers are reached at their kv_endpoint; a fleet whose every
+        # hand-off goes over another protocol (all its prefill instances on NIXL) needs none.
+        other_wire_only = any(c.transfer != "prfaas" for c in self.clusters) and all(
+            c.transfer != "prfaas" for c in self.clusters if c.prefill
+        )
+        if pd.needs_kv_endpoint and not other_wire_only:
             for c in self.clusters:
                 for inst in c.decode + c.both:
                     if inst.kv_endpoint is None:

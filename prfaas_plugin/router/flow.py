@@ -6,6 +6,10 @@ of a disaggregated one, falling back to local prefill when the producer fails.
   consumer must expect the KV before the first layer is pushed) and stream the consumer's answer
   back. If the producer fails before the consumer answers, the consumer request is cancelled and
   the request is served by local prefill (pd.py says per engine how): the client sees no error.
+- a hop whose protocol is sequential (NIXL: the decode reads blocks the producer's answer names)
+  sends the producer request first and the consumer request, carrying that answer, after it.
+
+The protocol of each hop is the producing instance's (its cluster's ``transfer``, pd.py).
 
 Every request's hold on an instance is a :class:`~prfaas_plugin.router.lease.Lease`.
 """
@@ -28,7 +32,7 @@ from prfaas_plugin.router.egress import EgressMeter
 from prfaas_plugin.router.instances import Fleet, Instance
 from prfaas_plugin.router.lease import Lease
 from prfaas_plugin.router.metrics import RouterMetrics
-from prfaas_plugin.router.pd import PDProtocol, fans_out, warmup_body
+from prfaas_plugin.router.pd import PDProtocol, fans_out, hop_protocols, warmup_body
 from prfaas_plugin.router.policy import Decision
 from prfaas_plugin.router.records import Record
 from prfaas_plugin.router.replies import engine_gave_up, error_reply
@@ -45,6 +49,8 @@ class ProducerResult:
     kv_bytes: int = 0
     error: str = ""
     seconds: float = 0.0
+    #: Sequential protocols: what the consumer request carries (``PDProtocol.handoff``).
+    handoff: dict[str, Any] | None = None
 
 
 @dataclass
@@ -73,6 +79,11 @@ class Flow:
     ) -> None:
         self.cfg, self.client, self.fleet, self.index = cfg, client, fleet, index
         self.controller, self.egress, self.metrics, self.pd = controller, egress, metrics, pd
+        self.hops = hop_protocols(pd)
+
+    def pd_for(self, d: Decision) -> PDProtocol:
+        """The protocol of ``d``'s hop: its producer's (config.py validated the choice)."""
+        return self.pd if d.prefill is None else self.hops[d.prefill.transfer]
 
     # -- entry ------------------------------------------------------------------------------------
     async def run(
@@ -89,7 +100,7 @@ class Flow:
             if op.resp.status_code == 200:
                 self.index.record(d.decode.url, tokens)
             return await self.relay(op, rec, headers, arrived, stream)
-        if fans_out(body) and self.pd.decode_prefills_alone(d.decode):
+        if fans_out(body) and self.pd_for(d).decode_prefills_alone(d.decode):
             return await self._prefill_then_fan_out(path, body, d, rec, tokens, stream, headers, arrived)
         return await self._two_phase(path, body, d, rec, tokens, stream, headers, arrived)
 
@@ -133,7 +144,10 @@ class Flow:
         account: bool = True,
     ) -> Reply:
         assert d.prefill is not None
-        prod_body, cons_body, rec.transfer_id = self.pd.bodies(body, d.prefill, d.decode)
+        pd = self.pd_for(d)
+        if pd.sequential:
+            return await self._handoff_then_decode(pd, path, body, d, rec, tokens, stream, headers, arrived, account)
+        prod_body, cons_body, rec.transfer_id = pd.bodies(body, d.prefill, d.decode)
         producer: Instance = d.prefill
         prod_task = self._leased_task(producer, lambda lease: self._produce(producer, path, prod_body, lease))
         pending: list[asyncio.Task[Any]] = []
@@ -164,7 +178,7 @@ class Flow:
                     )
                 first = got
             elif op.resp.status_code != 200 and (
-                self.pd.decode_error_is_transfer_failure() or (prod_task.done() and not prod_task.result().ok)
+                pd.decode_error_is_transfer_failure() or (prod_task.done() and not prod_task.result().ok)
             ):
                 # Nothing reached the client yet: the same fallback as a failed producer.
                 if not prod_task.done():
@@ -199,6 +213,37 @@ class Flow:
             raise
         self._finish_producer_later(prod_task, d, rec, tokens)
         return await self.relay(op, rec, headers, arrived, stream, first=first, chunks=chunks, account=account)
+
+    async def _handoff_then_decode(
+        self,
+        pd: PDProtocol,
+        path: str,
+        body: dict,
+        d: Decision,
+        rec: Record,
+        tokens: list[int],
+        stream: bool,
+        headers: dict,
+        arrived: float,
+        account: bool,
+    ) -> Reply:
+        """A sequential hop (NIXL): the producer prefills and answers where its blocks are; then
+        the consumer request carries that answer and its connector reads them. A producer that
+        fails, or answers nothing to hand on, falls back like in the concurrent flow. A client
+        that leaves during the prefill cancels the producer request (vLLM aborts it and frees its
+        blocks); once the producer answered, its blocks wait for the decode's read, and if the
+        consumer request never reaches the decode they are freed by NIXL's own timeout."""
+        assert d.prefill is not None
+        prod_body, cons_body, rec.transfer_id = pd.bodies(body, d.prefill, d.decode)
+        producer: Instance = d.prefill
+        prod_task = self._leased_task(producer, lambda lease: self._produce(producer, path, prod_body, lease, pd))
+        prod = await prod_task  # a cancellation of ours cancels the producer request too
+        if not prod.ok or prod.handoff is None:
+            return await self._fallback(path, body, d, rec, prod, stream, headers, arrived, account)
+        rec.transfer_id = str(prod.handoff.get("remote_request_id", ""))
+        self._finish_producer_later(prod_task, d, rec, tokens)
+        op = await self.open(d.decode, path, pd.consumer_body(cons_body, prod.handoff))
+        return await self.relay(op, rec, headers, arrived, stream, account=account)
 
     def _finish_producer_later(
         self, prod_task: asyncio.Task[ProducerResult], d: Decision, rec: Record, tokens: list[int]
@@ -237,7 +282,11 @@ class Flow:
         held = self.index.longest_prefix(tokens, [d.decode.url])[0] if tokens else 0
         return self.controller.predicted_kv_bytes(max(0, d.l_total - held))
 
-    async def _produce(self, inst: Instance, path: str, body: dict, lease: Lease | None = None) -> ProducerResult:
+    async def _produce(
+        self, inst: Instance, path: str, body: dict, lease: Lease | None = None, pd: PDProtocol | None = None
+    ) -> ProducerResult:
+        """Run the producer request. With a sequential ``pd``, a successful answer must also
+        carry what the consumer request needs (``PDProtocol.handoff``), or it counts as failed."""
         t0 = time.monotonic()
         with lease or Lease(inst, self.metrics.queue):
             try:
@@ -253,7 +302,13 @@ class Flow:
                     False, error=f"producer HTTP {status}: {text[:200]}", seconds=time.monotonic() - t0
                 )
             out = producer_outcome(parsed)
-            return ProducerResult(out.ok, out.kv_bytes, out.error, time.monotonic() - t0)
+            handoff = None
+            if out.ok and pd is not None and pd.sequential:
+                try:
+                    handoff = pd.handoff(parsed)
+                except ValueError as exc:
+                    return ProducerResult(False, error=str(exc), seconds=time.monotonic() - t0)
+            return ProducerResult(out.ok, out.kv_bytes, out.error, time.monotonic() - t0, handoff)
 
     # -- fallback ------------------------------------------------------------------------------------
     async def _fallback(
@@ -273,7 +328,7 @@ class Flow:
         rec.transfer_status = f"failed: {prod.error}"
         self.metrics.fallbacks.labels(reason).inc()
         headers = {**headers, "x-prfaas-fallback": reason}
-        if not self.pd.decode_prefills_alone(d.decode):
+        if not self.pd_for(d).decode_prefills_alone(d.decode):
             # The decode instance cannot prefill on its own: pair it with a local prefill
             # instance of its cluster (another one than the prefill that just failed).
             local = [
@@ -307,7 +362,7 @@ class Flow:
                 d.decode.url,
                 prod.error,
             )
-            prod_body, cons_body, rec.transfer_id = self.pd.bodies(body, again.prefill, d.decode)
+            prod_body, cons_body, rec.transfer_id = self.pd_for(again).bodies(body, again.prefill, d.decode)
             producer: Instance = again.prefill
             prod_task = self._leased_task(producer, lambda lease: self._produce(producer, path, prod_body, lease))
             try:

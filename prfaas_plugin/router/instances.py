@@ -26,6 +26,9 @@ class Instance:
     kv_events: str | None = None
     name: str = ""
     bootstrap_port: int = 8998
+    #: How this instance hands KV to a decode instance when it prefills for one (its cluster's
+    #: ``transfer``): the key of the router's per-hop protocol (router/pd.py, ``hop_protocols``).
+    transfer: str = "prfaas"
     healthy: bool = True
     last_error: str = ""
     slow_probes: int = 0  # consecutive health probes that timed out or were cut
@@ -102,6 +105,7 @@ class Fleet:
                             s.kv_events,
                             s.name or s.url,
                             s.bootstrap_port,
+                            transfer=c.transfer,
                             report_stale_s=cfg.replicas.load_stale_s,
                         )
                     )
