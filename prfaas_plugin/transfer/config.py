@@ -79,9 +79,9 @@ class ReceiverConfig:
         return _effective(self.checksums, self.tls)
 
     def __post_init__(self) -> None:
-        _check_hostport(self.listen, "ReceiverConfig.listen")
+        check_hostport(self.listen, "ReceiverConfig.listen")
         if self.advertise_data is not None:
-            _check_hostport(self.advertise_data, "ReceiverConfig.advertise_data")
+            check_hostport(self.advertise_data, "ReceiverConfig.advertise_data")
         if not 0 <= self.data_port < 65536:
             raise ValueError(f"ReceiverConfig.data_port out of range: {self.data_port}")
         _check_checksums(self, "ReceiverConfig")
@@ -167,7 +167,8 @@ def _check_checksums(cfg: ReceiverConfig | SenderConfig, what: str) -> None:
         raise ValueError(f"{what}.checksums {cfg.effective_checksums!r}: none is implemented in this process")
 
 
-def _check_hostport(value: str, what: str) -> None:
+def check_hostport(value: str, what: str) -> None:
+    """A ``host:port`` with a port in 0..65535 (0: any free port), else ValueError naming ``what``."""
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"{what} must be 'host:port', got {value!r}")

@@ -5,17 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from prfaas_plugin.protocol.requests import MAX_DEADLINE_S
 from prfaas_plugin.transfer.binding import EndpointSpec, TlsSettings
-
-
-def _check_hostport(v: str) -> str:
-    host, _, port = v.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"must be 'host:port', got {v!r}")
-    return v
+from prfaas_plugin.transfer.config import check_hostport
 
 
 class OffloadOptions(BaseModel):
@@ -60,7 +54,8 @@ class OffloadOptions(BaseModel):
     @field_validator("kv_endpoint")
     @classmethod
     def _endpoint(cls, v: str) -> str:
-        return _check_hostport(v)
+        check_hostport(v, "kv_endpoint")
+        return v
 
     @field_validator("prefill_urls")
     @classmethod
@@ -114,8 +109,10 @@ class Options(TlsSettings):
 
     @field_validator("listen", "advertise_data")
     @classmethod
-    def _hostport(cls, v: str | None) -> str | None:
-        return v if v is None else _check_hostport(v)
+    def _hostport(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None:
+            check_hostport(v, info.field_name or "")
+        return v
 
     def endpoint_spec(self, engine_id: str) -> EndpointSpec:
         """What this instance's transfer endpoints are built from (ports per rank aside)."""
