@@ -160,10 +160,10 @@ def _adapters():
 def test_tls_settings_refuse_incomplete_pairs_in_every_adapter(kwargs, message):
     from pydantic import ValidationError
 
-    from prfaas_plugin.transfer.binding import TlsSettings
+    from prfaas_plugin.transfer.binding import ChannelSettings
 
     for model in _adapters():
-        assert issubclass(model, TlsSettings)
+        assert issubclass(model, ChannelSettings)
         with pytest.raises(ValidationError, match=message):
             model(**kwargs)
 
@@ -195,3 +195,54 @@ def test_tls_file_checks_name_the_option(pki, tmp_path):
     garbage.write_text("not a certificate\n")
     with pytest.raises(ValueError, match="tls_ca .* is not a PEM CA certificate bundle"):
         TlsOptions(cert, key, str(garbage)).check(server=True)
+
+
+def test_integrity_settings_in_every_adapter_reach_both_endpoints():
+    """``checksums`` / ``allow_unverified_plaintext``: one definition for both adapters; what a
+    user sets is what the sender offers and the receiver accepts."""
+    from prfaas_plugin.engines.sglang.transport import endpoint_spec as sglang_spec
+
+    specs = [sglang_spec(_adapters()[0](checksums="crc32c, crc32"))]
+    if len(_adapters()) > 1:
+        specs.append(_adapters()[1](checksums=["crc32c", "crc32"]).endpoint_spec("e"))
+    for spec in specs:
+        t = EngineTransport(spec)
+        rx, tx = t.receiver("127.0.0.1", 0), t.sender()
+        try:
+            assert rx.config.effective_checksums == ("crc32c", "crc32")
+            assert tx.config.effective_checksums == ("crc32c", "crc32")
+        finally:
+            tx.close()
+            rx.close()
+    default = EngineTransport(EndpointSpec("s", "r")).sender()
+    try:
+        assert default.config.effective_checksums[0] == "xxh3-64"  # corruption detection stays on
+    finally:
+        default.close()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"checksums": ["none"]}, r"allow 'none' on a plaintext data plane.*allow_unverified_plaintext"),
+        ({"checksums": ["md5"]}, r"checksums must be a non-empty subset of"),
+        ({"checksums": []}, r"checksums must be a non-empty subset of"),
+    ],
+)
+def test_integrity_settings_refuse_unsafe_or_unknown_choices_in_every_adapter(kwargs, message):
+    from pydantic import ValidationError
+
+    for model in _adapters():
+        with pytest.raises(ValidationError, match=message):
+            model(**kwargs)
+        assert model(checksums=["none"], allow_unverified_plaintext=True).checksums == ("none",)
+        assert model(checksums=["none"], tls_ca="/ca.pem").checksums == ("none",)  # TLS authenticates
+
+
+def test_sglang_env_names_the_integrity_variable():
+    from prfaas_plugin.engines.sglang.config import BackendConfig
+
+    with pytest.raises(ValueError, match=r"^PRFAAS_SGLANG_CHECKSUMS .*PRFAAS_SGLANG_ALLOW_UNVERIFIED_PLAINTEXT"):
+        BackendConfig.from_env({"PRFAAS_SGLANG_CHECKSUMS": "none"})
+    cfg = BackendConfig.from_env({"PRFAAS_SGLANG_CHECKSUMS": "xxh3-64,crc32c"})
+    assert cfg.checksums == ("xxh3-64", "crc32c")

@@ -3,9 +3,10 @@
 Each adapter (vLLM connector, SGLang backend) keeps its own *meaning* of items and its own
 configuration surface, but builds endpoints, names items and lands bytes the same way:
 
-* :class:`TlsSettings` (the adapters' TLS keys and their rules) -> :class:`TlsOptions` (+ its
-  file checks) + :class:`EndpointSpec` -> :class:`EngineTransport`: the sender and the
-  per-rank receiver, with TLS/mTLS on both planes. Adapters take a :data:`TransportFactory`
+* :class:`ChannelSettings` (the adapters' TLS and per-chunk integrity keys and their rules) ->
+  :class:`TlsOptions` (+ its file checks) + :class:`EndpointSpec` -> :class:`EngineTransport`:
+  the sender and the per-rank receiver, with TLS/mTLS on both planes and the checksums they
+  offer and accept. Adapters take a :data:`TransportFactory`
   so tests can inject another implementation of the contract (an in-process loopback fabric,
   a fault proxy) without touching the adapter.
 * :func:`rank_port`: the one rule for ports per rank (``base + rank``; 0 stays "any free port").
@@ -24,10 +25,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, Protocol, Self, TypeVar
 
-from pydantic import BaseModel, model_validator
+from pydantic import BaseModel, field_validator, model_validator
 
 from prfaas_plugin.transfer.api import ItemSpec, TransferReceiver, TransferSender
-from prfaas_plugin.transfer.config import DEFAULT_CONNECTIONS, ReceiverConfig, SenderConfig, TlsConfig
+from prfaas_plugin.transfer.config import (
+    DEFAULT_CONNECTIONS,
+    ReceiverConfig,
+    SenderConfig,
+    TlsConfig,
+    check_integrity,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,7 +73,7 @@ class TlsOptions:
         """Refuse, at startup and naming the option, TLS files that cannot serve: unreadable
         paths, a certificate and key that do not belong together, a CA that is not PEM, or a
         receiver (``server``) with TLS on but no certificate of its own. The settings models
-        check what needs no files (:class:`TlsSettings`); this runs where the files must exist."""
+        check what needs no files (:class:`ChannelSettings`); this runs where the files must exist."""
         if not self.enabled:
             return
         for opt, path in (("tls_cert", self.cert), ("tls_key", self.key), ("tls_ca", self.ca)):
@@ -94,10 +101,11 @@ class TlsOptions:
                 raise ValueError(f"tls_ca {self.ca!r} is not a PEM CA certificate bundle: {e}") from None
 
 
-class TlsSettings(BaseModel):
-    """The TLS keys of an adapter's settings (the vLLM connector's ``kv_connector_extra_config``,
-    the SGLang backend's ``PRFAAS_SGLANG_TLS_*``): one definition, so both adapters take the same
-    names, defaults and rules. Adapters' settings models derive from it."""
+class ChannelSettings(BaseModel):
+    """The channel keys of an adapter's settings (the vLLM connector's ``kv_connector_extra_config``,
+    the SGLang backend's ``PRFAAS_SGLANG_*``): TLS and per-chunk integrity, one definition, so
+    both adapters take the same names, defaults and rules. Adapters' settings models derive
+    from it."""
 
     #: PEM paths of this side's identity: the receiver's server certificate, the sender's client
     #: certificate for mutual TLS. They go together.
@@ -108,6 +116,20 @@ class TlsSettings(BaseModel):
     tls_ca: str | None = None
     #: Receiver: require sender client certificates signed by ``tls_ca`` (mutual TLS).
     tls_require_client_cert: bool = False
+    #: Per-chunk checksums, preferred first: what a sender offers and a receiver accepts (the
+    #: sender's first offer the receiver accepts wins). None: by channel, ``none`` first under
+    #: TLS (its AEAD already authenticates every byte), ``xxh3-64, crc32c, crc32`` on plaintext.
+    #: A list, or one comma-separated string (an environment variable).
+    checksums: tuple[str, ...] | None = None
+    #: Diagnostics only: let a plaintext data plane run without a per-chunk checksum.
+    allow_unverified_plaintext: bool = False
+
+    @field_validator("checksums", mode="before")
+    @classmethod
+    def _split(cls, v: object) -> object:
+        if isinstance(v, str):
+            return tuple(n.strip() for n in v.split(",") if n.strip())
+        return v
 
     @model_validator(mode="after")
     def _tls_pairs(self) -> Self:
@@ -119,6 +141,7 @@ class TlsSettings(BaseModel):
             raise ValueError(f"tls_cert and tls_key go together ({missing} is missing)")
         if self.tls_require_client_cert and not self.tls_ca:
             raise ValueError("tls_require_client_cert needs tls_ca to verify the senders' certificates")
+        check_integrity(self.checksums, self.tls_options().enabled, self.allow_unverified_plaintext, "checksums")
         return self
 
     def tls_options(self) -> TlsOptions:
@@ -153,6 +176,9 @@ class EndpointSpec:
     connections: int | None = None
     #: Sender: egress budget in Gbit/s (None: unpaced).
     pacing_gbps: float | None = None
+    #: Checksums offered (sender) and accepted (receiver); None: by channel (``ChannelSettings``).
+    checksums: tuple[str, ...] | None = None
+    allow_unverified_plaintext: bool = False
 
 
 class Transport(Protocol):
@@ -181,6 +207,8 @@ class EngineTransport:
                 connections=DEFAULT_CONNECTIONS if s.connections is None else s.connections,
                 pacing_gbps=s.pacing_gbps,
                 tls=s.tls.config(server=False),
+                checksums=s.checksums,
+                allow_unverified_plaintext=s.allow_unverified_plaintext,
             )
         )
 
@@ -194,6 +222,8 @@ class EngineTransport:
                 advertise_data=advertise_data,
                 receiver_id=self.spec.receiver_id,
                 tls=self.spec.tls.config(server=True),
+                checksums=self.spec.checksums,
+                allow_unverified_plaintext=self.spec.allow_unverified_plaintext,
             )
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,19 +153,25 @@ def _effective(names: tuple[str, ...] | None, tls: TlsConfig | None) -> tuple[st
 
 
 def _check_checksums(cfg: ReceiverConfig | SenderConfig, what: str) -> None:
+    check_integrity(cfg.checksums, cfg.tls is not None, cfg.allow_unverified_plaintext, f"{what}.checksums")
+
+
+def check_integrity(names: Sequence[str] | None, tls: bool, allow_unverified_plaintext: bool, what: str) -> None:
     """Known names only, and no silent loss of corruption detection: a plaintext endpoint may
-    offer or accept ``none`` only with ``allow_unverified_plaintext``."""
-    names = cfg.checksums
+    offer or accept ``none`` only with ``allow_unverified_plaintext``. One rule for the engine's
+    configs and the adapters' settings (``binding.ChannelSettings``); ``what`` names the checksums
+    setting in the error."""
     if names is not None and (not names or any(n not in wire.KNOWN for n in names)):
-        raise ValueError(f"{what}.checksums must be a non-empty subset of {sorted(wire.KNOWN)}, got {names!r}")
-    if cfg.tls is None and "none" in cfg.effective_checksums and not cfg.allow_unverified_plaintext:
+        raise ValueError(f"{what} must be a non-empty subset of {sorted(wire.KNOWN)}, got {tuple(names)!r}")
+    effective = tuple(names) if names is not None else (wire.TLS_DEFAULT if tls else wire.PLAINTEXT_DEFAULT)
+    if not tls and "none" in effective and not allow_unverified_plaintext:
         raise ValueError(
-            f"{what}: checksums {names!r} allow 'none' on a plaintext data plane, where a corrupted KV byte "
-            "would land unnoticed; configure TLS (which authenticates every byte), drop 'none', or set "
-            "allow_unverified_plaintext=True (diagnostics only)"
+            f"{what} {tuple(effective)!r} allow 'none' on a plaintext data plane, where a corrupted KV "
+            "byte would land unnoticed; configure TLS (which authenticates every byte), drop 'none', or set "
+            "allow_unverified_plaintext (diagnostics only)"
         )
-    if not wire.available(cfg.effective_checksums):
-        raise ValueError(f"{what}.checksums {cfg.effective_checksums!r}: none is implemented in this process")
+    if not wire.available(effective):
+        raise ValueError(f"{what} {effective!r}: none is implemented in this process")
 
 
 def check_hostport(value: str, what: str) -> None:

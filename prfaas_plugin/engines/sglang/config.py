@@ -14,14 +14,16 @@ from typing import Any
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator
 
-from prfaas_plugin.transfer.binding import TlsSettings
+from prfaas_plugin.transfer.binding import ChannelSettings
 
 ENV_PREFIX = "PRFAAS_SGLANG_"
 
 
-class BackendConfig(TlsSettings):
+class BackendConfig(ChannelSettings):
     """One SGLang rank's transfer settings; TLS (``PRFAAS_SGLANG_TLS_CERT`` / ``_KEY`` / ``_CA`` /
-    ``_REQUIRE_CLIENT_CERT``) is :class:`TlsSettings`, the same keys as the vLLM connector's."""
+    ``_REQUIRE_CLIENT_CERT``) and integrity (``PRFAAS_SGLANG_CHECKSUMS``, comma-separated, and
+    ``PRFAAS_SGLANG_ALLOW_UNVERIFIED_PLAINTEXT``) are :class:`ChannelSettings`, the same keys as
+    the vLLM connector's."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -73,8 +75,12 @@ class BackendConfig(TlsSettings):
             return cls(**values)
         except ValidationError as exc:
             first = exc.errors()[0]
-            if not first["loc"]:  # a rule across settings (the TLS pairs): name them as variables
-                msg = re.sub(r"\btls_\w+", lambda m: ENV_PREFIX + m.group(0).upper(), first["msg"])
+            if not first["loc"]:  # a rule across settings (TLS pairs, integrity): name them as variables
+                msg = re.sub(
+                    r"\b(tls_\w+|checksums|allow_unverified_plaintext)\b",
+                    lambda m: ENV_PREFIX + m.group(0).upper(),
+                    first["msg"],
+                )
                 raise ValueError(msg.removeprefix("Value error, ")) from None
             name = ENV_PREFIX + str(first["loc"][0]).upper()
             raise ValueError(f"{name}={values.get(str(first['loc'][0]))!r}: {first['msg']}") from None

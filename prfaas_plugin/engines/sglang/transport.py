@@ -21,6 +21,8 @@ def endpoint_spec(config: BackendConfig) -> EndpointSpec:
         tls=config.tls_options(),
         connections=config.connections,
         pacing_gbps=config.pacing_gbps,
+        checksums=config.checksums,
+        allow_unverified_plaintext=config.allow_unverified_plaintext,
     )
 
 

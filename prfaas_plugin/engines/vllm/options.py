@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from prfaas_plugin.protocol.requests import MAX_DEADLINE_S
-from prfaas_plugin.transfer.binding import EndpointSpec, TlsSettings
+from prfaas_plugin.transfer.binding import ChannelSettings, EndpointSpec
 from prfaas_plugin.transfer.config import check_hostport
 
 
@@ -73,10 +73,11 @@ class OffloadOptions(BaseModel):
         return None if v is None else v.rstrip("/")
 
 
-class Options(TlsSettings):
-    """Defaults are what docs/vllm.md documents. TLS for both roles and both planes: the keys of
-    :class:`TlsSettings`, shared with the SGLang backend (``PRFAAS_SGLANG_TLS_*``): ``tls_cert``,
-    ``tls_key``, ``tls_ca``, ``tls_require_client_cert`` (consumer: mutual TLS)."""
+class Options(ChannelSettings):
+    """Defaults are what docs/vllm.md documents. TLS for both roles and both planes and the
+    per-chunk checksums: the keys of :class:`ChannelSettings`, shared with the SGLang backend
+    (``PRFAAS_SGLANG_TLS_*``, ``PRFAAS_SGLANG_CHECKSUMS``): ``tls_cert``, ``tls_key``, ``tls_ca``,
+    ``tls_require_client_cert`` (consumer: mutual TLS), ``checksums``, ``allow_unverified_plaintext``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -122,6 +123,8 @@ class Options(TlsSettings):
             tls=self.tls_options(),
             connections=self.connections,
             pacing_gbps=self.pacing_gbps,
+            checksums=self.checksums,
+            allow_unverified_plaintext=self.allow_unverified_plaintext,
         )
 
     @classmethod
