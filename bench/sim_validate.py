@@ -73,7 +73,7 @@ def router_clock(report: dict, every_s: float) -> dict | None:
     return clock
 
 
-def replay(run: Path, measured: bool = True) -> dict:
+def replay(run: Path, measured: bool = True, seeds: int = 50) -> dict:
     report = json.loads((run / "report.json").read_text())
     rcfg = load_router_config(run / "router.yaml")
     th = rcfg.threshold
@@ -116,13 +116,7 @@ def replay(run: Path, measured: bool = True) -> dict:
         }
         cal = report.get("calibration")
         if measured and cal:
-            sim["measured_path"] = {
-                "lengths": cal["lengths"],
-                "local_ttft_s": cal["local"]["ttft_s"],
-                "prfaas_producer_s": cal["prfaas"]["producer_s"],
-                "prfaas_ttft_s": cal["prfaas"]["ttft_s"],
-                "decode_step_s": cal["tpot_s"],
-            }
+            sim["measured_path"] = measured_path(cal)
         clock = router_clock(report, th.reoptimize_every_s)
         if clock is not None:
             sim["router_clock"] = clock
@@ -132,24 +126,59 @@ def replay(run: Path, measured: bool = True) -> dict:
         cfg, spec, base = load_simulation(path)
         requests = make_requests(spec, cfg.length_distribution(base), base)
         dep = Deployment("demo", 1, 0, 0, "online" if th.mode == "auto" else "fixed", th.tokens, n_both=1)
-        res = simulate_deployment(dep, cfg, spec, requests)
-    sim_route = res.route  # per trace row (the trace is in send order, as ``reqs``)
+        results = [
+            simulate_deployment(dep, cfg, spec.model_copy(update={"seed": seed}), requests)
+            for seed in range(seeds if sim.get("measured_path", {}).get("local_spread") else 1)
+        ]
     meas_route = np.array([r["route"] == "prfaas" for r in reqs])
     out: dict = {
-        "route_mismatch": int((sim_route != meas_route).sum()),
+        # per trace row (the trace is in send order, as ``reqs``); the most over the seeds
+        "route_mismatch": max(int((res.route != meas_route).sum()) for res in results),
         "offset": router_offset(report),
         "calibrated": bool(measured and cal),
+        "seeds": len(results),
     }
     for route in ("prfaas", "local"):
         meas = np.array([r["ttft_s"] for r in reqs if r["route"] == route])
-        simv = res.ttft_by_route[route]
+        runs = [res.ttft_by_route[route] for res in results if len(res.ttft_by_route[route])]
         out[route] = {
             "n_meas": len(meas),
-            "n_sim": len(simv),
+            "n_sim": len(results[0].ttft_by_route[route]),
             "meas": (float(np.median(meas)), float(np.percentile(meas, 90))) if len(meas) else None,
-            "sim": (float(np.median(simv)), float(np.percentile(simv, 90))) if len(simv) else None,
+            # the simulator's expectation: each statistic averaged over the seeds' draws
+            "sim": (
+                float(np.mean([np.median(x) for x in runs])),
+                float(np.mean([np.percentile(x, 90) for x in runs])),
+            )
+            if runs
+            else None,
         }
     return out
+
+
+def measured_path(cal: dict) -> dict:
+    """The simulation's ``measured_path`` from a demo's calibration: its medians per length, the
+    decode step, and the spreads -- each sample over the median at its length (PrfaaS: the pair
+    producer time, TTFT)."""
+    lengths = cal["lengths"]
+    samples = cal.get("samples") or {}
+    local_spread, prfaas_spread = [], []
+    for i, n in enumerate(lengths):
+        for s in samples.get("local", {}).get(str(n), []):
+            local_spread.append(s["ttft_s"] / cal["local"]["ttft_s"][i])
+        for s in samples.get("prfaas", {}).get(str(n), []):
+            prfaas_spread.append(
+                (s["producer_s"] / cal["prfaas"]["producer_s"][i], s["ttft_s"] / cal["prfaas"]["ttft_s"][i])
+            )
+    return {
+        "lengths": lengths,
+        "local_ttft_s": cal["local"]["ttft_s"],
+        "prfaas_producer_s": cal["prfaas"]["producer_s"],
+        "prfaas_ttft_s": cal["prfaas"]["ttft_s"],
+        "decode_step_s": cal["tpot_s"],
+        "local_spread": local_spread,
+        "prfaas_spread": prfaas_spread,
+    }
 
 
 def main() -> None:

@@ -170,3 +170,42 @@ def test_router_offset_agrees_with_the_thresholds_answers_carried(monkeypatch):
     assert clock == {"at_start_s": pytest.approx(0.65, abs=0.002), "tick_at_s": 3.0, "reoptimised_at_s": 3.0}
     assert sim_validate.router_offset({**report, "workload_t0_wall": None}) is None
     assert np.isfinite(off)
+
+
+def test_requests_draw_from_the_measured_spread(tmp_path):
+    """With a spread, lone requests take the median times scaled by the measured ratios; without
+    one, all take the median."""
+    rows = [{"t": 1.0 * i, "prompt_tokens": 512} for i in range(40)]
+    spread = {**PATH, "local_spread": [1.0, 3.0]}
+    cfg, spec, reqs = _demo_sim(tmp_path, rows, measured_path=spread)
+    got = _fixed(cfg, spec, reqs, 700).ttft_by_route["local"]
+    assert set(np.round(got, 6)) == {0.16, 0.48}
+    cfg, spec, reqs = _demo_sim(tmp_path, rows, measured_path=PATH)
+    assert set(np.round(_fixed(cfg, spec, reqs, 700).ttft_by_route["local"], 6)) == {0.16}
+    # PrfaaS: the producer's hold and the TTFT scale as a measured pair
+    rows = [{"t": 1.0 * i, "prompt_tokens": 1000} for i in range(40)]
+    cfg, spec, reqs = _demo_sim(tmp_path, rows, measured_path={**PATH, "prfaas_spread": [(1.0, 1.0), (2.0, 2.0)]})
+    got = _fixed(cfg, spec, reqs, 700).ttft_by_route["prfaas"]
+    t = MeasuredPath(**PATH).at("prfaas_ttft_s", 1000)
+    assert set(np.round(got, 6)) == {round(t, 6), round(2 * t, 6)}
+
+
+def test_calibration_becomes_a_measured_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("sim_validate", None)
+    import sim_validate
+
+    cal = {
+        "lengths": [64, 256],
+        "tpot_s": 0.003,
+        "local": {"ttft_s": [0.02, 0.04]},
+        "prfaas": {"ttft_s": [0.2, 0.3], "producer_s": [0.1, 0.1]},
+        "samples": {
+            "local": {"64": [{"ttft_s": 0.02}, {"ttft_s": 0.04}], "256": [{"ttft_s": 0.04}]},
+            "prfaas": {"64": [{"ttft_s": 0.4, "producer_s": 0.1}], "256": [{"ttft_s": 0.3, "producer_s": 0.3}]},
+        },
+    }
+    p = MeasuredPath(**sim_validate.measured_path(cal))
+    assert p.local_spread == [1.0, 2.0, 1.0]
+    assert p.prfaas_spread == [(1.0, 2.0), (pytest.approx(3.0), 1.0)]
+    assert p.decode_step_s == 0.003

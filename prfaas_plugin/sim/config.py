@@ -99,13 +99,20 @@ class MeasuredPath(_Strict):
       producer round trip);
     - ``prfaas_ttft_s``: an offloaded request to its first token; what follows the producer is the
       transfer and the decode instance's first step (held for ``decode_step_s``, the rest a delay);
-    - ``decode_step_s``: one decode step of the instance (the TPOT of the same requests)."""
+    - ``decode_step_s``: one decode step of the instance (the TPOT of the same requests).
+
+    The times above are typical (medians); the spreads carry their measured variation: each
+    calibration sample over the median at its length (local: its TTFT; PrfaaS: its producer time
+    and its TTFT, kept as a pair). A request draws one sample of its route's spread (the seed's
+    random stream) and scales the interpolated times by it; empty: every request takes the medians."""
 
     lengths: list[int] = Field(min_length=2)
     local_ttft_s: list[float]
     prfaas_producer_s: list[float]
     prfaas_ttft_s: list[float]
     decode_step_s: float = Field(gt=0)
+    local_spread: list[float] = Field(default_factory=list)
+    prfaas_spread: list[tuple[float, float]] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check(self) -> MeasuredPath:
@@ -118,6 +125,8 @@ class MeasuredPath(_Strict):
                 raise ValueError(f"{name}: needs one value per length ({n}), got {len(v)}")
             if any(not x > 0 for x in v):
                 raise ValueError(f"{name}: every time must be > 0, got {v}")
+        if any(not x > 0 for x in self.local_spread) or any(not (a > 0 and b > 0) for a, b in self.prfaas_spread):
+            raise ValueError("local_spread, prfaas_spread: every ratio must be > 0")
         return self
 
     def at(self, name: str, tokens: float) -> float:

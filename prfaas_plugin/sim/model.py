@@ -157,6 +157,7 @@ class _Sim:
             # (less a microsecond: the tick on the grid point re-optimises despite rounding)
             self.ctl._last_opt = rc.reoptimised_at_s + k * every - 1e-6
         self.path = sim.measured_path
+        self.spread_rng = np.random.default_rng(sim.seed + 1)  # draws from the measured spreads
         self.switches: list[dict] = []
         # per request: arrival, route (1 = prfaas), first token time, done time
         n = len(requests)
@@ -258,8 +259,11 @@ class _Sim:
         env, path, n = self.env, self.path, d.l_uncached
         assert path is not None
         if remote:
-            hold = path.at("prfaas_producer_s", n)
-            after = max(0.0, path.at("prfaas_ttft_s", n) - hold - path.decode_step_s)
+            rp, rt = (1.0, 1.0)
+            if path.prfaas_spread:
+                rp, rt = path.prfaas_spread[self.spread_rng.integers(len(path.prfaas_spread))]
+            hold = path.at("prfaas_producer_s", n) * rp
+            after = max(0.0, path.at("prfaas_ttft_s", n) * rt - hold - path.decode_step_s)
             kv_bytes = max(0.0, self.prfaas_profile.kv_mib(n)) * MIB
             with self.prefill_q[prefill.url].request() as turn:
                 yield turn
@@ -285,11 +289,14 @@ class _Sim:
             # the router records a local prompt as the instance's once its answer opens (flow.py
             # run), i.e. at dispatch: a streamed answer's status line comes before the prefill
             self.index.record(prefill.url, req.prompt)
+            ratio = 1.0
+            if path.local_spread:
+                ratio = path.local_spread[self.spread_rng.integers(len(path.local_spread))]
             with self.decode_q[d.decode.url].request() as slot:
                 yield slot
                 with self.prefill_q[prefill.url].request() as turn:
                     yield turn
-                    yield env.timeout(path.at("local_ttft_s", n))
+                    yield env.timeout(path.at("local_ttft_s", n) * ratio)
                 self.first[req.rid] = env.now
                 yield env.timeout(path.decode_step_s * (self.out_tokens - 1))
         d.decode.inflight -= 1
