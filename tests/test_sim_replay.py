@@ -30,15 +30,18 @@ PATH = {
 }
 
 
-def _demo_sim(tmp_path: Path, rows: list[dict], **sim) -> tuple:
+PROFILE = [0.01, 0.02, 0.03, 0.04]  # T_prefill of both engines' profiles at PATH's lengths
+
+
+def _demo_sim(tmp_path: Path, rows: list[dict], t_local: list[float] = PROFILE, **sim) -> tuple:
     """The demo's deployment (one PrfaaS engine, one local engine that prefills and decodes) from
     the planner config the demo itself writes, replaying ``rows``."""
     lengths = [64, 256, 768, 1600]
     _planner_config(
         tmp_path / "planner.yaml",
         lengths,
-        [0.01, 0.02, 0.03, 0.04],
-        [0.01, 0.02, 0.03, 0.04],
+        PROFILE,
+        t_local,
         [0.1, 0.15, 0.3, 0.5],
         1.0,
         WorkloadSpec(max_tokens=1900),
@@ -100,22 +103,33 @@ def test_lone_requests_take_the_measured_times(tmp_path):
     assert plain.ttft_by_route["local"][0] < 0.1
 
 
-def test_the_local_instance_is_one_queue(tmp_path):
-    """Two local requests together: the second waits for the first; an offloaded request's first
-    decode step waits for a local prefill in progress on its decode instance."""
+def test_only_prefill_compute_holds_an_instance(tmp_path):
+    """Of a measured time, only the profile's T_prefill holds the engine (it batches the rest):
+    a second local request waits only for the first's compute; two offloaded requests together
+    overlap their handshakes; an offloaded request's first decode step waits for a local prefill
+    in progress on its decode instance."""
+    p = MeasuredPath(**PATH)
     rows = [{"t": 0.0, "prompt_tokens": 512}, {"t": 0.001, "prompt_tokens": 512}]
     cfg, spec, reqs = _demo_sim(tmp_path, rows, measured_path=PATH)
     r = _fixed(cfg, spec, reqs, 700)
-    assert sorted(r.ttft_by_route["local"]) == pytest.approx([0.16, 0.32 - 0.001])
-    slow_local = {**PATH, "local_ttft_s": [0.5, 0.6, 0.8, 1.0]}
-    p = MeasuredPath(**slow_local)
+    t_prefill = 0.025  # the profile at 512 tokens
+    assert sorted(r.ttft_by_route["local"]) == pytest.approx([0.16, 0.16 + t_prefill - 0.001])
+    rows = [{"t": 0.0, "prompt_tokens": 1000}, {"t": 0.0, "prompt_tokens": 1000}]
+    cfg, spec, reqs = _demo_sim(tmp_path, rows, measured_path=PATH)
+    r = _fixed(cfg, spec, reqs, 700)
+    lone = p.at("prfaas_ttft_s", 1000)
+    t_prefill = 0.03 + 0.01 * 232 / 832
+    assert sorted(r.ttft_by_route["prfaas"]) == pytest.approx([lone, lone + t_prefill], rel=1e-6)
+    # a local prefill whose compute is all of its 0.8 s holds the decode instance's first step
+    slow = [0.5, 0.6, 0.8, 1.0]
+    slow_local = {**PATH, "local_ttft_s": slow}
     rows = [{"t": 0.0, "prompt_tokens": 1000}, {"t": 0.0, "prompt_tokens": 1600}]
-    cfg, spec, reqs = _demo_sim(tmp_path, rows, measured_path=slow_local)
+    cfg, spec, reqs = _demo_sim(tmp_path, rows, t_local=slow, measured_path=slow_local)
     r = _fixed(cfg, spec, reqs, 1200)  # 1000 stays local, 1600 goes to PrfaaS
     assert list(r.route) == [0, 1]
-    ready = p.at("prfaas_ttft_s", 1600) - p.decode_step_s
-    assert ready < p.at("local_ttft_s", 1000)
-    assert r.ttft_by_route["prfaas"][0] == pytest.approx(p.at("local_ttft_s", 1000) + p.decode_step_s)
+    local = MeasuredPath(**slow_local).at("local_ttft_s", 1000)
+    assert p.at("prfaas_ttft_s", 1600) < local
+    assert r.ttft_by_route["prfaas"][0] == pytest.approx(local + p.decode_step_s)
 
 
 def _reopt_marks(tmp_path, clock):

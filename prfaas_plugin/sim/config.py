@@ -93,12 +93,14 @@ class MeasuredPath(_Strict):
     decode step: at small scale the fixed costs (router, HTTP, engine scheduling, the transfer's
     handshake, the decode's first step) outweigh prefill compute, and only a measurement knows them.
 
-    - ``local_ttft_s``: a request prefilled and decoded on one "both" instance, to its first token
-      (the instance is held for all of it);
-    - ``prfaas_producer_s``: the PrfaaS instance's hold on an offloaded request (the router's
-      producer round trip);
+    - ``local_ttft_s``: a request prefilled and decoded on one "both" instance, to its first token;
+    - ``prfaas_producer_s``: the router's producer round trip of an offloaded request;
     - ``prfaas_ttft_s``: an offloaded request to its first token; what follows the producer is the
-      transfer and the decode instance's first step (held for ``decode_step_s``, the rest a delay);
+      transfer and the decode instance's first step (``decode_step_s``);
+
+    Of these only the prefill's compute (the profile's T_prefill) holds an instance exclusively,
+    and the first decode step its decode instance; the rest overlaps with other requests (an
+    engine batches them), see ``model._Sim._measured_path``.
     - ``decode_step_s``: one decode step of the instance (the TPOT of the same requests).
 
     The times above are typical (medians); the spreads carry their measured variation: each

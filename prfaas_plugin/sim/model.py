@@ -252,32 +252,37 @@ class _Sim:
         self.done[req.rid] = env.now
 
     def _measured_path(self, req: SimRequest, d, prefill: Instance, remote: bool):
-        """A request served with the measured whole-path times (``SimulationSpec.measured_path``):
-        the instance that prefills is held for its measured share, the decode instance for its
-        first step; the rest of an offloaded request's measured TTFT (the transfer, its handshake,
-        the hop back) is a delay -- or the shared link's time when the link is the slower."""
+        """A request served with the measured whole-path times (``SimulationSpec.measured_path``).
+        An engine runs many requests at once (continuous batching), so only the prefill's compute,
+        the profile's T_prefill, holds an instance exclusively (queueing there, FCFS); the rest of
+        a measured time (HTTP, the router, scheduling, the transfer's handshake and bytes, the hop
+        back) is a delay that overlaps with other requests. An offloaded request's first decode
+        step holds its decode instance (behind a local prefill in progress there)."""
         env, path, n = self.env, self.path, d.l_uncached
         assert path is not None
         if remote:
             rp, rt = (1.0, 1.0)
             if path.prfaas_spread:
                 rp, rt = path.prfaas_spread[self.spread_rng.integers(len(path.prfaas_spread))]
-            hold = path.at("prfaas_producer_s", n) * rp
-            after = max(0.0, path.at("prfaas_ttft_s", n) * rt - hold - path.decode_step_s)
+            producer = path.at("prfaas_producer_s", n) * rp
+            compute = min(self.prfaas_profile.prefill_s(n), producer)
+            after = max(0.0, path.at("prfaas_ttft_s", n) * rt - producer - path.decode_step_s)
             kv_bytes = max(0.0, self.prfaas_profile.kv_mib(n)) * MIB
             with self.prefill_q[prefill.url].request() as turn:
                 yield turn
-                sent = self.link.send(kv_bytes, hold)
-                yield env.timeout(hold)
+                sent = self.link.send(kv_bytes, compute)
+                yield env.timeout(compute)
+            yield env.timeout(producer - compute)
+            # the producer answered: the router records the prompt for both instances then
+            prefill.inflight -= 1
             self.index.record(prefill.url, req.prompt)
+            self.index.record(d.decode.url, req.prompt)
             produced = env.now
             yield sent
             self.ctl.record_egress(int(kv_bytes), env.now + self.clock0)
             rest = produced + after - env.now
             if rest > 0:
                 yield env.timeout(rest)
-            prefill.inflight -= 1
-            self.index.record(d.decode.url, req.prompt)
             with self.decode_q[d.decode.url].request() as slot:
                 yield slot
                 with self.prefill_q[d.decode.url].request() as turn:
@@ -292,11 +297,14 @@ class _Sim:
             ratio = 1.0
             if path.local_spread:
                 ratio = path.local_spread[self.spread_rng.integers(len(path.local_spread))]
+            total = path.at("local_ttft_s", n) * ratio
+            compute = min(self.local_profile.prefill_s(n), total)
+            yield env.timeout(total - compute)
             with self.decode_q[d.decode.url].request() as slot:
                 yield slot
                 with self.prefill_q[prefill.url].request() as turn:
                     yield turn
-                    yield env.timeout(path.at("local_ttft_s", n) * ratio)
+                    yield env.timeout(compute)
                 self.first[req.rid] = env.now
                 yield env.timeout(path.decode_step_s * (self.out_tokens - 1))
         d.decode.inflight -= 1
