@@ -161,24 +161,25 @@ def measured_path(cal: dict) -> dict:
     decode step, and the spreads -- each sample over the median at its length (PrfaaS: the pair
     producer time, TTFT)."""
     lengths = cal["lengths"]
-    samples = cal.get("samples") or {}
-    local_spread, prfaas_spread = [], []
-    for i, n in enumerate(lengths):
-        for s in samples.get("local", {}).get(str(n), []):
-            local_spread.append(s["ttft_s"] / cal["local"]["ttft_s"][i])
-        for s in samples.get("prfaas", {}).get(str(n), []):
-            prfaas_spread.append(
-                (s["producer_s"] / cal["prfaas"]["producer_s"][i], s["ttft_s"] / cal["prfaas"]["ttft_s"][i])
-            )
-    return {
+    path = {
         "lengths": lengths,
         "local_ttft_s": cal["local"]["ttft_s"],
         "prfaas_producer_s": cal["prfaas"]["producer_s"],
         "prfaas_ttft_s": cal["prfaas"]["ttft_s"],
         "decode_step_s": cal["tpot_s"],
-        "local_spread": local_spread,
-        "prfaas_spread": prfaas_spread,
     }
+    for key, suffix in (("samples", ""), ("busy_samples", "_busy")):
+        samples = cal.get(key) or {}
+        local, prfaas = [], []
+        for i, n in enumerate(lengths):
+            for s in samples.get("local", {}).get(str(n), []):
+                local.append(s["ttft_s"] / cal["local"]["ttft_s"][i])
+            for s in samples.get("prfaas", {}).get(str(n), []):
+                prfaas.append(
+                    (s["producer_s"] / cal["prfaas"]["producer_s"][i], s["ttft_s"] / cal["prfaas"]["ttft_s"][i])
+                )
+        path[f"local_spread{suffix}"], path[f"prfaas_spread{suffix}"] = local, prfaas
+    return path
 
 
 def main() -> None:

@@ -267,7 +267,7 @@ def run_demo(opts: DemoOptions) -> DemoReport:
         (out / "router.yaml").write_text(yaml.safe_dump(router_cfg, sort_keys=False))
         log("calibrating the request path per route for the simulator (lone requests) ...")
         calibration = calibrate(
-            sup, router_cfg, out, _env(1), lengths, opts.output_tokens, count, port=r_port - 1, log=log
+            sup, router_cfg, out, _env(1), lengths, opts.output_tokens, count, port=r_port - 2, log=log
         )
         sup.start(
             "router",

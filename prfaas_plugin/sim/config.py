@@ -106,7 +106,9 @@ class MeasuredPath(_Strict):
     The times above are typical (medians); the spreads carry their measured variation: each
     calibration sample over the median at its length (local: its TTFT; PrfaaS: its producer time
     and its TTFT, kept as a pair). A request draws one sample of its route's spread (the seed's
-    random stream) and scales the interpolated times by it; empty: every request takes the medians."""
+    random stream) and scales the interpolated times by it; empty: every request takes the medians.
+    The ``*_busy`` spreads hold samples timed while the other route was kept busy (ratios to the
+    same lone medians): a request that arrives while another one is open draws from them."""
 
     lengths: list[int] = Field(min_length=2)
     local_ttft_s: list[float]
@@ -115,6 +117,8 @@ class MeasuredPath(_Strict):
     decode_step_s: float = Field(gt=0)
     local_spread: list[float] = Field(default_factory=list)
     prfaas_spread: list[tuple[float, float]] = Field(default_factory=list)
+    local_spread_busy: list[float] = Field(default_factory=list)
+    prfaas_spread_busy: list[tuple[float, float]] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check(self) -> MeasuredPath:
@@ -127,8 +131,12 @@ class MeasuredPath(_Strict):
                 raise ValueError(f"{name}: needs one value per length ({n}), got {len(v)}")
             if any(not x > 0 for x in v):
                 raise ValueError(f"{name}: every time must be > 0, got {v}")
-        if any(not x > 0 for x in self.local_spread) or any(not (a > 0 and b > 0) for a, b in self.prfaas_spread):
-            raise ValueError("local_spread, prfaas_spread: every ratio must be > 0")
+        for name in ("local_spread", "local_spread_busy"):
+            if any(not x > 0 for x in getattr(self, name)):
+                raise ValueError(f"{name}: every ratio must be > 0")
+        for name in ("prfaas_spread", "prfaas_spread_busy"):
+            if any(not (a > 0 and b > 0) for a, b in getattr(self, name)):
+                raise ValueError(f"{name}: every ratio must be > 0")
         return self
 
     def at(self, name: str, tokens: float) -> float:

@@ -158,6 +158,7 @@ class _Sim:
             self.ctl._last_opt = rc.reoptimised_at_s + k * every - 1e-6
         self.path = sim.measured_path
         self.spread_rng = np.random.default_rng(sim.seed + 1)  # draws from the measured spreads
+        self.open_requests = 0  # arrived and not yet done (measured-path requests)
         self.switches: list[dict] = []
         # per request: arrival, route (1 = prfaas), first token time, done time
         n = len(requests)
@@ -210,7 +211,9 @@ class _Sim:
         if d.prefill is not None:
             d.decode.inflight += 1
         if self.path is not None and (remote or prefill.role == "both"):
+            self.open_requests += 1
             yield from self._measured_path(req, d, prefill, remote)
+            self.open_requests -= 1
             return
         profile = self.prfaas_profile if remote else self.local_profile
         with self.prefill_q[prefill.url].request() as turn:
@@ -260,10 +263,11 @@ class _Sim:
         step holds its decode instance (behind a local prefill in progress there)."""
         env, path, n = self.env, self.path, d.l_uncached
         assert path is not None
+        # another request open at this one's arrival: draw from the spread timed under load
+        busy = self.open_requests > 1
         if remote:
-            rp, rt = (1.0, 1.0)
-            if path.prfaas_spread:
-                rp, rt = path.prfaas_spread[self.spread_rng.integers(len(path.prfaas_spread))]
+            spread = (busy and path.prfaas_spread_busy) or path.prfaas_spread
+            rp, rt = spread[self.spread_rng.integers(len(spread))] if spread else (1.0, 1.0)
             producer = path.at("prfaas_producer_s", n) * rp
             compute = min(self.prfaas_profile.prefill_s(n), producer)
             after = max(0.0, path.at("prfaas_ttft_s", n) * rt - producer - path.decode_step_s)
@@ -294,9 +298,8 @@ class _Sim:
             # the router records a local prompt as the instance's once its answer opens (flow.py
             # run), i.e. at dispatch: a streamed answer's status line comes before the prefill
             self.index.record(prefill.url, req.prompt)
-            ratio = 1.0
-            if path.local_spread:
-                ratio = path.local_spread[self.spread_rng.integers(len(path.local_spread))]
+            spread = (busy and path.local_spread_busy) or path.local_spread
+            ratio = spread[self.spread_rng.integers(len(spread))] if spread else 1.0
             total = path.at("local_ttft_s", n) * ratio
             compute = min(self.local_profile.prefill_s(n), total)
             yield env.timeout(total - compute)
