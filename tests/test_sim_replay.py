@@ -223,3 +223,13 @@ def test_calibration_becomes_a_measured_path(monkeypatch):
     assert p.local_spread == [1.0, 2.0, 1.0]
     assert p.prfaas_spread == [(1.0, 2.0), (pytest.approx(3.0), 1.0)]
     assert p.decode_step_s == 0.003
+
+
+def test_a_request_arriving_while_another_is_open_draws_from_the_busy_spread(tmp_path):
+    rows = [{"t": 0.0, "prompt_tokens": 512}, {"t": 0.05, "prompt_tokens": 512}, {"t": 10.0, "prompt_tokens": 512}]
+    path = {**PATH, "local_spread": [1.0], "local_spread_busy": [2.0]}
+    cfg, spec, reqs = _demo_sim(tmp_path, rows, measured_path=path)
+    r = _fixed(cfg, spec, reqs, 700)
+    assert list(np.round(r.ttft_by_route["local"], 6)) == [0.16, 0.32, 0.16]
+    with pytest.raises(SimConfigError, match="local_spread_busy"):
+        _demo_sim(tmp_path, rows, measured_path={**path, "local_spread_busy": [0.0]})
