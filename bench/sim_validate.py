@@ -60,7 +60,8 @@ def router_offset(report: dict) -> tuple[float, int] | None:
     return float((first[0] + first[-1]) / 2), int(best)
 
 
-def router_clock(report: dict, every_s: float) -> dict | None:
+def router_clock(report: dict) -> dict | None:
+    """The simulation's ``router_clock`` for a run (None: it cannot be placed)."""
     off = router_offset(report)
     if off is None:
         return None
@@ -117,7 +118,7 @@ def replay(run: Path, measured: bool = True, seeds: int = 50) -> dict:
         cal = report.get("calibration")
         if measured and cal:
             sim["measured_path"] = measured_path(cal)
-        clock = router_clock(report, th.reoptimize_every_s)
+        clock = router_clock(report)
         if clock is not None:
             sim["router_clock"] = clock
         cfg_raw["simulation"] = sim

@@ -180,7 +180,7 @@ def test_router_offset_agrees_with_the_thresholds_answers_carried(monkeypatch):
     }
     off, bad = sim_validate.router_offset(report)
     assert bad == 0 and off == pytest.approx(0.65, abs=0.002)  # (0.5, 0.8]: 2.5 + x > 3 >= 2.2 + x
-    clock = sim_validate.router_clock(report, 2.0)
+    clock = sim_validate.router_clock(report)
     assert clock == {"at_start_s": pytest.approx(0.65, abs=0.002), "tick_at_s": 3.0, "reoptimised_at_s": 3.0}
     assert sim_validate.router_offset({**report, "workload_t0_wall": None}) is None
     assert np.isfinite(off)
