@@ -22,6 +22,8 @@ class RequestRecord:
     started_at_s: float  # since the workload started
     output_equal: bool | None = None  # vs the single-instance reference run
     error: str | None = None
+    #: the router's own record of it (run.py ROUTER_FIELDS): its clock, queue, producer, TTFT
+    router: dict | None = None
 
 
 @dataclass
@@ -29,6 +31,12 @@ class DemoReport:
     link: dict
     requests: list[RequestRecord]
     threshold_timeline: list[tuple[float, float]] = field(default_factory=list)
+    #: why each change of ``threshold_timeline`` happened (the router's own words)
+    threshold_reasons: list[str] = field(default_factory=list)
+    #: the request path timed per route before the workload (demo/calibrate.py)
+    calibration: dict | None = None
+    #: the workload's start on the wall clock (``router["started_at"]``, the router's decision, is on it too)
+    workload_t0_wall: float | None = None
     wall_s: float = 0.0
     startup_s: float = 0.0
 
@@ -74,6 +82,9 @@ class DemoReport:
                 "totals": self.totals(),
                 "link": self.link,
                 "threshold_timeline": self.threshold_timeline,
+                "threshold_reasons": self.threshold_reasons,
+                "calibration": self.calibration,
+                "workload_t0_wall": self.workload_t0_wall,
                 "requests": [asdict(r) for r in self.requests],
             },
             indent=2,

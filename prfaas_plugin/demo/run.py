@@ -18,6 +18,7 @@ import concurrent.futures
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from pathlib import Path
 import httpx
 import yaml
 
+from prfaas_plugin.demo.calibrate import calibrate
 from prfaas_plugin.demo.report import DemoReport, RequestRecord
 from prfaas_plugin.demo.supervisor import Supervisor
 from prfaas_plugin.demo.workload import WorkloadSpec, build_prompts
@@ -33,6 +35,9 @@ from prfaas_plugin.netemu import EmulatedLink, LinkSpec, netns_unavailable_reaso
 
 MODEL = "tiny-qwen3next"
 MAX_MODEL_LEN = 2048
+#: What the report keeps of the router's record of each request (router/records.py), for
+#: telling where a request's time went (bench/sim_validate.py).
+ROUTER_FIELDS = ("started_at", "l_total", "l_prefix", "queue_s", "prefill_s", "ttft_s", "overhead_s", "transfer_status")
 
 
 @dataclass
@@ -260,6 +265,10 @@ def run_demo(opts: DemoOptions) -> DemoReport:
             ],
         }
         (out / "router.yaml").write_text(yaml.safe_dump(router_cfg, sort_keys=False))
+        log("calibrating the request path per route for the simulator (lone requests) ...")
+        calibration = calibrate(
+            sup, router_cfg, out, _env(1), lengths, opts.output_tokens, count, port=r_port - 2, log=log
+        )
         sup.start(
             "router",
             [
@@ -280,7 +289,7 @@ def run_demo(opts: DemoOptions) -> DemoReport:
         )
         sup.wait_healthy("router", f"http://127.0.0.1:{r_port}/health", 120)
 
-        records, texts = _drive(f"http://127.0.0.1:{r_port}", prompts, opts, log)
+        records, texts, t0_wall = _drive(f"http://127.0.0.1:{r_port}", prompts, opts, log)
         wall = max((r.started_at_s + r.total_s for r in records), default=0.0)
         sup.check_alive()
         with httpx.Client(timeout=30) as c:
@@ -293,6 +302,7 @@ def run_demo(opts: DemoOptions) -> DemoReport:
             a = admin.get(r.request_id, {})
             r.kv_bytes = int(a.get("kv_bytes") or 0)
             r.remote_prefill_s = a.get("prefill_s") if r.route == "prfaas" else None
+            r.router = {k: a.get(k) for k in ROUTER_FIELDS}
             if a.get("fallback"):
                 r.route = "fallback"
         log("re-running every prompt on the local instance alone (the single-instance reference) ...")
@@ -310,46 +320,62 @@ def run_demo(opts: DemoOptions) -> DemoReport:
         wall_s=wall,
         startup_s=startup,
         threshold_timeline=[(float(t), float(v)) for t, v, _ in timeline],
+        threshold_reasons=[str(why) for _, _, why in timeline],
+        calibration=calibration,
+        workload_t0_wall=t0_wall,
     )
     return report
 
 
 def _drive(
     router: str, prompts: list, opts: DemoOptions, log: Callable[[str], None]
-) -> tuple[list[RequestRecord], dict[str, str]]:
-    """Send the workload through the router (streaming, ``opts.concurrency`` at a time)."""
+) -> tuple[list[RequestRecord], dict[str, str], float]:
+    """Send the workload through the router (streaming, ``opts.concurrency`` at a time); also
+    returns the workload's start on the wall clock (the router's records' ``started_at`` is on it)."""
     from tqdm import tqdm
 
+    # One HTTP client per sending thread, kept: building one (its SSL context) costs ~0.1 s of
+    # CPU on this machine, which a client made per request would add to every measured TTFT.
+    held = threading.local()
+    clients: list[httpx.Client] = []
+
+    def client() -> httpx.Client:
+        if getattr(held, "c", None) is None:
+            held.c = httpx.Client(timeout=300)
+            clients.append(held.c)
+        return held.c
+
     t0 = time.monotonic()
+    t0_wall = time.time()
 
     def one(i: int) -> tuple[RequestRecord, str]:
         p = prompts[i]
         rid = f"demo-{i:03d}"
+        c = client()
         start = time.monotonic() - t0
         text, ttft = [], None
-        with httpx.Client(timeout=300) as c:
-            with c.stream(
-                "POST",
-                f"{router}/v1/completions",
-                headers={"x-request-id": rid},
-                json={
-                    "model": MODEL,
-                    "prompt": p.text,
-                    "max_tokens": opts.output_tokens,
-                    "temperature": 0,
-                    "stream": True,
-                },
-            ) as resp:
-                resp.raise_for_status()
-                route = resp.headers.get("x-prfaas-route", "?")
-                l_unc = int(resp.headers.get("x-prfaas-uncached-tokens", "0"))
-                thr = float(resp.headers.get("x-prfaas-threshold", "0"))
-                for line in resp.iter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    if ttft is None:
-                        ttft = time.monotonic() - t0 - start
-                    text.append(json.loads(line[6:])["choices"][0].get("text", ""))
+        with c.stream(
+            "POST",
+            f"{router}/v1/completions",
+            headers={"x-request-id": rid},
+            json={
+                "model": MODEL,
+                "prompt": p.text,
+                "max_tokens": opts.output_tokens,
+                "temperature": 0,
+                "stream": True,
+            },
+        ) as resp:
+            resp.raise_for_status()
+            route = resp.headers.get("x-prfaas-route", "?")
+            l_unc = int(resp.headers.get("x-prfaas-uncached-tokens", "0"))
+            thr = float(resp.headers.get("x-prfaas-threshold", "0"))
+            for line in resp.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                if ttft is None:
+                    ttft = time.monotonic() - t0 - start
+                text.append(json.loads(line[6:])["choices"][0].get("text", ""))
         total = time.monotonic() - t0 - start
         return RequestRecord(rid, route, p.target_tokens, l_unc, thr, 0, None, ttft or total, total, start), "".join(
             text
@@ -364,6 +390,8 @@ def _drive(
         for f in concurrent.futures.as_completed(futs):
             runs.append(f.result())
             bar.update(1)
+    for c in clients:
+        c.close()
     runs.sort(key=lambda r: r[0].request_id)
     log(f"workload done: {len(runs)} requests in {time.monotonic() - t0:.1f} s")
-    return [r for r, _ in runs], {r.request_id: t for r, t in runs}
+    return [r for r, _ in runs], {r.request_id: t for r, t in runs}, t0_wall

@@ -85,6 +85,86 @@ class ControllerSpec(_Strict):
     split_cooldown_s: float = Field(default=300.0, gt=0)
 
 
+class MeasuredPath(_Strict):
+    """The whole request path of one deployment, timed per route on lone requests (nothing
+    queued) at ``lengths`` uncached tokens -- `prfaas demo`'s calibration phase
+    (demo/calibrate.py). With it, a request's service times are these, linearly interpolated
+    (and extrapolated from the outer pairs), instead of the profile's T_prefill plus the model's
+    decode step: at small scale the fixed costs (router, HTTP, engine scheduling, the transfer's
+    handshake, the decode's first step) outweigh prefill compute, and only a measurement knows them.
+
+    - ``local_ttft_s``: a request prefilled and decoded on one "both" instance, to its first token;
+    - ``prfaas_producer_s``: the router's producer round trip of an offloaded request;
+    - ``prfaas_ttft_s``: an offloaded request to its first token; what follows the producer is the
+      transfer and the decode instance's first step (``decode_step_s``);
+
+    Of these only the prefill's compute (the profile's T_prefill) holds an instance exclusively,
+    and the first decode step its decode instance; the rest overlaps with other requests (an
+    engine batches them), see ``model._Sim._measured_path``.
+    - ``decode_step_s``: one decode step of the instance (the TPOT of the same requests).
+
+    The times above are typical (medians); the spreads carry their measured variation: each
+    calibration sample over the median at its length (local: its TTFT; PrfaaS: its producer time
+    and its TTFT, kept as a pair). A request draws one sample of its route's spread (the seed's
+    random stream) and scales the interpolated times by it; empty: every request takes the medians.
+    The ``*_busy`` spreads hold samples timed while the other route was kept busy (ratios to the
+    same lone medians): a request that arrives while another one is open draws from them."""
+
+    lengths: list[int] = Field(min_length=2)
+    local_ttft_s: list[float]
+    prfaas_producer_s: list[float]
+    prfaas_ttft_s: list[float]
+    decode_step_s: float = Field(gt=0)
+    local_spread: list[float] = Field(default_factory=list)
+    prfaas_spread: list[tuple[float, float]] = Field(default_factory=list)
+    local_spread_busy: list[float] = Field(default_factory=list)
+    prfaas_spread_busy: list[tuple[float, float]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> MeasuredPath:
+        n = len(self.lengths)
+        if any(b <= a for a, b in zip(self.lengths, self.lengths[1:])) or self.lengths[0] <= 0:
+            raise ValueError(f"lengths: must be positive and increasing, got {self.lengths}")
+        for name in ("local_ttft_s", "prfaas_producer_s", "prfaas_ttft_s"):
+            v = getattr(self, name)
+            if len(v) != n:
+                raise ValueError(f"{name}: needs one value per length ({n}), got {len(v)}")
+            if any(not x > 0 for x in v):
+                raise ValueError(f"{name}: every time must be > 0, got {v}")
+        for name in ("local_spread", "local_spread_busy"):
+            if any(not x > 0 for x in getattr(self, name)):
+                raise ValueError(f"{name}: every ratio must be > 0")
+        for name in ("prfaas_spread", "prfaas_spread_busy"):
+            if any(not (a > 0 and b > 0) for a, b in getattr(self, name)):
+                raise ValueError(f"{name}: every ratio must be > 0")
+        return self
+
+    def at(self, name: str, tokens: float) -> float:
+        """``name``'s time at ``tokens``, piecewise linear, extrapolated from the outer pairs, never
+        below the smallest measured value's share (a positive floor: half the shortest measurement)."""
+        xs, ys = self.lengths, getattr(self, name)
+        i = 1
+        while i < len(xs) - 1 and tokens > xs[i]:
+            i += 1
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        y = y0 + (y1 - y0) * (tokens - x0) / (x1 - x0)
+        return max(y, 0.5 * min(ys))
+
+
+class RouterClock(_Strict):
+    """Where the router's own clock stood when the replayed trace began, so the simulated
+    threshold loop ticks and re-optimises when the real one did (a re-optimisation a tick earlier
+    or later changes t for the requests in between). Times are on the router controller's clock
+    (seconds since it started, the clock of its threshold timeline)."""
+
+    #: the router's clock at simulated time 0
+    at_start_s: float = Field(ge=0)
+    #: a time the router's threshold loop ticked (any; its phase modulo the tick period is used)
+    tick_at_s: float = Field(ge=0)
+    #: a time the router re-optimised (its phase modulo ``reoptimize_every_s`` is used)
+    reoptimised_at_s: float | None = Field(default=None, ge=0)
+
+
 class SimulationSpec(_Strict):
     duration_s: float = Field(default=3600.0, gt=0)
     #: Requests arriving before this are simulated but left out of every statistic.
@@ -109,6 +189,10 @@ class SimulationSpec(_Strict):
     deployments: list[DeploymentKind] = Field(default_factory=lambda: list(get_args(DeploymentKind)), min_length=1)
     #: Seconds per bin of the time series (egress, threshold, offload share, queue depths).
     bin_s: float = Field(default=10.0, gt=0)
+    #: Measured whole-path service times (a replay of a real run); None: the profile's model.
+    measured_path: MeasuredPath | None = None
+    #: The router's clock at the trace's start (a replay of a real run); None: it starts with it.
+    router_clock: RouterClock | None = None
 
     @model_validator(mode="after")
     def _check(self) -> SimulationSpec:

@@ -63,6 +63,8 @@ class DeploymentResult:
     series: dict[str, list[float]]
     threshold_timeline: list[tuple[float, float, str]]
     switches: list[dict] = field(default_factory=list)
+    #: per request, in the order of the requests simulated: 1 = offloaded to PrfaaS, 0 = local
+    route: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int8))
 
     def summary(self) -> dict:
         def stats(x: np.ndarray) -> dict:
@@ -135,9 +137,28 @@ class _Sim:
             egress_window_s=c.egress_window_s,
             split_cooldown_s=c.split_cooldown_s,
         )
+        rc = sim.router_clock
+        #: the controller's clock at simulated time 0 (every time handed to it is on its clock)
+        self.clock0 = rc.at_start_s if rc is not None else 0.0
         self.ctl = ThresholdController(
-            spec, cfg.link.gbps, clock=lambda: self.env.now, planner_config=cfg if dep.control == "online" else None
+            spec,
+            cfg.link.gbps,
+            clock=lambda: self.env.now + self.clock0,
+            planner_config=cfg if dep.control == "online" else None,
         )
+        # the first tick: in phase with the router's own ticks when its clock is given
+        self.first_tick = (rc.tick_at_s - rc.at_start_s) % TICK_S if rc is not None else 0.0
+        if rc is not None and rc.reoptimised_at_s is not None:
+            # the controller re-optimises at the first tick ``reoptimize_every_s`` after the last
+            # time it did: put that last time on the router's grid (ThresholdController keeps it
+            # in ``_last_opt``; no public setter, as only a replay needs another phase)
+            every = spec.reoptimize_every_s
+            k = np.floor((rc.at_start_s - rc.reoptimised_at_s) / every)
+            # (less a microsecond: the tick on the grid point re-optimises despite rounding)
+            self.ctl._last_opt = rc.reoptimised_at_s + k * every - 1e-6
+        self.path = sim.measured_path
+        self.spread_rng = np.random.default_rng(sim.seed + 1)  # draws from the measured spreads
+        self.open_requests = 0  # arrived and not yet done (measured-path requests)
         self.switches: list[dict] = []
         # per request: arrival, route (1 = prfaas), first token time, done time
         n = len(requests)
@@ -163,7 +184,9 @@ class _Sim:
         overloaded = self.dep.control != "all" and policy.prfaas_overloaded(
             self.fleet.of_kind("prfaas"), self.sim.queue_high
         )
-        mode = policy.bandwidth_mode(self.sim.bandwidth_mode, self.ctl.utilisation(now), self.ctl.spec.egress_low)
+        mode = policy.bandwidth_mode(
+            self.sim.bandwidth_mode, self.ctl.utilisation(now + self.clock0), self.ctl.spec.egress_low
+        )
         d = policy.decide(req.prompt, self.fleet, self.index, self._threshold(), mode, exclude_prfaas=overloaded)
         self.ctl.observe_length(d.l_uncached)
         return d
@@ -187,6 +210,11 @@ class _Sim:
         prefill.inflight += 1
         if d.prefill is not None:
             d.decode.inflight += 1
+        if self.path is not None and (remote or prefill.role == "both"):
+            self.open_requests += 1
+            yield from self._measured_path(req, d, prefill, remote)
+            self.open_requests -= 1
+            return
         profile = self.prfaas_profile if remote else self.local_profile
         with self.prefill_q[prefill.url].request() as turn:
             yield turn
@@ -200,7 +228,7 @@ class _Sim:
         self.index.record(prefill.url, req.prompt)
         if remote:
             yield sent
-            self.ctl.record_egress(int(kv_bytes), env.now)
+            self.ctl.record_egress(int(kv_bytes), env.now + self.clock0)
             if self.sim.link_rtt_ms:
                 # the prefill request crossed the link one way, the KV's completion the other
                 yield env.timeout(self.sim.link_rtt_ms / 1000)
@@ -226,11 +254,72 @@ class _Sim:
         d.decode.inflight -= 1
         self.done[req.rid] = env.now
 
+    def _measured_path(self, req: SimRequest, d, prefill: Instance, remote: bool):
+        """A request served with the measured whole-path times (``SimulationSpec.measured_path``).
+        An engine runs many requests at once (continuous batching), so only the prefill's compute,
+        the profile's T_prefill, holds an instance exclusively (queueing there, FCFS); the rest of
+        a measured time (HTTP, the router, scheduling, the transfer's handshake and bytes, the hop
+        back) is a delay that overlaps with other requests. An offloaded request's first decode
+        step holds its decode instance (behind a local prefill in progress there)."""
+        env, path, n = self.env, self.path, d.l_uncached
+        assert path is not None
+        # another request open at this one's arrival: draw from the spread timed under load
+        busy = self.open_requests > 1
+        if remote:
+            spread = (busy and path.prfaas_spread_busy) or path.prfaas_spread
+            rp, rt = spread[self.spread_rng.integers(len(spread))] if spread else (1.0, 1.0)
+            producer = path.at("prfaas_producer_s", n) * rp
+            compute = min(self.prfaas_profile.prefill_s(n), producer)
+            after = max(0.0, path.at("prfaas_ttft_s", n) * rt - producer - path.decode_step_s)
+            kv_bytes = max(0.0, self.prfaas_profile.kv_mib(n)) * MIB
+            with self.prefill_q[prefill.url].request() as turn:
+                yield turn
+                sent = self.link.send(kv_bytes, compute)
+                yield env.timeout(compute)
+            yield env.timeout(producer - compute)
+            # the producer answered: the router records the prompt for both instances then
+            prefill.inflight -= 1
+            self.index.record(prefill.url, req.prompt)
+            self.index.record(d.decode.url, req.prompt)
+            produced = env.now
+            yield sent
+            self.ctl.record_egress(int(kv_bytes), env.now + self.clock0)
+            rest = produced + after - env.now
+            if rest > 0:
+                yield env.timeout(rest)
+            with self.decode_q[d.decode.url].request() as slot:
+                yield slot
+                with self.prefill_q[d.decode.url].request() as turn:
+                    yield turn
+                    yield env.timeout(path.decode_step_s)
+                self.first[req.rid] = env.now
+                yield env.timeout(path.decode_step_s * (self.out_tokens - 1))
+        else:
+            # the router records a local prompt as the instance's once its answer opens (flow.py
+            # run), i.e. at dispatch: a streamed answer's status line comes before the prefill
+            self.index.record(prefill.url, req.prompt)
+            spread = (busy and path.local_spread_busy) or path.local_spread
+            ratio = spread[self.spread_rng.integers(len(spread))] if spread else 1.0
+            total = path.at("local_ttft_s", n) * ratio
+            compute = min(self.local_profile.prefill_s(n), total)
+            yield env.timeout(total - compute)
+            with self.decode_q[d.decode.url].request() as slot:
+                yield slot
+                with self.prefill_q[prefill.url].request() as turn:
+                    yield turn
+                    yield env.timeout(compute)
+                self.first[req.rid] = env.now
+                yield env.timeout(path.decode_step_s * (self.out_tokens - 1))
+        d.decode.inflight -= 1
+        self.done[req.rid] = env.now
+
     def _ticker(self):
         bin_s = self.sim.bin_s
         nb = len(self.series["threshold"])
+        if self.first_tick > 0:
+            yield self.env.timeout(self.first_tick)
         while True:
-            t = self.ctl.tick(self.fleet.queue_depth("prfaas"), self.env.now)
+            t = self.ctl.tick(self.fleet.queue_depth("prfaas"), self.env.now + self.clock0)
             b = min(int(self.env.now / bin_s), nb - 1)
             self.series["threshold"][b] = -1.0 if self.dep.control == "all" else t
             self.series["prfaas_queue"][b] = self.fleet.queue_depth("prfaas")
@@ -319,6 +408,7 @@ class _Sim:
             series=series,
             threshold_timeline=list(self.ctl.timeline),
             switches=self.switches,
+            route=self.route.copy(),
         )
 
 
