@@ -24,8 +24,8 @@ import grpc
 
 from prfaas_plugin.protocol.transfer import GRPC_SERVICE as SERVICE
 from prfaas_plugin.protocol.transfer import TRANSFER_PROTOCOL_VERSION as PROTOCOL_VERSION
+from prfaas_plugin.transfer import affinity, wire
 from prfaas_plugin.transfer import tls as tlsmod
-from prfaas_plugin.transfer import wire
 from prfaas_plugin.transfer._gen import transfer_pb2 as pb
 from prfaas_plugin.transfer.api import (
     Aborted,
@@ -415,7 +415,9 @@ class GrpcTcpReceiver(TransferReceiver):
         self._host = host
         # Kept so close() can shut it down: grpc's server.stop() leaves the pool's threads alive.
         self._executor = futures.ThreadPoolExecutor(
-            max_workers=self.config.max_workers, thread_name_prefix="prfaas-rx-grpc"
+            max_workers=self.config.max_workers,
+            thread_name_prefix="prfaas-rx-grpc",
+            initializer=affinity.use_transfer_cpus,
         )
         self._server = grpc.server(
             self._executor,
