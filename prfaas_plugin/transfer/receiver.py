@@ -24,9 +24,10 @@ import grpc
 
 from prfaas_plugin.protocol.transfer import GRPC_SERVICE as SERVICE
 from prfaas_plugin.protocol.transfer import TRANSFER_PROTOCOL_VERSION as PROTOCOL_VERSION
-from prfaas_plugin.transfer import affinity, wire
 from prfaas_plugin.transfer import tls as tlsmod
+from prfaas_plugin.transfer import wire
 from prfaas_plugin.transfer._gen import transfer_pb2 as pb
+from prfaas_plugin.transfer.affinity import use_transfer_cpus
 from prfaas_plugin.transfer.api import (
     Aborted,
     AuthError,
@@ -417,7 +418,7 @@ class GrpcTcpReceiver(TransferReceiver):
         self._executor = futures.ThreadPoolExecutor(
             max_workers=self.config.max_workers,
             thread_name_prefix="prfaas-rx-grpc",
-            initializer=affinity.use_transfer_cpus,
+            initializer=use_transfer_cpus,
         )
         self._server = grpc.server(
             self._executor,
