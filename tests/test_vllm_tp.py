@@ -3,7 +3,7 @@ decode TP2 through the prfaas connector, output equal to a single instance.
 
 Two instances, started once: one at TP 2 and one at TP 1, each ``kv_both`` with ``peer_tp_size``
 naming the other's TP size, so each serves as the producer of one direction and the consumer of
-the other (two servers instead of four on a 2-core box; ~3.5 min here with start-up). The model is the hybrid
+the other (two servers instead of four on a 2-core box; ~50 s here, start-up included). The model is the hybrid
 ``tiny-qwen3next-tp2`` (GQA full attention + GDN linear attention, 2 heads of each kind, so both
 are split across the TP-2 ranks). The single-instance reference is the decode instance serving the
 prompt alone; a greedy token may only differ on a near-tie (``compare_greedy``: TP 2 and TP 1 round
