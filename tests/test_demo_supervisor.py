@@ -41,12 +41,15 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_stop_all_kills_the_whole_process_tree(tmp_path) -> None:
+@pytest.mark.parametrize("own_sessions", [True, False])
+def test_stop_all_kills_the_whole_process_tree(tmp_path, own_sessions) -> None:
     port = _free_port()
-    with Supervisor(tmp_path) as sup:
+    with Supervisor(tmp_path, own_sessions=own_sessions) as sup:
         child = sup.start("tree", [sys.executable, "-c", _TREE, str(port)])
         waited = sup.wait_healthy("tree", f"http://127.0.0.1:{port}/", timeout_s=30)
         assert waited >= 0
+        assert os.getpgid(child.popen.pid) == child.popen.pid  # its own group either way
+        assert (os.getsid(child.popen.pid) == os.getsid(0)) is not own_sessions
         grandchild = int(child.log_path.read_text().split()[1])
         assert _alive(child.popen.pid) and _alive(grandchild)
     deadline = time.monotonic() + 10

@@ -1,6 +1,7 @@
 """Starting, watching and reliably stopping the demo's processes.
 
-Every child runs in its own session (process group) so stopping it also stops what it spawned
+Every child runs in its own session (or only its own process group, ``own_sessions=False``)
+so stopping it also stops what it spawned
 (vLLM's EngineCore and worker processes); stop() escalates SIGTERM -> SIGKILL. The supervisor
 also stops everything on SIGINT/SIGTERM, so Ctrl-C never leaves a server behind.
 """
@@ -49,8 +50,16 @@ class Supervised:
 
 
 class Supervisor:
-    def __init__(self, log_dir: Path) -> None:
+    """``own_sessions=False`` starts each child in its own process group but in the supervisor's
+    session: Linux's autogroup scheduler (processes in the root cgroup) then shares the CPUs
+    between the children's threads, not between sessions. Tests that overlap servers on the same
+    cores need that: a server in another session whose threads busy-poll keeps most of a core
+    from a tensor-parallel peer's rank there (measured: a TP-2 prefill took 2 minutes instead of
+    1 s next to a waiting decode instance)."""
+
+    def __init__(self, log_dir: Path, own_sessions: bool = True) -> None:
         self.log_dir = Path(log_dir)
+        self.own_sessions = own_sessions
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.children: dict[str, Supervised] = {}
         self._old_handlers: dict[int, object] = {}
@@ -92,7 +101,8 @@ class Supervisor:
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, **(env or {})},
                 cwd=cwd,
-                start_new_session=True,
+                start_new_session=self.own_sessions,
+                process_group=None if self.own_sessions else 0,
             )
         finally:
             log.close()

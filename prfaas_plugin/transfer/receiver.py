@@ -27,6 +27,7 @@ from prfaas_plugin.protocol.transfer import TRANSFER_PROTOCOL_VERSION as PROTOCO
 from prfaas_plugin.transfer import tls as tlsmod
 from prfaas_plugin.transfer import wire
 from prfaas_plugin.transfer._gen import transfer_pb2 as pb
+from prfaas_plugin.transfer.affinity import use_transfer_cpus
 from prfaas_plugin.transfer.api import (
     Aborted,
     AuthError,
@@ -415,7 +416,9 @@ class GrpcTcpReceiver(TransferReceiver):
         self._host = host
         # Kept so close() can shut it down: grpc's server.stop() leaves the pool's threads alive.
         self._executor = futures.ThreadPoolExecutor(
-            max_workers=self.config.max_workers, thread_name_prefix="prfaas-rx-grpc"
+            max_workers=self.config.max_workers,
+            thread_name_prefix="prfaas-rx-grpc",
+            initializer=use_transfer_cpus,
         )
         self._server = grpc.server(
             self._executor,

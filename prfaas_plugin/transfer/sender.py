@@ -32,6 +32,7 @@ from prfaas_plugin.protocol.transfer import TRANSFER_PROTOCOL_VERSION as PROTOCO
 from prfaas_plugin.transfer import tls as tlsmod
 from prfaas_plugin.transfer import wire
 from prfaas_plugin.transfer._gen import transfer_pb2 as pb
+from prfaas_plugin.transfer.affinity import use_transfer_cpus
 from prfaas_plugin.transfer.api import (
     Aborted,
     AuthError,
@@ -682,6 +683,7 @@ class GrpcTcpSender(TransferSender):
         return h.state is SendState.OPENING
 
     def _control(self, h: _SendHandle) -> None:
+        use_transfer_cpus()  # started from the caller's (maybe pinned) thread
         m = h.manifest
         planes = ["grpc"] if self.config.data_plane == "grpc" else ["tcp", "grpc"]
         req = pb.OpenRequest(

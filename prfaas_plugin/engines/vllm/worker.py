@@ -14,6 +14,7 @@ the request's blocks; reports completion or failure through ``get_transfer_resul
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,6 +36,7 @@ from prfaas_plugin.transfer import (
     TransferManifest,
     TransferReceiver,
     TransferSender,
+    affinity,
 )
 from prfaas_plugin.transfer.binding import (
     EndpointSpec,
@@ -247,24 +249,34 @@ class WorkerSide:
         except ValueError as e:
             raise ValueError(f"prfaas kv_connector_extra_config: {e}") from None
         transport = type(self).transport_factory(spec)
-        if self.consumer:
-            host, _, port = self.opts.listen.rpartition(":")
-            advertise = None
-            if self.opts.advertise_data:
-                a_host, _, a_port = self.opts.advertise_data.rpartition(":")
-                advertise = join_hostport(a_host.strip("[]"), rank_port(int(a_port), rank))
-            self.receiver = transport.receiver(
-                host.strip("[]"), rank_port(int(port), rank), rank_port(self.opts.data_port, rank), advertise
-            )
+        # threads started here (gRPC's, the receiver's) take the transfer CPUs, not this
+        # thread's OpenMP pinning (transfer/affinity.py); this thread keeps its mask
+        with affinity.transfer_cpus_while():
+            if self.consumer:
+                host, _, port = self.opts.listen.rpartition(":")
+                advertise = None
+                if self.opts.advertise_data:
+                    a_host, _, a_port = self.opts.advertise_data.rpartition(":")
+                    advertise = join_hostport(a_host.strip("[]"), rank_port(int(a_port), rank))
+                self.receiver = transport.receiver(
+                    host.strip("[]"), rank_port(int(port), rank), rank_port(self.opts.data_port, rank), advertise
+                )
+                log.info(
+                    "prfaas: receiver listening on %s (data plane %s%s%s)",
+                    self.receiver.endpoint,
+                    getattr(self.receiver, "bound_data_endpoint", "n/a"),
+                    f", advertised as {advertise}" if advertise else "",
+                    ", TLS" if self.opts.tls_cert or self.opts.tls_ca else "",
+                )
+            if self.producer:
+                self.sender = transport.sender()
+        cpus = affinity.transfer_cpus()
+        if cpus is not None:
             log.info(
-                "prfaas: receiver listening on %s (data plane %s%s%s)",
-                self.receiver.endpoint,
-                getattr(self.receiver, "bound_data_endpoint", "n/a"),
-                f", advertised as {advertise}" if advertise else "",
-                ", TLS" if self.opts.tls_cert or self.opts.tls_ca else "",
+                "prfaas: transfer threads run on CPUs %s (the worker thread: %s)",
+                sorted(cpus),
+                sorted(os.sched_getaffinity(0)),
             )
-        if self.producer:
-            self.sender = transport.sender()
 
     def _pair_up(self, own_tp: int, peer_tp: int, rank: int) -> None:
         """Sessions of this rank when its peers run another TP size (refused, naming both sizes,
@@ -438,7 +450,9 @@ class WorkerSide:
         if data.ready():
             return self._send(st, leg, lname, item, data.host)
         if self._stage_exec is None:
-            self._stage_exec = ThreadPoolExecutor(1, thread_name_prefix="prfaas-stage")
+            self._stage_exec = ThreadPoolExecutor(
+                1, thread_name_prefix="prfaas-stage", initializer=affinity.use_transfer_cpus
+            )
 
         def later() -> None:
             data.wait()
