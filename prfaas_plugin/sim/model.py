@@ -298,8 +298,8 @@ class _Sim:
             # the router records a local prompt as the instance's once its answer opens (flow.py
             # run), i.e. at dispatch: a streamed answer's status line comes before the prefill
             self.index.record(prefill.url, req.prompt)
-            spread = (busy and path.local_spread_busy) or path.local_spread
-            ratio = spread[self.spread_rng.integers(len(spread))] if spread else 1.0
+            ratios = (busy and path.local_spread_busy) or path.local_spread
+            ratio = ratios[self.spread_rng.integers(len(ratios))] if ratios else 1.0
             total = path.at("local_ttft_s", n) * ratio
             compute = min(self.local_profile.prefill_s(n), total)
             yield env.timeout(total - compute)
