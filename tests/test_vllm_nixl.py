@@ -10,10 +10,11 @@ single-instance answer, with the KV really having crossed on the hop's wire (NIX
 count on the decode instance, the prfaas loads) and no block left held on any of the three
 instances.
 
-tiny-qwen3 (attention only) passes. tiny-qwen3next (Gated DeltaNet + attention; NixlConnector,
-the prfaas connector and hence MultiConnector all support vLLM 0.32's hybrid KV cache manager)
-starts, but prfaas answers that follow NIXL reads on the decode come out wrong: its cases are
-strict expected failures until that is fixed (docs/vllm.md, "Open defect").
+Run on tiny-qwen3 (attention only) and tiny-qwen3next (Gated DeltaNet + attention: NixlConnector,
+the prfaas connector and hence MultiConnector all support vLLM 0.32's hybrid KV cache manager).
+For the hybrid model the PrfaaS prefill instance runs with ``VLLM_SSM_CONV_STATE_LAYOUT=DS``: the
+decode keeps its GDN conv state in that order because it runs NIXL, and a prefill that ordered it
+otherwise would be refused at the handshake (docs/vllm.md, "Next to NIXL").
 """
 
 from __future__ import annotations
@@ -41,15 +42,13 @@ from prfaas_plugin.protocol import metrics as M
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, requires_vllm, pytest.mark.timeout(1200)]
 
-# The hybrid model shows the open defect (HYBRID_DEFECT, docs/vllm.md): its three servers cost 3-12
-# minutes of a CI run to show it again, so it runs when asked (PRFAAS_RUN_NIXL_HYBRID=1), as an
-# expected failure that turns the run red once it starts passing.
-MODELS = ["tiny-qwen3"] + (["tiny-qwen3next"] if os.environ.get("PRFAAS_RUN_NIXL_HYBRID") == "1" else [])
-#: Why the hybrid model's runs are expected to fail (docs/vllm.md, "Open defect").
-HYBRID_DEFECT = (
-    "hybrid model, NIXL and prfaas on one decode: prfaas requests that follow NIXL reads on the decode "
-    "answer wrong (identical wrong text for different prompts, as if their recurrent state were lost); "
-    "NIXL answers and prfaas loads without NIXL traffic are exact; not diagnosed yet"
+MODELS = ["tiny-qwen3", "tiny-qwen3next"]
+#: What is still open on the hybrid model when NIXL reads and prfaas loads overlap on the decode
+#: (docs/vllm.md, "Next to NIXL"): runs with PRFAAS_RUN_NIXL_HYBRID=1, as a possible failure.
+HYBRID_CONCURRENT_OPEN = (
+    "hybrid model, four at a time: in 2 of 5 runs the decode instance's worker stalled (the engine's "
+    "RPC to it timed out, requests unanswered for 600 s); the answers of the other runs were right "
+    "(one near tie); the same stall hit tiny-qwen3 once; not diagnosed"
 )
 THRESHOLD = 48  # tokens: the short prompts are under it, the long ones far over
 MAX_TOKENS = 16
@@ -105,6 +104,11 @@ def stack(request, tmp_path_factory, tiny_models_dir):
             env = server_env(cpus[name])
             if name in side:
                 env.update(VLLM_NIXL_SIDE_CHANNEL_HOST="127.0.0.1", VLLM_NIXL_SIDE_CHANNEL_PORT=str(side[name]))
+            else:
+                # The decode runs NIXL, so vLLM keeps its GDN conv state channels-first (DS); the
+                # PrfaaS prefill must too, or the state pages it sends are refused (an attention-only
+                # model has no conv state and ignores this)
+                env.update(VLLM_SSM_CONV_STATE_LAYOUT="DS")
             sup.start(name, server_argv(model, port, ktcs[name]), env=env)
         urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
         for name, url in urls.items():
@@ -139,7 +143,16 @@ def stack(request, tmp_path_factory, tiny_models_dir):
 
 
 def _ask(url: str, model: str, prompt: str) -> httpx.Response:
-    body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "logprobs": 5}
+    # Tokens named by id: the tiny models' byte tokens decode to the same text ('', '\ufffd'), and
+    # top_logprobs keyed by text keeps one of them, hiding the runner-up of a near tie
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "logprobs": 5,
+        "return_tokens_as_token_ids": True,
+    }
     r = httpx.post(f"{url}/v1/completions", json=body, timeout=600)
     r.raise_for_status()
     return r
@@ -159,6 +172,15 @@ def _settled_usage(url: str, timeout_s: float = 120) -> float:
         time.sleep(0.5)
         u = _usage(url)
     return u
+
+
+def _first_difference(ref: dict, got: dict) -> str:
+    """The top logprobs of both runs where their tokens first differ: how far from a tie it was."""
+    rl, gl = ref["logprobs"], got["logprobs"]
+    k = next((i for i, (a, b) in enumerate(zip(rl["tokens"], gl["tokens"])) if a != b), None)
+    if k is None:
+        return " (same tokens, other text)"
+    return f"\n    token {k}: single {rl['top_logprobs'][k]} / here {gl['top_logprobs'][k]}"
 
 
 def _mixed_workload(stack, short: list[str], long: list[str], threads: int) -> None:
@@ -188,7 +210,10 @@ def _mixed_workload(stack, short: list[str], long: list[str], threads: int) -> N
         assert "x-prfaas-fallback" not in resp.headers, (p, resp.headers.get("x-prfaas-fallback"))
         got = resp.json()["choices"][0]
         verdicts[p] = compare_greedy(refs[p], got)
-        report.append(f"{want:6} {verdicts[p]:8} {p[:30]!r}: {got['text']!r} / single {refs[p]['text']!r}")
+        report.append(
+            f"{want:6} {verdicts[p]:8} {p[:30]!r}: {got['text']!r} / single {refs[p]['text']!r}"
+            + ("" if verdicts[p] == "exact" else _first_difference(refs[p], got))
+        )
     print(f"\n[{name}, {threads} at a time] vs single instance:\n" + "\n".join(report))
     assert all(v in ("exact", "near-tie") for v in verdicts.values()), "\n".join(report)
     assert sum(v == "exact" for v in verdicts.values()) >= len(verdicts) - 1, "\n".join(report)
@@ -213,18 +238,15 @@ def _mixed_workload(stack, short: list[str], long: list[str], threads: int) -> N
         assert _settled_usage(url) == 0.0, f"{name} leaked blocks"
 
 
-def _hybrid_defect(request, stack) -> None:
-    if stack[4] == "tiny-qwen3next":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=HYBRID_DEFECT))
-
-
-def test_mixed_workload_short_over_nixl_long_over_prfaas_equals_single_instance(request, stack):
+def test_mixed_workload_short_over_nixl_long_over_prfaas_equals_single_instance(stack):
     """One request at a time: each hop on its own wire, every answer the single-instance one."""
-    _hybrid_defect(request, stack)
     _mixed_workload(stack, SHORT, LONG, threads=1)
 
 
 def test_mixed_workload_sent_together(request, stack):
     """The same mix sent four at a time, so NIXL reads and prfaas loads overlap on the decode."""
-    _hybrid_defect(request, stack)
+    if stack[4] == "tiny-qwen3next":
+        if os.environ.get("PRFAAS_RUN_NIXL_HYBRID") != "1":
+            pytest.skip(f"{HYBRID_CONCURRENT_OPEN} (run with PRFAAS_RUN_NIXL_HYBRID=1)")
+        request.applymarker(pytest.mark.xfail(strict=False, reason=HYBRID_CONCURRENT_OPEN))
     _mixed_workload(stack, SHORT_2, LONG_2, threads=4)

@@ -105,6 +105,37 @@ def test_layout_fingerprint_mismatch_names_the_difference():
 
 
 @requires_vllm
+def test_recurrent_state_order_is_part_of_the_fingerprint(monkeypatch):
+    """vLLM registers a GDN/Mamba page as bytes, so its shape is the same whichever way the conv
+    state inside is ordered: two instances that order it differently (SD by default, DS where NIXL
+    is configured) must be refused at the handshake, naming the setting to align, instead of the
+    decode reading a scrambled state and answering wrong (the hybrid NIXL + prfaas defect)."""
+    from vllm import envs
+    from vllm.model_executor.layers.mamba.mamba_utils import get_conv_state_layout
+
+    from prfaas_plugin.engines.vllm.layout import CONV_LAYOUT_FIELD, GroupInfo, fingerprint
+
+    envs.disable_envs_cache()  # read the variable as a starting engine does (vLLM caches it once serving)
+    state = GroupInfo(0, "state", 640, 0, ("l0",), 4096, ("torch.bfloat16", "torch.float32"))
+    full = GroupInfo(1, "full", 640, 0, ("l1",), 4096)
+    parts = {"l0": [("torch.int8", (1, 1, 5120))], "l1": [("torch.bfloat16", (2, 640, 64))]}
+    fps = {}
+    for order in ("SD", "DS", None):
+        if order is None:
+            monkeypatch.delenv(CONV_LAYOUT_FIELD, raising=False)
+        else:
+            monkeypatch.setenv(CONV_LAYOUT_FIELD, order)
+        get_conv_state_layout.cache_clear()  # vLLM reads it once per process
+        fps[order] = fingerprint([state, full], parts, 0, 1, "m", "auto")
+    assert fps["SD"].diff(fps["DS"]) == [f"{CONV_LAYOUT_FIELD}: 'SD' != 'DS'"]
+    assert fps[None].fields[CONV_LAYOUT_FIELD] == "SD"  # vLLM's default where nothing chose DS
+    assert fps["SD"].fields["group0"]["state_dtypes"] == ["torch.bfloat16", "torch.float32"]
+    # attention-only models carry no conv state: the setting does not concern them
+    assert CONV_LAYOUT_FIELD not in fingerprint([full], {"l1": parts["l1"]}, 0, 1, "m", "auto").fields
+    get_conv_state_layout.cache_clear()
+
+
+@requires_vllm
 def test_swa_blocks_sent_are_the_blocks_vllms_swa_manager_keeps():
     """The decoder's first query (position n, after a transfer of n tokens) reads tokens
     [n - window + 1, n); vLLM's SlidingWindowManager nulls every block before token

@@ -33,6 +33,7 @@ class GroupInfo:
     window: int
     layer_names: tuple[str, ...]
     page_bytes: int  # bytes of one block of one layer
+    state_dtypes: tuple[str, ...] = ()  # a state group's per-state dtypes (vLLM sends the page as bytes)
 
 
 def groups_of(kv_cache_config: Any) -> list[GroupInfo]:
@@ -43,15 +44,17 @@ def groups_of(kv_cache_config: Any) -> list[GroupInfo]:
     for i, g in enumerate(kv_cache_config.kv_cache_groups):
         spec = g.kv_cache_spec
         page = int(spec.page_size_bytes)
+        dtypes: tuple[str, ...] = ()
         if isinstance(spec, MambaSpec):
             # the state itself, not the page padded to the attention page size: only it is sent
             kind, window = "state", 0
             page = sum(math.prod(s) * torch.empty(0, dtype=d).element_size() for s, d in zip(spec.shapes, spec.dtypes))
+            dtypes = tuple(str(d) for d in spec.dtypes)
         elif isinstance(spec, SlidingWindowSpec) or type(spec).__name__ == "SlidingWindowMLASpec":
             kind, window = "swa", int(spec.sliding_window)
         else:
             kind, window = "full", 0
-        out.append(GroupInfo(i, kind, int(spec.block_size), window, tuple(g.layer_names), page))
+        out.append(GroupInfo(i, kind, int(spec.block_size), window, tuple(g.layer_names), page, dtypes))
     return out
 
 
@@ -80,6 +83,21 @@ def parse_item_name(name: str) -> tuple[int, int, int, int, str]:
     return g, b, n, p, layer
 
 
+#: The fingerprint field that states the conv state's order, named after the vLLM setting that
+#: chooses it, so a refused handshake tells the operator what to set: vLLM keeps a GDN/Mamba conv
+#: state as ``SD`` (positions, channels) by default and as ``DS`` (channels, positions) where
+#: ``VLLM_SSM_CONV_STATE_LAYOUT=DS``, which NIXL needs and which vLLM's CPU platform picks by
+#: itself on any instance whose ``--kv-transfer-config`` names NixlConnector (MultiConnector too).
+CONV_LAYOUT_FIELD = "VLLM_SSM_CONV_STATE_LAYOUT"
+
+
+def conv_state_layout() -> str:
+    """This process's conv state order, "SD" or "DS" (vLLM reads it when it builds the cache)."""
+    from vllm.model_executor.layers.mamba.mamba_utils import get_conv_state_layout
+
+    return str(get_conv_state_layout())
+
+
 def fingerprint(
     groups: Sequence[GroupInfo],
     parts: dict[str, list[tuple[str, tuple[int, ...]]]],
@@ -87,8 +105,14 @@ def fingerprint(
     tp_size: int,
     model: str,
     dtype: str,
+    conv_layout: str | None = None,
 ) -> LayoutFingerprint:
-    """Everything P and D must share; a mismatch is refused at the handshake, naming the field."""
+    """Everything P and D must share; a mismatch is refused at the handshake, naming the field.
+
+    vLLM hands recurrent-state layers over as one byte view per page, so the registered shapes
+    cannot tell how the state inside is laid out: the state dtypes and the conv state's order
+    (:data:`CONV_LAYOUT_FIELD`) are stated here, since a page copied between two instances that
+    order it differently is read back scrambled, with no error."""
     fields: dict[str, Any] = {"engine": "vllm", "model": model, "dtype": dtype, "tp_size": tp_size, "tp_rank": tp_rank}
     for g in groups:
         fields[f"group{g.index}"] = {
@@ -97,6 +121,12 @@ def fingerprint(
             "window": g.window,
             "layers": list(g.layer_names),
         }
+        if g.kind == "state":
+            fields[f"group{g.index}"]["state_dtypes"] = list(g.state_dtypes)
+    if conv_layout is None and any(g.kind == "state" for g in groups):
+        conv_layout = conv_state_layout()
+    if conv_layout is not None:
+        fields[CONV_LAYOUT_FIELD] = conv_layout
     for layer, ps in sorted(parts.items()):
         fields[f"layer:{layer}"] = [f"{dt}{list(shape)}" for dt, shape in ps]
     return LayoutFingerprint(fields)

@@ -68,6 +68,14 @@ class SchedulerSide:
         self._kv_manager: Any = None
         self._prompt_len: dict[str, int] = {}
         self.stats = PrfaaSConnectorStats()
+        if any(g.kind == "state" for g in self.groups):
+            # the one layout setting a peer cannot see in the page shapes (layout.CONV_LAYOUT_FIELD)
+            log.info(
+                "prfaas: recurrent-state conv layout %s (%s); PrfaaS peers must use the same, or their "
+                "transfers are refused at the handshake",
+                layout.conv_state_layout(),
+                layout.CONV_LAYOUT_FIELD,
+            )
         # -- decode-initiated offload (None: only a router decides) --
         self.offload: Any = None  # offload.Offloader; imported only when configured
         self._offloaded: set[str] = set()  # decided here, remote prefill asked for
