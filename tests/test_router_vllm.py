@@ -53,7 +53,7 @@ def stack(tmp_path_factory, tiny_models_dir):
     with (
         pytest.MonkeyPatch.context() as env,  # every engine start (restarts too) inherits the key
         FaultProxy(upstream=("127.0.0.1", data_port)) as proxy,
-        Supervisor(tmp_path_factory.mktemp("logs-router-vllm")) as sup,
+        Supervisor(tmp_path_factory.mktemp("logs-router-vllm"), own_sessions=False) as sup,
     ):
         env.setenv("VLLM_API_KEY", ENGINE_KEY)
         pair = start_pair(sup, model, data_port=data_port, advertise_data=proxy.endpoint)

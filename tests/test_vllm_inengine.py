@@ -87,7 +87,7 @@ def fleet(tmp_path_factory, tiny_models_dir):
     data_port = free_port()
     with (
         FaultProxy(upstream=("127.0.0.1", data_port)) as proxy,
-        Supervisor(tmp_path_factory.mktemp("logs-inengine")) as sup,
+        Supervisor(tmp_path_factory.mktemp("logs-inengine"), own_sessions=False) as sup,
     ):
         sup.start("prfaas", server_argv(model, pp, prfaas_ktc("kv_producer")), env=server_env(0))
         ktc = prfaas_ktc(

@@ -99,7 +99,7 @@ def stack(request, tmp_path_factory, tiny_models_dir):
     side = {"pd-p": free_port(), "pd-d": free_port()}
     ktcs = {"pd-p": NIXL_PREFILL, "pd-d": decode_ktc(f"127.0.0.1:{rx}"), "prfaas-p": prfaas_ktc("kv_producer")}
     cpus = {"pd-p": 0, "pd-d": 1, "prfaas-p": 0}
-    with Supervisor(tmp_path_factory.mktemp(f"logs-vllm-nixl-{request.param}")) as sup:
+    with Supervisor(tmp_path_factory.mktemp(f"logs-vllm-nixl-{request.param}"), own_sessions=False) as sup:
         for name, port in ports.items():
             env = server_env(cpus[name])
             if name in side:

@@ -37,7 +37,7 @@ def pair(request, tmp_path_factory, tiny_models_dir):
     data_port = free_port()
     with (
         FaultProxy(upstream=("127.0.0.1", data_port)) as proxy,
-        Supervisor(tmp_path_factory.mktemp(f"logs-{request.param}")) as sup,
+        Supervisor(tmp_path_factory.mktemp(f"logs-{request.param}"), own_sessions=False) as sup,
     ):
         p = start_pair(sup, model, data_port=data_port, advertise_data=proxy.endpoint)
         p.model = request.param  # type: ignore[attr-defined]

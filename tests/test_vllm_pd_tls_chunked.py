@@ -47,7 +47,7 @@ def pair(tmp_path_factory, tiny_models_dir, pki):
     model = build(MODEL, tiny_models_dir)
     ca = pki["ca.paths"][0]
     server, client = pki["server"], pki["client"]
-    with Supervisor(tmp_path_factory.mktemp("logs-tls-chunked")) as sup:
+    with Supervisor(tmp_path_factory.mktemp("logs-tls-chunked"), own_sessions=False) as sup:
         p = start_pair(
             sup,
             model,
