@@ -30,32 +30,21 @@ import random
 import statistics
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import yaml
 
+from prfaas_plugin.demo.client import stream_completion
+
 ROUTES = ("local", "prfaas")
 
 
 def _stream(c: httpx.Client, url: str, model: str, prompt: str, out_tokens: int, rid: str) -> tuple[float, float]:
     """(TTFT, total) seconds of one streamed completion, as the demo's client measures them."""
-    t0 = time.monotonic()
-    ttft = None
-    with c.stream(
-        "POST",
-        f"{url}/v1/completions",
-        headers={"x-request-id": rid},
-        json={"model": model, "prompt": prompt, "max_tokens": out_tokens, "temperature": 0, "stream": True},
-    ) as resp:
-        resp.raise_for_status()
-        for line in resp.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]" and ttft is None:
-                ttft = time.monotonic() - t0
-    total = time.monotonic() - t0
-    return (ttft if ttft is not None else total), total
+    a = stream_completion(c, url, model, prompt, out_tokens, rid)
+    return a.ttft_s, a.total_s
 
 
 def summarise(samples: dict[str, dict[int, list[dict]]], lengths: list[int], out_tokens: int, reps: int) -> dict:

@@ -28,6 +28,7 @@ import httpx
 import yaml
 
 from prfaas_plugin.demo.calibrate import calibrate
+from prfaas_plugin.demo.client import stream_completion
 from prfaas_plugin.demo.report import DemoReport, RequestRecord
 from prfaas_plugin.demo.supervisor import Supervisor
 from prfaas_plugin.demo.workload import WorkloadSpec, build_prompts
@@ -353,33 +354,11 @@ def _drive(
         rid = f"demo-{i:03d}"
         c = client()
         start = time.monotonic() - t0
-        text, ttft = [], None
-        with c.stream(
-            "POST",
-            f"{router}/v1/completions",
-            headers={"x-request-id": rid},
-            json={
-                "model": MODEL,
-                "prompt": p.text,
-                "max_tokens": opts.output_tokens,
-                "temperature": 0,
-                "stream": True,
-            },
-        ) as resp:
-            resp.raise_for_status()
-            route = resp.headers.get("x-prfaas-route", "?")
-            l_unc = int(resp.headers.get("x-prfaas-uncached-tokens", "0"))
-            thr = float(resp.headers.get("x-prfaas-threshold", "0"))
-            for line in resp.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                if ttft is None:
-                    ttft = time.monotonic() - t0 - start
-                text.append(json.loads(line[6:])["choices"][0].get("text", ""))
-        total = time.monotonic() - t0 - start
-        return RequestRecord(rid, route, p.target_tokens, l_unc, thr, 0, None, ttft or total, total, start), "".join(
-            text
-        )
+        a = stream_completion(c, router, MODEL, p.text, opts.output_tokens, rid)
+        route = a.headers.get("x-prfaas-route", "?")
+        l_unc = int(a.headers.get("x-prfaas-uncached-tokens", "0"))
+        thr = float(a.headers.get("x-prfaas-threshold", "0"))
+        return RequestRecord(rid, route, p.target_tokens, l_unc, thr, 0, None, a.ttft_s, a.total_s, start), a.text
 
     runs: list[tuple[RequestRecord, str]] = []
     with (
