@@ -132,7 +132,7 @@ class ChannelSettings(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _tls_pairs(self) -> Self:
+    def _channel_rules(self) -> Self:
         for opt in ("tls_cert", "tls_key", "tls_ca"):
             if getattr(self, opt) == "":
                 raise ValueError(f"{opt} must be a path, not empty (leave it out for no TLS)")
