@@ -327,12 +327,16 @@ def test_in_engine_offload_through_the_real_scheduler(model_dir):
         (load,) = out.kv_connector_metadata.loads
         assert load.num_tokens == 39 and load.num_local_tokens == 0
         assert last_decision() == ["offload", "above_threshold", 40]
+        # the failure (nobody listens) may come back while this step is still being scheduled: then
+        # the abort rides in the same metadata as the load (the worker starts loads before aborts)
+        aborts = list(out.kv_connector_metadata.aborts)
         deadline = time.monotonic() + 10
-        while not side.offload.failed and time.monotonic() < deadline:
+        while not aborts and not side.offload.failed and time.monotonic() < deadline:
             time.sleep(0.01)
         s.update_from_output(out, runner_output(out, {}))
         out = s.schedule()
-        assert out.kv_connector_metadata.aborts == ["l"], "the load of a failed offload was not stopped"
+        aborts += out.kv_connector_metadata.aborts
+        assert aborts == ["l"], "the load of a failed offload was not stopped (or stopped twice)"
         # the worker aborts the receive and reports the load failed: vLLM recomputes the prompt
         bad = set(load.block_ids[0])
         s.update_from_output(out, runner_output(out, {}, finished_recving={"l"}, invalid_block_ids=bad))
