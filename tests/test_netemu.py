@@ -87,6 +87,38 @@ def test_link_has_the_asked_delay_and_rate_and_leaves_nothing() -> None:
 
 
 @needs_netns
+def test_the_delay_line_runs_ahead_of_busy_processes_where_allowed() -> None:
+    """Packets (ACKs too) must not queue behind the CPU load of the programs under test: the
+    forwarder asks for SCHED_FIFO and reports what it got; as root here it gets it."""
+    import os
+
+    with EmulatedLink(LinkSpec(rate_gbit=0.1, rtt_ms=2.0)) as link:
+        assert link._forwarder is not None
+        policy = os.sched_getscheduler(link._forwarder.pid)
+        got = link.forwarder_priority
+    assert got in ("SCHED_FIFO", "nice -10", "normal")
+    if os.geteuid() == 0:
+        assert got == "SCHED_FIFO" and policy == os.SCHED_FIFO
+    else:
+        assert policy == os.SCHED_OTHER
+
+
+def test_delay_line_priority_falls_back_when_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from prfaas_plugin.netemu import delayline
+
+    def refuse(*_a: object) -> None:
+        raise PermissionError("not allowed")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    monkeypatch.setattr(os, "nice", refuse)
+    assert delayline.raise_priority() == "normal"
+    monkeypatch.setattr(os, "nice", lambda inc: inc)
+    assert delayline.raise_priority() == "nice -10"
+
+
+@needs_netns
 def test_stale_namespaces_of_dead_processes_are_removed() -> None:
     dead_pid = 2**22 - 7  # above pid_max defaults: no such process
     name = f"prfaas-{dead_pid}-0-a"

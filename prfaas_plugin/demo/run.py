@@ -202,7 +202,12 @@ def run_demo(opts: DemoOptions) -> DemoReport:
                 f"link: {opts.link_gbit:g} Gbit/s, {opts.rtt_ms:g} ms RTT between namespace {link.ns_a} "
                 f"({remote_host}) and this host ({local_host})"
             )
-            link_desc = {"rate_gbit": opts.link_gbit, "rtt_ms": opts.rtt_ms, "emulated": "netns+tbf+delay line"}
+            link_desc = {
+                "rate_gbit": opts.link_gbit,
+                "rtt_ms": opts.rtt_ms,
+                "emulated": "netns+tbf+delay line",
+                "delay_line_priority": link.forwarder_priority,
+            }
         else:
             remote_host = local_host = "127.0.0.1"
             wrap = lambda argv: argv  # noqa: E731

@@ -115,6 +115,8 @@ class EmulatedLink:
         self.addr_a = f"10.251.{subnet}.1"
         self.addr_b = f"10.251.{subnet}.2"
         self._forwarder: subprocess.Popen[bytes] | None = None
+        #: The delay line's scheduling ("SCHED_FIFO", "nice -10" or "normal"), once started.
+        self.forwarder_priority = ""
         self._fds: list[int] = []
         self._up = False
 
@@ -199,8 +201,10 @@ class EmulatedLink:
         assert self._forwarder.stdout is not None
         ready, _, _ = select.select([self._forwarder.stdout], [], [], 30.0)
         line = self._forwarder.stdout.readline() if ready else b""
-        if line.strip() != b"ready":
+        word, _, priority = line.decode(errors="replace").strip().partition(" ")
+        if word != "ready":
             raise RuntimeError(f"delay line did not start (status {self._forwarder.poll()})")
+        self.forwarder_priority = priority
 
     def stop(self) -> None:
         if self._forwarder is not None:

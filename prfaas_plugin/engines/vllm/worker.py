@@ -181,6 +181,10 @@ class _Load:
     started: float
     handles: list[ReceiveHandle] = field(default_factory=list)  # empty when it failed before a receiver
     sinks: list[_Sink] = field(default_factory=list)
+    landed: float | None = None  # monotonic seconds when its last session finished (ok or not)
+
+    def __post_init__(self) -> None:
+        self.done.add_done_callback(lambda _f: setattr(self, "landed", time.monotonic()))
 
 
 class WorkerSide:
@@ -583,16 +587,20 @@ class WorkerSide:
                     for k, v in h.progress().items():
                         if k in p:
                             p[k] += v
-                self.stats.record_load(p["bytes_received"], time.monotonic() - ld.started)
+                now = time.monotonic()
+                self.stats.record_load(p["bytes_received"], now - ld.started)
                 log.info(
                     "prfaas: loaded transfer %s for request %s: %d bytes in %d items "
-                    "(%d more bytes of %d prefix tokens already cached here were not sent)",
+                    "(%d more bytes of %d prefix tokens already cached here were not sent); "
+                    "landed %.1f ms after the load was announced, reported to vLLM %.1f ms later",
                     t.transfer_id,
                     rid,
                     p["bytes_received"],
                     sum(len(m.items) for m in ms),
                     p["bytes_skipped"],
                     t.num_local_tokens,
+                    ((ld.landed or now) - ld.started) * 1e3,
+                    (now - (ld.landed or now)) * 1e3,
                 )
                 continue
             failed.add(rid)
