@@ -4,6 +4,7 @@
   python bench/transfer.py --quick --json   # case 4: case 1 in < 60 s, one JSON object
   python bench/transfer.py --cases 2        # emulated 2 Gbit/s, 20 ms RTT link only
   python bench/transfer.py --integrity      # each per-chunk checksum against the raw ceiling, one run
+  python bench/transfer.py --quick --runs 5 # five consecutive --quick --json runs, one table
 
 Case 1: loopback goodput of the engine against a raw multi-socket ceiling (``sendall`` /
 ``recv_into`` on N connections, no framing, no checksum) measured in the same run with the same
@@ -558,6 +559,48 @@ def render(results: dict[str, Any], cmd: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def consecutive_quick_runs(n: int, append: bool) -> None:
+    """``--quick --json`` ``n`` times in a row, each its own process (as a user would run it),
+    one table: the issue's check is a count of runs at or above 0.80, so every run is listed."""
+    rows = []
+    for i in range(n):
+        load = os.getloadavg()[0]
+        out = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--quick", "--json", "--no-append"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        rows.append({"load": load, **json.loads(out.stdout)})
+        log(f"run {i + 1}: ratio {rows[-1]['ratio']:.3f}")
+    ok = sum(r["ratio"] >= 0.80 for r in rows)
+    lines = [
+        f"{n} consecutive `--quick --json` runs, default plaintext configuration (checksum negotiated: "
+        f"{rows[0]['checksum']}), {rows[0]['connections']} connections, 12 alternating rounds of 256 MiB each, medians:",
+        "",
+        "| run | load (1 min) | engine Gbit/s | raw ceiling Gbit/s | ratio | engine CPU-s/GB | raw CPU-s/GB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(rows, 1):
+        lines.append(
+            f"| {i} | {r['load']:.2f} | {r['goodput_gbps']:.2f} | {r['ceiling_gbps']:.2f} | {r['ratio']:.3f} | "
+            f"{r['engine_cpu_s_per_gb']:.3f} | {r['raw_cpu_s_per_gb']:.3f} |"
+        )
+    over = [r["engine_cpu_s_per_gb"] - r["raw_cpu_s_per_gb"] for r in rows]
+    lines += [
+        "",
+        f"Ratio >= 0.80 in {ok} of {n} runs; the engine spent {min(over):.3f}-{max(over):.3f} CPU-s/GB over raw.",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if append:
+        append_benchmarks(
+            f"Transfer engine: --quick --json, {n} consecutive runs (default plaintext integrity)",
+            text,
+            notes="load average before each run in the table",
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="case 1 only, small, < 60 s")
@@ -568,6 +611,7 @@ def main() -> None:
     ap.add_argument("--wan-seconds", type=float, default=4.0)
     ap.add_argument("--no-append", action="store_true")
     ap.add_argument("--integrity", action="store_true", help="every per-chunk checksum against the raw ceiling")
+    ap.add_argument("--runs", type=int, default=1, help="with --quick: this many consecutive runs, one table")
     ap.add_argument("--serve-raw", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--serve-engine", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--wan-client", nargs=5, help=argparse.SUPPRESS)
@@ -595,6 +639,8 @@ def main() -> None:
                 notes=f"load average {os.getloadavg()[0]:.1f} at start (other jobs share the 2 CPUs)",
             )
         return
+    if a.quick and a.runs > 1:
+        return consecutive_quick_runs(a.runs, not a.no_append)
     if a.quick:
         from prfaas_plugin.transfer import wire
 
