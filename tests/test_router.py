@@ -438,13 +438,53 @@ def test_auto_threshold_follows_planner_rises_under_egress_and_settles(tokenizer
         d.stop()
 
 
+def test_reoptimisation_runs_off_the_event_loop_and_scrapes_do_not_step_t(tokenizer, tmp_path, monkeypatch) -> None:
+    """The planner search (a full grid search) runs on a worker thread, not on the thread that
+    runs the router's event loop; a /metrics scrape reads the gauges and never steps the loop."""
+    import asyncio
+    import threading
+
+    import prfaas_plugin.planner as planner_mod
+
+    p = FakeBackend("prefill").start()
+    d = FakeBackend("both").start()
+    th = {"mode": "auto", "tokens": 40, "planner": str(_planner_yaml(tmp_path)), "min_samples": 1}
+    r = RunningRouter(_cfg(p, d, threshold=th), tokenizer)
+    try:
+        loops, ctl = r.router.loops, r.router.controller
+        ran_on: list[threading.Thread] = []
+        real_plan = planner_mod.plan
+
+        def recording_plan(*a, **kw):
+            ran_on.append(threading.current_thread())
+            return real_plan(*a, **kw)
+
+        monkeypatch.setattr(planner_mod, "plan", recording_plan)
+        ctl.observe_length(120)
+        ctl._last_opt = float("-inf")  # due now
+        asyncio.run(loops.threshold_step())
+        assert ran_on and ran_on[0] is not threading.current_thread()
+        assert not ctl.reoptimise_due()
+
+        def no_step(*_a, **_kw):
+            raise AssertionError("a scrape stepped the threshold controller")
+
+        monkeypatch.setattr(ctl, "tick", no_step)
+        resp = httpx.get(r.url + "/metrics")
+        assert resp.status_code == 200 and M.ROUTER_THRESHOLD.exposed in resp.text
+    finally:
+        r.stop()
+        p.stop()
+        d.stop()
+
+
 def test_hysteresis_does_not_flap() -> None:
     from prfaas_plugin.router.config import ThresholdSpec
     from prfaas_plugin.router.threshold import ThresholdController
 
     ctl = ThresholdController(ThresholdSpec(mode="fixed", tokens=1000), link_gbps=1.0)
     ctl.spec = ctl.spec.model_copy(update={"mode": "auto", "planner": "x"})  # loops on, no planner
-    ctl._reoptimise = lambda: None  # type: ignore[method-assign]
+    ctl.reoptimise = lambda now=None: None  # type: ignore[method-assign]
     now = 1000.0
     ctl.record_egress(int(0.9e9 / 8 * 10), now)  # 90% of the link over the 10 s window
     assert ctl.tick(0, now) > 1000

@@ -105,7 +105,7 @@ def create_app(cfg: RouterConfig, tokenizer: PromptTokenizer | None = None) -> R
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        router.loops.tick()
+        router.loops.refresh_gauges()
         return Response(generate_latest(router.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/admin/threshold")

@@ -119,13 +119,28 @@ class ControlLoops:
     async def _threshold_loop(self) -> None:
         while True:
             await asyncio.sleep(0.5)
-            self.tick()
+            try:
+                await self.threshold_step()
+            except Exception:  # a broken step must not freeze t for the router's lifetime
+                log.exception("threshold loop step failed")
+
+    async def threshold_step(self) -> None:
+        """A re-optimisation when due, then one tick."""
+        if self.controller.reoptimise_due():
+            # the planner search, off the event loop: requests in flight keep moving
+            await asyncio.to_thread(self.controller.reoptimise)
+        self.tick()
 
     def tick(self) -> None:
         """One step of the short-term loop, and the gauges that show it."""
-        t = self.controller.tick(self.fleet.queue_depth("prfaas"))
+        self.controller.tick(self.fleet.queue_depth("prfaas"))
+        self.refresh_gauges()
+
+    def refresh_gauges(self) -> None:
+        """The gauges of both loops, as they stand (a /metrics scrape reads them: it must not
+        step the controller, or t would move faster the more often Prometheus scrapes)."""
         m = self.metrics
-        m.threshold.set(t)
+        m.threshold.set(self.controller.t)
         m.planner_threshold.set(self.controller.t_star)
         m.egress.set(self.controller.egress_gbps())
         m.link_util.set(self.controller.utilisation())

@@ -57,7 +57,8 @@ class ThresholdController:
         #: Other router replicas' recent lengths by peer (router/peers.py): (their window, read at).
         self.peer_lengths: dict[str, tuple[list[int], float]] = {}
         self._egress: collections.deque[tuple[float, int]] = collections.deque()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the observed lengths and egress samples
+        self._state = threading.Lock()  # t, t_star, advice, timeline: a re-optimisation runs on a worker thread
         self._last_opt = 0.0
         self._planner = None
         self._t0 = self.clock()
@@ -109,31 +110,42 @@ class ThresholdController:
 
     # -- the loops ------------------------------------------------------------------------------
     def tick(self, prfaas_queue: int, now: float | None = None) -> float:
-        """One step of both loops; returns the threshold to use."""
+        """One step of both loops; returns the threshold to use. A re-optimisation that is due
+        runs here, inline (the simulator's way); the router runs it first, off its event loop
+        (``reoptimise``), so that this step finds it done."""
         now = self.clock() if now is None else now
         if self.spec.mode == "fixed":
             return self.t
-        if now - self._last_opt >= self.spec.reoptimize_every_s:
-            self._last_opt = now
-            self._reoptimise()
+        if self.reoptimise_due(now):
+            self.reoptimise(now)
         util = self.utilisation(now)
         s = self.spec
-        if util > s.egress_high or prfaas_queue > s.queue_high:
-            new = min(s.max_tokens, max(self.t * (1 + s.step), self.t + 1))
-            if new != self.t:
-                self.t = new
-                self._mark(f"raise: egress {util:.0%} of link, PrfaaS queue {prfaas_queue}")
-        elif util < s.egress_low and prfaas_queue <= s.queue_low and self.t != self.t_star:
-            if self.t > self.t_star:
-                self.t = max(self.t_star, self.t * (1 - s.step))
-            else:
-                self.t = min(self.t_star, self.t * (1 + s.step))
-            self._mark(f"relax toward planner t* = {self.t_star:.0f}")
-        return self.t
+        with self._state:
+            if util > s.egress_high or prfaas_queue > s.queue_high:
+                new = min(s.max_tokens, max(self.t * (1 + s.step), self.t + 1))
+                if new != self.t:
+                    self.t = new
+                    self._mark(f"raise: egress {util:.0%} of link, PrfaaS queue {prfaas_queue}")
+            elif util < s.egress_low and prfaas_queue <= s.queue_low and self.t != self.t_star:
+                if self.t > self.t_star:
+                    self.t = max(self.t_star, self.t * (1 - s.step))
+                else:
+                    self.t = min(self.t_star, self.t * (1 + s.step))
+                self._mark(f"relax toward planner t* = {self.t_star:.0f}")
+            return self.t
 
-    def _reoptimise(self) -> None:
+    def reoptimise_due(self, now: float | None = None) -> bool:
+        now = self.clock() if now is None else now
+        return self.spec.mode == "auto" and now - self._last_opt >= self.spec.reoptimize_every_s
+
+    def reoptimise(self, now: float | None = None) -> None:
+        """The long-term loop's step: a planner search on the observed lengths. It is a full grid
+        search (tens of ms at the case study's scale, more with a longer window), so the router
+        calls it from a worker thread: on the event loop it would hold every request in flight
+        for that long. Only the result is applied under the state lock."""
         from prfaas_plugin.planner import Empirical, plan
 
+        self._last_opt = self.clock() if now is None else now
         with self._lock:
             samples = list(self._lengths)
             for peer in self.peer_lengths.values():
@@ -146,19 +158,20 @@ class ThresholdController:
             log.warning("threshold re-optimisation failed: %s", exc)
             return
         b = result.best
-        old = self.t_star
-        self.t_star = b.threshold
-        if self.t == old:  # not currently pushed up by congestion: follow the optimum at once
-            self.t = self.t_star
         produce = b.theta_prfaas + b.theta_pd_p
         bottleneck = "balanced"
         if produce < 0.9 * b.theta_pd_d:
             bottleneck = "prefill"
         elif produce > 1.1 * b.theta_pd_d:
             bottleneck = "decode"
-        self.advice = SplitAdvice(self.t, b.threshold, b.n_p, b.n_d, b.lambda_max, len(samples), bottleneck)
-        if abs(old - self.t_star) > 1e-9:
-            self._mark(f"re-optimised on {len(samples)} observed lengths")
+        with self._state:
+            old = self.t_star
+            self.t_star = b.threshold
+            if self.t == old:  # not currently pushed up by congestion: follow the optimum at once
+                self.t = self.t_star
+            self.advice = SplitAdvice(self.t, b.threshold, b.n_p, b.n_d, b.lambda_max, len(samples), bottleneck)
+            if abs(old - self.t_star) > 1e-9:
+                self._mark(f"re-optimised on {len(samples)} observed lengths")
 
     def _mark(self, reason: str) -> None:
         self.timeline.append((round(self.clock() - self._t0, 3), self.t, reason))
