@@ -9,6 +9,10 @@
   window, against the link) and the PrfaaS queue depth push t up by ``step`` when either crosses its high
   mark -- fewer, longer requests cross the link -- and let it relax back toward t* only when both
   are under their low marks. The gap between the marks is the hysteresis that stops flapping.
+
+The router ticks every 0.5 s (router/loops.py) and runs a due re-optimisation on a worker thread
+first; the simulator (prfaas_plugin.sim) calls ``tick`` on its clock and lets it re-optimise
+inline. A /metrics scrape only reads the state.
 """
 
 from __future__ import annotations
