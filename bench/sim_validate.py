@@ -187,6 +187,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--no-append", action="store_true")
+    ap.add_argument("--notes", default="", help="how the demo runs were made (appended to the entry)")
     args = ap.parse_args()
     rows = [
         "| demo run | service times | route | requests measured / simulated (routed differently) "
@@ -225,14 +226,12 @@ def main() -> None:
         append_benchmarks(
             "Simulator against `prfaas demo`, with the demo's calibration phase (issue 20)",
             table,
-            notes="supersedes the table 'Simulator against `prfaas demo` (issue 20)' of 2026-12-05 10:27, whose "
-            "measured TTFTs included ~0.1 s per request of the demo client building an HTTP client (fixed in the "
-            "demo since). Each run replayed from its own planner.yaml, router.yaml and report.json (send times, the "
+            notes="each run replayed from its own planner.yaml, router.yaml and report.json (send times, the "
             "router's prompt and prefix lengths, the calibration phase's per-route times, the router's threshold "
             "timeline); runs without a busy calibration phase (made before it existed) draw every request from "
             "the lone spread; 'idle profile' rows use the engines' prefill profile instead of the calibration; "
-            "simulated figures are means over 50 seeds; other sessions' jobs shared the machine; see "
-            "docs/simulator.md",
+            "simulated figures are means over 50 seeds; see docs/simulator.md"
+            + (f"; {args.notes}" if args.notes else ""),
         )
 
 
