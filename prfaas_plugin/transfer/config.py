@@ -77,7 +77,7 @@ class ReceiverConfig:
 
     @property
     def effective_checksums(self) -> tuple[str, ...]:
-        return _effective(self.checksums, self.tls)
+        return _effective(self.checksums, self.tls is not None)
 
     def __post_init__(self) -> None:
         check_hostport(self.listen, "ReceiverConfig.listen")
@@ -126,7 +126,7 @@ class SenderConfig:
 
     @property
     def effective_checksums(self) -> tuple[str, ...]:
-        return _effective(self.checksums, self.tls)
+        return _effective(self.checksums, self.tls is not None)
 
     def __post_init__(self) -> None:
         if not 1 <= self.connections <= 64:
@@ -146,10 +146,11 @@ class SenderConfig:
             raise ValueError("SenderConfig.staging_bytes must hold at least one chunk")
 
 
-def _effective(names: tuple[str, ...] | None, tls: TlsConfig | None) -> tuple[str, ...]:
+def _effective(names: Sequence[str] | None, tls: bool) -> tuple[str, ...]:
+    """The checksums in force: those configured, else the channel's default."""
     if names is not None:
-        return names
-    return wire.TLS_DEFAULT if tls is not None else wire.PLAINTEXT_DEFAULT
+        return tuple(names)
+    return wire.TLS_DEFAULT if tls else wire.PLAINTEXT_DEFAULT
 
 
 def _check_checksums(cfg: ReceiverConfig | SenderConfig, what: str) -> None:
@@ -163,10 +164,10 @@ def check_integrity(names: Sequence[str] | None, tls: bool, allow_unverified_pla
     setting in the error."""
     if names is not None and (not names or any(n not in wire.KNOWN for n in names)):
         raise ValueError(f"{what} must be a non-empty subset of {sorted(wire.KNOWN)}, got {tuple(names)!r}")
-    effective = tuple(names) if names is not None else (wire.TLS_DEFAULT if tls else wire.PLAINTEXT_DEFAULT)
+    effective = _effective(names, tls)
     if not tls and "none" in effective and not allow_unverified_plaintext:
         raise ValueError(
-            f"{what} {tuple(effective)!r} allow 'none' on a plaintext data plane, where a corrupted KV "
+            f"{what} {effective!r} allow 'none' on a plaintext data plane, where a corrupted KV "
             "byte would land unnoticed; configure TLS (which authenticates every byte), drop 'none', or set "
             "allow_unverified_plaintext (diagnostics only)"
         )
