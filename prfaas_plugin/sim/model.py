@@ -242,17 +242,21 @@ class _Sim:
         with self.decode_q[d.decode.url].request() as slot:
             yield slot
             if d.decode.role == "both":
-                # one engine: its first decode step waits for the prefill it is running
-                with self.prefill_q[d.decode.url].request() as turn:
-                    yield turn
-                    yield env.timeout(self.t_decode)
-                self.first[req.rid] = env.now
-                yield env.timeout(self.t_decode * (self.out_tokens - 1))
+                yield from self._decode_behind_prefill(req, d.decode.url, self.t_decode)
             else:
                 self.first[req.rid] = env.now + self.t_decode
                 yield env.timeout(self.t_decode * self.out_tokens)
         d.decode.inflight -= 1
         self.done[req.rid] = env.now
+
+    def _decode_behind_prefill(self, req: SimRequest, url: str, step_s: float):
+        """A "both" engine's decode: the first step waits for the prefill the engine is running
+        (its FCFS prefill queue), then the request's first token, then the other steps."""
+        with self.prefill_q[url].request() as turn:
+            yield turn
+            yield self.env.timeout(step_s)
+        self.first[req.rid] = self.env.now
+        yield self.env.timeout(step_s * (self.out_tokens - 1))
 
     def _measured_path(self, req: SimRequest, d, prefill: Instance, remote: bool):
         """A request served with the measured whole-path times (``SimulationSpec.measured_path``).
@@ -289,11 +293,7 @@ class _Sim:
                 yield env.timeout(rest)
             with self.decode_q[d.decode.url].request() as slot:
                 yield slot
-                with self.prefill_q[d.decode.url].request() as turn:
-                    yield turn
-                    yield env.timeout(path.decode_step_s)
-                self.first[req.rid] = env.now
-                yield env.timeout(path.decode_step_s * (self.out_tokens - 1))
+                yield from self._decode_behind_prefill(req, d.decode.url, path.decode_step_s)
         else:
             # the router records a local prompt as the instance's once its answer opens (flow.py
             # run), i.e. at dispatch: a streamed answer's status line comes before the prefill
