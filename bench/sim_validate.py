@@ -169,7 +169,7 @@ def measured_path(cal: dict) -> dict:
         "prfaas_ttft_s": cal["prfaas"]["ttft_s"],
         "decode_step_s": cal["tpot_s"],
     }
-    for key, suffix in (("samples", ""), ("busy_samples", "_busy")):
+    for key, suffix in (("samples", ""), ("busy_samples", "_busy"), ("pair_samples", "_pair")):
         samples = cal.get(key) or {}
         local, prfaas = [], []
         for i, n in enumerate(lengths):
@@ -179,7 +179,9 @@ def measured_path(cal: dict) -> dict:
                 prfaas.append(
                     (s["producer_s"] / cal["prfaas"]["producer_s"][i], s["ttft_s"] / cal["prfaas"]["ttft_s"][i])
                 )
-        path[f"local_spread{suffix}"], path[f"prfaas_spread{suffix}"] = local, prfaas
+        if suffix != "_pair":  # the pair phase times the PrfaaS route only
+            path[f"local_spread{suffix}"] = local
+        path[f"prfaas_spread{suffix}"] = prfaas
     return path
 
 

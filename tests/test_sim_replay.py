@@ -233,3 +233,49 @@ def test_a_request_arriving_while_another_is_open_draws_from_the_busy_spread(tmp
     assert list(np.round(r.ttft_by_route["local"], 6)) == [0.16, 0.32, 0.16]
     with pytest.raises(SimConfigError, match="local_spread_busy"):
         _demo_sim(tmp_path, rows, measured_path={**path, "local_spread_busy": [0.0]})
+
+
+def test_an_offloaded_request_arriving_while_another_is_offloaded_draws_from_the_pair_spread(tmp_path):
+    """Two offloaded requests open at once: the second draws from the pair spread; an offloaded
+    request beside a local one from the busy spread; a lone one from the lone spread."""
+    rows = [
+        {"t": 0.0, "prompt_tokens": 1000},  # lone
+        {"t": 10.0, "prompt_tokens": 1000},
+        {"t": 10.1, "prompt_tokens": 1000},  # arrives while the one above is offloaded
+        {"t": 20.0, "prompt_tokens": 100},  # local (under t)
+        {"t": 20.01, "prompt_tokens": 1000},  # arrives while only a local request is open
+    ]
+    path = {
+        **PATH,
+        "prfaas_spread": [(1.0, 1.0)],
+        "prfaas_spread_busy": [(1.0, 2.0)],
+        "prfaas_spread_pair": [(1.0, 3.0)],
+    }
+    cfg, spec, reqs = _demo_sim(tmp_path, rows, measured_path=path)
+    r = _fixed(cfg, spec, reqs, 700)
+    t = MeasuredPath(**PATH).at("prfaas_ttft_s", 1000)
+    assert list(np.round(r.ttft_by_route["prfaas"] / t, 3)) == [1.0, 1.0, 3.0, 2.0]
+    # without a pair spread, the busy one stands in
+    cfg, spec, reqs = _demo_sim(tmp_path, rows, measured_path={**path, "prfaas_spread_pair": []})
+    r = _fixed(cfg, spec, reqs, 700)
+    assert list(np.round(r.ttft_by_route["prfaas"] / t, 3)) == [1.0, 1.0, 2.0, 2.0]
+    with pytest.raises(SimConfigError, match="prfaas_spread_pair"):
+        _demo_sim(tmp_path, rows, measured_path={**path, "prfaas_spread_pair": [(1.0, -1.0)]})
+
+
+def test_calibration_pair_samples_become_the_pair_spread(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("sim_validate", None)
+    import sim_validate
+
+    cal = {
+        "lengths": [64, 256],
+        "tpot_s": 0.003,
+        "local": {"ttft_s": [0.02, 0.04]},
+        "prfaas": {"ttft_s": [0.2, 0.3], "producer_s": [0.1, 0.1]},
+        "samples": {"local": {"64": [{"ttft_s": 0.02}]}, "prfaas": {"64": [{"ttft_s": 0.2, "producer_s": 0.1}]}},
+        "pair_samples": {"prfaas": {"256": [{"ttft_s": 0.6, "producer_s": 0.2}]}},
+    }
+    p = MeasuredPath(**sim_validate.measured_path(cal))
+    assert p.prfaas_spread_pair == [(pytest.approx(2.0), pytest.approx(2.0))]
+    assert p.prfaas_spread_busy == [] and p.local_spread_busy == []

@@ -6,8 +6,10 @@ CPU) those fixed costs are most of a request's TTFT, so ``prfaas simulate`` need
 not guessed (bench/sim_validate.py, docs/simulator.md). Here two more routers, with the same
 instances and a fixed threshold each (0: every request to PrfaaS; the ceiling: every request
 local), carry requests of the profile's lengths along each route, streaming with the
-workload's output length, first lone (one at a time, nothing queues), then busy (both routes at
-once, one request at a time each: what the workload's two clients make of the engines):
+workload's output length, first lone (one at a time, nothing queues), then in the two states the
+workload's two clients put the engines in: busy (both routes at once, one request at a time
+each) and pair (two offloaded requests at once: two prefills on the producer, two transfers into
+the decode instance, which on the demo's stack takes two to three times a lone one's TTFT):
 
 - ``local.ttft_s``: router -> local engine (prefill + first token) -> client;
 - ``prfaas.ttft_s``: router -> producer prefill -> KV over the link -> decode's first token;
@@ -16,8 +18,9 @@ once, one request at a time each: what the workload's two clients make of the en
 - ``tpot_s``: the decode step, from the same streams ((total - TTFT) / (output tokens - 1)).
 
 Each figure is the median of ``reps`` lone fresh prompts (no prefix is cached), so a calibration
-describes typical, not best, conditions on the shared machine; the raw samples, lone and busy,
-are kept (the simulator draws from their spread).
+describes typical, not best, conditions on the shared machine; the raw samples, lone, busy and
+pair, are kept (the simulator draws from their spread by how many requests, of which route, are
+open when a request arrives).
 
 The calibration routers are separate processes, stopped before the demo's own router starts: the
 demo's threshold controller, prefix index and egress meter never see these requests.
@@ -25,6 +28,7 @@ demo's threshold controller, prefix index and egress meter never see these reque
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import statistics
@@ -86,8 +90,9 @@ def calibrate(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run the calibration phase with ``sup`` (the demo's Supervisor); returns ``summarise``'s dict
-    with the raw samples, lone (``samples``) and busy (``busy_samples``: each route timed while the
-    other route is kept busy, as in the workload, where another request is nearly always open)."""
+    with the raw samples, lone (``samples``), busy (``busy_samples``: each route timed while the
+    other route is kept busy, as in the workload, where another request is nearly always open) and
+    pair (``pair_samples``: PrfaaS only, timed while another offloaded request is open)."""
     model = router_cfg["model"]
     urls = {}
     for k, route in enumerate(ROUTES):
@@ -100,6 +105,7 @@ def calibrate(
         sup.start(f"calibration-{route}", [*argv, "--port", str(port + k), "--log-level", "warning"], env)
     lone: dict[str, dict[int, list[dict]]] = {r: {} for r in ROUTES}
     busy: dict[str, dict[int, list[dict]]] = {r: {} for r in ROUTES}
+    pair: dict[str, dict[int, list[dict]]] = {r: {} for r in ROUTES}
     try:
         for route in ROUTES:
             sup.wait_healthy(f"calibration-{route}", f"{urls[route]}/health", 120)
@@ -112,13 +118,15 @@ def calibrate(
                         prompt = _prompt(route, i, rep, n, count_tokens)
                         ttft, total = _stream(c, urls[route], model, prompt, out_tokens, rid)
                         lone[route].setdefault(n, []).append({"rid": rid, "ttft_s": ttft, "total_s": total})
-        _busy_phase(urls, model, lengths, reps, out_tokens, count_tokens, busy)
+        phase = functools.partial(_concurrent_phase, urls, model, lengths, reps, out_tokens, count_tokens)
+        phase("busy", ["prfaas", "local"], busy)
+        phase("pair", ["prfaas", "prfaas"], pair)
         for route in ROUTES:
             with httpx.Client(timeout=30) as c:
                 recs = {
                     r["request_id"]: r for r in c.get(f"{urls[route]}/admin/requests?limit=10000").json()["requests"]
                 }
-            for got in [*lone[route].values(), *busy[route].values()]:
+            for got in [*lone[route].values(), *busy[route].values(), *pair[route].values()]:
                 for s in got:
                     rec = recs.get(s["rid"], {})
                     if rec.get("route") != route or rec.get("fallback"):
@@ -133,6 +141,7 @@ def calibrate(
     cal = summarise(lone, lengths, out_tokens, reps)
     cal["samples"] = {r: {str(n): v for n, v in lone[r].items()} for r in ROUTES}
     cal["busy_samples"] = {r: {str(n): v for n, v in busy[r].items()} for r in ROUTES}
+    cal["pair_samples"] = {"prfaas": {str(n): v for n, v in pair["prfaas"].items()}}
     (out / "calibration.json").write_text(json.dumps(cal, indent=2))
     log(
         "calibration (median of lone requests): local TTFT "
@@ -144,40 +153,45 @@ def calibrate(
     return cal
 
 
-def _busy_phase(
+def _concurrent_phase(
     urls: dict[str, str],
     model: str,
     lengths: list[int],
     reps: int,
     out_tokens: int,
     count_tokens: Callable[[str], int],
-    busy: dict[str, dict[int, list[dict]]],
+    name: str,
+    loops: list[str],
+    into: dict[str, dict[int, list[dict]]],
 ) -> None:
-    """Both routes at once, one request at a time each: the PrfaaS route runs its ``reps`` passes
-    over the lengths while the local route cycles over them until the PrfaaS side is done, so
-    every sample of either ran while the other route was busy."""
+    """One client per entry of ``loops`` (a route each), all at once, one request at a time each:
+    the first runs its ``reps`` passes over the lengths while the others cycle over them until it
+    is done, so every sample of any of them ran while the others kept their route busy. Samples
+    go to ``into`` by route."""
     done = threading.Event()
     errors: list[BaseException] = []
-    prompts = {r: {n: _prompt(r, i, reps, n, count_tokens) for i, n in enumerate(lengths)} for r in ROUTES}
+    lock = threading.Lock()
 
-    def run(route: str) -> None:
+    def run(j: int, route: str) -> None:
+        prompts = {n: _prompt(route, i, reps, n, count_tokens) for i, n in enumerate(lengths)}
         k = 0
         try:
             with httpx.Client(timeout=300) as c:
-                while not done.is_set() and (route == "local" or k < reps * len(lengths)):
+                while not done.is_set() and (j > 0 or k < reps * len(lengths)):
                     n = lengths[k % len(lengths)]
-                    rid = f"cal-busy-{route}-{n}-{k}"
-                    # a fresh prompt each time (nothing cached): the pass number opens it
-                    ttft, total = _stream(c, urls[route], model, f"{k} {prompts[route][n]}", out_tokens, rid)
-                    busy[route].setdefault(n, []).append({"rid": rid, "ttft_s": ttft, "total_s": total})
+                    rid = f"cal-{name}{j}-{route}-{n}-{k}"
+                    # a fresh prompt each time (nothing cached): the phase, client and pass open it
+                    ttft, total = _stream(c, urls[route], model, f"{name}{j}-{k} {prompts[n]}", out_tokens, rid)
+                    with lock:
+                        into[route].setdefault(n, []).append({"rid": rid, "ttft_s": ttft, "total_s": total})
                     k += 1
         except BaseException as exc:  # re-raised below, in the calling thread
             errors.append(exc)
         finally:
-            if route == "prfaas" or errors:
+            if j == 0 or errors:
                 done.set()
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in ROUTES]
+    threads = [threading.Thread(target=run, args=(j, r)) for j, r in enumerate(loops)]
     for t in threads:
         t.start()
     for t in threads:

@@ -108,7 +108,10 @@ class MeasuredPath(_Strict):
     and its TTFT, kept as a pair). A request draws one sample of its route's spread (the seed's
     random stream) and scales the interpolated times by it; empty: every request takes the medians.
     The ``*_busy`` spreads hold samples timed while the other route was kept busy (ratios to the
-    same lone medians): a request that arrives while another one is open draws from them."""
+    same lone medians): a request that arrives while another one is open draws from them.
+    ``prfaas_spread_pair`` holds offloaded samples timed while another offloaded request was open
+    (two prefills on the producer, two transfers into one decode instance): an offloaded request
+    that arrives while another offloaded one is open draws from it (else from the busy spread)."""
 
     lengths: list[int] = Field(min_length=2)
     local_ttft_s: list[float]
@@ -119,6 +122,7 @@ class MeasuredPath(_Strict):
     prfaas_spread: list[tuple[float, float]] = Field(default_factory=list)
     local_spread_busy: list[float] = Field(default_factory=list)
     prfaas_spread_busy: list[tuple[float, float]] = Field(default_factory=list)
+    prfaas_spread_pair: list[tuple[float, float]] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check(self) -> MeasuredPath:
@@ -134,7 +138,7 @@ class MeasuredPath(_Strict):
         for name in ("local_spread", "local_spread_busy"):
             if any(not x > 0 for x in getattr(self, name)):
                 raise ValueError(f"{name}: every ratio must be > 0")
-        for name in ("prfaas_spread", "prfaas_spread_busy"):
+        for name in ("prfaas_spread", "prfaas_spread_busy", "prfaas_spread_pair"):
             if any(not (a > 0 and b > 0) for a, b in getattr(self, name)):
                 raise ValueError(f"{name}: every ratio must be > 0")
         return self

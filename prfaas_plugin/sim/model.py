@@ -159,6 +159,7 @@ class _Sim:
         self.path = sim.measured_path
         self.spread_rng = np.random.default_rng(sim.seed + 1)  # draws from the measured spreads
         self.open_requests = 0  # arrived and not yet done (measured-path requests)
+        self.open_offloaded = 0  # of those, the ones routed to PrfaaS
         self.switches: list[dict] = []
         # per request: arrival, route (1 = prfaas), first token time, done time
         n = len(requests)
@@ -212,8 +213,10 @@ class _Sim:
             d.decode.inflight += 1
         if self.path is not None and (remote or prefill.role == "both"):
             self.open_requests += 1
+            self.open_offloaded += remote
             yield from self._measured_path(req, d, prefill, remote)
             self.open_requests -= 1
+            self.open_offloaded -= remote
             return
         profile = self.prfaas_profile if remote else self.local_profile
         with self.prefill_q[prefill.url].request() as turn:
@@ -267,10 +270,12 @@ class _Sim:
         step holds its decode instance (behind a local prefill in progress there)."""
         env, path, n = self.env, self.path, d.l_uncached
         assert path is not None
-        # another request open at this one's arrival: draw from the spread timed under load
+        # another request open at this one's arrival: draw from the spread timed under load,
+        # another offloaded one: from the spread timed with two offloaded requests at once
         busy = self.open_requests > 1
         if remote:
-            spread = (busy and path.prfaas_spread_busy) or path.prfaas_spread
+            paired = self.open_offloaded > 1
+            spread = (paired and path.prfaas_spread_pair) or (busy and path.prfaas_spread_busy) or path.prfaas_spread
             rp, rt = spread[self.spread_rng.integers(len(spread))] if spread else (1.0, 1.0)
             producer = path.at("prfaas_producer_s", n) * rp
             compute = min(self.prfaas_profile.prefill_s(n), producer)
