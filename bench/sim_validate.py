@@ -179,9 +179,7 @@ def measured_path(cal: dict) -> dict:
                 prfaas.append(
                     (s["producer_s"] / cal["prfaas"]["producer_s"][i], s["ttft_s"] / cal["prfaas"]["ttft_s"][i])
                 )
-        if suffix != "_pair":  # the pair phase times the PrfaaS route only
-            path[f"local_spread{suffix}"] = local
-        path[f"prfaas_spread{suffix}"] = prfaas
+        path[f"local_spread{suffix}"], path[f"prfaas_spread{suffix}"] = local, prfaas
     return path
 
 
@@ -197,6 +195,7 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     errors = []
+    signed: dict[tuple[str, str], list[float]] = {}  # (route, statistic) -> signed errors, calibrated rows
     for run in args.runs:
         for measured in (True, False):
             v = replay(run, measured)
@@ -213,6 +212,8 @@ def main() -> None:
                 e50, e90 = (s50 - m50) / m50, (s90 - m90) / m90
                 if v["calibrated"]:
                     errors += [abs(e50), abs(e90)]
+                    signed.setdefault((route, "median"), []).append(e50)
+                    signed.setdefault((route, "P90"), []).append(e90)
                 rows.append(
                     f"| {run.name} | {label} | {route} | {counts} | {m50 * 1e3:.0f} / {s50 * 1e3:.0f} ms ({e50:+.0%}) "
                     f"| {m90 * 1e3:.0f} / {s90 * 1e3:.0f} ms ({e90:+.0%}) |"
@@ -221,7 +222,13 @@ def main() -> None:
     if errors:
         table += (
             f"\n\nCalibrated rows: {sum(e <= 0.2 for e in errors)} of {len(errors)} figures within 20%; "
-            f"largest error {max(errors):.0%}, median {float(np.median(errors)):.0%}."
+            f"largest error {max(errors):.0%}, median {float(np.median(errors)):.0%}. Bias (mean signed error) "
+            "and range over the runs: "
+            + "; ".join(
+                f"{route} {stat} {float(np.mean(e)):+.0%} ({min(e):+.0%} to {max(e):+.0%})"
+                for (route, stat), e in signed.items()
+            )
+            + "."
         )
     print(table)
     if not args.no_append:
@@ -230,8 +237,8 @@ def main() -> None:
             table,
             notes="each run replayed from its own planner.yaml, router.yaml and report.json (send times, the "
             "router's prompt and prefix lengths, the calibration phase's per-route times, the router's threshold "
-            "timeline); runs without a busy calibration phase (made before it existed) draw every request from "
-            "the lone spread; 'idle profile' rows use the engines' prefill profile instead of the calibration; "
+            "timeline); runs without a busy or pair calibration phase (made before they existed) draw those "
+            "requests from the spread they have; 'idle profile' rows use the engines' prefill profile instead of the calibration; "
             "simulated figures are means over 50 seeds; see docs/simulator.md"
             + (f"; {args.notes}" if args.notes else ""),
         )

@@ -58,6 +58,14 @@ def test_pair_phase_times_two_offloaded_requests_at_once(monkeypatch):
     assert {s["rid"] for v in into["prfaas"].values() for s in v} == {c[0] for c in engines.calls}
 
 
+def test_local_pair_phase_times_two_local_requests_at_once(monkeypatch):
+    engines = _Engines()
+    into = _run(monkeypatch, engines, "pair", ["local", "local"])
+    timed, other = engines.of("cal-pair0-local-"), engines.of("cal-pair1-local-")
+    assert into["prfaas"] == {} and len(timed) == 4
+    assert all(_overlaps(c, other) for c in timed[1:])
+
+
 def test_busy_phase_keeps_the_local_route_busy_until_prfaas_is_done(monkeypatch):
     engines = _Engines()
     into = _run(monkeypatch, engines, "busy", ["prfaas", "local"], reps=3)

@@ -263,7 +263,23 @@ def test_an_offloaded_request_arriving_while_another_is_offloaded_draws_from_the
         _demo_sim(tmp_path, rows, measured_path={**path, "prfaas_spread_pair": [(1.0, -1.0)]})
 
 
-def test_calibration_pair_samples_become_the_pair_spread(monkeypatch):
+def test_a_local_request_arriving_while_another_local_one_is_open_draws_from_the_local_pair_spread(tmp_path):
+    rows = [
+        {"t": 0.0, "prompt_tokens": 512},  # lone
+        {"t": 10.0, "prompt_tokens": 512},
+        {"t": 10.02, "prompt_tokens": 512},  # beside the local one above
+        {"t": 20.0, "prompt_tokens": 1000},  # offloaded (over t)
+        {"t": 20.01, "prompt_tokens": 512},  # beside an offloaded one only
+    ]
+    path = {**PATH, "local_spread": [1.0], "local_spread_busy": [2.0], "local_spread_pair": [3.0]}
+    cfg, spec, reqs = _demo_sim(tmp_path, rows, measured_path=path)
+    got = _fixed(cfg, spec, reqs, 700).ttft_by_route["local"] / MeasuredPath(**PATH).at("local_ttft_s", 512)
+    assert list(np.round(got, 2)) == [1.0, 1.0, 3.0, 2.0]
+    with pytest.raises(SimConfigError, match="local_spread_pair"):
+        _demo_sim(tmp_path, rows, measured_path={**path, "local_spread_pair": [0.0]})
+
+
+def test_calibration_pair_samples_become_the_pair_spreads(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     sys.modules.pop("sim_validate", None)
     import sim_validate
@@ -278,4 +294,6 @@ def test_calibration_pair_samples_become_the_pair_spread(monkeypatch):
     }
     p = MeasuredPath(**sim_validate.measured_path(cal))
     assert p.prfaas_spread_pair == [(pytest.approx(2.0), pytest.approx(2.0))]
-    assert p.prfaas_spread_busy == [] and p.local_spread_busy == []
+    assert p.prfaas_spread_busy == p.local_spread_busy == p.local_spread_pair == []
+    cal["pair_samples"]["local"] = {"64": [{"ttft_s": 0.05}]}
+    assert MeasuredPath(**sim_validate.measured_path(cal)).local_spread_pair == [pytest.approx(2.5)]

@@ -8,8 +8,9 @@ instances and a fixed threshold each (0: every request to PrfaaS; the ceiling: e
 local), carry requests of the profile's lengths along each route, streaming with the
 workload's output length, first lone (one at a time, nothing queues), then in the two states the
 workload's two clients put the engines in: busy (both routes at once, one request at a time
-each) and pair (two offloaded requests at once: two prefills on the producer, two transfers into
-the decode instance, which on the demo's stack takes two to three times a lone one's TTFT):
+each) and pairs (two requests of one route at once: for PrfaaS two prefills on the producer and
+two transfers into the decode instance, locally two prefills batched on one engine; either takes
+up to two or three times a lone request's TTFT on the demo's stack):
 
 - ``local.ttft_s``: router -> local engine (prefill + first token) -> client;
 - ``prfaas.ttft_s``: router -> producer prefill -> KV over the link -> decode's first token;
@@ -92,7 +93,7 @@ def calibrate(
     """Run the calibration phase with ``sup`` (the demo's Supervisor); returns ``summarise``'s dict
     with the raw samples, lone (``samples``), busy (``busy_samples``: each route timed while the
     other route is kept busy, as in the workload, where another request is nearly always open) and
-    pair (``pair_samples``: PrfaaS only, timed while another offloaded request is open)."""
+    pair (``pair_samples``: each route timed while another request of the same route is open)."""
     model = router_cfg["model"]
     urls = {}
     for k, route in enumerate(ROUTES):
@@ -120,7 +121,8 @@ def calibrate(
                         lone[route].setdefault(n, []).append({"rid": rid, "ttft_s": ttft, "total_s": total})
         phase = functools.partial(_concurrent_phase, urls, model, lengths, reps, out_tokens, count_tokens)
         phase("busy", ["prfaas", "local"], busy)
-        phase("pair", ["prfaas", "prfaas"], pair)
+        for route in ROUTES:
+            phase("pair", [route, route], pair)
         for route in ROUTES:
             with httpx.Client(timeout=30) as c:
                 recs = {
@@ -141,7 +143,7 @@ def calibrate(
     cal = summarise(lone, lengths, out_tokens, reps)
     cal["samples"] = {r: {str(n): v for n, v in lone[r].items()} for r in ROUTES}
     cal["busy_samples"] = {r: {str(n): v for n, v in busy[r].items()} for r in ROUTES}
-    cal["pair_samples"] = {"prfaas": {str(n): v for n, v in pair["prfaas"].items()}}
+    cal["pair_samples"] = {r: {str(n): v for n, v in pair[r].items()} for r in ROUTES}
     (out / "calibration.json").write_text(json.dumps(cal, indent=2))
     log(
         "calibration (median of lone requests): local TTFT "

@@ -109,9 +109,10 @@ class MeasuredPath(_Strict):
     random stream) and scales the interpolated times by it; empty: every request takes the medians.
     The ``*_busy`` spreads hold samples timed while the other route was kept busy (ratios to the
     same lone medians): a request that arrives while another one is open draws from them.
-    ``prfaas_spread_pair`` holds offloaded samples timed while another offloaded request was open
-    (two prefills on the producer, two transfers into one decode instance): an offloaded request
-    that arrives while another offloaded one is open draws from it (else from the busy spread)."""
+    The ``*_pair`` spreads hold samples timed while another request of the same route was open
+    (PrfaaS: two prefills on the producer, two transfers into one decode instance; local: two
+    prefills batched on one engine): a request that arrives while another of its route is open
+    draws from them (else from the busy spread)."""
 
     lengths: list[int] = Field(min_length=2)
     local_ttft_s: list[float]
@@ -122,6 +123,7 @@ class MeasuredPath(_Strict):
     prfaas_spread: list[tuple[float, float]] = Field(default_factory=list)
     local_spread_busy: list[float] = Field(default_factory=list)
     prfaas_spread_busy: list[tuple[float, float]] = Field(default_factory=list)
+    local_spread_pair: list[float] = Field(default_factory=list)
     prfaas_spread_pair: list[tuple[float, float]] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -135,7 +137,7 @@ class MeasuredPath(_Strict):
                 raise ValueError(f"{name}: needs one value per length ({n}), got {len(v)}")
             if any(not x > 0 for x in v):
                 raise ValueError(f"{name}: every time must be > 0, got {v}")
-        for name in ("local_spread", "local_spread_busy"):
+        for name in ("local_spread", "local_spread_busy", "local_spread_pair"):
             if any(not x > 0 for x in getattr(self, name)):
                 raise ValueError(f"{name}: every ratio must be > 0")
         for name in ("prfaas_spread", "prfaas_spread_busy", "prfaas_spread_pair"):

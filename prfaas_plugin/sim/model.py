@@ -271,10 +271,11 @@ class _Sim:
         env, path, n = self.env, self.path, d.l_uncached
         assert path is not None
         # another request open at this one's arrival: draw from the spread timed under load,
-        # another offloaded one: from the spread timed with two offloaded requests at once
+        # another of the same route: from the spread timed with two of that route at once
         busy = self.open_requests > 1
+        offloaded = self.open_offloaded
+        paired = offloaded > 1 if remote else self.open_requests - offloaded > 1
         if remote:
-            paired = self.open_offloaded > 1
             spread = (paired and path.prfaas_spread_pair) or (busy and path.prfaas_spread_busy) or path.prfaas_spread
             rp, rt = spread[self.spread_rng.integers(len(spread))] if spread else (1.0, 1.0)
             producer = path.at("prfaas_producer_s", n) * rp
@@ -303,7 +304,7 @@ class _Sim:
             # the router records a local prompt as the instance's once its answer opens (flow.py
             # run), i.e. at dispatch: a streamed answer's status line comes before the prefill
             self.index.record(prefill.url, req.prompt)
-            ratios = (busy and path.local_spread_busy) or path.local_spread
+            ratios = (paired and path.local_spread_pair) or (busy and path.local_spread_busy) or path.local_spread
             ratio = ratios[self.spread_rng.integers(len(ratios))] if ratios else 1.0
             total = path.at("local_ttft_s", n) * ratio
             compute = min(self.local_profile.prefill_s(n), total)
