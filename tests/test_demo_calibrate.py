@@ -64,6 +64,9 @@ def test_local_pair_phase_times_two_local_requests_at_once(monkeypatch):
     timed, other = engines.of("cal-pair0-local-"), engines.of("cal-pair1-local-")
     assert into["prfaas"] == {} and len(timed) == 4
     assert all(_overlaps(c, other) for c in timed[1:])
+    # the clients start half-way round the lengths from each other: unlike sizes meet
+    assert [c[0].split("-")[3] for c in timed[:2]] == ["64", "256"]
+    assert [c[0].split("-")[3] for c in other[:2]] == ["256", "64"]
 
 
 def test_busy_phase_keeps_the_local_route_busy_until_prfaas_is_done(monkeypatch):

@@ -167,8 +167,8 @@ def _concurrent_phase(
     into: dict[str, dict[int, list[dict]]],
 ) -> None:
     """One client per entry of ``loops`` (a route each), all at once, one request at a time each:
-    the first runs its ``reps`` passes over the lengths while the others cycle over them until it
-    is done, so every sample of any of them ran while the others kept their route busy. Samples
+    the first runs its ``reps`` passes over the lengths while the others cycle over them (starting
+    half-way round) until it is done, so every sample of any of them ran while the others kept their route busy. Samples
     go to ``into`` by route."""
     done = threading.Event()
     errors: list[BaseException] = []
@@ -180,7 +180,9 @@ def _concurrent_phase(
         try:
             with httpx.Client(timeout=300) as c:
                 while not done.is_set() and (j > 0 or k < reps * len(lengths)):
-                    n = lengths[k % len(lengths)]
+                    # the clients start at different lengths, so requests of unlike sizes meet (as
+                    # in the workload) rather than two of one size batched in lockstep
+                    n = lengths[(k + j * len(lengths) // 2) % len(lengths)]
                     rid = f"cal-{name}{j}-{route}-{n}-{k}"
                     # a fresh prompt each time (nothing cached): the phase, client and pass open it
                     ttft, total = _stream(c, urls[route], model, f"{name}{j}-{k} {prompts[n]}", out_tokens, rid)
