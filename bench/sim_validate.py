@@ -183,6 +183,69 @@ def measured_path(cal: dict) -> dict:
     return path
 
 
+def slowdowns(report: dict) -> dict[str, dict[str, float | None]] | None:
+    """Per route, TTFT over the lone calibration median at the request's length (the median of
+    those ratios): for the calibration's busy and pair phases, and for the workload's requests by
+    what else was open when each started (``beside_other``: a request of the other route;
+    ``beside_same``: one of its own route). The simulator draws from the phases for those
+    conditions, so the two should agree; None without a calibration."""
+    cal = report.get("calibration")
+    if not cal:
+        return None
+    lengths = cal["lengths"]
+
+    def ratio(route: str, n: int, ttft: float) -> float:
+        return ttft / float(np.interp(n, lengths, cal[route]["ttft_s"]))
+
+    def med(xs: list[float]) -> float | None:
+        return float(np.median(xs)) if xs else None
+
+    reqs = [q for q in report["requests"] if q["route"] in ("prfaas", "local")]
+    out: dict[str, dict[str, float | None]] = {}
+    for route in ("prfaas", "local"):
+        row: dict[str, float | None] = {}
+        for key, name in (("busy_samples", "busy"), ("pair_samples", "pair")):
+            got = (cal.get(key) or {}).get(route, {})
+            row[name] = med([ratio(route, int(n), s["ttft_s"]) for n, ss in got.items() for s in ss])
+        by: dict[str, list[float]] = {"beside_other": [], "beside_same": []}
+        for q in reqs:
+            if q["route"] != route:
+                continue
+            t = q["started_at_s"]
+            others = {
+                p["route"] for p in reqs if p is not q and p["started_at_s"] <= t < p["started_at_s"] + p["total_s"]
+            }
+            if others:
+                key = "beside_same" if route in others else "beside_other"
+                by[key].append(ratio(route, q["uncached_tokens"], q["ttft_s"]))
+        row.update({k: med(v) for k, v in by.items()})
+        out[route] = row
+    return out
+
+
+def slowdown_table(runs: list[Path]) -> str:
+    rows = [
+        "| demo run | route | calibration: busy / pair phase | workload: beside the other route / beside its own |",
+        "|---|---|---|---|",
+    ]
+
+    def f(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2f}"
+
+    for run in runs:
+        got = slowdowns(json.loads((run / "report.json").read_text()))
+        if got is None:
+            continue
+        for route, r in got.items():
+            rows.append(
+                f"| {run.name} | {route} | {f(r['busy'])} / {f(r['pair'])} | {f(r['beside_other'])} / {f(r['beside_same'])} |"
+            )
+    return (
+        "TTFT over the lone calibration median at each request's length (medians), the calibration's "
+        "concurrent phases against the workload's requests by what else was open at their start:\n\n" + "\n".join(rows)
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("runs", nargs="+", type=Path)
@@ -230,6 +293,7 @@ def main() -> None:
             )
             + "."
         )
+    table += "\n\n" + slowdown_table(args.runs)
     print(table)
     if not args.no_append:
         append_benchmarks(
