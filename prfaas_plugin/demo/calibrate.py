@@ -112,14 +112,14 @@ def calibrate(
             sup.wait_healthy(f"calibration-{route}", f"{urls[route]}/health", 120)
         with httpx.Client(timeout=300) as c:
             for route in ROUTES:
-                # untimed warm-up at each length: a route's first requests after the other route
-                # ran are slow, and timed they would inflate the shortest length's median and skew
-                # every ratio drawn against it
+                # untimed warm-up at each length, then the lengths interleaved pass by pass: a
+                # route's first requests after the other route ran are slow, and timed in one
+                # block they would inflate one length's median and skew every ratio drawn against it
                 for i, n in enumerate(lengths):
                     warm = f"warm {_prompt(route, i, reps + 1, n, count_tokens)}"
                     _stream(c, urls[route], model, warm, out_tokens, f"cal-warm-{route}-{n}")
-                for i, n in enumerate(lengths):
-                    for rep in range(reps):
+                for rep in range(reps):
+                    for i, n in enumerate(lengths):
                         rid = f"cal-{route}-{n}-{rep}"
                         prompt = _prompt(route, i, rep, n, count_tokens)
                         ttft, total = _stream(c, urls[route], model, prompt, out_tokens, rid)
