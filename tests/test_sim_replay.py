@@ -166,11 +166,25 @@ def test_calibration_summary():
         summarise(samples, [64], 1, 3)
 
 
-def test_router_offset_agrees_with_the_thresholds_answers_carried(monkeypatch):
+#: a calibration's medians (demo/calibrate.py ``summarise``), for the validator's conversion
+CAL_MEDIANS = {
+    "lengths": [64, 256],
+    "tpot_s": 0.003,
+    "local": {"ttft_s": [0.02, 0.04]},
+    "prfaas": {"ttft_s": [0.2, 0.3], "producer_s": [0.1, 0.1]},
+}
+
+
+def _sim_validate(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     sys.modules.pop("sim_validate", None)
     import sim_validate
 
+    return sim_validate
+
+
+def test_router_offset_agrees_with_the_thresholds_answers_carried(monkeypatch):
+    sim_validate = _sim_validate(monkeypatch)
     decided = [(1.0, 256), (2.2, 256), (2.5, 360), (4.2, 360), (4.5, 576)]
     report = {
         "workload_t0_wall": 1000.0,
@@ -205,15 +219,9 @@ def test_requests_draw_from_the_measured_spread(tmp_path):
 
 
 def test_calibration_becomes_a_measured_path(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    sys.modules.pop("sim_validate", None)
-    import sim_validate
-
+    sim_validate = _sim_validate(monkeypatch)
     cal = {
-        "lengths": [64, 256],
-        "tpot_s": 0.003,
-        "local": {"ttft_s": [0.02, 0.04]},
-        "prfaas": {"ttft_s": [0.2, 0.3], "producer_s": [0.1, 0.1]},
+        **CAL_MEDIANS,
         "samples": {
             "local": {"64": [{"ttft_s": 0.02}, {"ttft_s": 0.04}], "256": [{"ttft_s": 0.04}]},
             "prfaas": {"64": [{"ttft_s": 0.4, "producer_s": 0.1}], "256": [{"ttft_s": 0.3, "producer_s": 0.3}]},
@@ -280,15 +288,9 @@ def test_a_local_request_arriving_while_another_local_one_is_open_draws_from_the
 
 
 def test_calibration_pair_samples_become_the_pair_spreads(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    sys.modules.pop("sim_validate", None)
-    import sim_validate
-
+    sim_validate = _sim_validate(monkeypatch)
     cal = {
-        "lengths": [64, 256],
-        "tpot_s": 0.003,
-        "local": {"ttft_s": [0.02, 0.04]},
-        "prfaas": {"ttft_s": [0.2, 0.3], "producer_s": [0.1, 0.1]},
+        **CAL_MEDIANS,
         "samples": {"local": {"64": [{"ttft_s": 0.02}]}, "prfaas": {"64": [{"ttft_s": 0.2, "producer_s": 0.1}]}},
         "pair_samples": {"prfaas": {"256": [{"ttft_s": 0.6, "producer_s": 0.2}]}},
     }
