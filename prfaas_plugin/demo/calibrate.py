@@ -173,8 +173,8 @@ def _concurrent_phase(
 ) -> None:
     """One client per entry of ``loops`` (a route each), all at once, one request at a time each:
     the first runs its ``reps`` passes over the lengths while the others cycle over them (starting
-    half-way round) until it is done, so every sample of any of them ran while the others kept their route busy. Samples
-    go to ``into`` by route."""
+    half-way round) until it is done, so every sample of any of them ran while the others kept
+    their route busy. Samples go to ``into`` by route."""
     done = threading.Event()
     errors: list[BaseException] = []
     lock = threading.Lock()
