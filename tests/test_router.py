@@ -220,6 +220,37 @@ def test_prfaas_cluster_down_routes_local(tokenizer) -> None:
         d.stop()
 
 
+def test_an_instance_down_at_startup_takes_traffic_soon_after_it_comes_up(tokenizer) -> None:
+    """A router started beside its engines probes at once, and keeps probing an instance that is
+    down every ``health_down_every_s``, not every ``health_every_s``: a PrfaaS cluster that came
+    up late gets its long requests within a second or so, not a whole interval later."""
+    d = FakeBackend("both").start()
+    late = FakeBackend("prefill")  # not listening yet
+    cfg = _cfg(late, d, timeouts={"health_every_s": 60, "health_down_every_s": 0.2, "prefill_s": 10})
+    r = RunningRouter(cfg, tokenizer)
+    insts = {i.url: i for i in r.router.fleet.instances}
+    try:
+        # No request needed to learn it is down: the first probe runs when the router starts.
+        assert _eventually(lambda: not insts[late.url].healthy, 5)
+        resp = r.post("/v1/completions", _completion(100))
+        assert resp.headers["x-prfaas-route"] == "local"
+        assert r.router.records[resp.headers["x-request-id"]].reason == "prfaas unavailable"
+        late.start()
+        # Well inside health_every_s (60 s): the down cadence finds it up.
+        assert _eventually(lambda: insts[late.url].healthy, 5)
+        resp = r.post("/v1/completions", _completion(100, start=1))
+        assert resp.status_code == 200 and resp.headers["x-prfaas-route"] == "prfaas"
+        # Healthy again, it is back on the long interval: no probe storm against a live engine.
+        probed = insts[late.url].probed_at
+        time.sleep(0.6)
+        assert insts[late.url].probed_at == probed
+    finally:
+        r.stop()
+        if late.thread.is_alive():
+            late.stop()
+        d.stop()
+
+
 def test_slow_health_probes_mark_an_instance_down_only_after_several_in_a_row() -> None:
     """A vLLM instance in a long CPU prefill answers /health late; one late answer must not send
     its traffic elsewhere, but an instance that keeps not answering is down."""

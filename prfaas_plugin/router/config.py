@@ -162,6 +162,11 @@ class TimeoutSpec(_Strict):
     #: connection the instance is closing and the request fails with "Server disconnected".
     keepalive_s: float = Field(default=4.0, gt=0)
     health_every_s: float = Field(default=5.0, gt=0)
+    #: How often an instance marked down is probed (by a probe, or by a request it refused): a
+    #: restarted engine or a PrfaaS cluster back from a blip takes traffic again within this,
+    #: not a whole ``health_every_s`` later (meanwhile long requests stay local). Never less
+    #: often than ``health_every_s``.
+    health_down_every_s: float = Field(default=1.0, gt=0)
     #: A /health probe's own limit. An engine busy with a long prefill on few cores can answer
     #: late; that is not the same as down.
     health_timeout_s: float = Field(default=5.0, gt=0)

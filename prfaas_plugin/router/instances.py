@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -32,6 +33,7 @@ class Instance:
     healthy: bool = True
     last_error: str = ""
     slow_probes: int = 0  # consecutive health probes that timed out or were cut
+    probed_at: float = -math.inf  # monotonic time its last health probe ended
     inflight: int = 0  # requests the router has open on it (its queue depth, as the router sees it)
     served: int = 0
     draining: bool = False  # taken out of routing (a role switch, or an operator: /admin/instances)
@@ -120,11 +122,20 @@ class Fleet:
     def queue_depth(self, kind: str) -> int:
         return sum(i.load for i in self.of_kind(kind))
 
-    async def check_health(self, client: Upstream, timeout_s: float, slow_limit: int = 1) -> None:
-        """Probe every instance's /health. A refused connection or a non-200 status marks an
-        instance down at once; a probe that times out or is cut only after ``slow_limit`` in a
-        row, because a CPU-bound engine in a long prefill answers late without being down (a
-        single late probe used to send its traffic elsewhere). One good answer marks it up."""
+    def due_for_probe(self, now: float, every_s: float, down_every_s: float) -> list[Instance]:
+        """Instances whose next /health probe is due: a healthy one ``every_s`` after its last
+        probe, one marked down (by a probe, or by a refused request between probes) after
+        ``down_every_s``, so an engine that comes back takes traffic again within that much."""
+        return [i for i in self.instances if now - i.probed_at >= (every_s if i.healthy else down_every_s)]
+
+    async def check_health(
+        self, client: Upstream, timeout_s: float, slow_limit: int = 1, only: list[Instance] | None = None
+    ) -> None:
+        """Probe every instance's /health (or ``only`` those). A refused connection or a non-200
+        status marks an instance down at once; a probe that times out or is cut only after
+        ``slow_limit`` in a row, because a CPU-bound engine in a long prefill answers late
+        without being down (a single late probe used to send its traffic elsewhere). One good
+        answer marks it up."""
 
         async def one(inst: Instance) -> None:
             try:
@@ -147,8 +158,9 @@ class Fleet:
                     "" if ok else f": {err}",
                 )
             inst.healthy, inst.last_error = ok, "" if ok else err
+            inst.probed_at = time.monotonic()
 
-        await asyncio.gather(*(one(i) for i in self.instances))
+        await asyncio.gather(*(one(i) for i in (self.instances if only is None else only)))
 
     def health_report(self) -> list[dict]:
         return [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from prfaas_plugin.fleet.prefix_index import PrefixIndex
 from prfaas_plugin.router.config import RouterConfig
@@ -56,12 +57,18 @@ class ControlLoops:
             spawn.append(asyncio.create_task(self._split_loop()))
 
     async def _health_loop(self, client: Upstream) -> None:
+        """Probes at once (a router started beside its engines must not trust them for a whole
+        interval), then each instance on its own clock: ``health_every_s`` while up,
+        ``health_down_every_s`` while down."""
         t = self.cfg.timeouts
+        down_every = min(t.health_every_s, t.health_down_every_s)
         while True:
-            await asyncio.sleep(t.health_every_s)
-            await self.fleet.check_health(client, t.health_timeout_s, t.health_failures)
+            due = self.fleet.due_for_probe(time.monotonic(), t.health_every_s, down_every)
+            if due:
+                await self.fleet.check_health(client, t.health_timeout_s, t.health_failures, only=due)
             for inst in self.fleet.instances:
                 self.metrics.healthy.labels(inst.cluster, inst.url).set(1 if inst.healthy else 0)
+            await asyncio.sleep(down_every)
 
     async def _split_loop(self) -> None:
         assert self.splitter is not None
