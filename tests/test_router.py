@@ -3,6 +3,7 @@ protocol, streaming through the official openai client, the threshold loops and 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import threading
@@ -12,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from router_helpers import FakeBackend, RunningRouter, build_tokenizer, words
 
 from prfaas_plugin.protocol import metrics as M
@@ -1151,6 +1153,160 @@ def test_the_router_measures_its_own_share_of_the_time_to_first_byte(tokenizer) 
             assert 0 < rec["overhead_s"] < 0.1, rec
         m = httpx.get(r.url + "/metrics").text
         assert f'{M.ROUTER_OVERHEAD.name}_count{{route="local"}} 2.0' in m
+    finally:
+        r.stop()
+        d.stop()
+
+
+# -- Failures in the middle of a request: nothing leaks, and the client learns what happened ------
+def _leases_back(r: RunningRouter) -> bool:
+    return _eventually(lambda: all(i.inflight == 0 for i in r.router.fleet.instances), 5)
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/tokenize"])
+def test_an_integer_too_long_to_read_is_a_client_error(fleet, path) -> None:
+    r, _, _ = fleet
+    raw = b'{"model": "' + MODEL.encode() + b'", "prompt": "w1 w2", "max_tokens": ' + b"9" * 5000 + b"}"
+    resp = httpx.post(r.url + path, content=raw, headers={"content-type": "application/json"}, timeout=10)
+    assert resp.status_code == 400, resp.text[:200]
+
+
+class _InfiniteBytesProducer(FakeBackend):
+    """A producer whose answer reports ``"bytes": 1e999`` (JSON for infinity)."""
+
+    async def _answer(self, request, chat):
+        await request.json()
+        return Response(
+            b'{"id": "p", "choices": [{"index": 0, "text": "x", "finish_reason": "length"}],'
+            b' "kv_transfer_params": {"status": "sent", "bytes": 1e999}}',
+            media_type="application/json",
+        )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("reported", ["negative", "infinite"])
+def test_a_producer_reporting_nonsense_bytes_breaks_nothing(tokenizer, stream, reported) -> None:
+    """The byte count feeds counters and the egress estimate: a negative or infinite one reads
+    as unknown, and the decode's answer reaches the client (it used to be a 500 and a lease
+    held for ever)."""
+    p = (
+        FakeBackend("prefill", kv_bytes_per_token=-1000)
+        if reported == "negative"
+        else _InfiniteBytesProducer("prefill")
+    ).start()
+    d = FakeBackend("both", decode_delay_s=0.3).start()  # the producer has answered by then
+    r = RunningRouter(_cfg(p, d), tokenizer)
+    try:
+        resp = r.post("/v1/completions", _completion(100, stream=stream))
+        assert resp.status_code == 200, resp.text[:200]
+        assert resp.headers["x-prfaas-route"] == "prfaas"
+        assert _leases_back(r)
+        rec = r.router.records[resp.headers["x-request-id"]]
+        assert _eventually(lambda: rec.transfer_status == "sent", 5) and rec.kv_bytes == 0
+    finally:
+        r.stop()
+        p.stop()
+        d.stop()
+
+
+def test_sglang_a_request_the_engines_refuse_is_the_clients_4xx(tokenizer) -> None:
+    """With one prefill in the local cluster there is nowhere to fall back to: the engine's own
+    400 (a client mistake) is the answer, not a 502."""
+    p = FakeBackend("prefill").start()
+    lp, d = FakeBackend("prefill", status=400).start(), FakeBackend("decode", status=400).start()
+    r = RunningRouter(_sglang_cfg(p, lp, d), tokenizer)
+    try:
+        resp = r.post("/v1/completions", _completion(10))
+        assert resp.status_code == 400, resp.text[:300]
+        assert "refused" in resp.json()["error"]["message"]
+        assert _leases_back(r)
+    finally:
+        r.stop()
+        p.stop()
+        lp.stop()
+        d.stop()
+
+
+class _DecodeRefusingFirst(FakeBackend):
+    """An SGLang decode that reports its first request's transfer failed (HTTP 500)."""
+
+    async def _answer(self, request, chat):
+        if not self.seen:
+            await super()._answer(request, chat)  # recorded as seen, answer dropped
+            return JSONResponse({"error": {"message": "transfer failed"}}, status_code=500)
+        return await super()._answer(request, chat)
+
+
+def test_sglang_a_client_leaving_as_the_producer_is_cancelled_leaks_nothing(tokenizer, monkeypatch) -> None:
+    """The decode answered an error while the producer still ran: the router cancels the
+    producer and waits for it. A client leaving during that wait must cancel the request, not
+    be swallowed (the fallback it then started was never read, its lease never released). A
+    producer request slow to cancel widens the window."""
+    from prfaas_plugin.router import flow as flow_mod
+
+    real_produce = flow_mod.Flow._produce
+
+    async def slow_to_cancel(self, *a, **kw):
+        try:
+            return await real_produce(self, *a, **kw)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.5)
+            raise
+
+    monkeypatch.setattr(flow_mod.Flow, "_produce", slow_to_cancel)
+    p = FakeBackend("prefill", prefill_delay_s=3.0).start()
+    lp = FakeBackend("prefill").start()
+    d = _DecodeRefusingFirst("decode", decode_delay_s=3.0).start()
+    r = RunningRouter(_sglang_cfg(p, lp, d), tokenizer)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            with httpx.stream("POST", r.url + "/v1/completions", json=_completion(100, stream=True), timeout=0.3) as s:
+                s.read()
+        assert _leases_back(r), {i.url: i.inflight for i in r.router.fleet.instances}
+        time.sleep(0.5)
+        assert len(d.seen) == 1, "no fallback request after the client left"
+    finally:
+        r.stop()
+        p.stop()
+        lp.stop()
+        d.stop()
+
+
+class _CutMidAnswer(FakeBackend):
+    """An engine that dies after the first piece of its answer (the connection drops)."""
+
+    async def _answer(self, request, chat):
+        body = await request.json()
+        piece = (
+            'data: {"id": "d", "choices": [{"index": 0, "text": "half", "finish_reason": null}]}\n\n'
+            if body.get("stream")
+            else '{"id": "d", "choices": [{"index": 0, "te'
+        )
+
+        async def gen():
+            yield piece
+            await asyncio.sleep(0.1)
+            raise RuntimeError("engine died mid-answer")
+
+        return StreamingResponse(gen(), media_type="text/event-stream" if body.get("stream") else "application/json")
+
+
+def test_an_answer_cut_upstream_is_an_error_for_the_client_and_the_record(tokenizer) -> None:
+    """Streamed: the client gets what came, then an error event and no ``[DONE]`` (the OpenAI
+    SDKs raise on it), not a clean end it would take for a finished answer. Whole: a 502. The
+    request's record says 502 either way."""
+    d = _CutMidAnswer("both").start()
+    r = RunningRouter(_cfg(None, d), tokenizer)
+    try:
+        with httpx.stream("POST", r.url + "/v1/completions", json=_completion(5, stream=True), timeout=10) as s:
+            data = s.read()
+            rid = s.headers["x-request-id"]
+        assert b'"half"' in data and b'"error"' in data and b"[DONE]" not in data, data
+        assert r.router.records[rid].status == 502 and r.router.records[rid].error
+        resp = r.post("/v1/completions", _completion(5, start=1))
+        assert resp.status_code == 502
+        assert r.router.records[resp.json()["error"]["request_id"]].status == 502
+        assert _leases_back(r)
     finally:
         r.stop()
         d.stop()

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import pytest
 
-from prfaas_plugin.router.upstream import READ_HIGH_WATER, Unreachable, Upstream, UpstreamError
+from prfaas_plugin.router.upstream import KEEPALIVE_RACE_S, READ_HIGH_WATER, Unreachable, Upstream, UpstreamError
 
 
 class RawServer:
@@ -158,6 +158,38 @@ def test_a_pooled_connection_dropped_before_any_answer_is_retried_once() -> None
             time.sleep(0.01)
         assert dropped[0] >= 3, dropped  # the race really happened
         assert answered[0] == 6  # and no request was lost to it or sent twice
+    finally:
+        srv.close()
+
+
+def test_a_request_the_instance_held_before_dropping_it_is_not_sent_again() -> None:
+    """Only the keep-alive race is retried: a pooled connection dropped without an answer
+    ``KEEPALIVE_RACE_S`` or more after the request went out may have run it (a prefill), so the
+    caller gets the error and the instance sees the request once."""
+    seen: list[bytes] = []
+
+    def handler(conn, f):
+        while (req := read_request(f)) is not None:
+            seen.append(req[2])
+            if len(seen) == 1:  # answer the first, so the connection goes back to the pool
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                continue
+            time.sleep(KEEPALIVE_RACE_S * 2)  # works on it, then the connection drops unanswered
+            return
+
+    srv = RawServer(handler)
+
+    async def go(up: Upstream) -> None:
+        s = await up.open(srv.url + "/v1/completions", {"prompt": "warm"})
+        await s.aread()
+        await s.aclose()
+        with pytest.raises(UpstreamError):
+            await up.open(srv.url + "/v1/completions", {"prompt": "real"})
+
+    try:
+        run(_with(go))
+        time.sleep(KEEPALIVE_RACE_S)  # a second copy would arrive on a fresh connection
+        assert sum(b"real" in b for b in seen) == 1, seen
     finally:
         srv.close()
 

@@ -162,7 +162,9 @@ def producer_outcome(answer: Any) -> ProducerOutcome:
     if params.get("status") == STATUS_FAILED:
         return ProducerOutcome(False, error=str(params.get("error", "transfer failed")))
     nbytes = params.get("bytes") or 0
-    return ProducerOutcome(True, kv_bytes=int(nbytes) if isinstance(nbytes, (int, float)) else 0)
+    # A count the router adds to counters: a negative, infinite or NaN one reads as unknown (0).
+    ok_count = isinstance(nbytes, (int, float)) and not isinstance(nbytes, bool) and math.isfinite(nbytes)
+    return ProducerOutcome(True, kv_bytes=max(0, int(nbytes)) if ok_count else 0)
 
 
 def bootstrap_host(prefill_url: str) -> str:

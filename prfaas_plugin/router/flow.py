@@ -17,7 +17,6 @@ Every request's hold on an instance is a :class:`~prfaas_plugin.router.lease.Lea
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -35,7 +34,7 @@ from prfaas_plugin.router.metrics import RouterMetrics
 from prfaas_plugin.router.pd import PDProtocol, fans_out, hop_protocols, warmup_body
 from prfaas_plugin.router.policy import Decision
 from prfaas_plugin.router.records import Record
-from prfaas_plugin.router.replies import engine_gave_up, error_reply
+from prfaas_plugin.router.replies import engine_gave_up, error_reply, stream_error_event
 from prfaas_plugin.router.threshold import ThresholdController
 from prfaas_plugin.router.upstream import Stream, Unreachable, Upstream, UpstreamError
 
@@ -51,6 +50,9 @@ class ProducerResult:
     seconds: float = 0.0
     #: Sequential protocols: what the consumer request carries (``PDProtocol.handoff``).
     handoff: dict[str, Any] | None = None
+    #: The HTTP status of the refusal that failed it (the producer's, or the decode's where a
+    #: decode error means a failed transfer); 0: no HTTP answer (unreachable, cancelled, ...).
+    status: int = 0
 
 
 @dataclass
@@ -183,15 +185,19 @@ class Flow:
                 # Nothing reached the client yet: the same fallback as a failed producer.
                 if not prod_task.done():
                     prod_task.cancel()
-                    with contextlib.suppress(BaseException):
-                        await prod_task
+                    await asyncio.wait((prod_task,))  # not ``await``: a cancellation of ours must propagate
                 prod = (
                     prod_task.result()
                     if prod_task.done() and not prod_task.cancelled()
                     else ProducerResult(False, error="cancelled")
                 )
                 if prod.ok:
-                    prod = ProducerResult(False, error=f"decode HTTP {op.resp.status_code}", seconds=prod.seconds)
+                    prod = ProducerResult(
+                        False,
+                        error=f"decode HTTP {op.resp.status_code}",
+                        seconds=prod.seconds,
+                        status=op.resp.status_code,
+                    )
                 await op.resp.aread()
                 await op.discard()
                 op = None
@@ -251,6 +257,9 @@ class Flow:
         def _done(task: asyncio.Task[ProducerResult]) -> None:
             if task.cancelled():
                 return
+            if task.exception() is not None:  # the decode's answer is relayed all the same
+                rec.transfer_status = f"failed: {task.exception()!r}"
+                return
             res = task.result()
             rec.prefill_s = res.seconds
             rec.kv_bytes = res.kv_bytes
@@ -299,7 +308,7 @@ class Flow:
                 return ProducerResult(False, error=f"{type(exc).__name__}: {exc}", seconds=time.monotonic() - t0)
             if status != 200:
                 return ProducerResult(
-                    False, error=f"producer HTTP {status}: {text[:200]}", seconds=time.monotonic() - t0
+                    False, error=f"producer HTTP {status}: {text[:200]}", seconds=time.monotonic() - t0, status=status
                 )
             out = producer_outcome(parsed)
             handoff = None
@@ -337,6 +346,10 @@ class Flow:
                 if i.can_prefill and i.routable and i is not d.prefill
             ]
             if not local:
+                if 400 <= prod.status < 500:
+                    # The engine refused the request itself (a client mistake, or a limit): any
+                    # other instance would too, so that answer is the client's, not a 502.
+                    return error_reply(prod.status, f"the engine refused the request: {prod.error}")
                 return error_reply(
                     502,
                     f"prefill failed ({prod.error}) and cluster {d.decode.cluster!r} has no other "
@@ -472,6 +485,10 @@ class Flow:
             except UpstreamError as exc:
                 outcome = "upstream_error"
                 rec.error = f"{type(exc).__name__}: {exc}"
+                rec.status = 502
+                yield stream_error_event(
+                    502, f"instance {op.lease.inst.url} failed mid-answer: {exc}", "upstream_error", rec.request_id
+                )
             finally:
                 await resp.aclose()  # closing the upstream stream makes vLLM abort the request
                 close_accounting(outcome)

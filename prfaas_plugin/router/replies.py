@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 from fastapi.responses import Response
@@ -22,6 +23,16 @@ def error_reply(status: int, message: str, code: str = "invalid_request_error", 
     if request_id is not None:
         err["request_id"] = request_id
     return json_reply({"error": err}, status)
+
+
+def stream_error_event(status: int, message: str, code: str, request_id: str | None = None) -> bytes:
+    """An error in the middle of a streamed answer, as an OpenAI-compatible server sends it: one
+    server-sent event carrying the error object (the OpenAI SDKs raise on it), and no ``[DONE]``,
+    so a client cannot take a cut answer for a finished one."""
+    err: dict = {"message": message, "type": code, "code": status}
+    if request_id is not None:
+        err["request_id"] = request_id
+    return b"data: " + json.dumps({"error": err}).encode() + b"\n\n"
 
 
 _GAVE_UP = re.compile(rb'"finish_reason":\s*"(abort|error)"')

@@ -274,8 +274,7 @@ class Router:
         if work in done:
             return work.result()
         work.cancel()  # the client left: cancelling closes both upstream requests
-        with contextlib.suppress(BaseException):
-            await work
+        await asyncio.wait((work,))  # not ``await``: a cancellation of ours must propagate
         rec = self.records.get(rid)
         if rec is not None:
             rec.error = "client disconnected"
@@ -307,7 +306,8 @@ class Router:
                 # the request may have started there, so it is not re-sent elsewhere.
                 log.warning("request_id=%s: %s failed: %s", rid, d.decode.url, exc)
                 self.metrics.requests.labels(d.route, "upstream_error").inc()
-                return error_reply(502, f"instance {d.decode.url} failed: {exc}", "upstream_error")
+                rec.status, rec.error = 502, f"{type(exc).__name__}: {exc}"
+                return error_reply(502, f"instance {d.decode.url} failed: {exc}", "upstream_error", rid)
         return error_reply(503, "no reachable instance", "service_unavailable")
 
     def place(self, tokens: list[int]) -> tuple[Decision, bool]:

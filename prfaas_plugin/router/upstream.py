@@ -34,6 +34,12 @@ import httptools
 #: behind it is slow); reading resumes once the relay drained the buffer.
 READ_HIGH_WATER = 256 << 10
 _USER_AGENT = b"prfaas-router"
+#: How soon after a request went out on a reused pooled connection a drop with no answer counts
+#: as the keep-alive race (the instance closed the idle connection as we reused it, so it never
+#: ran the request) and the request is sent again on a fresh connection. The close is already
+#: on its way then and arrives within a round trip; a later drop means the instance may have
+#: started the request (a prefill), and it is not run twice.
+KEEPALIVE_RACE_S = 0.25
 
 
 class UpstreamError(Exception):
@@ -434,14 +440,16 @@ class Upstream:
                     continue  # nothing was sent: once more on a fresh connection
                 raise UpstreamError(str(exc)) from None
             stream.connect_wait_s = waited
+            sent_at = time.monotonic()
             try:
                 await stream._head
                 return stream
             except _Dropped as exc:
-                # Dropped before any answer on a connection that had sat idle in the pool: the
-                # instance closed it as we reused it and did not run the request. Once more.
+                # Dropped at once, before any answer, on a connection that had sat idle in the
+                # pool: the instance closed it as we reused it and did not run the request. Once
+                # more. Dropped later, the instance may have been working on it: not sent twice.
                 conn.stream = None
-                if reused and not exc.answered:
+                if reused and not exc.answered and time.monotonic() - sent_at < KEEPALIVE_RACE_S:
                     waited += time.monotonic() - t0
                     continue
                 raise UpstreamError(str(exc)) from None

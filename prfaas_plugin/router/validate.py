@@ -33,13 +33,16 @@ def _too_deep(body: Any) -> bool:
 
 def parse_body(raw: bytes) -> Any:
     """The JSON in ``raw`` (already size-checked by asgi.read_body), or a ClientError for bytes
-    that are not UTF-8 JSON, nesting deeper than the parser recurses, and lone surrogates."""
+    that are not UTF-8 JSON, nesting deeper than the parser recurses, integers too long to
+    convert, and lone surrogates."""
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ClientError(400, f"the request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise ClientError(400, "the request body nests too deeply") from None
+    except ValueError as exc:  # an integer longer than Python converts (sys.get_int_max_str_digits)
+        raise ClientError(400, f"the request body holds a number this server does not read: {exc}") from None
     # Counting brackets is C-speed; only a body with many containers is walked for its depth.
     if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and isinstance(body, (dict, list)) and _too_deep(body):
         raise ClientError(400, f"the request body nests deeper than {MAX_DEPTH} levels")
