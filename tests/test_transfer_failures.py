@@ -5,6 +5,8 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -29,6 +31,7 @@ from prfaas_plugin.transfer import (
     SenderConfig,
     TransferError,
     TransferTimeout,
+    wire,
 )
 
 HERE = Path(__file__).parent
@@ -331,3 +334,230 @@ def _wait(pred, timeout=15.0):
         if time.monotonic() > end:
             raise AssertionError("condition not reached")
         time.sleep(0.01)
+
+
+# -- Failures that used to end only at the deadline -------------------------------------------------
+class _HalfOpenProxy:
+    """Data-plane proxy that cuts the first frame it sees half-way: the sender's side is reset
+    (the sender requeues and resends that frame on another link) while the receiver's side stays
+    open for ``hold_s`` (a half-open path), so the resent copy arrives while the first copy is
+    still arriving, and is drained as a duplicate; then the receiver's side closes."""
+
+    def __init__(self, hold_s: float = 2.0) -> None:
+        self.hold_s = hold_s
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(16)
+        self.address = f"127.0.0.1:{self.lsock.getsockname()[1]}"
+        self.upstream: tuple[str, int] | None = None
+        self.first = True
+        self.lock = threading.Lock()
+        self.stalled = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._conn, args=(c,), daemon=True).start()
+
+    def _conn(self, c: socket.socket) -> None:
+        assert self.upstream is not None
+        up = socket.create_connection(self.upstream)
+        try:
+            hello = bytearray(len(wire.HELLO))
+            wire.recv_exact(c, memoryview(hello))
+            up.sendall(hello)
+            while True:
+                hbuf = bytearray(wire.HEADER64_SIZE)
+                n, fields = wire.recv_header(c, hbuf)
+                payload = bytearray(fields[3])
+                wire.recv_exact(c, memoryview(payload))
+                with self.lock:
+                    first, self.first = self.first, False
+                if not first:
+                    up.sendall(bytes(hbuf[:n]) + bytes(payload))
+                    continue
+                up.sendall(bytes(hbuf[:n]) + bytes(payload[: len(payload) // 2]))
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                c.close()
+                self.stalled.set()
+                time.sleep(self.hold_s)
+                return
+        except (OSError, ConnectionError, ValueError):
+            pass
+        finally:
+            for s in (c, up):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+
+def test_a_chunk_whose_resent_copy_was_drained_is_asked_for_again_when_the_first_copy_is_lost():
+    from prfaas_plugin.transfer import GrpcTcpReceiver, GrpcTcpSender
+    from prfaas_plugin.transfer.config import split_hostport
+
+    chunk = 64 << 10
+    proxy = _HalfOpenProxy()
+    rx = GrpcTcpReceiver(ReceiverConfig(advertise_data=proxy.address))
+    proxy.upstream = split_hostport(rx.bound_data_endpoint)
+    tx = GrpcTcpSender(SenderConfig(chunk_bytes=chunk, frame_bytes=chunk, connections=2))
+    try:
+        items, data = random_items(np.random.default_rng(1), {"L0": 8 * chunk})
+        sink, tok = ArraySink(), token()
+        rh = rx.expect("halfopen", tok, FP, sink, deadline_s=12)
+        sh = tx.open(rx.endpoint, manifest("halfopen", items), tok, deadline_s=12)
+        sh.send("L0", data["L0"])
+        assert proxy.stalled.wait(5)
+        rh.done.result(timeout=proxy.hold_s + 5)  # it used to wait for the deadline
+        sh.done.result(timeout=5)
+        assert np.array_equal(sink.arrays["L0"], data["L0"])
+        assert rx.stats()["duplicate_chunks"] >= 1  # the case really happened
+    finally:
+        tx.close()
+        rx.close()
+        proxy.lsock.close()
+
+
+def test_a_sender_giving_up_while_the_receiver_opens_frees_the_receiver_session(engines):
+    rx, tx = engines
+
+    class SlowSink(ArraySink):  # allocating or pinning the buffers takes a while
+        def buffer_for(self, item):
+            time.sleep(1.0)
+            return super().buffer_for(item)
+
+    tok = token()
+    rh = rx.expect("cxl", tok, FP, SlowSink(), deadline_s=10)
+    sh = tx.open(rx.endpoint, manifest("cxl", (ItemSpec("L0", 1 << 20, 0),)), tok, deadline_s=10)
+    time.sleep(0.4)  # the receiver is inside buffer_for now
+    sh.abort("prefill gave up")
+    assert isinstance(rh.done.exception(timeout=4), PeerGone)
+
+
+def test_a_sink_failing_with_any_error_fails_the_receiver_session_at_once(engines):
+    rx, tx = engines
+
+    class OomSink(ArraySink):
+        def buffer_for(self, item):
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+    tok = token()
+    rh = rx.expect("oom", tok, FP, OomSink(), deadline_s=10)
+    sh = tx.open(rx.endpoint, manifest("oom", (ItemSpec("L0", 1 << 20, 0),)), tok, deadline_s=10)
+    assert isinstance(sh.done.exception(timeout=4), TransferError)
+    exc = rh.done.exception(timeout=4)
+    assert isinstance(exc, ProtocolError) and "out of memory" in str(exc)
+
+
+def test_a_staging_error_fails_the_request_not_the_link():
+    from prfaas_plugin.transfer.staging import PooledStager, StagingPool
+
+    class Dev:  # a device buffer stand-in: the stager is the component under test's neighbour
+        def __init__(self, arr):
+            self.arr = arr
+
+    chunk = 64 << 10
+    pool = StagingPool(4 * (32 << 10), 32 << 10, lambda n: np.empty(n, np.uint8))  # slots smaller than a chunk
+    stager = PooledStager(
+        pool,
+        lambda d, s, o, n: np.copyto(d[:n], s.arr[o : o + n]),
+        lambda o: isinstance(o, Dev),
+        lambda o: o.arr.nbytes,
+    )
+    rx, tx = pair(ReceiverConfig(), SenderConfig(chunk_bytes=chunk, connections=2), stager=stager)
+    try:
+        tok = token()
+        rx.expect("stg", tok, FP, ArraySink(), deadline_s=10)
+        sh = tx.open(rx.endpoint, manifest("stg", (ItemSpec("L0", 4 * chunk, 0),)), tok, deadline_s=10)
+        sh.send("L0", Dev(np.zeros(4 * chunk, np.uint8)))
+        exc = sh.done.exception(timeout=4)  # it used to retry on reconnected links until the deadline
+        assert isinstance(exc, ProtocolError) and "cannot read item 0" in str(exc)
+        assert all(p["connection_failures"] == 0 for p in tx.stats()["peers"].values())
+    finally:
+        tx.close()
+        rx.close()
+
+
+class _KillableProxy:
+    """A TCP proxy whose busiest connection (the gRPC data stream) can be reset on demand."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(16)
+        self.endpoint = f"127.0.0.1:{self.lsock.getsockname()[1]}"
+        self.conns: dict[socket.socket, list] = {}  # client side -> [bytes up, upstream side]
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            u = socket.create_connection(self.upstream)
+            with self.lock:
+                self.conns[c] = [0, u]
+            threading.Thread(target=self._pump, args=(c, u, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(u, c, False), daemon=True).start()
+
+    def _pump(self, a: socket.socket, b: socket.socket, up: bool) -> None:
+        try:
+            while d := a.recv(1 << 16):
+                b.sendall(d)
+                if up:
+                    with self.lock:
+                        if a in self.conns:
+                            self.conns[a][0] += len(d)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def kill_busiest(self) -> None:
+        with self.lock:
+            c = max(self.conns, key=lambda k: self.conns[k][0])
+            _, u = self.conns.pop(c)
+        for s in (c, u):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+
+
+def test_grpc_data_links_survive_blips_spread_over_their_life():
+    """Three requests, each losing its data stream once and recovering: the link's failure count
+    starts again once a new stream carries data (it used to add up over the link's life, and
+    the third blip killed the link and failed its request)."""
+    from prfaas_plugin.transfer import GrpcTcpReceiver, GrpcTcpSender
+    from prfaas_plugin.transfer.config import split_hostport
+
+    rx = GrpcTcpReceiver(ReceiverConfig(enable_tcp_data=False))
+    proxy = _KillableProxy(split_hostport(rx.endpoint))
+    tx = GrpcTcpSender(SenderConfig(chunk_bytes=64 << 10, connections=1, data_plane="grpc", pacing_gbps=0.05))
+    try:
+        for n in range(3):
+            items, data = random_items(np.random.default_rng(n), {f"L{i}": 256 << 10 for i in range(16)})
+            sink, tok = ArraySink(), token()
+            rh = rx.expect(f"blip{n}", tok, FP, sink, deadline_s=15)
+            sh = tx.open(proxy.endpoint, manifest(f"blip{n}", items), tok, deadline_s=15)
+            for it in items:
+                sh.send(it.name, data[it.name])
+            _wait(lambda rh=rh: rh.progress()["bytes_received"] >= (1 << 20) or rh.done.done())
+            proxy.kill_busiest()
+            sh.done.result(timeout=20)
+            rh.done.result(timeout=5)
+            for it in items:
+                assert np.array_equal(sink.arrays[it.name], data[it.name])
+    finally:
+        tx.close()
+        rx.close()
+        proxy.lsock.close()

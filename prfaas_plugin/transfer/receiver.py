@@ -103,6 +103,9 @@ class _Session:
         self.checksum_name = "crc32"
         self.checksum: wire.Checksum = wire.CHECKSUMS["crc32"]
         self.chunk_state: list[bytearray] = []
+        #: (item, chunk) whose resent copy was drained while an earlier copy was still arriving
+        #: on another connection: if that copy is then lost, the chunk is asked for again.
+        self.copy_dropped: set[tuple[int, int]] = set()
         self.chunks_left: list[int] = []
         self.callbacks_left = 0
         self.bytes_landed = 0
@@ -151,6 +154,7 @@ class _Session:
             fresh = [i for i in range(first, last) if states[i] == ChunkState.EMPTY]
             if len(fresh) != last - first:
                 self.owner.telemetry.bump("duplicate_chunks")
+                self.copy_dropped.update((item, i) for i in range(first, last) if states[i] == ChunkState.RECEIVING)
                 if fresh:
                     # Part of the frame is new (a resend overlapping chunks that landed):
                     # drain it and ask for the missing chunks one by one.
@@ -185,6 +189,8 @@ class _Session:
                 return
             first, last = self._span(item, offset, length)
             states = self.chunk_state[item]
+            again = [i for i in range(first, last) if (item, i) in self.copy_dropped]
+            self.copy_dropped.difference_update((item, i) for i in again)
             if ok:
                 for i in range(first, last):
                     states[i] = ChunkState.LANDED
@@ -199,6 +205,16 @@ class _Session:
             else:
                 for i in range(first, last):
                     states[i] = ChunkState.EMPTY
+                if ok is None and again:
+                    # This connection died mid-frame after the sender's resend of these chunks
+                    # was drained as a duplicate: nobody would send them again.
+                    for i in again:
+                        self.events.append(
+                            pb.ReceiverEvent(
+                                resend=pb.Resend(item=item, offset=self.base[item] + i * self.chunk, reason="copy lost")
+                            )
+                        )
+                    self.cond.notify_all()
                 if ok is False:
                     self.checksum_failures += 1
                     if self.checksum_failures > self.owner.config.max_checksum_failures:
@@ -297,8 +313,8 @@ class _Session:
                     mv = byte_view(self.sink.buffer_for(it), writable=True)
                 except TransferError as e:
                     return e
-                except (ValueError, TypeError, KeyError) as e:
-                    return ProtocolError(f"{req.request_id}: sink refused item {it.name!r}: {e}")
+                except Exception as e:  # a refusal, or the adapter's own failure (out of memory)
+                    return ProtocolError(f"{req.request_id}: sink refused item {it.name!r}: {e!r}")
                 if len(mv) != it.nbytes:
                     return ProtocolError(
                         f"{req.request_id}: sink buffer for {it.name!r} has {len(mv)} bytes, manifest says {it.nbytes}"
@@ -309,8 +325,8 @@ class _Session:
             if req.partial_items and held is not None:
                 try:
                     base = [min(max(0, int(held(it))), it.nbytes) for it in items]
-                except (ValueError, TypeError, KeyError) as e:
-                    return ProtocolError(f"{req.request_id}: sink cannot say what it holds: {e}")
+                except Exception as e:
+                    return ProtocolError(f"{req.request_id}: sink cannot say what it holds: {e!r}")
             self.items, self.buffers, self.manifest, self.base = items, buffers, manifest, base
             self.chunk = req.chunk_bytes
             self.checksum_name = algo
@@ -606,8 +622,18 @@ class GrpcTcpReceiver(TransferReceiver):
                 s.fail(err)  # a wrong token or layout ends the session on both sides
             context.abort(code_for(err), str(err))
         with self._lock:
-            self._by_key[s.key] = s
-        context.add_callback(lambda: s.fail(PeerGone(f"{s.request_id}: sender's session stream ended")))
+            # Not if it failed meanwhile (its deadline): _forget has run, and would not again.
+            if not s.state.finished:
+                self._by_key[s.key] = s
+
+        def sender_gone() -> None:
+            s.fail(PeerGone(f"{s.request_id}: sender's session stream ended"))
+
+        if not context.add_callback(sender_gone):
+            # The RPC ended while the session opened (the sender gave up): nothing will resume
+            # this generator, so the session must not wait for its deadline holding the buffers.
+            sender_gone()
+            return
         host = ""
         port = 0
         if self.data_endpoint is not None and "tcp" in req.data_planes:

@@ -294,19 +294,25 @@ class _Link:
                     self._failed(ConnectionError("receiver closed the data connection"))
                 continue
             h, idx, off, ln = job.handle, job.item, job.offset, job.length
-            try:
-                with h.payload(idx, off, ln) as view:
+            with contextlib.ExitStack() as held:
+                try:
+                    view = held.enter_context(h.payload(idx, off, ln))
                     ck = h.checksum
                     hdr = wire.pack_header(h.key, idx, off, ln, ck.digest(view), ck.wide)
+                except TransferError:
+                    continue  # the request was released meanwhile; nothing to send
+                except Exception as e:
+                    # The payload could not be read or staged: that fails the request, not the
+                    # link (a link failure requeues the frame, which would fail the same way).
+                    h.fail(ProtocolError(f"{h.request_id}: cannot read item {idx}: {e!r}"))
+                    continue
+                try:
                     p.sender.pacer.consume(len(hdr) + ln, p.closed)
                     wire.send_frame(self.sock, hdr, view, use_sendmsg)
-                p.sent(h, ln, job.resend)
-            except TransferError:
-                continue  # the request was released meanwhile; nothing to send
-            except (OSError, ValueError) as e:
-                self._failed(e)
-            except Exception as e:  # a broken staging copy must fail the request, not the link
-                h.fail(ProtocolError(f"{h.request_id}: cannot read item {idx}: {e!r}"))
+                except (OSError, ValueError) as e:
+                    self._failed(e)
+                    continue
+            p.sent(h, ln, job.resend)
 
     def _peer_closed(self) -> bool:
         """The receiver never writes on a data connection, so a readable socket means EOF or
@@ -395,6 +401,9 @@ class _GrpcLink(_Link):
                 if ck.wide
                 else pb.DataChunk(session_key=h.key, item=idx, offset=off, crc32=value, data=data)
             )
+            # gRPC asked for the next message: this stream works, so earlier failures were blips
+            # (a TCP link counts from its last good connect the same way).
+            self.failures = 0
             p.sent(h, ln, job.resend)
 
 
