@@ -561,3 +561,37 @@ def test_grpc_data_links_survive_blips_spread_over_their_life():
         tx.close()
         rx.close()
         proxy.lsock.close()
+
+
+def test_a_control_channel_left_idle_is_closed_and_comes_back_when_needed():
+    """Decode instances come and go: a channel to one no longer sent to is closed after
+    ``channel_idle_s``, not kept for the producer's life; sending there again opens a new one."""
+    from prfaas_plugin.transfer import GrpcTcpReceiver, GrpcTcpSender
+
+    rx_a, rx_b = GrpcTcpReceiver(ReceiverConfig()), GrpcTcpReceiver(ReceiverConfig())
+    tx = GrpcTcpSender(SenderConfig(chunk_bytes=64 << 10, connections=1, channel_idle_s=0.2))
+
+    def one(rx, rid):
+        items, data = random_items(np.random.default_rng(0), {"L0": 256 << 10})
+        sink, tok = ArraySink(), token()
+        rh = rx.expect(rid, tok, FP, sink)
+        sh = tx.open(rx.endpoint, manifest(rid, items), tok)
+        sh.send("L0", data["L0"])
+        sh.done.result(timeout=10)
+        rh.done.result(timeout=10)
+        assert np.array_equal(sink.arrays["L0"], data["L0"])
+
+    with pytest.raises(ValueError, match="channel_idle_s"):
+        SenderConfig(channel_idle_s=0)
+    try:
+        one(rx_a, "a1")
+        assert tx.stats()["control_channels"] == 1
+        time.sleep(0.3)
+        one(rx_b, "b1")  # a's channel has been idle past channel_idle_s
+        assert tx.stats()["control_channels"] == 1
+        one(rx_a, "a2")  # and comes back on demand
+        assert tx.stats()["control_channels"] == 2  # b's is still fresh
+    finally:
+        tx.close()
+        rx_a.close()
+        rx_b.close()

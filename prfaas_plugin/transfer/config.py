@@ -115,6 +115,10 @@ class SenderConfig:
     announce_wait_s: float = 30.0
     #: Resends of one chunk after receiver-side checksum failures before giving up.
     max_chunk_retries: int = 3
+    #: A control channel to a receiver unused this long (no session open on it) is closed:
+    #: decode instances come and go (rescheduled pods), and a long-running producer must not
+    #: keep a channel, with its reconnect timers, to every address it ever sent to.
+    channel_idle_s: float = 300.0
     #: Pinned staging pool for device tensors (bytes) and its slot size.
     staging_bytes: int = 64 << 20
     #: Per-chunk checksums offered, preferred first; ones this process lacks are skipped.
@@ -144,6 +148,8 @@ class SenderConfig:
             raise ValueError("SenderConfig.announce_wait_s must be >= 0")
         if self.staging_bytes < self.chunk_bytes:
             raise ValueError("SenderConfig.staging_bytes must hold at least one chunk")
+        if not self.channel_idle_s > 0:
+            raise ValueError(f"SenderConfig.channel_idle_s must be > 0, got {self.channel_idle_s}")
 
 
 def _effective(names: Sequence[str] | None, tls: bool) -> tuple[str, ...]:

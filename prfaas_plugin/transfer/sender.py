@@ -578,6 +578,7 @@ class GrpcTcpSender(TransferSender):
         self._ssl = tlsmod.client_context(self.config.tls) if self.config.tls is not None else None
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
+        self._channel_used: dict[str, float] = {}  # endpoint -> monotonic time of its last use
         self._peers: dict[tuple[str, str, int, str], _Peer] = {}
         self._handles: dict[int, _SendHandle] = {}
         self._closed = False
@@ -624,6 +625,7 @@ class GrpcTcpSender(TransferSender):
         with self._lock:
             chans = list(self._channels.values())
             self._channels.clear()
+            self._channel_used.clear()
         for c in chans:
             c.close()
 
@@ -635,6 +637,8 @@ class GrpcTcpSender(TransferSender):
             active = len(self._handles)
         snap = self.telemetry.snapshot(p.live() for p in peers)
         snap["requests_active"] = active
+        with self._lock:
+            snap["control_channels"] = len(self._channels)
         snap["connections"] = sum(p.live()["connections"] for p in peers)
         return snap
 
@@ -654,11 +658,24 @@ class GrpcTcpSender(TransferSender):
         return grpc.insecure_channel(endpoint, options=opts)
 
     def _channel(self, endpoint: str) -> grpc.Channel:
+        now = time.monotonic()
         with self._lock:
             ch = self._channels.get(endpoint)
             if ch is None:
                 ch = self._channels[endpoint] = self._make_channel(endpoint, _GRPC_OPTS)
-            return ch
+            self._channel_used[endpoint] = now
+            busy = {h.endpoint for h in self._handles.values()} | {endpoint}
+            idle = [
+                ep
+                for ep, used in self._channel_used.items()
+                if ep not in busy and now - used > self.config.channel_idle_s
+            ]
+            stale = [self._channels.pop(ep) for ep in idle]
+            for ep in idle:
+                del self._channel_used[ep]
+        for c in stale:
+            c.close()
+        return ch
 
     def _peer(self, plane: str, host: str, port: int, control_endpoint: str) -> _Peer:
         key = (plane, host, port, control_endpoint if plane == "grpc" else "")
