@@ -235,6 +235,30 @@ def test_vllm_producer_gathers_on_the_device_and_sends_pinned_staging(gpu):
     assert gpu.seam.waits == [("side", "forward")] * len(LAYERS), "the side stream must wait on the forward"
 
 
+def test_vllm_producer_aborted_mid_chunked_prefill_gives_its_staging_back(gpu):
+    """The chunks sent before the abort hold pinned staging; dropping the transfer must return
+    it to the pool, or the pool fills and a later forward pass blocks on it."""
+    from prfaas_plugin.engines.vllm.meta import Transfer
+    from prfaas_plugin.engines.vllm.worker import _Leg, _Send
+
+    w = _vllm_worker(gpu.seam)
+    # 12 tokens in 4-token slices: this step finished the first 4 (chunked prefill)
+    t = Transfer("r", "x", "t" * 32, 10.0, 12, ([3, 7, 9],), "127.0.0.1:1", ready_tokens=4, slice_tokens=4)
+    h = _Handle()
+    aborted: list[str] = []
+    h.abort = aborted.append  # type: ignore[attr-defined]
+    w._sends["r"] = _Send([_Leg(h)], t, w._plan(t))
+    w.meta = SimpleNamespace(sends=[t], loads=[], aborts=[])
+    for lname in LAYERS:
+        w._send_layer("r", lname)
+    if w._stage_exec is not None:
+        w._stage_exec.shutdown(wait=True)
+    assert h.sent and w.packer.pool_stats()["in_use_bytes"] > 0
+    sending, _, _ = w.transfer_results({"r"})  # vLLM finished the request before its last chunk
+    assert sending == set() and aborted and "r" not in w._sends
+    assert w.packer.pool_stats()["in_use_bytes"] == 0
+
+
 def test_vllm_consumer_lands_in_pinned_staging_and_scatters_on_the_side_stream(gpu):
     from prfaas_plugin.engines.vllm.meta import Transfer
     from prfaas_plugin.engines.vllm.worker import _Sink

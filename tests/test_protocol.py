@@ -47,7 +47,7 @@ def test_vllm_bodies_round_trip_through_the_connectors_parser() -> None:
 
 @pytest.mark.parametrize("deadline", [0, -1, 3601, math.nan, math.inf, True, "5"])
 def test_a_deadline_outside_its_range_or_not_a_number_is_refused(deadline: object) -> None:
-    raw = {"prfaas_version": REQUEST_PROTOCOL_VERSION, "role": "consumer", "transfer_id": "a", "token": "b"}
+    raw = {"prfaas_version": REQUEST_PROTOCOL_VERSION, "role": "consumer", "transfer_id": "a", "token": "b" * 16}
     with pytest.raises(BadParams, match="deadline_s"):
         parse_params({**raw, "deadline_s": deadline})
 

@@ -94,7 +94,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def make_scheduler(model_dir: Path, role: str, extra: dict | None = None, **sched_kw):
+def make_scheduler(model_dir: Path, role: str, extra: dict | None = None, budget: int = 1024, **sched_kw):
     import torch
     from vllm.config import CacheConfig, DeviceConfig, KVTransferConfig, ModelConfig, SchedulerConfig, VllmConfig
     from vllm.v1.core.sched.scheduler import Scheduler
@@ -106,7 +106,7 @@ def make_scheduler(model_dir: Path, role: str, extra: dict | None = None, **sche
         model_config=model,
         scheduler_config=SchedulerConfig(
             max_num_seqs=8,
-            max_num_batched_tokens=1024,
+            max_num_batched_tokens=budget,
             max_model_len=1024,
             is_encoder_decoder=False,
             **sched_kw,
@@ -157,7 +157,7 @@ def make_request(rid: str, n_prompt: int, params: dict | None, first: int = 3):
 
 
 def consumer_params(tid: str) -> dict:
-    return {"prfaas_version": 1, "role": "consumer", "transfer_id": tid, "token": "t" + tid}
+    return {"prfaas_version": 1, "role": "consumer", "transfer_id": tid, "token": f"token-{tid}-0123456789abcdef"}
 
 
 def runner_output(sched_out, sampled: dict[str, list[int]], **kv):
@@ -247,7 +247,7 @@ def test_producer_prefills_n_minus_1_and_ships_it(model_dir):
         "prfaas_version": 1,
         "role": "producer",
         "transfer_id": "p1",
-        "token": "tp1",
+        "token": "tp1" * 8,
         "decode_endpoint": "127.0.0.1:9",
     }
     req = make_request("p", 48, params)  # 3 full blocks: the cut invalidates the last block hash

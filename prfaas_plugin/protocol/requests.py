@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from prfaas_plugin.protocol.transfer import MIN_TOKEN_CHARS
+
 #: The version the vLLM connector accepts in ``kv_transfer_params.prfaas_version``.
 REQUEST_PROTOCOL_VERSION = 1
 #: The key whose presence marks ``kv_transfer_params`` as ours (other connectors' params lack it).
@@ -85,6 +87,8 @@ def parse_params(raw: Mapping[str, Any] | None) -> RequestParams | None:
     for key in ("transfer_id", "token"):
         if not isinstance(raw.get(key), str) or not raw[key]:
             raise BadParams(f"{key} must be a non-empty string")
+    if len(raw["token"]) < MIN_TOKEN_CHARS:
+        raise BadParams(f"token must be at least {MIN_TOKEN_CHARS} characters (a secret of 128 bits or more)")
     deadline = raw.get("deadline_s", DEFAULT_DEADLINE_S)
     if (
         not isinstance(deadline, (int, float))

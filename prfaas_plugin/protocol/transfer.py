@@ -10,3 +10,6 @@ from __future__ import annotations
 GRPC_SERVICE = "prfaas.v1.Transfer"
 #: Version of the framing and handshake carried in ``OpenRequest.protocol_version``.
 TRANSFER_PROTOCOL_VERSION = 1
+#: Shortest session token a receiver accepts: tokens are secrets of 128 bits or more, and the
+#: request protocol refuses a shorter one in ``kv_transfer_params`` before it reaches a receiver.
+MIN_TOKEN_CHARS = 16

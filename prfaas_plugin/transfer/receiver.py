@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 
 from prfaas_plugin.protocol.transfer import GRPC_SERVICE as SERVICE
+from prfaas_plugin.protocol.transfer import MIN_TOKEN_CHARS
 from prfaas_plugin.protocol.transfer import TRANSFER_PROTOCOL_VERSION as PROTOCOL_VERSION
 from prfaas_plugin.transfer import tls as tlsmod
 from prfaas_plugin.transfer import wire
@@ -491,8 +492,8 @@ class GrpcTcpReceiver(TransferReceiver):
     ) -> ReceiveHandle:
         if not request_id:
             raise ValueError("request_id must be non-empty")
-        if len(token) < 16:
-            raise ValueError("token must be at least 16 characters (128-bit secrets are expected)")
+        if len(token) < MIN_TOKEN_CHARS:
+            raise ValueError(f"token must be at least {MIN_TOKEN_CHARS} characters (128-bit secrets are expected)")
         if deadline_s <= 0:
             raise ValueError("deadline_s must be > 0")
         if self._closed.is_set():

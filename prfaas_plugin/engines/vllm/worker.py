@@ -182,6 +182,7 @@ class _Load:
     handles: list[ReceiveHandle] = field(default_factory=list)  # empty when it failed before a receiver
     sinks: list[_Sink] = field(default_factory=list)
     landed: float | None = None  # monotonic seconds when its last session finished (ok or not)
+    abandoned: bool = False  # its request finished (aborted) before the KV arrived
 
     def __post_init__(self) -> None:
         self.done.add_done_callback(lambda _f: setattr(self, "landed", time.monotonic()))
@@ -211,6 +212,10 @@ class WorkerSide:
         self._send_futs: dict[str, Future[Any]] = {}
         self._loads: dict[str, _Load] = {}
         self._sched_finished: set[str] = set()
+        #: Producers whose last chunk was scheduled: vLLM holds their blocks until they are
+        #: reported in finished_sending (the scheduler's request_finished delays the free). Any
+        #: other producer's blocks are freed at once, so it must never be reported.
+        self._final_sends: set[str] = set()
         self._load_errors: set[int] = set()
         self._lock = threading.Lock()
         self.stats = PrfaaSConnectorStats()
@@ -509,21 +514,27 @@ class WorkerSide:
                 f.set_exception(RuntimeError("not a kv_consumer"))
                 self._loads[t.req_id] = _Load(f, t, time.monotonic())
                 continue
-            if self.recv_pairs is None:
-                sinks = [_Sink(self, t)]
-                hs = [self.receiver.expect(t.transfer_id, t.token, self.fp, sinks[0], deadline_s=t.deadline_s)]
-            else:
-                sinks = [_Sink(self, t, pr) for pr in self.recv_pairs]
-                hs = [
-                    self.receiver.expect(
-                        pr.session_id(t.transfer_id),
-                        t.token,
-                        pr.fingerprint,
-                        sink,
-                        deadline_s=t.deadline_s,
-                    )
-                    for pr, sink in zip(self.recv_pairs, sinks)
-                ]
+            hs: list[ReceiveHandle] = []
+            try:
+                if self.recv_pairs is None:
+                    sinks = [_Sink(self, t)]
+                    hs.append(self.receiver.expect(t.transfer_id, t.token, self.fp, sinks[0], deadline_s=t.deadline_s))
+                else:
+                    sinks = [_Sink(self, t, pr) for pr in self.recv_pairs]
+                    for pr, sink in zip(self.recv_pairs, sinks):
+                        hs.append(
+                            self.receiver.expect(
+                                pr.session_id(t.transfer_id), t.token, pr.fingerprint, sink, deadline_s=t.deadline_s
+                            )
+                        )
+            except Exception as e:  # e.g. a transfer_id another request still uses: this request only
+                for h in hs:
+                    h.abort(f"another session of the load could not be announced: {e}")
+                log.error("prfaas: cannot announce the load of %s for %s: %s", t.transfer_id, t.req_id, e)
+                failed_load: Future[list[TransferManifest]] = Future()
+                failed_load.set_exception(e)
+                self._loads[t.req_id] = _Load(failed_load, t, time.monotonic())
+                continue
 
             def abort_rest(exc: BaseException, hs: list[ReceiveHandle] = hs) -> None:
                 for h in hs:
@@ -539,23 +550,31 @@ class WorkerSide:
 
     # -- completion ----------------------------------------------------------------------------
     def transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
+        self._final_sends.update(t.req_id for t in self.meta.sends if t.final)
         self._sched_finished |= set(finished_req_ids)
         sending: set[str] = set()
-        for rid in finished_req_ids & self._sends.keys():
-            st = self._sends[rid]
-            if not st.final:  # aborted mid chunked prefill: the scheduler did not hold its blocks
+        for rid in finished_req_ids - self._final_sends:
+            # Finished before its last chunk (aborted mid chunked prefill), or never a producer:
+            # vLLM freed its blocks already, so it is dropped here and never reported.
+            st = self._sends.pop(rid, None)
+            if st is not None:
                 self._fail_send(st, "request finished before its prefill completed")
-                del self._sends[rid]
-                self._sched_finished.discard(rid)
+                self._release_staging(st)
+            self._send_futs.pop(rid, None)
+            self._sched_finished.discard(rid)
+        for rid in finished_req_ids & self._loads.keys():
+            ld = self._loads[rid]
+            ld.abandoned = True  # aborted while its KV was due: vLLM waits for the load's report
+            for h in ld.handles:
+                if not h.done.done():
+                    h.abort("the request finished before its KV arrived")
         for rid in list(self._sends):
             legs = self._sends[rid].legs
             if all(lg.handle.done.done() for lg in legs):
                 exc = next((e for lg in legs if (e := lg.handle.done.exception()) is not None), None)
                 f = legs[0].handle.done if len(legs) == 1 else _all_of([lg.handle.done for lg in legs])
                 self._send_futs[rid] = f
-                for buf in self._sends.pop(rid).buffers:  # the receiver has them: staging back to the pool
-                    buf.wait()
-                    buf.release()
+                self._release_staging(self._sends.pop(rid))  # the receiver has them
                 if exc is None:  # what crossed: less than the manifest when D held a prefix
                     self.stats.record_sent(sum(lg.handle.progress().get("bytes_confirmed", 0) for lg in legs))
                 else:
@@ -564,6 +583,7 @@ class WorkerSide:
             if rid in self._sched_finished:
                 f = self._send_futs.pop(rid)
                 self._sched_finished.discard(rid)
+                self._final_sends.discard(rid)
                 if f.exception() is not None:
                     log.warning("prfaas: producer transfer for %s ended with %s; blocks freed", rid, f.exception())
                 sending.add(rid)
@@ -605,9 +625,13 @@ class WorkerSide:
                 continue
             failed.add(rid)
             self.stats.record_load_failure(type(err).__name__)
-            if len(self.groups) == 1:  # vLLM takes block-level errors for single-group models only;
-                # with several groups (hybrid/SWA) failed_recving alone makes it recompute the request
-                self._load_errors.update(b for b in t.block_ids[0] if b)
+            if len(self.groups) == 1 and not ld.abandoned:
+                # vLLM takes block-level errors for single-group models only (with several groups,
+                # hybrid/SWA, failed_recving alone makes it recompute the request). Only the blocks
+                # this load was to write: the locally cached prefix before them is shared with
+                # other requests, which lost nothing.
+                held = t.num_local_tokens // self.groups[0].block_size
+                self._load_errors.update(b for b in t.block_ids[0][held:] if b)
             log.warning(
                 "prfaas: KV load for request %s failed (%s: %s); decode recomputes the prefill locally",
                 rid,
@@ -615,8 +639,18 @@ class WorkerSide:
                 err,
             )
         # the scheduler only reports finished ids once; keep those not yet matched to a send
-        self._sched_finished &= set(self._sends) | set(self._send_futs) | {t.req_id for t in self.meta.sends}
+        pending = set(self._sends) | set(self._send_futs) | {t.req_id for t in self.meta.sends}
+        self._sched_finished &= pending
+        self._final_sends &= pending
         return sending, recving, failed
+
+    @staticmethod
+    def _release_staging(st: _Send) -> None:
+        """Give a transfer's pinned staging back to the pool (once no session reads it)."""
+        for buf in st.buffers:
+            buf.wait()
+            buf.release()
+        st.buffers = []
 
     def take_stats(self) -> PrfaaSConnectorStats | None:
         """This interval's transfers for vLLM's stats channel, or None when nothing happened."""
