@@ -46,7 +46,10 @@ def test_module_path_resolves_both_names():
         ({"prfaas_version": 1, "role": "consumer", "token": "b" * 16}, "transfer_id"),
         ({"prfaas_version": 1, "role": "consumer", "transfer_id": "a", "token": "b" * 15}, "token"),
         ({"prfaas_version": 1, "role": "producer", "transfer_id": "a", "token": "b" * 16}, "decode_endpoint"),
-        ({"prfaas_version": 1, "role": "consumer", "transfer_id": "a", "token": "b" * 16, "deadline_s": -1}, "deadline_s"),
+        (
+            {"prfaas_version": 1, "role": "consumer", "transfer_id": "a", "token": "b" * 16, "deadline_s": -1},
+            "deadline_s",
+        ),
     ],
 )
 def test_bad_params_name_the_field(raw, needle):
