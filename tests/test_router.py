@@ -619,6 +619,37 @@ def test_config_errors_are_clear(tmp_path) -> None:
             dict(good, clusters=[{"name": "l", "kind": "local", "both": [{"url": "ftp://x", "kv_endpoint": "a:1"}]}]),
             "http://",
         ),
+        # Values that load but cannot work: each used to surface later (a 500, a dead thread).
+        (
+            dict(
+                good,
+                clusters=[{"name": "l", "kind": "local", "both": [{"url": "http://h:port", "kv_endpoint": "a:1"}]}],
+            ),
+            "port",
+        ),
+        (
+            dict(
+                good, clusters=[{"name": "l", "kind": "local", "both": [{"url": "http://:80", "kv_endpoint": "a:1"}]}]
+            ),
+            "no host",
+        ),
+        (
+            dict(
+                good,
+                clusters=[
+                    {
+                        "name": "l",
+                        "kind": "local",
+                        "both": [{"url": "http://h:1", "kv_endpoint": "a:1", "kv_events": "x"}],
+                    }
+                ],
+            ),
+            "kv_events",
+        ),
+        (dict(good, model=""), "model"),
+        (dict(good, threshold={"tokens": float("inf")}), "finite"),
+        (dict(good, threshold={"egress_window_s": float("nan")}), "finite"),
+        (dict(good, threshold={"tokens": 50000, "max_tokens": 100}), "max_tokens"),
     ]
     for raw, msg in cases:
         path = tmp_path / "c.yaml"
@@ -652,6 +683,32 @@ def test_kv_events_feed_the_prefix_index() -> None:
     removed = msgspec.msgpack.encode(KVEventBatch(ts=1.0, events=[BlockRemoved(block_hashes=[b"h2"], medium="GPU")]))
     apply_payload(idx, "http://a", removed)
     assert idx.longest_prefix(tokens, ["http://a"]) == (4, "http://a")
+
+
+def test_chat_template_kwargs_cannot_change_how_a_prompt_is_counted(tokenizer) -> None:
+    """Keys naming the tokenizer call's own options are not template variables: return_tensors
+    counted a long prompt as one token, past max_prompt_tokens."""
+    msgs = [{"role": "user", "content": words(40)}]
+    want = tokenizer.chat_tokens(msgs, {})
+    for kw in (
+        {"return_tensors": "np"},
+        {"return_dict": True},
+        {"truncation": True, "max_length": 3},
+        {"tokenize": False},
+    ):
+        assert tokenizer.chat_tokens(msgs, {"chat_template_kwargs": kw}) == want, kw
+
+
+def test_admin_endpoints_answer_unreadable_numbers_with_a_400(fleet) -> None:
+    r, p, _ = fleet
+    huge = b"1" + b"0" * 400  # larger than a float
+    resp = httpx.put(r.url + "/admin/threshold", content=b'{"threshold_tokens": ' + huge + b"}")
+    assert resp.status_code == 400, resp.text
+    for body in (b'{"url": "x", "drain": ' + b"9" * 5000 + b"}", b"[" * 100_000 + b"]" * 100_000):
+        resp = httpx.post(r.url + "/admin/instances/drain", content=body)
+        assert resp.status_code == 400, resp.text[:200]
+    resp = httpx.post(r.url + "/admin/instances/drain", json={"url": p.url, "drain": False})
+    assert resp.status_code == 200
 
 
 def test_chat_prompts_count_template_tokens(tokenizer) -> None:
@@ -950,6 +1007,15 @@ def test_router_command_freezes_its_start_up_heap_before_serving(tmp_path, monke
         gc.unfreeze()
     assert result.exit_code == 0, result.output
     assert frozen and frozen[0] > 10_000, frozen
+
+
+def test_a_port_out_of_range_is_refused_before_the_router_starts(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from prfaas_plugin.cli.router import command
+
+    result = CliRunner().invoke(command, ["--config", str(tmp_path / "r.yaml"), "--port", "99999"])
+    assert result.exit_code == 2 and "99999" in result.output
 
 
 def test_recent_share_matches_a_recount_of_its_window() -> None:

@@ -12,7 +12,7 @@ import click
 @click.command(name="router")
 @click.option("--config", "config", type=click.Path(path_type=Path), required=True, help="router YAML")
 @click.option("--host", default="0.0.0.0", show_default=True)
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )

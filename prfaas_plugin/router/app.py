@@ -122,7 +122,9 @@ def create_app(cfg: RouterConfig, tokenizer: PromptTokenizer | None = None) -> R
                 raise TypeError
             if not (math.isfinite(tokens) and 0 <= tokens <= top):
                 raise ValueError
-        except (ValueError, KeyError, TypeError, RecursionError):  # JSONDecodeError, UnicodeDecodeError too
+        # ValueError covers JSONDecodeError, UnicodeDecodeError and integers too long to read;
+        # OverflowError an integer too large for a float.
+        except (ValueError, KeyError, TypeError, RecursionError, OverflowError):
             return error_response(400, f'send {{"threshold_tokens": <a number from 0 to {top:g}>}}')
         router.controller.set_fixed(float(tokens))
         return JSONResponse(router.controller.snapshot())

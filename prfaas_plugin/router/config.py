@@ -22,13 +22,32 @@ class RouterConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No router setting means anything as infinity or NaN (a threshold, a window, a timeout):
+    # such a value is a typo that would only show later, as a 500 or a loop that never acts.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def _check_url(v: str) -> str:
     if not (v.startswith("http://") or v.startswith("https://")):
         raise ValueError(f"instance url must start with http:// or https://, got {v!r}")
+    try:
+        parts = urlsplit(v)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number in range
+    except ValueError as e:
+        raise ValueError(f"instance url {v!r}: {e}") from None
+    if not parts.hostname:
+        raise ValueError(f"instance url {v!r} names no host")
     return v.rstrip("/")
+
+
+def _check_zmq_endpoint(v: str) -> str:
+    """A ZeroMQ endpoint the events subscriber can connect to: tcp://host:port or ipc://path."""
+    scheme, sep, rest = v.partition("://")
+    if not sep or scheme not in ("tcp", "ipc") or not rest:
+        raise ValueError(f"kv_events must be tcp://host:port or ipc://path, got {v!r}")
+    if scheme == "tcp":
+        _check_hostport(rest)
+    return v
 
 
 def _check_hostport(v: str) -> str:
@@ -55,6 +74,11 @@ class InstanceSpec(_Strict):
     @classmethod
     def _url(cls, v: str) -> str:
         return _check_url(v)
+
+    @field_validator("kv_events")
+    @classmethod
+    def _kv_events(cls, v: str | None) -> str | None:
+        return None if v is None else _check_zmq_endpoint(v)
 
     @field_validator("kv_endpoint")
     @classmethod
@@ -148,6 +172,10 @@ class ThresholdSpec(_Strict):
             raise ValueError("threshold.egress_low must be below egress_high")
         if self.queue_low >= self.queue_high:
             raise ValueError("threshold.queue_low must be below queue_high")
+        if self.tokens > self.max_tokens:
+            raise ValueError(
+                f"threshold.tokens ({self.tokens:g}) must not exceed threshold.max_tokens ({self.max_tokens:g})"
+            )
         if self.apply_split and self.mode != "auto":
             raise ValueError("threshold.apply_split needs threshold.mode auto (the split comes from the planner)")
         return self
@@ -270,7 +298,7 @@ class ReplicaSpec(_Strict):
 
 class RouterConfig(_Strict):
     #: Model name served on /v1/models (requests naming another model get a 404).
-    model: str
+    model: str = Field(min_length=1)
     #: The engine every instance runs. vllm: the prfaas connector's request protocol
     #: (kv_transfer_params, docs/protocol.md). sglang: SGLang's PD protocol (bootstrap_host /
     #: bootstrap_port / bootstrap_room injected into both requests, as its own routers do),

@@ -191,10 +191,12 @@ class Flow:
                     if prod_task.done() and not prod_task.cancelled()
                     else ProducerResult(False, error="cancelled")
                 )
-                if prod.ok:
+                if prod.ok or not prod.status:
+                    # The decode's refusal is the answer (the producer's, cut short or never
+                    # refused, says nothing more): its status decides a 4xx or a fallback.
                     prod = ProducerResult(
                         False,
-                        error=f"decode HTTP {op.resp.status_code}",
+                        error=f"decode HTTP {op.resp.status_code}" + ("" if prod.ok else f" (producer: {prod.error})"),
                         seconds=prod.seconds,
                         status=op.resp.status_code,
                     )

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -75,13 +74,18 @@ def install(app: FastAPI, router: Router) -> None:
 
     @app.post("/admin/instances/drain")
     async def drain(request: Request) -> Response:
+        usage = 'send {"url": "<instance url>", "drain": true|false}'
         try:
-            body: Any = await request.json()
-            url, flag = str(body["url"]).rstrip("/"), body.get("drain", True)
-            if not isinstance(flag, bool):
+            body: Any = parse_body(await request.body())
+        except ClientError as exc:
+            return error_response(exc.status, f"{exc.message}; {usage}")
+        try:
+            url, flag = body["url"], body.get("drain", True)
+            if not isinstance(url, str) or not isinstance(flag, bool):
                 raise TypeError
-        except (KeyError, TypeError, AttributeError, json.JSONDecodeError):
-            return error_response(400, 'send {"url": "<instance url>", "drain": true|false}')
+            url = url.rstrip("/")
+        except (KeyError, TypeError, AttributeError):
+            return error_response(400, usage)
         inst = next((i for i in router.fleet.instances if i.url == url), None)
         if inst is None:
             return error_response(404, f"no instance {url!r}; GET /admin/instances lists them", "not_found")

@@ -3,9 +3,11 @@ chat template applied to chat requests. Loaded once, offline, from a local folde
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 
 class PromptError(ValueError):
@@ -54,6 +56,10 @@ class PromptTokenizer:
         kwargs = body.get("chat_template_kwargs") or {}
         if not isinstance(kwargs, dict):
             raise PromptError("chat_template_kwargs must be an object")
+        # Template variables only, as the engine treats them: a key naming one of the tokenizer
+        # call's own options (return_tensors, truncation, max_length, tokenize, ...) would change
+        # what is counted (a 100-token prompt counted as 1 got past max_prompt_tokens).
+        kwargs = {k: v for k, v in kwargs.items() if k not in self._template_options}
         try:
             ids = self.tok.apply_chat_template(
                 messages, add_generation_prompt=body.get("add_generation_prompt", True), tokenize=True, **kwargs
@@ -62,4 +68,13 @@ class PromptTokenizer:
             raise PromptError(f"cannot apply the chat template: {exc}") from None
         if isinstance(ids, Mapping):  # transformers 5 returns a BatchEncoding (a Mapping), not a list
             ids = ids["input_ids"]
-        return list(ids)
+        out = list(ids)
+        if not all(isinstance(i, int) for i in out):
+            raise PromptError("the chat template did not produce a list of token ids")
+        return cast(list[int], out)
+
+    @functools.cached_property
+    def _template_options(self) -> frozenset[str]:
+        """Parameters of the tokenizer's apply_chat_template itself (not template variables)."""
+        params = inspect.signature(self.tok.apply_chat_template).parameters
+        return frozenset(n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
