@@ -8,13 +8,23 @@ from pathlib import Path
 import click
 import yaml
 
+from prfaas_plugin.cli.outputs import output_dir, output_file, write_text
 from prfaas_plugin.planner.config import PlannerConfigError, load_config
-from prfaas_plugin.planner.search import PlanResult, plan
+from prfaas_plugin.planner.search import PlanResult
 
 
 def _run(config: Path, overrides: dict | None = None, with_curves: bool = False) -> PlanResult:
     cfg, base = load_config(config, overrides)
-    return plan(cfg.system(), cfg.length_distribution(base), cfg.search.threshold_step, with_curves=with_curves)
+    return cfg.plan(base, with_curves=with_curves)
+
+
+def yaml_value(text: str, option: str) -> object:
+    """One command-line value read as YAML (so 3 is a number and [1, 2] a list)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise click.BadParameter(f"{text!r} is not a valid YAML value ({first})", param_hint=option) from None
 
 
 def summary_table(r: PlanResult) -> str:
@@ -72,7 +82,7 @@ def _parse_sweep(spec: str) -> tuple[str, list]:
     key, sep, values = spec.partition("=")
     if not sep or not key or not values:
         raise click.BadParameter(f"expected KEY=V1,V2,..., got {spec!r}", param_hint="--sweep")
-    return key, [yaml.safe_load(v) for v in values.split(",")]
+    return key, [yaml_value(v, "--sweep") for v in values.split(",")]
 
 
 @click.command(name="plan")
@@ -99,6 +109,10 @@ def command(config: Path, as_json: bool, plot_dir: Path | None, sweep: str | Non
     with the homogeneous and naive heterogeneous baselines."""
     if sweep and values_file is not None:
         raise click.UsageError("--emit-values writes one plan's counts; it cannot be used with --sweep")
+    if values_file is not None:
+        output_file(values_file, "--emit-values")
+    if plot_dir is not None:
+        output_dir(plot_dir, "--plot")
     try:
         if sweep:
             key, values = _parse_sweep(sweep)
@@ -127,7 +141,7 @@ def command(config: Path, as_json: bool, plot_dir: Path | None, sweep: str | Non
     else:
         click.echo(summary_table(result))
     if values_file is not None:
-        values_file.write_text(plan_values(result))
+        write_text(values_file, plan_values(result), "--emit-values")
         click.echo(f"wrote {values_file}", err=as_json)
     if plot_dir is not None:
         from prfaas_plugin.planner.plot import write_plots
