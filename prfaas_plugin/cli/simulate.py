@@ -47,9 +47,9 @@ def command(config: Path, out: Path, sets: tuple[str, ...], no_plots: bool, prog
     from prfaas_plugin.sim.run import run_all, summary_table, to_json, write_json, write_plots
 
     overrides = _override(sets)
-    output_dir(out, "--out")  # before the run: a bad folder must not cost a finished simulation
     try:
         cfg, sim, base = load_simulation(config, overrides)
+        output_dir(out, "--out")  # before the run: a bad folder must not cost a finished simulation
         t0 = time.perf_counter()
         result, runs = run_all(cfg, sim, base, progress=progress)
     except (SimConfigError, PlannerConfigError) as exc:
