@@ -330,3 +330,17 @@ def test_output_paths_are_checked_first(tmp_path) -> None:
     _cli_fails(["plan", "--config", str(CASE), "--plot", str(afile)], "--plot", "not a directory")
     # simulate: refused before a (here hour-long) simulation runs, so no results are lost
     _cli_fails(["simulate", str(CASE), "--no-progress", "--out", str(afile)], "--out", "not a directory")
+
+
+def test_json_output_has_no_nan(tmp_path) -> None:
+    # a link so slow that nothing is offloaded: l_long is undefined, and JSON has no NaN
+    res = CliRunner().invoke(main, ["plan", "--config", str(CASE), "--json", "--sweep", "link.gbps=0.000001"])
+    assert res.exit_code == 0, res.output
+    row = json.loads(res.output, parse_constant=lambda c: pytest.fail(f"{c} in --json output"))["results"][0]
+    assert row["offload_fraction"] == 0.0 and row["l_long"] is None
+
+
+def test_lengths_file_of_zeros_is_refused(tmp_path) -> None:
+    zeros = tmp_path / "zeros.txt"
+    zeros.write_text("0\n0\n")
+    _cli_fails(["plan", "--config", str(_lengths_file_config(tmp_path, zeros)), "--json"], "every length is 0")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import click
@@ -25,6 +26,22 @@ def yaml_value(text: str, option: str) -> object:
     except yaml.YAMLError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise click.BadParameter(f"{text!r} is not a valid YAML value ({first})", param_hint=option) from None
+
+
+def _json(data: object) -> str:
+    """JSON with no NaN (not JSON): an undefined mean (l_long when nothing is offloaded, l_short
+    when everything is) is null."""
+
+    def clean(x: object) -> object:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(data), indent=2, allow_nan=False)
 
 
 def summary_table(r: PlanResult) -> str:
@@ -118,7 +135,7 @@ def command(config: Path, as_json: bool, plot_dir: Path | None, sweep: str | Non
             key, values = _parse_sweep(sweep)
             rows = [{"value": v, **_run(config, {key: v}).to_dict()} for v in values]
             if as_json:
-                click.echo(json.dumps({"sweep": key, "results": rows}, indent=2))
+                click.echo(_json({"sweep": key, "results": rows}))
                 return
             click.echo(
                 f"{key:>28} {'t (K)':>7} {'p %':>6} {'P/D':>5} {'Lambda':>7} {'homog.':>7} {'naive':>7} "
@@ -137,7 +154,7 @@ def command(config: Path, as_json: bool, plot_dir: Path | None, sweep: str | Non
     except PlannerConfigError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        click.echo(_json(result.to_dict()))
     else:
         click.echo(summary_table(result))
     if values_file is not None:

@@ -109,6 +109,8 @@ class Empirical:
             raise ValueError("an empirical workload needs at least one length")
         if xs[0] < 0:
             raise ValueError(f"lengths must be >= 0, got {xs[0]}")
+        if xs[-1] <= 0:
+            raise ValueError("every length is 0 (all fully cached): nothing to prefill, nothing to plan")
         self.xs = xs
         self.prefix = np.concatenate([[0.0], np.cumsum(xs)])
         self.lo, self.hi = xs[0], xs[-1]
