@@ -244,3 +244,16 @@ def test_trace_that_is_a_folder_or_not_utf8(tmp_path):
 def test_bins_that_would_not_fit_are_refused_up_front(tmp_path):
     cfg = _write(tmp_path, {"duration_s": 3600, "bin_s": 1e-9})
     _cli_fails([str(cfg), "--no-progress", "--out", str(tmp_path / "o")], "bin_s", "bins")
+
+
+@pytest.mark.parametrize(
+    ("section", "field"),
+    [
+        ({"duration_s": 60, "warmup_s": 10, "bin_s": float("inf")}, "bin_s"),
+        ({"duration_s": 60, "warmup_s": 10, "bin_s": 120}, "bin_s"),
+        ({"arrivals": {"kind": "poisson", "rate": float("inf")}}, "simulation.arrivals.rate"),
+        ({"duration_s": float("nan")}, "simulation.duration_s"),
+    ],
+)
+def test_non_finite_or_oversized_values_are_refused(tmp_path, section, field):
+    _cli_fails([str(_write(tmp_path, section)), "--no-progress", "--out", str(tmp_path / "o")], field)

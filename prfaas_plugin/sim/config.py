@@ -22,7 +22,8 @@ class SimConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # nan/inf are refused at the edge, as in the planner's config.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class RateChange(_Strict):
@@ -208,6 +209,8 @@ class SimulationSpec(_Strict):
     def _check(self) -> SimulationSpec:
         if self.warmup_s >= self.duration_s:
             raise ValueError(f"warmup_s ({self.warmup_s}) must be below duration_s ({self.duration_s})")
+        if self.bin_s > self.duration_s:
+            raise ValueError(f"bin_s ({self.bin_s:g}) must not exceed duration_s ({self.duration_s:g})")
         if self.duration_s / self.bin_s > MAX_BINS:
             raise ValueError(
                 f"bin_s ({self.bin_s:g}) cuts duration_s ({self.duration_s:g}) into {self.duration_s / self.bin_s:.3g} "
