@@ -13,11 +13,25 @@ from pydantic import BaseModel, ValidationError
 M = TypeVar("M", bound=BaseModel)
 
 
-def read_yaml_mapping(path: Path, error: type[Exception]) -> dict[str, Any]:
+def read_text(path: Path, error: type[Exception]) -> str:
+    """The file's UTF-8 text; a missing file, a folder, unreadable or non-UTF-8 bytes raise
+    ``error`` with a one-line message naming the path (the CLI prints it, no traceback)."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise error(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a directory, not a file") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text (bad byte at offset {exc.start})") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+
+def read_yaml_mapping(path: Path, error: type[Exception]) -> dict[str, Any]:
+    text = read_text(path, error)
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise error(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(raw, dict):

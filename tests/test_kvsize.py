@@ -231,3 +231,56 @@ def test_cli_json_and_phi(tmp_path) -> None:
 def test_cli_rejects_bad_lengths() -> None:
     res = CliRunner().invoke(main, ["kv-size", str(CONFIGS / "llama-3.1-8b.json"), "--lengths", "8K,abc"])
     assert res.exit_code != 0 and "not a length" in res.output
+
+
+def _kv_size_fails(args: list[str], *needles: str) -> None:
+    res = CliRunner().invoke(main, ["kv-size", *args])
+    assert res.exit_code != 0, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    for needle in needles:
+        assert needle in res.output, res.output
+
+
+@pytest.mark.parametrize("rate", ["nan", "inf", "-inf", "0"])
+def test_cli_rejects_a_non_finite_or_non_positive_prefill_rate(rate: str) -> None:
+    _kv_size_fails(
+        [str(CONFIGS / "llama-3.1-8b.json"), f"--prefill-tokens-per-s={rate}"], "--prefill-tokens-per-s", "finite"
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("num_attention_heads", 0, "num_attention_heads must be > 0"),
+        ("num_key_value_heads", 0, "num_key_value_heads must be > 0"),
+        ("hidden_size", -4096, "hidden_size must be > 0"),
+        ("hidden_size", True, "hidden_size must be a whole number"),
+        ("hidden_size", "abc", "hidden_size must be a whole number"),
+        ("hidden_size", [1], "hidden_size must be a whole number"),
+        ("num_hidden_layers", {}, "num_hidden_layers must be a whole number"),
+        ("num_hidden_layers", 32.5, "num_hidden_layers must be a whole number"),
+        ("head_dim", 0, "head_dim must be > 0"),
+        ("v_head_dim", -64, "v_head_dim must be > 0"),
+    ],
+)
+def test_bad_model_config_values_are_named(tmp_path, field, value, message) -> None:
+    cfg = json.loads((CONFIGS / "llama-3.1-8b.json").read_text())
+    cfg.pop("head_dim", None)
+    cfg[field] = value
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(cfg))
+    _kv_size_fails([str(path)], "m.json", message)
+
+
+def test_unreadable_model_configs_are_named(tmp_path) -> None:
+    (tmp_path / "bin.json").write_bytes(b"\xff{}")
+    (tmp_path / "nan.json").write_text('{"num_attention_heads": NaN}')
+    (tmp_path / "deep.json").write_text("[" * 100_000)
+    (tmp_path / "big.json").write_text('{"hidden_size": 1' + "0" * 5000 + "}")
+    (tmp_path / "lac.json").write_text('{"linear_attn_config": "x", "num_hidden_layers": 4}')
+    _kv_size_fails([str(tmp_path)], "is a directory")
+    _kv_size_fails([str(tmp_path / "bin.json")], "bin.json", "not UTF-8")
+    _kv_size_fails([str(tmp_path / "nan.json")], "nan.json", "NaN")
+    _kv_size_fails([str(tmp_path / "deep.json")], "deep.json", "nested too deeply")
+    _kv_size_fails([str(tmp_path / "big.json")], "big.json", "not valid JSON")
+    _kv_size_fails([str(tmp_path / "lac.json")], "lac.json", "Kimi-Linear layout")

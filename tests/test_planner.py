@@ -253,3 +253,94 @@ def test_lengths_file_workload(tmp_path) -> None:
     cfg, base = load_config(path)
     with pytest.raises(PlannerConfigError, match="bad.txt:2"):
         cfg.length_distribution(base)
+
+
+# -- inputs the model cannot use: one clear error, non-zero exit, no traceback -------------------
+def _cli_fails(args: list[str], *needles: str) -> str:
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code != 0, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    for needle in needles:
+        assert needle in res.output, res.output
+    return res.output
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda r: r["deployment"].__setitem__("prfaas_instances", 0), "deployment.prfaas_instances"),
+        (lambda r: r["profiles"]["h200"].__setitem__("t_prefill_s", [0, 0, 0, 0]), "profiles.h200"),
+        (lambda r: r["profiles"]["h200"].__setitem__("s_kv_mib", [0, 0, 0, 0]), "profiles.h200"),
+        (lambda r: r["workload"]["lognormal"].__setitem__("mu", 100), "no lengths remain"),
+        (lambda r: r["deployment"].__setitem__("gpu_price_per_hour", {"h200": 0, "h20": 1}), "gpu_price_per_hour"),
+        (lambda r: r["search"].__setitem__("threshold_step", float("inf")), "search.threshold_step"),
+        (lambda r: r["search"].__setitem__("threshold_step", 0.01), "search.threshold_step"),
+        (lambda r: r["workload"]["lognormal"].__setitem__("mu", float("nan")), "workload.lognormal.mu"),
+        (lambda r: r["deployment"].__setitem__("pd_instances", 1_000_000), "deployment.pd_instances"),
+        (lambda r: r["deployment"].__setitem__("pd_instances", 5000), "evaluations"),
+    ],
+)
+def test_unusable_values_are_refused(tmp_path, mutate, message) -> None:
+    path = _write(tmp_path, mutate)
+    _cli_fails(["plan", "--config", str(path)], message)
+    _cli_fails(["simulate", str(path), "--no-progress", "--no-plots", "--out", str(tmp_path / "o")], message)
+
+
+def _lengths_file_config(tmp_path, lengths: Path) -> Path:
+    return _write(tmp_path, lambda r: r["workload"].update({"lognormal": None, "lengths_file": str(lengths)}))
+
+
+def test_unusable_lengths_files(tmp_path) -> None:
+    for name, text, message in [
+        ("nan.txt", "100\nnan\n", "nan.txt:2: lengths must be finite"),
+        ("inf.txt", "inf\n", "inf.txt:1"),
+        ("null.json", "[1, null]", "lengths must be numbers"),
+        ("obj.json", "[1, {}]", "lengths must be numbers"),
+        ("deep.json", "[" * 100_000, "not a JSON list"),
+        ("jnan.json", "[1, NaN]", "lengths must be finite"),
+    ]:
+        (tmp_path / name).write_text(text)
+        path = _lengths_file_config(tmp_path, tmp_path / name)
+        _cli_fails(["plan", "--config", str(path)], "workload.lengths_file", message)
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe1\n")
+    path = _lengths_file_config(tmp_path, tmp_path / "bin.txt")
+    _cli_fails(["plan", "--config", str(path)], "not UTF-8")
+    _cli_fails(["plan", "--config", str(_lengths_file_config(tmp_path, tmp_path))], "is a directory")
+
+
+def test_config_path_that_is_a_folder_or_not_utf8(tmp_path) -> None:
+    _cli_fails(["plan", "--config", str(tmp_path)], str(tmp_path), "is a directory")
+    _cli_fails(["simulate", str(tmp_path), "--out", str(tmp_path / "o")], "is a directory")
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"\xffworkload: 1\n")
+    _cli_fails(["plan", "--config", str(bad)], "bad.yaml", "not UTF-8")
+
+
+def test_command_line_values_that_are_not_yaml(tmp_path) -> None:
+    _cli_fails(["plan", "--config", str(CASE), "--sweep", "workload.lognormal.mu=[1"], "--sweep", "not a valid YAML")
+    _cli_fails(
+        ["simulate", str(CASE), "--set", "simulation.seed=[", "--out", str(tmp_path)], "--set", "not a valid YAML"
+    )
+
+
+def test_output_paths_are_checked_first(tmp_path) -> None:
+    _cli_fails(["plan", "--config", str(CASE), "--emit-values", str(tmp_path / "no" / "v.yaml")], "does not exist")
+    afile = tmp_path / "f"
+    afile.write_text("")
+    _cli_fails(["plan", "--config", str(CASE), "--plot", str(afile)], "--plot", "not a directory")
+    # simulate: refused before a (here hour-long) simulation runs, so no results are lost
+    _cli_fails(["simulate", str(CASE), "--no-progress", "--out", str(afile)], "--out", "not a directory")
+
+
+def test_json_output_has_no_nan(tmp_path) -> None:
+    # a link so slow that nothing is offloaded: l_long is undefined, and JSON has no NaN
+    res = CliRunner().invoke(main, ["plan", "--config", str(CASE), "--json", "--sweep", "link.gbps=0.000001"])
+    assert res.exit_code == 0, res.output
+    row = json.loads(res.output, parse_constant=lambda c: pytest.fail(f"{c} in --json output"))["results"][0]
+    assert row["offload_fraction"] == 0.0 and row["l_long"] is None
+
+
+def test_lengths_file_of_zeros_is_refused(tmp_path) -> None:
+    zeros = tmp_path / "zeros.txt"
+    zeros.write_text("0\n0\n")
+    _cli_fails(["plan", "--config", str(_lengths_file_config(tmp_path, zeros)), "--json"], "every length is 0")

@@ -198,3 +198,62 @@ def test_cli_writes_summary_and_plots(tmp_path):
         "offload_threshold.png",
         "queues.png",
     }
+
+
+def _cli_fails(args: list[str], *needles: str) -> str:
+    from click.testing import CliRunner
+
+    from prfaas_plugin.cli.simulate import command
+
+    res = CliRunner().invoke(command, args)
+    assert res.exit_code != 0, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    for needle in needles:
+        assert needle in res.output, res.output
+    return res.output
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"t": NaN, "prompt_tokens": 100}', "t.jsonl:2: not JSON (NaN"),
+        ('{"t": Infinity, "prompt_tokens": 100}', "t.jsonl:2: not JSON (Infinity"),
+        ('{"t": "soon", "prompt_tokens": 100}', "t.jsonl:2: field 't' must be a finite number"),
+        ('{"t": true, "prompt_tokens": 100}', "t.jsonl:2: field 't' must be a finite number"),
+        ('{"t": 1, "prompt_tokens": 1' + "0" * 5000 + "}", "t.jsonl:2: not JSON"),
+        ('{"t": 1, "prompt_tokens": 100000000000}', "t.jsonl:2: field 'prompt_tokens' must be an integer in"),
+        ("[" * 100_000, "t.jsonl:2: not a request (nested too deeply)"),
+    ],
+)
+def test_bad_trace_lines_are_named(tmp_path, line, message):
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"t": 0, "prompt_tokens": 10}\n' + line + "\n")
+    section = {"duration_s": 60, "warmup_s": 10, "deployments": ["prfaas_pd"]}
+    cfg = _write(tmp_path, {**section, "arrivals": {"kind": "trace", "trace": str(trace)}})
+    _cli_fails([str(cfg), "--no-progress", "--no-plots", "--out", str(tmp_path / "o")], "Error: ", message)
+
+
+def test_trace_that_is_a_folder_or_not_utf8(tmp_path):
+    bad = tmp_path / "bin.jsonl"
+    bad.write_bytes(b"\xff\n")
+    for trace, message in ((tmp_path, "is a directory"), (bad, "not UTF-8")):
+        cfg = _write(tmp_path, {"arrivals": {"kind": "trace", "trace": str(trace)}})
+        _cli_fails([str(cfg), "--no-progress", "--out", str(tmp_path / "o")], "simulation.arrivals.trace", message)
+
+
+def test_bins_that_would_not_fit_are_refused_up_front(tmp_path):
+    cfg = _write(tmp_path, {"duration_s": 3600, "bin_s": 1e-9})
+    _cli_fails([str(cfg), "--no-progress", "--out", str(tmp_path / "o")], "bin_s", "bins")
+
+
+@pytest.mark.parametrize(
+    ("section", "field"),
+    [
+        ({"duration_s": 60, "warmup_s": 10, "bin_s": float("inf")}, "bin_s"),
+        ({"duration_s": 60, "warmup_s": 10, "bin_s": 120}, "bin_s"),
+        ({"arrivals": {"kind": "poisson", "rate": float("inf")}}, "simulation.arrivals.rate"),
+        ({"duration_s": float("nan")}, "simulation.duration_s"),
+    ],
+)
+def test_non_finite_or_oversized_values_are_refused(tmp_path, section, field):
+    _cli_fails([str(_write(tmp_path, section)), "--no-progress", "--out", str(tmp_path / "o")], field)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -46,8 +47,10 @@ def command(
 ) -> None:
     """Per-token bytes, fixed bytes per request, S_kv(l) and (with a prefill rate) Phi_kv in Gbit/s
     for a Hugging Face CONFIG (config.json)."""
-    if prefill_tokens_per_s is not None and prefill_tokens_per_s <= 0:
-        raise click.BadParameter("must be > 0", param_hint="--prefill-tokens-per-s")
+    if prefill_tokens_per_s is not None and not 0 < prefill_tokens_per_s < math.inf:
+        raise click.BadParameter(
+            f"must be finite and > 0, got {prefill_tokens_per_s}", param_hint="--prefill-tokens-per-s"
+        )
     try:
         model = ModelKV.from_file(config, kv_dtype=kv_dtype, state_dtype=state_dtype)
     except (ConfigError, ValueError) as exc:

@@ -3,18 +3,45 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import click
 import yaml
 
+from prfaas_plugin.cli.outputs import output_dir, output_file, write_text
 from prfaas_plugin.planner.config import PlannerConfigError, load_config
-from prfaas_plugin.planner.search import PlanResult, plan
+from prfaas_plugin.planner.search import PlanResult
 
 
 def _run(config: Path, overrides: dict | None = None, with_curves: bool = False) -> PlanResult:
     cfg, base = load_config(config, overrides)
-    return plan(cfg.system(), cfg.length_distribution(base), cfg.search.threshold_step, with_curves=with_curves)
+    return cfg.plan(base, with_curves=with_curves)
+
+
+def yaml_value(text: str, option: str) -> object:
+    """One command-line value read as YAML (so 3 is a number and [1, 2] a list)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise click.BadParameter(f"{text!r} is not a valid YAML value ({first})", param_hint=option) from None
+
+
+def _json(data: object) -> str:
+    """JSON with no NaN (not JSON): an undefined mean (l_long when nothing is offloaded, l_short
+    when everything is) is null."""
+
+    def clean(x: object) -> object:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(data), indent=2, allow_nan=False)
 
 
 def summary_table(r: PlanResult) -> str:
@@ -72,7 +99,7 @@ def _parse_sweep(spec: str) -> tuple[str, list]:
     key, sep, values = spec.partition("=")
     if not sep or not key or not values:
         raise click.BadParameter(f"expected KEY=V1,V2,..., got {spec!r}", param_hint="--sweep")
-    return key, [yaml.safe_load(v) for v in values.split(",")]
+    return key, [yaml_value(v, "--sweep") for v in values.split(",")]
 
 
 @click.command(name="plan")
@@ -99,12 +126,16 @@ def command(config: Path, as_json: bool, plot_dir: Path | None, sweep: str | Non
     with the homogeneous and naive heterogeneous baselines."""
     if sweep and values_file is not None:
         raise click.UsageError("--emit-values writes one plan's counts; it cannot be used with --sweep")
+    if values_file is not None:
+        output_file(values_file, "--emit-values")
+    if plot_dir is not None:
+        output_dir(plot_dir, "--plot")
     try:
         if sweep:
             key, values = _parse_sweep(sweep)
             rows = [{"value": v, **_run(config, {key: v}).to_dict()} for v in values]
             if as_json:
-                click.echo(json.dumps({"sweep": key, "results": rows}, indent=2))
+                click.echo(_json({"sweep": key, "results": rows}))
                 return
             click.echo(
                 f"{key:>28} {'t (K)':>7} {'p %':>6} {'P/D':>5} {'Lambda':>7} {'homog.':>7} {'naive':>7} "
@@ -123,11 +154,11 @@ def command(config: Path, as_json: bool, plot_dir: Path | None, sweep: str | Non
     except PlannerConfigError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        click.echo(_json(result.to_dict()))
     else:
         click.echo(summary_table(result))
     if values_file is not None:
-        values_file.write_text(plan_values(result))
+        write_text(values_file, plan_values(result), "--emit-values")
         click.echo(f"wrote {values_file}", err=as_json)
     if plot_dir is not None:
         from prfaas_plugin.planner.plot import write_plots

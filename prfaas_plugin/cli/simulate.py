@@ -7,18 +7,20 @@ from pathlib import Path
 
 import click
 
+from prfaas_plugin.cli.outputs import output_dir
+from prfaas_plugin.planner.config import PlannerConfigError
 from prfaas_plugin.sim.config import SimConfigError, load_simulation
 
 
 def _override(values: tuple[str, ...]) -> dict:
-    import yaml
+    from prfaas_plugin.cli.plan import yaml_value
 
     out = {}
     for v in values:
         if "=" not in v:
             raise click.BadParameter(f"{v!r}: expected KEY=VALUE", param_hint="--set")
         k, val = v.split("=", 1)
-        out[k] = yaml.safe_load(val)
+        out[k] = yaml_value(val, "--set")
     return out
 
 
@@ -44,11 +46,13 @@ def command(config: Path, out: Path, sets: tuple[str, ...], no_plots: bool, prog
     """Simulate CONFIG (a `prfaas plan` YAML with a `simulation:` section)."""
     from prfaas_plugin.sim.run import run_all, summary_table, to_json, write_json, write_plots
 
+    overrides = _override(sets)
     try:
-        cfg, sim, base = load_simulation(config, _override(sets))
+        cfg, sim, base = load_simulation(config, overrides)
+        output_dir(out, "--out")  # before the run: a bad folder must not cost a finished simulation
         t0 = time.perf_counter()
         result, runs = run_all(cfg, sim, base, progress=progress)
-    except SimConfigError as exc:
+    except (SimConfigError, PlannerConfigError) as exc:
         raise click.ClickException(str(exc)) from None
     wall = time.perf_counter() - t0
     click.echo(summary_table(result, runs, sim.arrivals.rate if sim.arrivals.kind != "trace" else None))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -11,8 +12,13 @@ from typing import Any
 
 from prfaas_plugin.kvsize.layers import LayerCache, LayerKind
 from prfaas_plugin.kvsize.parse import ConfigError, parse_layers
+from prfaas_plugin.yamlconfig import read_text
 
 MIB = 1 << 20
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a size a model config may hold")
 
 
 @dataclass(frozen=True)
@@ -31,15 +37,16 @@ class ModelKV:
     @classmethod
     def from_file(cls, path: str | Path, **kw: Any) -> ModelKV:
         p = Path(path)
+        text = read_text(p, ConfigError)
         try:
-            cfg = json.loads(p.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{p}: no such file") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{p}: not valid JSON ({exc})") from None
+            cfg = json.loads(text, parse_constant=_no_constant)
+        except RecursionError:
+            raise ConfigError(f"{p}: not valid JSON (nested too deeply)") from None
+        except ValueError as exc:  # JSONDecodeError, NaN/Infinity, an integer of thousands of digits
+            raise ConfigError(f"{p}: not valid JSON ({str(exc).splitlines()[0]})") from None
         try:
             return cls.from_config(cfg, name=p.stem, **kw)
-        except ConfigError as exc:
+        except ValueError as exc:  # ConfigError, or an unknown dtype name
             raise ConfigError(f"{p}: {exc}") from None
 
     # -- the numbers ------------------------------------------------------------------------
@@ -69,8 +76,8 @@ class ModelKV:
 
     def phi_kv_gbps(self, tokens: int, prefill_tokens_per_s: float) -> float:
         """Eq. 1, Phi_kv = S_kv(l) / T_prefill(l), with T_prefill = l / prefill rate (Gbit/s, 1e9)."""
-        if prefill_tokens_per_s <= 0:
-            raise ValueError("prefill_tokens_per_s must be > 0")
+        if not 0 < prefill_tokens_per_s < math.inf:
+            raise ValueError(f"prefill_tokens_per_s must be finite and > 0, got {prefill_tokens_per_s}")
         return self.kv_bytes(tokens) * 8 / (tokens / prefill_tokens_per_s) / 1e9
 
     def composition(self) -> dict[str, int]:

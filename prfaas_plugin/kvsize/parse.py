@@ -41,29 +41,38 @@ def text_config(cfg: Config) -> Config:
     return cfg
 
 
-def _need(cfg: Config, family: str, *keys: str) -> list[Any]:
+def _count(cfg: Config, family: str, key: str) -> int:
+    """A size or count field: a whole number >= 1 (a JSON 32.0 is accepted as 32)."""
+    v = cfg[key]
+    if isinstance(v, bool) or not isinstance(v, int | float) or (isinstance(v, float) and not v.is_integer()):
+        raise ConfigError(f"{family}: {key} must be a whole number, got {v!r}")
+    if v < 1:
+        raise ConfigError(f"{family}: {key} must be > 0, got {v!r}")
+    return int(v)
+
+
+def _need(cfg: Config, family: str, *keys: str) -> list[int]:
+    """The count fields ``keys`` (every caller asks for sizes or counts), each checked by _count."""
     missing = [k for k in keys if cfg.get(k) is None]
     if missing:
         raise ConfigError(f"{family} layout needs field(s) {', '.join(missing)} in config.json")
-    return [cfg[k] for k in keys]
+    return [_count(cfg, family, k) for k in keys]
 
 
 def _head_dim(cfg: Config, family: str) -> int:
     if cfg.get("head_dim") is not None:
-        return int(cfg["head_dim"])
+        return _count(cfg, family, "head_dim")
     hidden, heads = _need(cfg, family, "hidden_size", "num_attention_heads")
-    return int(hidden) // int(heads)
+    return hidden // heads
 
 
-def _kv_heads(cfg: Config) -> int:
-    return int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
+def _kv_heads(cfg: Config, family: str) -> int:
+    key = "num_key_value_heads" if cfg.get("num_key_value_heads") is not None else "num_attention_heads"
+    return _need(cfg, family, key)[0]
 
 
 def _n_layers(cfg: Config, family: str) -> int:
-    (n,) = _need(cfg, family, "num_hidden_layers")
-    if int(n) <= 0:
-        raise ConfigError(f"{family}: num_hidden_layers must be > 0, got {n}")
-    return int(n)
+    return _need(cfg, family, "num_hidden_layers")[0]
 
 
 # -- families ---------------------------------------------------------------------------------
@@ -97,9 +106,9 @@ def _mimo(cfg: Config, kv: int, st: int, conv: int) -> list[LayerCache]:
     fam = "MiMo-V2 (SWA + GQA)"
     pattern = [int(x) for x in cfg["hybrid_layer_pattern"]]
     g_heads, g_k = _need(cfg, fam, "num_key_value_heads", "head_dim")
-    g_v = cfg.get("v_head_dim", g_k)
+    g_v = _count(cfg, fam, "v_head_dim") if cfg.get("v_head_dim") is not None else g_k
     s_heads, s_k = _need(cfg, fam, "swa_num_key_value_heads", "swa_head_dim")
-    s_v = cfg.get("swa_v_head_dim", s_k)
+    s_v = _count(cfg, fam, "swa_v_head_dim") if cfg.get("swa_v_head_dim") is not None else s_k
     window = cfg.get("sliding_window") or cfg.get("sliding_window_size")
     if window is None:
         raise ConfigError(f"{fam} layout needs field sliding_window")
@@ -136,7 +145,7 @@ def _qwen_next(cfg: Config, kv: int, st: int, conv: int) -> list[LayerCache]:
     )
     kernel = int(cfg.get("linear_conv_kernel_dim", 4))
     state, conv_b = gated_delta_net_state(int(nv), int(dk), int(dv), int(nk), kernel, st, conv)
-    tok = gqa_token_bytes(_kv_heads(cfg), _head_dim(cfg, fam), _head_dim(cfg, fam), kv)
+    tok = gqa_token_bytes(_kv_heads(cfg, fam), _head_dim(cfg, fam), _head_dim(cfg, fam), kv)
     out = []
     for i, t in enumerate(types):
         if t == "linear_attention":
@@ -171,7 +180,7 @@ def _minimax(cfg: Config, kv: int, st: int, conv: int) -> list[LayerCache]:
     fam = "MiniMax (attn_type_list: 0 = lightning, 1 = softmax GQA)"
     types = [int(x) for x in cfg["attn_type_list"]]
     hd = _head_dim(cfg, fam)
-    tok = gqa_token_bytes(_kv_heads(cfg), hd, hd, kv)
+    tok = gqa_token_bytes(_kv_heads(cfg, fam), hd, hd, kv)
     heads = int(_need(cfg, fam, "num_attention_heads")[0])
     state, _ = lightning_state(heads, hd, st)
     return [
@@ -190,7 +199,7 @@ def _nemotron_h(cfg: Config, kv: int, st: int, conv: int) -> list[LayerCache]:
     kernel = int(cfg.get("conv_kernel", 4))
     state, conv_b = mamba2_state(int(heads), int(hd), int(d_state), groups, kernel, st, conv)
     ahd = _head_dim(cfg, fam)
-    tok = gqa_token_bytes(_kv_heads(cfg), ahd, ahd, kv)
+    tok = gqa_token_bytes(_kv_heads(cfg, fam), ahd, ahd, kv)
     out = []
     for i, ch in enumerate(pattern):
         if ch == "M":
@@ -216,8 +225,8 @@ def _gemma_or_gqa(cfg: Config, kv: int, st: int, conv: int) -> list[LayerCache]:
     n = _n_layers(cfg, fam)
     hd = _head_dim(cfg, fam)
     k_dim = hd
-    v_dim = int(cfg.get("v_head_dim") or hd)
-    tok = gqa_token_bytes(_kv_heads(cfg), k_dim, v_dim, kv)
+    v_dim = _count(cfg, fam, "v_head_dim") if cfg.get("v_head_dim") is not None else hd
+    tok = gqa_token_bytes(_kv_heads(cfg, fam), k_dim, v_dim, kv)
     window = cfg.get("sliding_window")
     uses_window = window is not None and cfg.get("use_sliding_window", True) is not False
     types = _sliding_types(cfg, fam) if uses_window else None
@@ -273,9 +282,21 @@ def parse_layers(
     conv = dtype_bytes(model_dtype)
     for key, name, fn in FAMILIES:
         if cfg.get(key) is not None:
-            layers = fn(cfg, kv, st, conv)
+            try:
+                layers = fn(cfg, kv, st, conv)
+            except ConfigError:
+                raise
+            except (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError) as exc:
+                # The remaining optional fields (patterns, kernels, windows) of the wrong type.
+                raise ConfigError(f"{name} layout: a field has the wrong type or value ({exc!r})") from None
             if not layers:
                 raise ConfigError(f"{name} layout has no layers")
+            for layer in layers:
+                sizes = (layer.token_bytes, layer.state_bytes, layer.conv_bytes, layer.window or 0)
+                if min(sizes) < 0 or layer.token_bytes + layer.state_bytes + layer.conv_bytes <= 0:
+                    raise ConfigError(
+                        f"{name} layout: layer {layer.index} has a size <= 0 (check its *_dim/heads fields)"
+                    )
             return name, layers
     arch = cfg.get("architectures") or cfg.get("model_type") or "<unnamed>"
     raise ConfigError(

@@ -6,12 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from prfaas_plugin.planner.profile import Profile, table_profile
-from prfaas_plugin.planner.search import System
+from prfaas_plugin.planner.search import PlanResult, System, plan
 from prfaas_plugin.planner.workload import Empirical, LengthDistribution, TruncatedLogNormal
 from prfaas_plugin.yamlconfig import load_yaml_model
+
+#: Upper bounds that keep one ``prfaas plan`` to seconds (the search is grid points x splits;
+#: about 1.6e5 evaluations per second on one core). The paper's case study needs 9.2e3.
+MAX_INSTANCES = 10_000
+MAX_EVALUATIONS = 2_000_000
 
 
 class PlannerConfigError(ValueError):
@@ -19,7 +24,8 @@ class PlannerConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # nan/inf are refused at the edge: every number here feeds a division or a grid.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class LogNormalSpec(_Strict):
@@ -72,11 +78,30 @@ class DerivedProfileSpec(_Strict):
 class DeploymentSpec(_Strict):
     prfaas_profile: str
     pd_profile: str
-    prfaas_instances: int = Field(ge=0)
-    pd_instances: int = Field(ge=2)
-    homogeneous_instances: int | None = Field(default=None, ge=2)
+    # >= 1: the model (paper Eqs. 3, 6) and its naive baseline send long prefills to the PrfaaS
+    # cluster; a cluster without one is the homogeneous baseline, which every plan reports.
+    prfaas_instances: int = Field(le=MAX_INSTANCES)
+    pd_instances: int = Field(ge=2, le=MAX_INSTANCES)
+    homogeneous_instances: int | None = Field(default=None, ge=2, le=MAX_INSTANCES)
     gpus_per_instance: int = Field(default=8, ge=1)
     gpu_price_per_hour: dict[str, float] | None = None
+
+    @field_validator("prfaas_instances")
+    @classmethod
+    def _some_prfaas(cls, n: int) -> int:
+        if n < 1:
+            raise ValueError(
+                f"must be >= 1, got {n}: long prefills go to the PrfaaS cluster (for a cluster without one, "
+                "see the homogeneous baseline that every plan reports)"
+            )
+        return n
+
+    @model_validator(mode="after")
+    def _prices(self) -> DeploymentSpec:
+        for name, price in (self.gpu_price_per_hour or {}).items():
+            if price <= 0:
+                raise ValueError(f"gpu_price_per_hour.{name} must be > 0 (cost ratios divide by it), got {price}")
+        return self
 
 
 class DecodeSpec(_Strict):
@@ -89,7 +114,8 @@ class LinkSpec(_Strict):
 
 
 class SearchSpec(_Strict):
-    threshold_step: float = Field(default=100.0, gt=0)
+    # Lengths are whole tokens: a step below one token only multiplies the work.
+    threshold_step: float = Field(default=100.0, ge=1)
 
 
 class PlannerConfig(_Strict):
@@ -123,14 +149,15 @@ class PlannerConfig(_Strict):
         w = self.workload
         if w.lognormal is not None:
             ln = w.lognormal
-            return TruncatedLogNormal(ln.mu, ln.sigma, ln.min, ln.max)
+            try:
+                return TruncatedLogNormal(ln.mu, ln.sigma, ln.min, ln.max)
+            except ValueError as exc:
+                raise PlannerConfigError(f"workload.lognormal: {exc}") from None
         path = Path(w.lengths_file or "")
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
         try:
             return Empirical.from_file(str(path))
-        except FileNotFoundError:
-            raise PlannerConfigError(f"workload.lengths_file: {path} does not exist") from None
         except ValueError as exc:
             raise PlannerConfigError(f"workload.lengths_file: {exc}") from None
 
@@ -155,6 +182,22 @@ class PlannerConfig(_Strict):
                 price_prfaas_gpu_hour=prices.get(d.prfaas_profile),
                 price_local_gpu_hour=prices.get(d.pd_profile),
             )
+        except ValueError as exc:
+            raise PlannerConfigError(str(exc)) from None
+
+    def plan(self, base_dir: Path | None = None, with_curves: bool = False) -> PlanResult:
+        """The plan of this config; inputs the model cannot use raise PlannerConfigError."""
+        system, workload = self.system(), self.length_distribution(base_dir)
+        step = self.search.threshold_step
+        evaluations = ((workload.hi - workload.lo) / step + 2) * (system.n_pd - 1)
+        if evaluations > MAX_EVALUATIONS:
+            raise PlannerConfigError(
+                f"search.threshold_step {step:g} over lengths {workload.lo:g}..{workload.hi:g} with "
+                f"deployment.pd_instances {system.n_pd} needs {evaluations:.3g} evaluations (limit "
+                f"{MAX_EVALUATIONS:.0e}); raise threshold_step or lower pd_instances"
+            )
+        try:
+            return plan(system, workload, step, with_curves=with_curves)
         except ValueError as exc:
             raise PlannerConfigError(str(exc)) from None
 

@@ -16,7 +16,7 @@ MIB_BITS = 8 * 2**20
 
 def phi_kv_gbps(profile: Profile, tokens: float) -> float:
     """Eq. 1: per-instance KV throughput Phi_kv(l) = S_kv(l) / T_prefill(l)."""
-    return profile.kv_mib(tokens) * MIB_BITS / profile.prefill_s(tokens) / 1e9
+    return profile.kv_mib(tokens) * MIB_BITS / _prefill_s(profile, tokens) / 1e9
 
 
 def min_egress_gbps(n_instances: int, profile: Profile, l_avg: float) -> float:
@@ -24,16 +24,33 @@ def min_egress_gbps(n_instances: int, profile: Profile, l_avg: float) -> float:
     return n_instances * phi_kv_gbps(profile, l_avg)
 
 
+def _prefill_s(profile: Profile, tokens: float) -> float:
+    t = profile.prefill_s(tokens)
+    if not t > 0:
+        raise ValueError(
+            f"profile {profile.name!r}: T_prefill({tokens:.0f}) = {t:g} s; its table's fit reaches zero "
+            "there (add rows or use t_interpolation: linear)"
+        )
+    return t
+
+
+def _kv_mib(profile: Profile, tokens: float) -> float:
+    s = profile.kv_mib(tokens)
+    if not s > 0:
+        raise ValueError(f"profile {profile.name!r}: S_kv({tokens:.0f}) = {s:g} MiB; its table extrapolates to zero")
+    return s
+
+
 def theta_prfaas(n_prfaas: int, profile: Profile, l_long: float, link_gbps: float) -> tuple[float, float, float]:
     """Eq. 3: min(N_prfaas / T_prefill(l_long), B_out / S_kv(l_long)); also returns both terms."""
-    compute = n_prfaas / profile.prefill_s(l_long)
-    bandwidth = link_gbps * 1e9 / (profile.kv_mib(l_long) * MIB_BITS)
+    compute = n_prfaas / _prefill_s(profile, l_long)
+    bandwidth = link_gbps * 1e9 / (_kv_mib(profile, l_long) * MIB_BITS)
     return min(compute, bandwidth), compute, bandwidth
 
 
 def theta_pd_prefill(n_p: int, profile: Profile, l_short: float) -> float:
     """Eq. 4: N_p / T_prefill(l_short)."""
-    return n_p / profile.prefill_s(l_short)
+    return n_p / _prefill_s(profile, l_short)
 
 
 def theta_pd_decode(n_d: int, bs_max: float, t_decode_s: float, out_tokens: float) -> float:

@@ -16,6 +16,7 @@ where ``fixed`` is the fitted constant term of the base's prefill time.
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -104,6 +105,9 @@ def table_profile(
     t_interp: Interp = "quadratic",
     s_interp: Interp = "linear",
 ) -> Profile:
+    if any(not math.isfinite(v) or v <= 0 for v in (*t_prefill_s, *s_kv_mib)):
+        # A prefill takes time and leaves KV behind; zeros make Eqs. 1, 3 and 4 divide by zero.
+        raise ValueError("t_prefill_s and s_kv_mib must all be finite and > 0")
     return Profile(
         name,
         Curve(tuple(map(float, lengths)), tuple(map(float, t_prefill_s)), t_interp),

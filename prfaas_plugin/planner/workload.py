@@ -47,6 +47,11 @@ class TruncatedLogNormal:
             raise ValueError(f"sigma must be > 0, got {self.sigma}")
         if not 0 < self.lo < self.hi:
             raise ValueError(f"need 0 < min < max, got min={self.lo}, max={self.hi}")
+        if not self._mass(self.lo, self.hi) > 0:
+            raise ValueError(
+                f"mu={self.mu}, sigma={self.sigma} puts no probability in [{self.lo:g}, {self.hi:g}] "
+                f"(median e^mu = {math.exp(min(self.mu, 700)):.3g}); no lengths remain"
+            )
 
     def _z(self, x: float) -> float:
         return (math.log(x) - self.mu) / self.sigma
@@ -92,11 +97,20 @@ class Empirical:
     """A sample of observed uncached lengths (a file, or the router's recent requests)."""
 
     def __init__(self, lengths: Sequence[float]) -> None:
-        xs = sorted(float(x) for x in lengths)
+        xs = []
+        for x in lengths:
+            if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)):
+                raise ValueError(f"lengths must be numbers, got {x!r}")
+            if not math.isfinite(x):
+                raise ValueError(f"lengths must be finite, got {x!r}")
+            xs.append(float(x))
+        xs.sort()
         if not xs:
             raise ValueError("an empirical workload needs at least one length")
         if xs[0] < 0:
             raise ValueError(f"lengths must be >= 0, got {xs[0]}")
+        if xs[-1] <= 0:
+            raise ValueError("every length is 0 (all fully cached): nothing to prefill, nothing to plan")
         self.xs = xs
         self.prefix = np.concatenate([[0.0], np.cumsum(xs)])
         self.lo, self.hi = xs[0], xs[-1]
@@ -111,18 +125,32 @@ class Empirical:
         import json
         from pathlib import Path
 
-        text = Path(path).read_text()
+        from prfaas_plugin.yamlconfig import read_text
+
+        text = read_text(Path(path), ValueError)
         if text.lstrip().startswith("["):
-            return cls(json.loads(text))
+            try:
+                values = json.loads(text)
+            except (ValueError, RecursionError) as exc:
+                raise ValueError(f"{path}: not a JSON list of numbers ({exc})") from None
+            if not isinstance(values, list):
+                raise ValueError(f"{path}: not a JSON list of numbers")
+            try:
+                return cls(values)
+            except ValueError as exc:
+                raise ValueError(f"{path}: {exc}") from None
         vals = []
         for i, line in enumerate(text.splitlines(), 1):
             line = line.split("#", 1)[0].strip()
             if not line:
                 continue
             try:
-                vals.append(float(line))
+                value = float(line)
             except ValueError:
                 raise ValueError(f"{path}:{i}: not a number: {line!r}") from None
+            if not math.isfinite(value):
+                raise ValueError(f"{path}:{i}: lengths must be finite, got {line!r}")
+            vals.append(value)
         return cls(vals)
 
     def mean(self) -> float:

@@ -13,12 +13,17 @@ from prfaas_plugin.planner.config import PlannerConfig, PlannerConfigError, load
 DeploymentKind = Literal["prfaas_pd", "prfaas_pd_online", "homogeneous", "naive"]
 
 
+#: Time-series bins per deployment: 1e6 bins x a handful of float series stays in tens of MB.
+MAX_BINS = 1_000_000
+
+
 class SimConfigError(ValueError):
     """A simulation config that cannot be used; the message names the field."""
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # nan/inf are refused at the edge, as in the planner's config.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class RateChange(_Strict):
@@ -204,6 +209,13 @@ class SimulationSpec(_Strict):
     def _check(self) -> SimulationSpec:
         if self.warmup_s >= self.duration_s:
             raise ValueError(f"warmup_s ({self.warmup_s}) must be below duration_s ({self.duration_s})")
+        if self.bin_s > self.duration_s:
+            raise ValueError(f"bin_s ({self.bin_s:g}) must not exceed duration_s ({self.duration_s:g})")
+        if self.duration_s / self.bin_s > MAX_BINS:
+            raise ValueError(
+                f"bin_s ({self.bin_s:g}) cuts duration_s ({self.duration_s:g}) into {self.duration_s / self.bin_s:.3g} "
+                f"bins, more than {MAX_BINS:.0e} (each deployment keeps several series of one value a bin)"
+            )
         for i in range(1, len(self.link_trace)):
             a, b = self.link_trace[i - 1].at_s, self.link_trace[i].at_s
             if b <= a:

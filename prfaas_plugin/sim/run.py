@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from prfaas_plugin.planner.config import PlannerConfig
-from prfaas_plugin.planner.search import PlanResult, plan
+from prfaas_plugin.planner.search import PlanResult
 from prfaas_plugin.sim.config import SimulationSpec
 from prfaas_plugin.sim.model import Deployment, DeploymentResult, simulate_deployment
 from prfaas_plugin.sim.workload import make_requests
@@ -40,7 +40,7 @@ def deployments(cfg: PlannerConfig, result: PlanResult, names: list[str]) -> lis
 def run_all(
     cfg: PlannerConfig, sim: SimulationSpec, base_dir: Path, progress: bool = False
 ) -> tuple[PlanResult, dict[str, DeploymentResult]]:
-    result = plan(cfg.system(), cfg.length_distribution(base_dir), cfg.search.threshold_step)
+    result = cfg.plan(base_dir)
     requests = make_requests(sim, cfg.length_distribution(base_dir), base_dir)
     deps = deployments(cfg, result, list(sim.deployments))
     out: dict[str, DeploymentResult] = {}

@@ -15,6 +15,7 @@ import numpy as np
 
 from prfaas_plugin.planner.workload import Empirical, LengthDistribution, TruncatedLogNormal
 from prfaas_plugin.sim.config import ArrivalSpec, SimConfigError, SimulationSpec
+from prfaas_plugin.yamlconfig import read_text
 
 
 class Prompt(Sequence):
@@ -95,36 +96,49 @@ def arrival_times(spec: ArrivalSpec, duration_s: float, rng: np.random.Generator
         out.append(t)
 
 
+#: Longer than any model's context; a bigger count is a broken trace (and would take hours to simulate).
+MAX_PROMPT_TOKENS = 10_000_000
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number a trace may hold")
+
+
 def read_trace(path: Path) -> list[dict]:
-    """JSONL, one request a line: ``t`` (s, non-decreasing), ``prompt_tokens``, optional
-    ``cached_tokens`` (<= prompt_tokens) and ``prefix`` (the id of the cached document)."""
+    """JSONL, one request a line: ``t`` (s, finite, non-decreasing), ``prompt_tokens`` (at most
+    MAX_PROMPT_TOKENS), optional ``cached_tokens`` (<= prompt_tokens) and ``prefix`` (the id of
+    the cached document)."""
     rows = []
     try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        raise SimConfigError(f"simulation.arrivals.trace: {path} does not exist") from None
+        lines = read_text(path, SimConfigError).splitlines()
+    except SimConfigError as exc:
+        raise SimConfigError(f"simulation.arrivals.trace: {exc}") from None
     last = 0.0
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         where = f"simulation.arrivals.trace: {path}:{i}"
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SimConfigError(f"{where}: not JSON ({exc})") from None
+            row = json.loads(line, parse_constant=_no_constant)
+        except RecursionError:
+            raise SimConfigError(f"{where}: not a request (nested too deeply)") from None
+        except ValueError as exc:  # JSONDecodeError, NaN/Infinity, an integer of thousands of digits
+            raise SimConfigError(f"{where}: not JSON ({str(exc).splitlines()[0]})") from None
         if not isinstance(row, dict):
             raise SimConfigError(f"{where}: each line must be a JSON object")
         for key in ("t", "prompt_tokens"):
             if key not in row:
                 raise SimConfigError(f"{where}: missing field {key!r}")
         t, n, c = row["t"], row["prompt_tokens"], row.get("cached_tokens", 0)
-        if not isinstance(t, int | float) or t < 0:
-            raise SimConfigError(f"{where}: field 't' must be a number >= 0, got {t!r}")
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t < math.inf:
+            raise SimConfigError(f"{where}: field 't' must be a finite number >= 0, got {t!r}")
         if t < last:
             raise SimConfigError(f"{where}: field 't' runs backwards ({t} after {last})")
-        if not isinstance(n, int) or n < 1:
-            raise SimConfigError(f"{where}: field 'prompt_tokens' must be an integer >= 1, got {n!r}")
-        if not isinstance(c, int) or not 0 <= c <= n:
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_PROMPT_TOKENS:
+            raise SimConfigError(
+                f"{where}: field 'prompt_tokens' must be an integer in 1..{MAX_PROMPT_TOKENS}, got {n!r}"
+            )
+        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= n:
             raise SimConfigError(f"{where}: field 'cached_tokens' must be an integer in 0..prompt_tokens, got {c!r}")
         last = float(t)
         rows.append({"t": float(t), "prompt_tokens": n, "cached_tokens": c, "prefix": str(row.get("prefix", "shared"))})
