@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from cli_helpers import cli_fails
 from click.testing import CliRunner
 
 from prfaas_plugin.cli import main
@@ -257,12 +258,7 @@ def test_lengths_file_workload(tmp_path) -> None:
 
 # -- inputs the model cannot use: one clear error, non-zero exit, no traceback -------------------
 def _cli_fails(args: list[str], *needles: str) -> str:
-    res = CliRunner().invoke(main, args)
-    assert res.exit_code != 0, res.output
-    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
-    for needle in needles:
-        assert needle in res.output, res.output
-    return res.output
+    return cli_fails(main, args, *needles)
 
 
 @pytest.mark.parametrize(

@@ -201,16 +201,11 @@ def test_cli_writes_summary_and_plots(tmp_path):
 
 
 def _cli_fails(args: list[str], *needles: str) -> str:
-    from click.testing import CliRunner
+    from cli_helpers import cli_fails
 
     from prfaas_plugin.cli.simulate import command
 
-    res = CliRunner().invoke(command, args)
-    assert res.exit_code != 0, res.output
-    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
-    for needle in needles:
-        assert needle in res.output, res.output
-    return res.output
+    return cli_fails(command, args, *needles)
 
 
 @pytest.mark.parametrize(

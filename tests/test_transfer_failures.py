@@ -337,22 +337,15 @@ def _wait(pred, timeout=15.0):
 
 
 # -- Failures that used to end only at the deadline -------------------------------------------------
-class _HalfOpenProxy:
-    """Data-plane proxy that cuts the first frame it sees half-way: the sender's side is reset
-    (the sender requeues and resends that frame on another link) while the receiver's side stays
-    open for ``hold_s`` (a half-open path), so the resent copy arrives while the first copy is
-    still arriving, and is drained as a duplicate; then the receiver's side closes."""
+class _Listener:
+    """A loopback listening socket whose accepted connections each get a thread (``_conn``)."""
 
-    def __init__(self, hold_s: float = 2.0) -> None:
-        self.hold_s = hold_s
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
         self.lsock = socket.socket()
         self.lsock.bind(("127.0.0.1", 0))
         self.lsock.listen(16)
         self.address = f"127.0.0.1:{self.lsock.getsockname()[1]}"
-        self.upstream: tuple[str, int] | None = None
-        self.first = True
-        self.lock = threading.Lock()
-        self.stalled = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -362,6 +355,23 @@ class _HalfOpenProxy:
             except OSError:
                 return
             threading.Thread(target=self._conn, args=(c,), daemon=True).start()
+
+    def _conn(self, c: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class _HalfOpenProxy(_Listener):
+    """Data-plane proxy that cuts the first frame it sees half-way: the sender's side is reset
+    (the sender requeues and resends that frame on another link) while the receiver's side stays
+    open for ``hold_s`` (a half-open path), so the resent copy arrives while the first copy is
+    still arriving, and is drained as a duplicate; then the receiver's side closes."""
+
+    def __init__(self, hold_s: float = 2.0) -> None:
+        self.hold_s = hold_s
+        self.upstream: tuple[str, int] | None = None
+        self.first = True
+        self.stalled = threading.Event()
+        super().__init__()
 
     def _conn(self, c: socket.socket) -> None:
         assert self.upstream is not None
@@ -482,30 +492,21 @@ def test_a_staging_error_fails_the_request_not_the_link():
         rx.close()
 
 
-class _KillableProxy:
+class _KillableProxy(_Listener):
     """A TCP proxy whose busiest connection (the gRPC data stream) can be reset on demand."""
 
     def __init__(self, upstream: tuple[str, int]) -> None:
         self.upstream = upstream
-        self.lsock = socket.socket()
-        self.lsock.bind(("127.0.0.1", 0))
-        self.lsock.listen(16)
-        self.endpoint = f"127.0.0.1:{self.lsock.getsockname()[1]}"
         self.conns: dict[socket.socket, list] = {}  # client side -> [bytes up, upstream side]
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
+        self.endpoint = self.address
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                c, _ = self.lsock.accept()
-            except OSError:
-                return
-            u = socket.create_connection(self.upstream)
-            with self.lock:
-                self.conns[c] = [0, u]
-            threading.Thread(target=self._pump, args=(c, u, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(u, c, False), daemon=True).start()
+    def _conn(self, c: socket.socket) -> None:
+        u = socket.create_connection(self.upstream)
+        with self.lock:
+            self.conns[c] = [0, u]
+        threading.Thread(target=self._pump, args=(c, u, True), daemon=True).start()
+        self._pump(u, c, False)
 
     def _pump(self, a: socket.socket, b: socket.socket, up: bool) -> None:
         try:
