@@ -3,6 +3,7 @@ and every offending field (shared by the planner and the router)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +27,16 @@ def read_text(path: Path, error: type[Exception]) -> str:
         raise error(f"{path}: not UTF-8 text (bad byte at offset {exc.start})") from None
     except OSError as exc:
         raise error(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a finite number")
+
+
+def loads_finite_json(text: str) -> Any:
+    """``json.loads`` for files people write (model configs, traces): NaN and Infinity, which
+    Python's parser takes by default, are a ValueError like any other bad JSON."""
+    return json.loads(text, parse_constant=_refuse_constant)
 
 
 def read_yaml_mapping(path: Path, error: type[Exception]) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from collections.abc import Mapping
@@ -12,13 +11,9 @@ from typing import Any
 
 from prfaas_plugin.kvsize.layers import LayerCache, LayerKind
 from prfaas_plugin.kvsize.parse import ConfigError, parse_layers
-from prfaas_plugin.yamlconfig import read_text
+from prfaas_plugin.yamlconfig import loads_finite_json, read_text
 
 MIB = 1 << 20
-
-
-def _no_constant(name: str) -> float:
-    raise ValueError(f"{name} is not a size a model config may hold")
 
 
 @dataclass(frozen=True)
@@ -39,7 +34,7 @@ class ModelKV:
         p = Path(path)
         text = read_text(p, ConfigError)
         try:
-            cfg = json.loads(text, parse_constant=_no_constant)
+            cfg = loads_finite_json(text)
         except RecursionError:
             raise ConfigError(f"{p}: not valid JSON (nested too deeply)") from None
         except ValueError as exc:  # JSONDecodeError, NaN/Infinity, an integer of thousands of digits

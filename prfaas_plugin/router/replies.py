@@ -18,21 +18,23 @@ class ClientError(Exception):
         self.status, self.message, self.code = status, message, code
 
 
-def error_reply(status: int, message: str, code: str = "invalid_request_error", request_id: str | None = None) -> Reply:
+def _error(status: int, message: str, code: str, request_id: str | None) -> dict:
+    """The OpenAI-style error object, as a whole answer and as a stream event carry it."""
     err: dict = {"message": message, "type": code, "code": status}
     if request_id is not None:
         err["request_id"] = request_id
-    return json_reply({"error": err}, status)
+    return {"error": err}
+
+
+def error_reply(status: int, message: str, code: str = "invalid_request_error", request_id: str | None = None) -> Reply:
+    return json_reply(_error(status, message, code, request_id), status)
 
 
 def stream_error_event(status: int, message: str, code: str, request_id: str | None = None) -> bytes:
     """An error in the middle of a streamed answer, as an OpenAI-compatible server sends it: one
     server-sent event carrying the error object (the OpenAI SDKs raise on it), and no ``[DONE]``,
     so a client cannot take a cut answer for a finished one."""
-    err: dict = {"message": message, "type": code, "code": status}
-    if request_id is not None:
-        err["request_id"] = request_id
-    return b"data: " + json.dumps({"error": err}).encode() + b"\n\n"
+    return b"data: " + json.dumps(_error(status, message, code, request_id)).encode() + b"\n\n"
 
 
 _GAVE_UP = re.compile(rb'"finish_reason":\s*"(abort|error)"')

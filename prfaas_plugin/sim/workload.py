@@ -5,7 +5,6 @@ PrefixIndex can hash (see ``Prompt``)."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ import numpy as np
 
 from prfaas_plugin.planner.workload import Empirical, LengthDistribution, TruncatedLogNormal
 from prfaas_plugin.sim.config import ArrivalSpec, SimConfigError, SimulationSpec
-from prfaas_plugin.yamlconfig import read_text
+from prfaas_plugin.yamlconfig import loads_finite_json, read_text
 
 
 class Prompt(Sequence):
@@ -100,10 +99,6 @@ def arrival_times(spec: ArrivalSpec, duration_s: float, rng: np.random.Generator
 MAX_PROMPT_TOKENS = 10_000_000
 
 
-def _no_constant(name: str) -> float:
-    raise ValueError(f"{name} is not a number a trace may hold")
-
-
 def read_trace(path: Path) -> list[dict]:
     """JSONL, one request a line: ``t`` (s, finite, non-decreasing), ``prompt_tokens`` (at most
     MAX_PROMPT_TOKENS), optional ``cached_tokens`` (<= prompt_tokens) and ``prefix`` (the id of
@@ -119,7 +114,7 @@ def read_trace(path: Path) -> list[dict]:
             continue
         where = f"simulation.arrivals.trace: {path}:{i}"
         try:
-            row = json.loads(line, parse_constant=_no_constant)
+            row = loads_finite_json(line)
         except RecursionError:
             raise SimConfigError(f"{where}: not a request (nested too deeply)") from None
         except ValueError as exc:  # JSONDecodeError, NaN/Infinity, an integer of thousands of digits

@@ -190,7 +190,7 @@ class _Session:
                 return
             first, last = self._span(item, offset, length)
             states = self.chunk_state[item]
-            again = [i for i in range(first, last) if (item, i) in self.copy_dropped]
+            again = [i for i in range(first, last) if (item, i) in self.copy_dropped] if self.copy_dropped else []
             self.copy_dropped.difference_update((item, i) for i in again)
             if ok:
                 for i in range(first, last):

@@ -635,10 +635,10 @@ class GrpcTcpSender(TransferSender):
         with self._lock:
             peers = list(self._peers.values())
             active = len(self._handles)
+            channels = len(self._channels)
         snap = self.telemetry.snapshot(p.live() for p in peers)
         snap["requests_active"] = active
-        with self._lock:
-            snap["control_channels"] = len(self._channels)
+        snap["control_channels"] = channels
         snap["connections"] = sum(p.live()["connections"] for p in peers)
         return snap
 
